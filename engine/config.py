@@ -1,0 +1,355 @@
+"""Engine configuration.
+
+``EngineArgs`` is the flat, user-facing layer with vLLM's field names, defaults and CLI
+flags; every bad value raises ``ValueError`` at construction naming the field, the value
+and what is allowed. ``EngineArgs.create_engine_config()`` resolves it (reads the model's
+config.json, picks device and dtype) into a frozen ``EngineConfig`` that the engine reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_DTYPES = {
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class LoRAModulePath:
+    name: str
+    path: str
+
+    @classmethod
+    def parse(cls, spec: str | LoRAModulePath) -> LoRAModulePath:
+        if isinstance(spec, LoRAModulePath):
+            return spec
+        name, sep, path = str(spec).partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"lora_modules entry {spec!r} is invalid: expected name=path")
+        return cls(name.strip(), path.strip())
+
+
+@dataclass
+class EngineArgs:
+    """Arguments for ``LLMEngine`` with vLLM's names. One docstring per field."""
+
+    model: str
+    """Directory of a Hugging Face checkpoint (config.json, *.safetensors, tokenizer files)."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to ``model``."""
+    dtype: str = "auto"
+    """Weights and activations: auto (the checkpoint's torch_dtype; float32 on CPU for float16) | float16 | bfloat16 | float32."""
+    device: str = "auto"
+    """auto (cuda when available) | cuda | cpu."""
+    seed: int = 0
+    """Seed for requests that do not bring their own."""
+    max_model_len: int | None = None
+    """Longest prompt + output in tokens; defaults to the model's max_position_embeddings."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one step (chunked prefill splits longer prompts); default 8192 on cuda, 2048 on cpu."""
+    max_num_seqs: int = 256
+    """Most sequences running at once."""
+    block_size: int = 16
+    """Tokens per KV-cache block."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of device memory the engine may use (weights, activations, KV cache)."""
+    num_gpu_blocks_override: int | None = None
+    """Exact number of KV-cache blocks, ignoring gpu_memory_utilization (tests use it to force preemption)."""
+    kv_cache_space_gb: float = 4.0
+    """KV-cache size on cpu, in GiB (on cuda gpu_memory_utilization decides)."""
+    enforce_eager: bool = False
+    """Never capture CUDA graphs."""
+    tensor_parallel_size: int = 1
+    """Only 1 is supported."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts over steps so decodes keep flowing."""
+    enable_lora: bool = False
+    """Serve LoRA adapters."""
+    max_loras: int = 1
+    """Most distinct adapters in one step (device slots)."""
+    max_lora_rank: int = 16
+    """Largest adapter rank accepted."""
+    max_cpu_loras: int | None = None
+    """Adapters kept in host memory (LRU); defaults to max_loras and must not be smaller."""
+    lora_dtype: str | torch.dtype = "auto"
+    """auto (= model dtype) | float16 | bfloat16 | float32 | a torch.dtype."""
+    fully_sharded_loras: bool = False
+    """Shard LoRA computation across tensor-parallel ranks; accepted for vLLM compatibility (no effect at tensor_parallel_size 1)."""
+    lora_modules: list[LoRAModulePath] = field(default_factory=list)
+    """Adapters preloaded at start, as name=path."""
+    lora_target_modules: list[str] | None = None
+    """Restrict the modules adapters may touch; default all of q/k/v/o/gate/up/down."""
+    max_lora_wait_steps: int = 64
+    """Steps the oldest waiting request may be bypassed by requests of other adapters before the
+    scheduler stops admitting them so its adapter gets a slot (bounded wait)."""
+    allow_pickle_adapters: bool = False
+    """Also load adapter_model.bin (pickle: only from sources you trust)."""
+    disable_log_stats: bool = False
+    """Do not install the default logging stat logger."""
+
+    def __post_init__(self) -> None:
+        self.lora_modules = [LoRAModulePath.parse(m) for m in (self.lora_modules or [])]
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        self._validate()
+
+    # Validation lives here, in one place.
+    def _validate(self) -> None:
+        def bad(name: str, allowed: str) -> None:
+            raise ValueError(f"EngineArgs.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        if not isinstance(self.model, str | os.PathLike) or not str(self.model):
+            bad("model", "must be a checkpoint directory")
+        if self.dtype not in ("auto", *_DTYPES):
+            bad("dtype", f"allowed: auto, {', '.join(_DTYPES)}")
+        if self.device not in ("auto", "cuda", "cpu") and not str(self.device).startswith("cuda:"):
+            bad("device", "allowed: auto, cuda, cuda:N, cpu")
+        if not _is_int(self.seed):
+            bad("seed", "must be an integer")
+        if self.max_model_len is not None and (not _is_int(self.max_model_len) or self.max_model_len < 1):
+            bad("max_model_len", "must be an integer >= 1 or None")
+        if self.max_num_batched_tokens is not None and (
+            not _is_int(self.max_num_batched_tokens) or self.max_num_batched_tokens < 1
+        ):
+            bad("max_num_batched_tokens", "must be an integer >= 1 or None")
+        if not _is_int(self.max_num_seqs) or self.max_num_seqs < 1:
+            bad("max_num_seqs", "must be an integer >= 1")
+        if self.block_size not in (1, 8, 16, 32, 64, 128):
+            bad("block_size", "allowed: 1, 8, 16, 32, 64, 128")
+        if not isinstance(self.gpu_memory_utilization, int | float) or not 0 < self.gpu_memory_utilization <= 1:
+            bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.num_gpu_blocks_override is not None and (
+            not _is_int(self.num_gpu_blocks_override) or self.num_gpu_blocks_override < 1
+        ):
+            bad("num_gpu_blocks_override", "must be an integer >= 1 or None")
+        if not isinstance(self.kv_cache_space_gb, int | float) or self.kv_cache_space_gb <= 0:
+            bad("kv_cache_space_gb", "must be > 0")
+        if self.tensor_parallel_size != 1:
+            bad("tensor_parallel_size", "allowed: 1 (tensor parallelism is not supported yet)")
+        if not _is_int(self.max_loras) or self.max_loras < 1:
+            bad("max_loras", "must be an integer >= 1")
+        if self.max_lora_rank not in LORA_RANKS:
+            bad("max_lora_rank", f"allowed: {', '.join(map(str, LORA_RANKS))}")
+        if self.max_cpu_loras is not None:
+            if not _is_int(self.max_cpu_loras):
+                bad("max_cpu_loras", "must be an integer or None")
+            if self.max_cpu_loras < self.max_loras:
+                bad("max_cpu_loras", f"must be >= max_loras ({self.max_loras})")
+        if not isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in ("auto", *_DTYPES):
+            bad("lora_dtype", f"allowed: auto, {', '.join(_DTYPES)} or a torch.dtype")
+        if isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in _DTYPES.values():
+            bad("lora_dtype", "allowed torch dtypes: float16, bfloat16, float32")
+        if self.lora_target_modules is not None:
+            unknown = [m for m in self.lora_target_modules if m not in LORA_TARGET_MODULES]
+            if unknown or not self.lora_target_modules:
+                bad("lora_target_modules", f"allowed: {', '.join(LORA_TARGET_MODULES)}")
+        if not _is_int(self.max_lora_wait_steps) or self.max_lora_wait_steps < 0:
+            bad("max_lora_wait_steps", "must be an integer >= 0")
+        if self.lora_modules and not self.enable_lora:
+            bad("lora_modules", "needs enable_lora=True")
+        names = [m.name for m in self.lora_modules]
+        if len(set(names)) != len(names):
+            bad("lora_modules", "adapter names must be unique")
+
+    # ----- CLI -----
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add vLLM-named flags (--enable-lora, --max-loras, ...) to ``parser``."""
+        group = parser.add_argument_group("engine")
+        defaults = EngineArgs(model="_")
+        for f in dataclasses.fields(EngineArgs):
+            flag = "--" + f.name.replace("_", "-")
+            default = getattr(defaults, f.name) if f.name != "model" else None
+            doc = _FIELD_DOCS.get(f.name, "")
+            if f.name == "model":
+                group.add_argument(flag, required=True, help=doc)
+            elif isinstance(default, bool):
+                action = argparse.BooleanOptionalAction if default else "store_true"
+                group.add_argument(flag, action=action, default=default, help=doc)
+            elif f.name == "lora_modules":
+                group.add_argument(flag, nargs="+", default=[], metavar="NAME=PATH", help=doc)
+            elif f.name == "lora_target_modules":
+                group.add_argument(flag, nargs="+", default=None, choices=LORA_TARGET_MODULES, help=doc)
+            else:
+                group.add_argument(flag, type=_cli_type(f.name), default=default, help=doc)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
+        kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+        return cls(**kwargs)
+
+    def create_engine_config(self) -> EngineConfig:
+        from transformers import AutoConfig
+
+        device = _resolve_device(self.device)
+        if not os.path.isdir(self.model):
+            raise ValueError(f"EngineArgs.model={self.model!r} is invalid: not a directory")
+        hf_config = AutoConfig.from_pretrained(self.model, local_files_only=True)
+        dtype = _resolve_dtype(self.dtype, hf_config, device)
+        lora_dtype = dtype if self.lora_dtype == "auto" else (
+            self.lora_dtype if isinstance(self.lora_dtype, torch.dtype) else _DTYPES[self.lora_dtype]
+        )
+        model_len_cap = int(getattr(hf_config, "max_position_embeddings", 2048))
+        max_model_len = self.max_model_len or model_len_cap
+        if max_model_len > model_len_cap:
+            raise ValueError(
+                f"EngineArgs.max_model_len={max_model_len} is invalid: the model supports at most {model_len_cap}"
+            )
+        budget = self.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
+        if not self.enable_chunked_prefill and budget < max_model_len:
+            budget = max_model_len
+        return EngineConfig(
+            model=str(self.model),
+            tokenizer=str(self.tokenizer or self.model),
+            hf_config=hf_config,
+            dtype=dtype,
+            device=device,
+            seed=self.seed,
+            max_model_len=max_model_len,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                num_blocks_override=self.num_gpu_blocks_override,
+                cpu_space_bytes=int(self.kv_cache_space_gb * (1 << 30)),
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=self.max_num_seqs,
+                max_num_batched_tokens=budget,
+                max_model_len=max_model_len,
+                max_loras=self.max_loras if self.enable_lora else 0,
+                max_lora_wait_steps=self.max_lora_wait_steps,
+                enable_chunked_prefill=self.enable_chunked_prefill,
+            ),
+            lora=LoRAConfig(
+                max_loras=self.max_loras,
+                max_lora_rank=self.max_lora_rank,
+                max_cpu_loras=self.max_cpu_loras or self.max_loras,
+                lora_dtype=lora_dtype,
+                fully_sharded_loras=self.fully_sharded_loras,
+                target_modules=tuple(self.lora_target_modules or LORA_TARGET_MODULES),
+                allow_pickle=self.allow_pickle_adapters,
+                preload=tuple(self.lora_modules),
+            )
+            if self.enable_lora
+            else None,
+            enforce_eager=self.enforce_eager,
+            log_stats=not self.disable_log_stats,
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int
+    gpu_memory_utilization: float
+    num_blocks_override: int | None
+    cpu_space_bytes: int
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    max_loras: int
+    """0 when LoRA is off."""
+    max_lora_wait_steps: int = 64
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int
+    lora_dtype: torch.dtype
+    fully_sharded_loras: bool = False
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES
+    allow_pickle: bool = False
+    preload: tuple[LoRAModulePath, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    tokenizer: str
+    hf_config: Any
+    dtype: torch.dtype
+    device: torch.device
+    seed: int
+    max_model_len: int
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    lora: LoRAConfig | None
+    enforce_eager: bool
+    log_stats: bool
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"EngineArgs.device={device!r} is invalid: CUDA is not available here")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(cfg, str):
+        cfg = _DTYPES.get(cfg, torch.float32)
+    if not isinstance(cfg, torch.dtype) or cfg not in _DTYPES.values():
+        cfg = torch.float32
+    if device.type == "cpu" and cfg == torch.float16:
+        return torch.float32  # float16 matmuls are slow and lossy on CPU
+    return cfg
+
+
+def _cli_type(name: str) -> Any:
+    if name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "max_cpu_loras"):
+        return int
+    if name in ("gpu_memory_utilization", "kv_cache_space_gb"):
+        return float
+    if name in ("max_num_seqs", "block_size", "tensor_parallel_size", "max_loras", "max_lora_rank", "seed", "max_lora_wait_steps"):
+        return int
+    return str
+
+
+def _field_docs() -> dict[str, str]:
+    """Field docstrings, read from the source so --help shows them."""
+    import ast
+    import inspect
+
+    src = inspect.getsource(EngineArgs)
+    body = ast.parse(src).body[0]
+    assert isinstance(body, ast.ClassDef)
+    docs: dict[str, str] = {}
+    prev: str | None = None
+    for node in body.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            prev = node.target.id
+        elif prev and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev] = " ".join(str(node.value.value).split()).replace("%", "%%")
+            prev = None
+    return docs
+
+
+_FIELD_DOCS = _field_docs()
