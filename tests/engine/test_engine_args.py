@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from engine.config import LORA_RANKS, EngineArgs, LoRAModulePath
+
+
+def test_defaults_match_vllm():
+    args = EngineArgs(model="m")
+    assert args.enable_lora is False
+    assert args.max_loras == 1
+    assert args.max_lora_rank == 16
+    assert args.max_cpu_loras is None
+    assert args.lora_dtype == "auto"
+    assert args.fully_sharded_loras is False
+    assert args.max_num_seqs == 256
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("max_loras", 0, ">= 1"),
+        ("max_loras", "2", ">= 1"),
+        ("max_lora_rank", 7, "1, 8, 16"),
+        ("max_lora_rank", 1024, "512"),
+        ("max_cpu_loras", 1, "max_loras (2)"),
+        ("lora_dtype", "int8", "float16"),
+        ("lora_dtype", torch.int8, "float16"),
+        ("max_num_seqs", 0, ">= 1"),
+        ("dtype", "fp8", "bfloat16"),
+        ("device", "tpu", "cpu"),
+        ("block_size", 3, "16"),
+        ("gpu_memory_utilization", 1.5, "(0, 1]"),
+        ("tensor_parallel_size", 2, "1"),
+        ("max_model_len", 0, ">= 1"),
+        ("max_num_batched_tokens", -1, ">= 1"),
+        ("num_gpu_blocks_override", 0, ">= 1"),
+        ("lora_target_modules", ["lm_head"], "q_proj"),
+    ],
+)
+def test_bad_value_names_field_value_and_allowed(field, value, allowed):
+    kwargs = {"model": "m", "max_loras": 2, field: value}
+    with pytest.raises(ValueError, match=f"EngineArgs.{field}=") as info:
+        EngineArgs(**kwargs)
+    assert repr(value) in str(info.value)
+    assert allowed in str(info.value)
+
+
+@pytest.mark.parametrize("rank", LORA_RANKS)
+def test_every_vllm_rank_is_accepted(rank):
+    assert EngineArgs(model="m", max_lora_rank=rank).max_lora_rank == rank
+
+
+def test_lora_dtype_accepts_torch_dtype():
+    assert EngineArgs(model="m", lora_dtype=torch.bfloat16).lora_dtype is torch.bfloat16
+
+
+def test_lora_modules_parse_name_equals_path():
+    args = EngineArgs(model="m", enable_lora=True, lora_modules=["sql=/a/b", "chat=/c"])
+    assert args.lora_modules == [LoRAModulePath("sql", "/a/b"), LoRAModulePath("chat", "/c")]
+    with pytest.raises(ValueError, match="name=path"):
+        EngineArgs(model="m", enable_lora=True, lora_modules=["nopath"])
+    with pytest.raises(ValueError, match="enable_lora"):
+        EngineArgs(model="m", lora_modules=["a=/b"])
+
+
+def test_cli_flags_use_vllm_names():
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    ns = parser.parse_args(
+        [
+            "--model", "m", "--enable-lora", "--max-loras", "4", "--max-lora-rank", "32",
+            "--max-cpu-loras", "8", "--lora-dtype", "bfloat16", "--fully-sharded-loras",
+            "--max-num-seqs", "64", "--lora-modules", "a=/x", "b=/y", "--no-enable-chunked-prefill",
+        ]
+    )
+    args = EngineArgs.from_cli_args(ns)
+    assert (args.enable_lora, args.max_loras, args.max_lora_rank, args.max_cpu_loras) == (True, 4, 32, 8)
+    assert args.lora_dtype == "bfloat16"
+    assert args.fully_sharded_loras is True
+    assert args.max_num_seqs == 64
+    assert args.enable_chunked_prefill is False
+    assert [m.name for m in args.lora_modules] == ["a", "b"]
+
+
+def test_cli_rejects_bad_value_with_field_name():
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    ns = parser.parse_args(["--model", "m", "--max-loras", "4", "--max-cpu-loras", "2"])
+    with pytest.raises(ValueError, match="max_cpu_loras"):
+        EngineArgs.from_cli_args(ns)
