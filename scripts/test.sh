@@ -10,8 +10,7 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # The CPU build of torch first, so the project's 'torch' requirement does not pull a CUDA build.
-python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0" \
-  || pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0"
 pip install -q -e ".[test]"
 
 if ! command -v redis-server >/dev/null 2>&1; then
