@@ -1,0 +1,197 @@
+"""``AsyncLLMEngine``: the synchronous engine driven by a background task.
+
+All engine state is touched by one worker thread only: requests and aborts from the event
+loop are queued and applied between steps, so the step loop never races the callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from engine.config import EngineArgs
+from engine.errors import EngineDead, InvalidRequest
+from engine.llm_engine import LLMEngine, PromptType
+from engine.lora.request import LoRARequest
+from engine.metrics import StatLogger
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.sequence import Request
+from engine.usage import UsageContext
+
+logger = logging.getLogger("lorastream.async_engine")
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._streams: dict[str, MemoryObjectSendStream[RequestOutput | BaseException]] = {}
+        self._new: list[Request] = []
+        self._aborts: list[str] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-step")
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._dead: BaseException | None = None
+
+    @classmethod
+    def from_engine_args(
+        cls,
+        engine_args: EngineArgs,
+        usage_context: UsageContext = UsageContext.ENGINE_CONTEXT,
+        stat_loggers: Sequence[StatLogger] | Mapping[str, StatLogger] | None = None,
+        enable_multiprocessing: bool = False,
+    ) -> AsyncLLMEngine:
+        return cls(
+            LLMEngine.from_engine_args(engine_args, usage_context, stat_loggers, enable_multiprocessing)
+        )
+
+    @property
+    def is_running(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    def free_capacity(self) -> int:
+        """How many more requests the engine can admit now without queueing them in memory:
+        free sequence slots, and none while the KV cache is nearly full and requests wait."""
+        sched = self.engine.scheduler
+        free = self.engine.config.scheduler.max_num_seqs - self.num_unfinished
+        if sched.num_waiting > 0 and self.engine.block_manager.usage > 0.95:
+            return 0
+        return max(free, 0)
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        lora_request: LoRARequest | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield a RequestOutput per step until the request finishes. Leaving early aborts it."""
+        if self._dead is not None:
+            raise EngineDead(f"the engine loop died: {self._dead!r}")
+        if request_id in self._streams:
+            raise InvalidRequest(f"request_id {request_id!r} is already running")
+        request = self.engine.make_request(
+            request_id, prompt, sampling_params, lora_request=lora_request, priority=priority
+        )
+        send, receive = anyio.create_memory_object_stream[RequestOutput | BaseException](math.inf)
+        self._streams[request_id] = send
+        self._new.append(request)
+        self._ensure_loop()
+        finished = False
+        try:
+            async with receive:
+                async for item in _iterate(receive):
+                    if isinstance(item, BaseException):
+                        raise item
+                    finished = item.finished
+                    yield item
+                    if finished:
+                        return
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        stream.close()
+        self._aborts.append(request_id)
+        self._ensure_loop()
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.engine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.engine.remove_lora, lora_id)
+
+    def _ensure_loop(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+        self._wake.set()
+        if not self.is_running and self._dead is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not (self._new or self._aborts or self.engine.has_unfinished_requests()):
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                new, self._new = self._new, []
+                aborts, self._aborts = self._aborts, []
+                outputs = await loop.run_in_executor(self._executor, self._step, new, aborts)
+                for out in outputs:
+                    stream = self._streams.get(out.request_id)
+                    if stream is None:
+                        continue
+                    stream.send_nowait(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+                        stream.close()
+                await asyncio.sleep(0)  # let callers add work between steps
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            logger.exception("engine loop died")
+            self._dead = e
+            dead = EngineDead(f"the engine loop died: {e!r}")
+            for stream in self._streams.values():
+                stream.send_nowait(dead)
+                stream.close()
+            self._streams.clear()
+
+    def _step(self, new: list[Request], aborts: list[str]) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for request in new:
+            if request.request_id in aborts:
+                continue
+            try:
+                self.engine.admit(request)
+            except Exception as e:  # noqa: BLE001 - becomes the request's own error
+                stream = self._streams.get(request.request_id)
+                if stream is not None:
+                    stream.send_nowait(e)
+        if aborts:
+            self.engine.abort_request(aborts)
+        outputs.extend(self.engine.step())
+        return outputs
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._executor.shutdown(wait=True)
+
+
+async def _iterate(
+    receive: MemoryObjectReceiveStream[RequestOutput | BaseException],
+) -> AsyncIterator[RequestOutput | BaseException]:
+    try:
+        while True:
+            yield await receive.receive()
+    except anyio.EndOfStream:
+        return

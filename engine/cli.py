@@ -1,0 +1,57 @@
+"""The ``lorastream`` console command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler]] = {}
+
+
+def command(name: str, setup: Callable[[argparse.ArgumentParser], None]) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _COMMANDS[name] = (setup, fn)
+        return fn
+
+    return register
+
+
+def _setup_tiny(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="directory to write the checkpoint to")
+    p.add_argument("--adapters", type=int, default=4, help="number of PEFT adapters to write")
+    p.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("make-tiny-model", _setup_tiny)
+def _make_tiny(ns: argparse.Namespace) -> int:
+    """Write a small random checkpoint, a real tokenizer and N PEFT adapters."""
+    from engine.model.tiny import make_tiny_model
+
+    out = make_tiny_model(ns.out, num_adapters=ns.adapters, arch=ns.arch, seed=ns.seed)
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorastream", description="Multi-LoRA LLM serving over Redis")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (setup, fn) in _COMMANDS.items():
+        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
+        setup(p)
+        p.set_defaults(handler=fn)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(ns.handler(ns))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
