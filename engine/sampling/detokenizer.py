@@ -1,0 +1,227 @@
+"""Incremental detokenization with stop strings, one instance per request.
+
+Text is produced the way vLLM's fast detokenizer does it: a ``tokenizers`` ``DecodeStream``
+primed with the end of the prompt, so a token's text is what it adds to the text before it
+(leading spaces included) and a character split over several byte-level tokens is held
+until it is complete. Tokenizers without a Rust backend get the same algorithm in Python
+over ``tokenizer.decode``.
+
+What a caller sees is ``update()``'s delta; the deltas concatenate to ``output_text``. Two
+things are held back from the deltas while the request runs:
+
+* an incomplete character (it would show as U+FFFD);
+* a tail that could be the start of a stop string, so that a stop string that later
+  matches never shows, even in part (unless ``include_stop_str_in_output``).
+
+When the request finishes (a stop string fires, or the caller says ``finished=True``)
+everything left is released. Without stop strings the final ``output_text`` equals
+``tokenizer.decode(output_token_ids, skip_special_tokens=...)`` for byte-level tokenizers
+(decoded without ``clean_up_tokenization_spaces``, as vLLM does); with a stop string it is
+that text cut before the first stop string (or after it, when it is included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import tokenizers.decoders
+
+from engine.sampling_params import SamplingParams
+
+# tokenizers >= 0.21; older versions take the pure-Python path.
+_DecodeStream: Any = getattr(tokenizers.decoders, "DecodeStream", None)
+
+# tokenizers' DecodeStream raises this when a decoder is not prefix-monotonic (vLLM #17448).
+_INVALID_PREFIX = "Invalid prefix encountered"
+# How much of the prompt primes the stream: enough context for leading spaces and
+# multi-token characters, bounded so that priming is cheap.
+_MIN_PROMPT_CONTEXT = 4
+_MAX_PROMPT_CONTEXT = 24
+_REPLACEMENT = "\ufffd"
+
+
+class _Stream(Protocol):
+    def step(self, tokenizer: Any, token_id: int) -> str | None: ...
+
+
+class _PyDecodeStream:
+    """DecodeStream's algorithm over ``tokenizer.decode``, for tokenizers without a Rust
+    backend: the new text is what ``ids[prefix:]`` adds to ``ids[prefix:read]``, emitted
+    only once it does not end in U+FFFD."""
+
+    def __init__(self, ids: list[int], skip_special_tokens: bool) -> None:
+        self.ids = list(ids)
+        self.skip_special_tokens = skip_special_tokens
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+
+    def step(self, tokenizer: Any, token_id: int) -> str | None:
+        self.ids.append(token_id)
+        prefix = tokenizer.decode(
+            self.ids[self.prefix_offset : self.read_offset],
+            skip_special_tokens=self.skip_special_tokens,
+        )
+        text = tokenizer.decode(
+            self.ids[self.prefix_offset :], skip_special_tokens=self.skip_special_tokens
+        )
+        if len(text) <= len(prefix) or text.endswith(_REPLACEMENT):
+            return None
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.ids)
+        return text[len(prefix) :]
+
+
+class IncrementalDetokenizer:
+    """Turns one request's output tokens into text deltas and watches for stop strings."""
+
+    def __init__(
+        self, tokenizer: Any, prompt_token_ids: list[int], sampling_params: SamplingParams
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = sampling_params.skip_special_tokens
+        self.stop = list(sampling_params.stop)
+        self.include_stop_str_in_output = sampling_params.include_stop_str_in_output
+        self.output_token_ids: list[int] = []
+        self.stop_reason: str | None = None
+        """The stop string that ended the text, if any."""
+        self.finished = False
+
+        self._text = ""  # decoded so far, cut at a stop string; the tail may be unsent
+        self._num_sent = 0  # chars of _text already returned as deltas
+        # Ids fed to the stream, and how many of them have produced their text so far.
+        self._decoded_ids: list[int] = []
+        self._num_emitted_ids = 0
+        self._context = self._prompt_context(prompt_token_ids)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = backend if backend is not None and _DecodeStream is not None else None
+        self._stream: _Stream = self._new_stream(self._context)
+
+    @property
+    def output_text(self) -> str:
+        """The text returned so far: the concatenation of every delta."""
+        return self._text[: self._num_sent]
+
+    @property
+    def finished_by_stop_string(self) -> bool:
+        return self.stop_reason is not None
+
+    def update(
+        self, new_token_ids: list[int], *, finished: bool = False, stop_terminated: bool = False
+    ) -> str:
+        """Add newly generated tokens and return the new text delta.
+
+        ``finished``: no tokens will follow, so release everything held back (a pending
+        incomplete character is decoded as ``tokenizer.decode`` would, U+FFFD included).
+        ``stop_terminated``: the last id is EOS or one of ``stop_token_ids``; its text is
+        left out unless ``include_stop_str_in_output``. Implies ``finished``.
+        Once finished (by a stop string or by the caller), later calls return "".
+        """
+        if self.finished:
+            self.output_token_ids += new_token_ids
+            return ""
+        finished = finished or stop_terminated
+        to_decode = new_token_ids
+        if stop_terminated and new_token_ids and not self.include_stop_str_in_output:
+            to_decode = new_token_ids[:-1]
+        self.output_token_ids += new_token_ids
+
+        start = len(self._text)
+        for token_id in to_decode:
+            self._decoded_ids.append(token_id)
+            piece = self._step(token_id)
+            if piece is not None:
+                self._text += piece
+                self._num_emitted_ids = len(self._decoded_ids)
+        if finished:
+            self._text += self._flush_pending()
+        self._check_stop_strings(start)
+        return self._release(finished)
+
+    # ------------------------------------------------------------ stop strings
+    def _check_stop_strings(self, start: int) -> None:
+        """Look for stop strings in text that ends after ``start`` (the new text), and cut
+        ``_text`` at the earliest one. Older text was checked by earlier updates."""
+        if not self.stop or len(self._text) == start:
+            return
+        best: tuple[int, int, str] | None = None
+        for stop in self.stop:
+            i = self._text.find(stop, max(0, start - len(stop) + 1))
+            if i >= 0 and (best is None or (i, i + len(stop)) < best[:2]):
+                best = (i, i + len(stop), stop)
+        if best is None:
+            return
+        begin, end, stop = best
+        self._text = self._text[: end if self.include_stop_str_in_output else begin]
+        self.stop_reason = stop
+        self.finished = True
+
+    def _release(self, finished: bool) -> str:
+        """Return the text that can be shown now and mark it sent."""
+        self.finished = self.finished or finished
+        end = len(self._text)
+        if not self.finished:
+            end -= self._stop_prefix_len()
+            end = max(end, self._num_sent)
+        delta = self._text[self._num_sent : end]
+        self._num_sent = end
+        return delta
+
+    def _stop_prefix_len(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        if not self.stop or self.include_stop_str_in_output:
+            return 0
+        text = self._text
+        for n in range(min(len(text), max(len(s) for s in self.stop) - 1), 0, -1):
+            tail = text[-n:]
+            if any(len(s) > n and s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    # ----------------------------------------------------------------- decoding
+    def _prompt_context(self, prompt_token_ids: list[int]) -> list[int]:
+        """A prompt suffix whose text has no U+FFFD, so the stream starts neither inside nor
+        before an incomplete character: the shortest of 4..24 tokens, else a shorter one,
+        else none (a prompt that ends inside a character)."""
+        n = len(prompt_token_ids)
+        shortest = min(_MIN_PROMPT_CONTEXT, n)
+        lengths = [*range(shortest, min(n, _MAX_PROMPT_CONTEXT) + 1), *range(shortest - 1, 0, -1)]
+        for i in lengths:
+            suffix = prompt_token_ids[-i:]
+            text = self.tokenizer.decode(suffix, skip_special_tokens=self.skip_special_tokens)
+            if _REPLACEMENT not in text:
+                return list(suffix)
+        return []
+
+    def _new_stream(self, context: list[int]) -> _Stream:
+        if self._backend is None:
+            return _PyDecodeStream(context, self.skip_special_tokens)
+        stream = _DecodeStream(skip_special_tokens=self.skip_special_tokens)
+        # Primed step by step (``ids=`` needs tokenizers >= 0.22); the prompt's text is dropped.
+        for token_id in context:
+            stream.step(self._backend, token_id)
+        return stream
+
+    def _step(self, token_id: int) -> str | None:
+        tokenizer = self._backend if self._backend is not None else self.tokenizer
+        try:
+            return self._stream.step(tokenizer, token_id)
+        except Exception as e:
+            if not str(e).startswith(_INVALID_PREFIX):
+                raise
+            # The stream's state is broken beyond repair; restart it without context.
+            self._stream = self._new_stream([])
+            return self._stream.step(tokenizer, token_id)
+
+    def _flush_pending(self) -> str:
+        """Text of ids the stream still holds (an incomplete character at the very end),
+        decoded the way the full text decodes them."""
+        pending = self._decoded_ids[self._num_emitted_ids :]
+        if not pending:
+            return ""
+        self._num_emitted_ids = len(self._decoded_ids)
+        skip = self.skip_special_tokens
+        base = self.tokenizer.decode(self._context, skip_special_tokens=skip)
+        full = self.tokenizer.decode(self._context + self._decoded_ids, skip_special_tokens=skip)
+        if full.startswith(base + self._text):
+            return full[len(base) + len(self._text) :]
+        return self.tokenizer.decode(pending, skip_special_tokens=skip)

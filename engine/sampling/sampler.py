@@ -1,0 +1,386 @@
+"""Batched sampling: penalties, greedy / temperature / top-k / top-p / min-p, per-request seeds.
+
+All rows of a step are processed together on the logits' device; the only host sync is the
+final ``.tolist()`` of the results. Order, as in vLLM and Hugging Face's logits processors:
+
+1. ``min_tokens``: EOS and ``stop_token_ids`` are banned while a row is below its minimum.
+2. Penalties on the raw logits: repetition (HF style, tokens seen in prompt + output),
+   then frequency and presence (OpenAI style, output tokens only).
+3. Greedy rows take the argmax of these logits (bit-exact, no temperature).
+4. Random rows: temperature, then top-k, top-p, min-p, then one exponential race
+   (``argmax(probs / q)`` with ``q ~ Exp(1)``), which is a draw from ``probs``.
+
+Seeded rows draw their ``q`` from a private generator seeded by ``(seed, output position)``,
+so their tokens depend neither on the rest of the batch nor on preemption and resumption.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingRow:
+    """One row of logits to sample from, as the runner knows it."""
+
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    """Tokens generated so far; its length is the output position that seeds a seeded row."""
+    eos_token_id: int | None = None
+    """Banned, with ``stop_token_ids``, until ``min_tokens`` outputs exist (unless ``ignore_eos``)."""
+
+    @property
+    def output_position(self) -> int:
+        return len(self.output_token_ids)
+
+
+@dataclass
+class Penalties:
+    """Penalty tensors of one step (rows without a penalty carry neutral values)."""
+
+    repetition: torch.Tensor
+    """[N] float32; 1.0 where off."""
+    presence: torch.Tensor
+    """[N] float32; 0.0 where off."""
+    frequency: torch.Tensor
+    """[N] float32; 0.0 where off."""
+    prompt_tokens: tuple[torch.Tensor, torch.Tensor]
+    """(row indices [P], token ids [P]): prompts of rows with a repetition penalty."""
+    output_tokens: tuple[torch.Tensor, torch.Tensor]
+    """(row indices [O], token ids [O]): outputs of rows with any penalty."""
+
+
+@dataclass
+class SamplingMetadata:
+    """Everything the sampler needs for one step, as tensors on the logits' device.
+
+    Optional tensors are None when no row of the step uses the feature, so the sampler
+    skips that work without looking at the values (no host sync).
+    """
+
+    vocab_size: int
+    temperature: torch.Tensor
+    """[N] float32; 1.0 on greedy rows (they never use it)."""
+    is_greedy: torch.Tensor
+    """[N] bool."""
+    all_greedy: bool
+    all_random: bool
+    top_k: torch.Tensor | None
+    """[N] int64 in [1, V]; V where top-k is off (1 on greedy rows, which never use it)."""
+    max_top_k: int
+    """max(top_k) on the host, so top-k alone needs no full sort; 0 when top_k is None."""
+    top_p: torch.Tensor | None
+    """[N] float32; 1.0 where top-p is off."""
+    min_p: torch.Tensor | None
+    """[N] float32; 0.0 where min-p is off."""
+    penalties: Penalties | None
+    """Set when any row has a repetition, presence or frequency penalty."""
+    banned_token_ids: tuple[torch.Tensor, torch.Tensor] | None
+    """(row indices [B], token ids [B]) set to -inf: ``min_tokens`` not reached yet."""
+    generators: dict[int, torch.Generator]
+    """Row index -> private generator, for seeded random rows only."""
+    generator: torch.Generator | None
+    """The engine's generator for unseeded random rows; None means torch's default one."""
+    any_unseeded_random: bool
+    """Whether ``generator`` is needed this step."""
+    num_logprobs: list[int | None]
+    """Per row: how many top logprobs to return; None returns none."""
+    max_num_logprobs: int | None
+    """max(num_logprobs) over the rows that asked; None when no row did."""
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.num_logprobs)
+
+    @classmethod
+    def build(
+        cls,
+        rows: list[SamplingRow],
+        vocab_size: int,
+        device: torch.device | str,
+        generator: torch.Generator | None = None,
+    ) -> SamplingMetadata:
+        """Turn the step's rows into tensors, once per step. Loops over rows, never the vocab."""
+        if not rows:
+            raise ValueError("SamplingMetadata.build needs at least one row")
+        device = torch.device(device)
+        params = [r.sampling_params for r in rows]
+        greedy = [p.greedy for p in params]
+
+        def f32(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        top_k = top_p = min_p = None
+        max_top_k = 0
+        if any(p.top_k_enabled and not g for p, g in zip(params, greedy, strict=True)):
+            ks = [
+                1 if g else min(p.top_k, vocab_size) if p.top_k_enabled else vocab_size
+                for p, g in zip(params, greedy, strict=True)
+            ]
+            top_k = torch.tensor(ks, dtype=torch.int64, device=device)
+            max_top_k = max(ks)
+        if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy, strict=True)):
+            top_p = f32([p.top_p for p in params])
+        if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy, strict=True)):
+            min_p = f32([p.min_p for p in params])
+
+        penalties = None
+        if any(_has_penalty(p) for p in params):
+            penalties = Penalties(
+                repetition=f32([p.repetition_penalty for p in params]),
+                presence=f32([p.presence_penalty for p in params]),
+                frequency=f32([p.frequency_penalty for p in params]),
+                prompt_tokens=_flatten(
+                    [
+                        r.prompt_token_ids if r.sampling_params.repetition_penalty != 1.0 else []
+                        for r in rows
+                    ],
+                    device,
+                ),
+                output_tokens=_flatten(
+                    [r.output_token_ids if _has_penalty(r.sampling_params) else [] for r in rows],
+                    device,
+                ),
+            )
+
+        ban_rows: list[int] = []
+        ban_ids: list[int] = []
+        for i, r in enumerate(rows):
+            p = r.sampling_params
+            if r.output_position >= p.min_tokens:
+                continue
+            stop_ids = set(p.stop_token_ids)
+            if r.eos_token_id is not None and not p.ignore_eos:
+                stop_ids.add(r.eos_token_id)
+            stop_ids = {t for t in stop_ids if t < vocab_size}
+            ban_rows += [i] * len(stop_ids)
+            ban_ids += sorted(stop_ids)
+        banned = None
+        if ban_rows:
+            banned = (
+                torch.tensor(ban_rows, dtype=torch.int64, device=device),
+                torch.tensor(ban_ids, dtype=torch.int64, device=device),
+            )
+
+        generators: dict[int, torch.Generator] = {}
+        for i, (p, g) in enumerate(zip(params, greedy, strict=True)):
+            if p.seed is not None and not g:
+                gen = torch.Generator(device=device)
+                gen.manual_seed(_row_seed(p.seed, rows[i].output_position))
+                generators[i] = gen
+
+        num_logprobs = [p.logprobs for p in params]
+        asked = [n for n in num_logprobs if n is not None]
+        return cls(
+            vocab_size=vocab_size,
+            temperature=f32(
+                [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
+            ),
+            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            all_greedy=all(greedy),
+            all_random=not any(greedy),
+            top_k=top_k,
+            max_top_k=max_top_k,
+            top_p=top_p,
+            min_p=min_p,
+            penalties=penalties,
+            banned_token_ids=banned,
+            generators=generators,
+            generator=generator,
+            any_unseeded_random=len(generators) < len(rows) - sum(greedy),
+            num_logprobs=num_logprobs,
+            max_num_logprobs=max(asked) if asked else None,
+        )
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    """One sampled token per row."""
+    logprobs: list[dict[int, float] | None] | None
+    """Per row ``{token_id: logprob}`` over the sampled token and the top-n (None for rows
+    that did not ask); None when no row asked."""
+
+
+class Sampler(nn.Module):
+    """Stateless: the engine's generator travels in ``SamplingMetadata``."""
+
+    def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
+        """Sample one token per row of ``logits`` [N, V] float32.
+
+        Logprobs are "raw", as vLLM's default ``logprobs_mode="raw_logprobs"``: the
+        log-softmax of the logits as the model produced them, before min_tokens, penalties,
+        temperature and filtering.
+        """
+        md = metadata
+        # logits: [N, V]
+        if logits.dim() != 2 or tuple(logits.shape) != (md.num_rows, md.vocab_size):
+            raise ValueError(
+                f"logits must be [{md.num_rows}, {md.vocab_size}], got {list(logits.shape)}"
+            )
+        logits = logits.to(torch.float32, copy=True)  # never modify the caller's tensor
+        raw_logprobs = None
+        if md.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
+
+        if md.banned_token_ids is not None:
+            rows, ids = md.banned_token_ids
+            logits[rows, ids] = float("-inf")
+        if md.penalties is not None:
+            logits = apply_penalties(logits, md.penalties)
+
+        if md.all_greedy:
+            sampled = logits.argmax(dim=-1)  # [N]
+        else:
+            sampled = self._sample_random(logits, md)
+            if not md.all_random:
+                sampled = torch.where(md.is_greedy, logits.argmax(dim=-1), sampled)
+
+        if raw_logprobs is None:
+            return SamplerOutput(token_ids=sampled.tolist(), logprobs=None)
+        return _gather_logprobs(raw_logprobs, sampled, md)
+
+    def _sample_random(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        probs = torch.softmax(filter_logits(logits, md), dim=-1)  # [N, V]
+
+        # q ~ Exp(1) per entry; argmax(probs / q) is a draw from probs.
+        q = torch.empty_like(probs)
+        if md.any_unseeded_random:
+            q.exponential_(generator=md.generator)
+        for row, gen in md.generators.items():
+            q[row].exponential_(generator=gen)
+        # A zero draw would turn a banned token's 0 / 0 into NaN, which argmax would pick.
+        q.clamp_(min=torch.finfo(q.dtype).tiny)
+        return probs.div_(q).argmax(dim=-1)  # [N]
+
+
+def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    """Repetition penalty on tokens of prompt + output (divide positive logits, multiply
+    negative ones), then ``logits -= frequency * count + presence * (count > 0)`` over output
+    tokens."""
+    pen = penalties
+    counts = torch.zeros_like(logits)  # [N, V]
+    out_rows, out_ids = pen.output_tokens
+    counts.index_put_(
+        (out_rows, out_ids), torch.ones_like(out_ids, dtype=logits.dtype), accumulate=True
+    )
+    seen = counts > 0  # [N, V]
+    seen[pen.prompt_tokens] = True
+
+    rep = pen.repetition.unsqueeze(1)  # [N, 1]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - pen.frequency.unsqueeze(1) * counts
+    return logits - pen.presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
+
+
+def filter_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p: what random rows sample from.
+    Removed tokens are -inf."""
+    logits = logits / md.temperature.unsqueeze(1)  # [N, V]
+    if md.top_p is not None:
+        logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+    elif md.top_k is not None:
+        logits = apply_top_k(logits, md.top_k, md.max_top_k)
+    if md.min_p is not None:
+        logits = apply_min_p(logits, md.min_p)
+    return logits
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> torch.Tensor:
+    """Top-k alone: ``topk(max_top_k)`` instead of a full sort. Ties at the k-th are kept."""
+    top = logits.topk(max_top_k, dim=-1).values  # [N, max_top_k], descending
+    kth = top.gather(1, (top_k - 1).unsqueeze(1))  # [N, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Mask to -inf what top-k, then top-p (on the top-k renormalised distribution), remove.
+
+    Ties at the k-th value are all kept; top-p keeps the smallest set of most likely tokens
+    whose mass reaches p (always at least one), as Hugging Face's warpers do.
+    """
+    # A stable sort makes the choice among tied logits at the top-p edge deterministic.
+    logits_sort, logits_idx = logits.sort(dim=-1, descending=False, stable=True)  # [N, V]
+    vocab = logits.shape[1]
+    if top_k is not None:
+        kth = logits_sort.gather(1, (vocab - top_k).unsqueeze(1))  # [N, 1]
+        logits_sort.masked_fill_(logits_sort < kth, float("-inf"))
+    cum = logits_sort.softmax(dim=-1).cumsum(dim=-1)  # [N, V]
+    remove = cum <= (1 - top_p).unsqueeze(1)
+    remove[:, -1] = False
+    logits_sort.masked_fill_(remove, float("-inf"))
+    return logits_sort.scatter(1, logits_idx, logits_sort)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below ``min_p`` times the top token's."""
+    probs = torch.softmax(logits, dim=-1)  # [N, V]
+    threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)  # [N, 1]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _gather_logprobs(
+    raw_logprobs: torch.Tensor, sampled: torch.Tensor, md: SamplingMetadata
+) -> SamplerOutput:
+    assert md.max_num_logprobs is not None
+    k = min(md.max_num_logprobs, raw_logprobs.shape[1])
+    top_vals, top_ids = raw_logprobs.topk(k, dim=-1)  # [N, k]
+    sampled_vals = raw_logprobs.gather(1, sampled.unsqueeze(1))  # [N, 1]
+    # One transfer for everything: ids fit exactly in float64.
+    packed = torch.cat(
+        [sampled.unsqueeze(1).double(), top_ids.double(), sampled_vals.double(), top_vals.double()],
+        dim=1,
+    ).tolist()  # [N, 2 + 2k]
+    token_ids: list[int] = []
+    logprobs: list[dict[int, float] | None] = []
+    for row, n in zip(packed, md.num_logprobs, strict=True):
+        token = int(row[0])
+        token_ids.append(token)
+        if n is None:
+            logprobs.append(None)
+            continue
+        entry = {token: row[k + 1]}
+        for tid, val in zip(row[1 : 1 + n], row[k + 2 : k + 2 + n], strict=True):
+            entry.setdefault(int(tid), val)
+        logprobs.append(entry)
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+
+def _has_penalty(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _flatten(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) pairs of ``seqs``, both [sum of lengths] int64 on ``device``."""
+    lengths = [len(s) for s in seqs]
+    total = sum(lengths)
+    # numpy reads a long list of ints about ten times faster than torch.tensor does.
+    ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
+    rows = np.repeat(np.arange(len(seqs), dtype=np.int64), lengths)
+    return torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)
+
+
+def _row_seed(seed: int, position: int) -> int:
+    """A 63-bit seed from (request seed, output position): splitmix64 over both."""
+    x = _splitmix64((seed & _MASK64) ^ _splitmix64(position))
+    return x >> 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
