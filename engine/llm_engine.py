@@ -239,7 +239,12 @@ class LLMEngine:
             new = req.output_token_ids[state.reported_tokens :]
             if not new and not req.is_finished:
                 continue
-            state.detokenizer.update(new)
+            state.detokenizer.update(
+                new,
+                finished=req.is_finished,
+                # Finished here by EOS or a stop token id (stop strings are found just below).
+                stop_terminated=req.status == RequestStatus.FINISHED_STOPPED,
+            )
             if state.detokenizer.stop_reason is not None and not req.is_finished:
                 req.stop_reason = state.detokenizer.stop_reason
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)

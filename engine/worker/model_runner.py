@@ -96,6 +96,7 @@ class ModelRunner:
                 sampling_params=r.sampling_params,
                 prompt_token_ids=r.prompt_token_ids,
                 output_token_ids=r.output_token_ids,
+                eos_token_id=r.eos_token_id,
             )
             for r in sample_reqs
         ]
