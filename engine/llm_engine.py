@@ -245,9 +245,12 @@ class LLMEngine:
                 # Finished here by EOS or a stop token id (stop strings are found just below).
                 stop_terminated=req.status == RequestStatus.FINISHED_STOPPED,
             )
-            if state.detokenizer.stop_reason is not None and not req.is_finished:
+            if state.detokenizer.finished_by_stop_string:
                 req.stop_reason = state.detokenizer.stop_reason
-                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                if req.is_finished:  # reached max_tokens on the very token that completed the stop string
+                    req.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             outputs.append(self._make_output(state))
             if req.is_finished:
                 finished.append((req.request_id, req.status.value))
