@@ -1,0 +1,98 @@
+"""A minimal raw producer and subscriber for the demo and the tests (the SDK is clients/).
+
+``events`` is the reference client loop of docs/protocol.md: SUBSCRIBE first, then replay
+the result stream, then follow the channel, dropping events already seen (``seq``) and
+filling a gap from the result stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import redis.asyncio as aioredis
+
+from broker.protocol import VERSION, AbortRequest, Codec, Event, decode_event, default_reply_to
+
+
+async def submit(
+    client: aioredis.Redis, prefix: str, request: dict[str, Any], *, as_json: bool = False
+) -> str:
+    """XADD one request (a wire map; ``v`` is filled in). Returns the entry id."""
+    payload = {"v": VERSION, **request}
+    field = {"json": json.dumps(payload)} if as_json else {"data": Codec.pack(payload)}
+    entry_id = await client.xadd(f"{prefix}:requests", field)  # type: ignore[arg-type]
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+
+async def abort(client: aioredis.Redis, prefix: str, request_id: str) -> None:
+    await client.publish(f"{prefix}:control", Codec.pack(AbortRequest(request_id).to_wire()))
+
+
+async def replay(
+    client: aioredis.Redis, prefix: str, request_id: str, after_seq: int = -1
+) -> list[Event]:
+    entries = await client.xrange(f"{prefix}:out:{request_id}")
+    events = [decode_event(fields[b"data"]) for _, fields in entries]
+    return [e for e in events if e.seq > after_seq]
+
+
+async def events(
+    client: aioredis.Redis,
+    prefix: str,
+    request_id: str,
+    *,
+    reply_to: str | None = None,
+    timeout_s: float = 60.0,
+) -> AsyncIterator[Event]:
+    """Every event of one request in seq order, exactly once, until the final one."""
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(reply_to or default_reply_to(prefix, request_id))
+    last = -1
+    try:
+        with anyio.fail_after(timeout_s):
+            # Subscribed before the replay: nothing falls between the two.
+            for event in await replay(client, prefix, request_id):
+                if event.seq == last + 1:
+                    last = event.seq
+                    yield event
+                    if event.finished:
+                        return
+            while True:
+                msg = await pubsub.get_message(timeout=1.0)
+                if msg is None or msg.get("type") != "message":
+                    continue
+                event = decode_event(msg["data"])
+                if event.seq <= last:
+                    continue  # seen already (replayed, or sent twice after a reconnect)
+                pending = [event]
+                if event.seq > last + 1:
+                    # A gap: the result stream has what the channel lost.
+                    pending = [
+                        e
+                        for e in await replay(client, prefix, request_id, last)
+                        if e.seq <= event.seq
+                    ]
+                for e in pending:
+                    if e.seq != last + 1:
+                        continue
+                    last = e.seq
+                    yield e
+                    if e.finished:
+                        return
+    finally:
+        await pubsub.aclose()
+
+
+def assemble(events_: list[Event]) -> tuple[list[int], str]:
+    """Token ids and text of a request from its events, honouring ``restart`` markers."""
+    token_ids: list[int] = []
+    text = ""
+    for e in events_:
+        if getattr(e, "restart", False):
+            token_ids, text = [], ""
+        token_ids += e.token_ids
+        text += e.text
+    return token_ids, text

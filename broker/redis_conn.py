@@ -1,0 +1,125 @@
+"""Redis connections: URLs with ACL credentials and TLS, timeouts above BLOCK, backoff.
+
+Every loop of the worker catches ``TRANSIENT`` errors, sleeps with ``Backoff`` and tries
+again: the worker never dies of a Redis error. redis-py reconnects a pooled connection on
+the next command after a drop, so "reconnect" is simply "try again later".
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+logger = logging.getLogger("lorastream.broker")
+
+# Errors after which the same command may succeed later (Redis restarting, network blip).
+TRANSIENT: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.BusyLoadingError,
+    OSError,
+)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    url: str
+    """redis://[user:password@]host:port/db, rediss://... (TLS) or unix:///path/to.sock."""
+    ca_file: str | None = None
+    """CA bundle for rediss:// (the system store when None)."""
+    block_ms: int = 1000
+    """BLOCK of XREADGROUP; socket reads must outlast it."""
+    connect_timeout_s: float = 5.0
+
+    @property
+    def socket_timeout_s(self) -> float:
+        # redis-py 8 times a socket read out after 5 s by default; a blocked XREADGROUP
+        # legitimately waits block_ms, so reads get that plus headroom.
+        return self.block_ms / 1000 + 5.0
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_url(self.url)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs: secrets are never logged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable redis url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}" if user else f":***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _client_kwargs(settings: RedisSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": settings.connect_timeout_s,
+        "health_check_interval": 10,
+        # One quick retry absorbs a pooled connection that went stale (Redis restarted);
+        # longer outages are the callers' backoff loops' business.
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+    }
+    scheme = urlsplit(settings.url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            f"--redis-url scheme {scheme!r} is invalid: use redis://, rediss:// or unix://"
+        )
+    if settings.ca_file and scheme == "rediss":
+        kwargs["ssl_ca_certs"] = settings.ca_file
+    return kwargs
+
+
+def connect(settings: RedisSettings) -> aioredis.Redis:
+    """An asyncio client. Connects lazily: creating it never fails on a down server."""
+    return aioredis.Redis.from_url(settings.url, **_client_kwargs(settings))
+
+
+def connect_sync(settings: RedisSettings) -> redis.Redis:
+    from redis.retry import Retry as SyncRetry
+
+    kwargs = {
+        **_client_kwargs(settings),
+        "retry": SyncRetry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+    }
+    return redis.Redis.from_url(settings.url, **kwargs)
+
+
+def is_nogroup(err: BaseException) -> bool:
+    return isinstance(err, redis.ResponseError) and str(err).startswith("NOGROUP")
+
+
+class Backoff:
+    """Exponential backoff with full jitter, so many workers do not reconnect in lockstep."""
+
+    def __init__(self, initial_s: float = 0.05, max_s: float = 2.0) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.failures = 0
+
+    def reset(self) -> None:
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.max_s, self.initial_s * 2**self.failures)
+        self.failures += 1
+        return random.uniform(delay / 2, delay)
+
+    async def sleep(self) -> None:
+        await anyio.sleep(self.next_delay())
