@@ -169,6 +169,9 @@ class LLMEngine:
             raise InvalidRequest(f"request_id {request.request_id!r} is already running")
         self.scheduler.add_request(request)
         if request.lora_request is not None and self.runner.lora_manager is not None:
+            # Pinned while the request lives, so its adapter is not evicted from host memory
+            # between being loaded and being scheduled.
+            self.runner.lora_manager.pin([request.lora_int_id])
             self.runner.lora_manager.request_load(request.lora_request)
         self._states[request.request_id] = _RequestState(
             request=request,
@@ -254,7 +257,7 @@ class LLMEngine:
             outputs.append(self._make_output(state))
             if req.is_finished:
                 finished.append((req.request_id, req.status.value))
-                del self._states[req.request_id]
+                self._drop(req.request_id)
         self._record_stats(t0, sched, num_prompt, num_gen, finished)
         return outputs
 
@@ -267,14 +270,22 @@ class LLMEngine:
             for req in self.scheduler.abort_requests(ids):
                 req.status = RequestStatus.FINISHED_ERROR
                 req.error = err
-                state = self._states.pop(req.request_id)
+                state = self._drop(req.request_id)
+                assert state is not None
                 outputs.append(self._make_output(state))
                 logger.warning("request %s failed: %s", req.request_id, err)
 
     def _finish(self, req: Request) -> None:
-        state = self._states.pop(req.request_id, None)
+        state = self._drop(req.request_id)
         if state is not None:
             self._pending_outputs.append(self._make_output(state))
+
+    def _drop(self, request_id: str) -> _RequestState | None:
+        state = self._states.pop(request_id, None)
+        manager = self.runner.lora_manager
+        if state is not None and manager is not None and state.request.lora_int_id:
+            manager.unpin([state.request.lora_int_id])
+        return state
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         req = state.request

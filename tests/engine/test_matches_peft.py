@@ -129,9 +129,11 @@ def check(got, jobs, reference):
 
 
 def test_mixed_adapters_with_swaps_and_disk_reloads(tiny_model_dir, reference):
-    engine = make_engine(tiny_model_dir, max_loras=2, max_cpu_loras=2, max_num_seqs=6)
+    # Two sequences at a time, a new request every 8 steps: adapters take turns in the two
+    # device slots, and an adapter comes back after the host cache (2 entries) dropped it.
+    engine = make_engine(tiny_model_dir, max_loras=2, max_cpu_loras=2, max_num_seqs=2)
     jobs = mixed_jobs(tiny_model_dir)
-    got = run_all(engine, jobs, stagger=2)
+    got = run_all(engine, jobs, stagger=8)
     check(got, jobs, reference)
     stats = engine.runner.lora_manager.get_stats()
     assert stats.device_loads > len(lora_requests(tiny_model_dir))  # slots were swapped
