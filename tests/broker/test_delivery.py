@@ -190,11 +190,9 @@ async def test_a_burst_waits_in_redis_not_in_worker_memory(
         assert running.service.high_water <= slots
         assert engine.max_running <= slots
         assert max_pending <= slots  # everything else waited in the stream
-    finals = 0
     for i in range(0, n, 97):
         events = await producer.replay(client, PREFIX, f"b{i}")
         assert producer.assemble(events)[0] == expected_tokens([i % 900 + 1], 3)
-        finals += 1
     keys = [k async for k in client.scan_iter(match=f"{PREFIX}:out:*", count=1000)]
     assert len(keys) == n
 

@@ -129,18 +129,17 @@ async def test_late_subscriber_replays_from_the_result_stream(
 async def test_result_ttl_zero_disables_result_streams(
     redis_server: RedisServer, client: aioredis.Redis
 ) -> None:
-    async with running_service(redis_server.url, result_ttl_s=0):
-        async with anyio.create_task_group() as tg:
-            got: list[Event] = []
+    got: list[Event] = []
 
-            async def listen() -> None:
-                got.extend(await collect(client, "nottl"))
+    async def listen() -> None:
+        got.extend(await collect(client, "nottl"))
 
-            tg.start_soon(listen)
-            await anyio.sleep(0.05)
-            await producer.submit(
-                client, PREFIX, {"id": "nottl", "prompt": "abc", "params": {"max_tokens": 3}}
-            )
+    async with running_service(redis_server.url, result_ttl_s=0), anyio.create_task_group() as tg:
+        tg.start_soon(listen)
+        await anyio.sleep(0.05)
+        await producer.submit(
+            client, PREFIX, {"id": "nottl", "prompt": "abc", "params": {"max_tokens": 3}}
+        )
     check_stream(got, expected_tokens(FakeTokenizer().encode("abc"), 3))
     assert not await client.exists(f"{PREFIX}:out:nottl")
 
