@@ -7,6 +7,7 @@ loop are queued and applied between steps, so the step loop never races the call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -48,7 +49,9 @@ class AsyncLLMEngine:
         enable_multiprocessing: bool = False,
     ) -> AsyncLLMEngine:
         return cls(
-            LLMEngine.from_engine_args(engine_args, usage_context, stat_loggers, enable_multiprocessing)
+            LLMEngine.from_engine_args(
+                engine_args, usage_context, stat_loggers, enable_multiprocessing
+            )
         )
 
     @property
@@ -168,7 +171,7 @@ class AsyncLLMEngine:
                 continue
             try:
                 self.engine.admit(request)
-            except Exception as e:  # noqa: BLE001 - becomes the request's own error
+            except Exception as e:
                 stream = self._streams.get(request.request_id)
                 if stream is not None:
                     stream.send_nowait(e)
@@ -180,10 +183,8 @@ class AsyncLLMEngine:
     async def shutdown(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
-            except (asyncio.CancelledError, Exception):
-                pass
         self._executor.shutdown(wait=True)
 
 

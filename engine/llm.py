@@ -20,7 +20,7 @@ class LLM:
         self.llm_engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
         self._counter = 0
 
-    def get_tokenizer(self):  # type: ignore[no-untyped-def]
+    def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
     def generate(

@@ -56,7 +56,9 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
         lora_ready = self.runner.lora_manager.is_ready if self.runner.lora_manager else None
         self.scheduler = Scheduler(
-            config.scheduler, self.block_manager, **({"lora_ready": lora_ready} if lora_ready else {})
+            config.scheduler,
+            self.block_manager,
+            **({"lora_ready": lora_ready} if lora_ready else {}),
         )
         self.eos_token_id = _eos_token_id(config, self.tokenizer)
         self._states: dict[str, _RequestState] = {}
@@ -103,7 +105,7 @@ class LLMEngine:
         """A preloaded adapter (``lora_modules``) by name."""
         return self._lora_ids.get(name)
 
-    def _require_lora(self):  # type: ignore[no-untyped-def]
+    def _require_lora(self):
         if self.runner.lora_manager is None:
             raise InvalidRequest("LoRA is not enabled: start the engine with enable_lora=True")
         return self.runner.lora_manager
@@ -119,7 +121,9 @@ class LLMEngine:
         priority: int = 0,
     ) -> None:
         """Validate and queue a request. Raises ``InvalidRequest`` / ``AdapterError`` naming what is wrong."""
-        request = self.make_request(request_id, prompt, params, arrival_time, lora_request, priority)
+        request = self.make_request(
+            request_id, prompt, params, arrival_time, lora_request, priority
+        )
         self.admit(request)
 
     def make_request(
@@ -133,7 +137,9 @@ class LLMEngine:
     ) -> Request:
         """Everything in add_request that does not touch the scheduler (safe off the step thread)."""
         if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequest(f"request_id={request_id!r} is invalid: must be a non-empty string")
+            raise InvalidRequest(
+                f"request_id={request_id!r} is invalid: must be a non-empty string"
+            )
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequest("params must be a SamplingParams")
@@ -250,7 +256,9 @@ class LLMEngine:
             )
             if state.detokenizer.finished_by_stop_string:
                 req.stop_reason = state.detokenizer.stop_reason
-                if req.is_finished:  # reached max_tokens on the very token that completed the stop string
+                if (
+                    req.is_finished
+                ):  # reached max_tokens on the very token that completed the stop string
                     req.status = RequestStatus.FINISHED_STOPPED
                 else:
                     self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
@@ -266,7 +274,11 @@ class LLMEngine:
         if manager is None:
             return
         for lora_id, err in manager.poll_errors():
-            ids = [s.request.request_id for s in self._states.values() if s.request.lora_int_id == lora_id]
+            ids = [
+                s.request.request_id
+                for s in self._states.values()
+                if s.request.lora_int_id == lora_id
+            ]
             for req in self.scheduler.abort_requests(ids):
                 req.status = RequestStatus.FINISHED_ERROR
                 req.error = err
@@ -317,7 +329,9 @@ class LLMEngine:
             lora_name=state.lora_name,
         )
 
-    def _record_stats(self, t0: float, sched: Any, num_prompt: int, num_gen: int, finished: list[tuple[str, str]]) -> None:
+    def _record_stats(
+        self, t0: float, sched: Any, num_prompt: int, num_gen: int, finished: list[tuple[str, str]]
+    ) -> None:
         if not self.stat_loggers:
             return
         s = self.scheduler.get_stats()

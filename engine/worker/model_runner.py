@@ -4,6 +4,7 @@ adapter manager; holds no scheduling policy."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -51,7 +52,11 @@ class ModelRunner:
         self.generator.manual_seed(config.seed)
         logger.info(
             "model %s on %s (%s): %d KV blocks of %d tokens",
-            config.model, self.device, config.dtype, self.num_blocks, self.block_size,
+            config.model,
+            self.device,
+            config.dtype,
+            self.num_blocks,
+            self.block_size,
         )
 
     def _determine_num_blocks(self) -> int:
@@ -110,7 +115,7 @@ class ModelRunner:
                     logprobs[r.request_id] = lp
         return RunnerOutput(tokens, logprobs)
 
-    def _prepare(self, sched: SchedulerOutput):  # type: ignore[no-untyped-def]
+    def _prepare(self, sched: SchedulerOutput):
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -147,7 +152,9 @@ class ModelRunner:
             block_tables=_to(padded, torch.int32, dev),
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
-            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:], strict=False)),
+            max_query_len=max(
+                b - a for a, b in itertools.pairwise(query_start_loc)
+            ),
             max_seq_len=max(seq_lens),
         )
         lora = self._prepare_lora(sched, token_lora_ids)
@@ -159,7 +166,9 @@ class ModelRunner:
         )
         return batch, logits_rows, sample_reqs
 
-    def _prepare_lora(self, sched: SchedulerOutput, token_lora_ids: list[int]) -> LoRAMetadata | None:
+    def _prepare_lora(
+        self, sched: SchedulerOutput, token_lora_ids: list[int]
+    ) -> LoRAMetadata | None:
         if self.lora_manager is None:
             return None
         active = {i for i in sched.active_lora_ids if i}
@@ -175,7 +184,7 @@ class ModelRunner:
         )
 
 
-def _to(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:  # type: ignore[type-arg]
+def _to(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     t = torch.tensor(data, dtype=dtype)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)

@@ -71,13 +71,33 @@ def test_cli_flags_use_vllm_names():
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
     ns = parser.parse_args(
         [
-            "--model", "m", "--enable-lora", "--max-loras", "4", "--max-lora-rank", "32",
-            "--max-cpu-loras", "8", "--lora-dtype", "bfloat16", "--fully-sharded-loras",
-            "--max-num-seqs", "64", "--lora-modules", "a=/x", "b=/y", "--no-enable-chunked-prefill",
+            "--model",
+            "m",
+            "--enable-lora",
+            "--max-loras",
+            "4",
+            "--max-lora-rank",
+            "32",
+            "--max-cpu-loras",
+            "8",
+            "--lora-dtype",
+            "bfloat16",
+            "--fully-sharded-loras",
+            "--max-num-seqs",
+            "64",
+            "--lora-modules",
+            "a=/x",
+            "b=/y",
+            "--no-enable-chunked-prefill",
         ]
     )
     args = EngineArgs.from_cli_args(ns)
-    assert (args.enable_lora, args.max_loras, args.max_lora_rank, args.max_cpu_loras) == (True, 4, 32, 8)
+    assert (args.enable_lora, args.max_loras, args.max_lora_rank, args.max_cpu_loras) == (
+        True,
+        4,
+        32,
+        8,
+    )
     assert args.lora_dtype == "bfloat16"
     assert args.fully_sharded_loras is True
     assert args.max_num_seqs == 64

@@ -61,10 +61,16 @@ def reference(tiny_model_dir: Path) -> Reference:
 
 
 def make_engine(model_dir: Path, **kwargs) -> LLMEngine:
-    defaults = dict(
-        model=str(model_dir), device="cpu", dtype="float32", enable_lora=True, max_loras=4,
-        max_lora_rank=32, max_num_seqs=16, disable_log_stats=True,
-    )
+    defaults = {
+        "model": str(model_dir),
+        "device": "cpu",
+        "dtype": "float32",
+        "enable_lora": True,
+        "max_loras": 4,
+        "max_lora_rank": 32,
+        "max_num_seqs": 16,
+        "disable_log_stats": True,
+    }
     defaults.update(kwargs)
     return LLMEngine.from_engine_args(EngineArgs(**defaults))
 
@@ -84,7 +90,7 @@ def run_all(engine: LLMEngine, jobs: list[tuple[str, str, LoRARequest | None]], 
             batch = pending if stagger == 0 else pending[:1]
             for rid, prompt, lora in batch:
                 engine.add_request(rid, prompt, params, lora_request=lora)
-            pending = pending[len(batch):]
+            pending = pending[len(batch) :]
         for out in engine.step():
             if out.finished:
                 assert out.outputs[0].finish_reason == "length", out.error
@@ -110,7 +116,11 @@ def test_each_adapter_matches_peft(tiny_model_dir, reference):
             expected = reference.greedy(p, lora.lora_name)
             assert got[f"{lora.lora_name}-{i}"] == expected, lora.lora_name
     # The adapters really change the output (else this test proves nothing about LoRA).
-    assert any(reference.greedy(p, lora.lora_name) != reference.greedy(p, None) for lora in loras for p in PROMPTS)
+    assert any(
+        reference.greedy(p, lora.lora_name) != reference.greedy(p, None)
+        for lora in loras
+        for p in PROMPTS
+    )
 
 
 def mixed_jobs(model_dir: Path):
@@ -145,7 +155,9 @@ def test_preemption_gives_identical_output(tiny_model_dir, reference):
     engine = make_engine(tiny_model_dir, block_size=8, num_gpu_blocks_override=8, max_num_seqs=8)
     jobs = mixed_jobs(tiny_model_dir)
     preemptions = []
-    engine.stat_loggers.append(type("L", (), {"record": lambda self, s: preemptions.append(s.num_preemptions)})())
+    engine.stat_loggers.append(
+        type("L", (), {"record": lambda self, s: preemptions.append(s.num_preemptions)})()
+    )
     got = run_all(engine, jobs)
     check(got, jobs, reference)
     assert sum(preemptions) > 0

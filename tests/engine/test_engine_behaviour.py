@@ -1,0 +1,256 @@
+"""Engine behaviour beyond greedy equality: adapter errors, seeds, stop strings, logprobs,
+the async engine and the offline LLM class — on the tiny model, float32, CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import AsyncLLMEngine, EngineArgs, LLMEngine, LoRARequest, SamplingParams
+from engine.errors import (
+    AdapterCorrupt,
+    AdapterNotFound,
+    AdapterRankTooLarge,
+    AdapterShapeMismatch,
+    AdapterUnsupported,
+    InvalidRequest,
+    PromptTooLong,
+)
+from engine.llm import LLM
+from engine.metrics import Stats
+
+from .test_matches_peft import adapter_dirs, make_engine
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path) -> LLMEngine:
+    return make_engine(tiny_model_dir, max_loras=2, max_cpu_loras=3, max_lora_rank=32)
+
+
+def drain(engine: LLMEngine) -> dict[str, object]:
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return final
+
+
+def copy_adapter(src: Path, dst: Path, **config_changes: object) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(config_changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error"),
+    [
+        (lambda d: copy_adapter(d[0], d[1], r=64, rank_pattern={}), AdapterRankTooLarge),
+        (lambda d: copy_adapter(d[0], d[1], use_dora=True), AdapterUnsupported),
+        (lambda d: copy_adapter(d[0], d[1], bias="all"), AdapterUnsupported),
+        (lambda d: copy_adapter(d[0], d[1], target_modules=["lm_head"]), AdapterUnsupported),
+        (lambda d: d[1], AdapterNotFound),
+    ],
+    ids=["rank", "dora", "bias", "module", "missing"],
+)
+def test_bad_adapter_config_is_refused_at_add_request(
+    engine, tiny_model_dir, tmp_path, mutate, error
+):
+    bad = mutate((adapter_dirs(tiny_model_dir)[2], tmp_path / "bad"))
+    with pytest.raises(error) as info:
+        engine.add_request("bad", "hello", GREEDY, lora_request=LoRARequest("bad", 90, str(bad)))
+    assert str(bad) in str(info.value)
+    assert not engine.has_unfinished_requests()
+
+
+def test_corrupt_weights_fail_one_request_others_finish(engine, tiny_model_dir, tmp_path):
+    good = adapter_dirs(tiny_model_dir)[0]
+    corrupt = copy_adapter(good, tmp_path / "corrupt")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    wrong_shape = copy_adapter(good, tmp_path / "shape")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(wrong_shape / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
+    save_file(tensors, wrong_shape / "adapter_model.safetensors")
+
+    engine.add_request("ok-base", "hello there", GREEDY)
+    engine.add_request(
+        "ok-lora", "hello there", GREEDY, lora_request=LoRARequest(good.name, 1, str(good))
+    )
+    engine.add_request(
+        "corrupt", "hello there", GREEDY, lora_request=LoRARequest("c", 91, str(corrupt))
+    )
+    engine.add_request(
+        "shape", "hello there", GREEDY, lora_request=LoRARequest("s", 92, str(wrong_shape))
+    )
+    final = drain(engine)
+    assert final["ok-base"].outputs[0].finish_reason == "length"
+    assert final["ok-lora"].outputs[0].finish_reason == "length"
+    assert final["corrupt"].outputs[0].finish_reason == "error"
+    assert isinstance(final["corrupt"].error, AdapterCorrupt)
+    assert final["shape"].outputs[0].finish_reason == "error"
+    assert isinstance(final["shape"].error, AdapterShapeMismatch)
+
+
+def test_bad_requests_are_refused_with_named_errors(engine):
+    with pytest.raises(PromptTooLong, match="max_model_len"):
+        engine.add_request("long", {"prompt_token_ids": [5] * engine.config.max_model_len}, GREEDY)
+    with pytest.raises(InvalidRequest, match="outside"):
+        engine.add_request("vocab", {"prompt_token_ids": [1, 10**9]}, GREEDY)
+    with pytest.raises(InvalidRequest, match="prompt"):
+        engine.add_request("kind", 42, GREEDY)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    engine.add_request("dup", "hi", GREEDY)
+    with pytest.raises(InvalidRequest, match="already"):
+        engine.add_request("dup", "hi", GREEDY)
+    drain(engine)
+
+
+def test_seeded_sampling_is_independent_of_the_batch(engine, tiny_model_dir):
+    lora = LoRARequest(
+        adapter_dirs(tiny_model_dir)[1].name, 2, str(adapter_dirs(tiny_model_dir)[1])
+    )
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
+    engine.add_request("alone", "Once upon a time", seeded, lora_request=lora)
+    alone = drain(engine)["alone"].outputs[0].token_ids
+    others = SamplingParams(temperature=1.3, max_tokens=14, ignore_eos=True)
+    for i in range(4):
+        engine.add_request(f"other{i}", f"noise {i} noise", others)
+    engine.add_request("batched", "Once upon a time", seeded, lora_request=lora)
+    assert drain(engine)["batched"].outputs[0].token_ids == alone
+
+
+def test_stop_string_ends_request_and_never_leaks(engine):
+    engine.add_request(
+        "free", "The quick brown fox", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    )
+    text = drain(engine)["free"].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), text
+    engine.add_request(
+        "stopped",
+        "The quick brown fox",
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]),
+    )
+    out = drain(engine)["stopped"].outputs[0]
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+
+
+def test_logprobs_hold_the_sampled_token(engine):
+    engine.add_request(
+        "lp", "Once", SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True)
+    )
+    out = drain(engine)["lp"].outputs[0]
+    assert out.logprobs is not None
+    assert len(out.logprobs) == 4
+    for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
+        assert tok in lp
+        assert max(lp.values()) == lp[tok]  # greedy: the sampled token is the most likely
+
+
+def test_abort_frees_everything(engine):
+    engine.add_request("a", "Once upon a time", SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.abort_request("a")
+    outs = engine.step()
+    assert [o.outputs[0].finish_reason for o in outs if o.request_id == "a"] == ["abort"]
+    assert not engine.has_unfinished_requests()
+    assert engine.block_manager.usage == 0
+
+
+def test_stat_loggers_receive_every_step(tiny_model_dir):
+    got: list[Stats] = []
+
+    class Recorder:
+        def record(self, stats: Stats) -> None:
+            got.append(stats)
+
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(model=str(tiny_model_dir), device="cpu", enable_lora=True, max_lora_rank=32),
+        stat_loggers=[Recorder()],
+    )
+    lora = adapter_dirs(tiny_model_dir)[0]
+    engine.add_request("r", "hi", GREEDY, lora_request=LoRARequest(lora.name, 1, str(lora)))
+    drain(engine)
+    assert sum(s.num_generation_tokens for s in got) == GREEDY.max_tokens
+    assert got[-1].adapter_loads == 1
+    assert got[-1].finished == [("r", "length")]
+
+
+def test_llm_generate_with_one_lora_request_per_prompt(tiny_model_dir):
+    dirs = adapter_dirs(tiny_model_dir)
+    llm = LLM(
+        model=str(tiny_model_dir), device="cpu", enable_lora=True, max_loras=2, max_lora_rank=32
+    )
+    loras = [
+        None,
+        LoRARequest(dirs[0].name, 1, str(dirs[0])),
+        LoRARequest(dirs[1].name, 2, str(dirs[1])),
+    ]
+    outs = llm.generate(["Once upon a time"] * 3, GREEDY, lora_request=loras)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6, 6]
+    single = llm.generate("Once upon a time", GREEDY, lora_request=loras[1])
+    assert single[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
+    assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids
+
+
+@pytest.mark.anyio
+async def test_async_generate_streams_and_early_exit_aborts(tiny_model_dir):
+    engine = AsyncLLMEngine.from_engine_args(
+        EngineArgs(
+            model=str(tiny_model_dir),
+            device="cpu",
+            enable_lora=True,
+            max_lora_rank=32,
+            disable_log_stats=True,
+        )
+    )
+    try:
+        lora = adapter_dirs(tiny_model_dir)[0]
+        lreq = LoRARequest(lora.name, 1, str(lora))
+        seen = []
+        async for out in engine.generate("Once upon a time", GREEDY, "full", lora_request=lreq):
+            seen.append(len(out.outputs[0].token_ids))
+        assert seen == list(range(1, 7))
+        assert out.finished
+
+        long = SamplingParams(max_tokens=200, ignore_eos=True)
+        async for out in engine.generate("Once upon a time", long, "early"):
+            if len(out.outputs[0].token_ids) == 2:
+                break
+        # The abort reaches the engine between steps.
+        for _ in range(100):
+            if not engine.engine.has_unfinished_requests():
+                break
+            import asyncio
+
+            await asyncio.sleep(0.01)
+        assert not engine.engine.has_unfinished_requests()
+        assert engine.engine.block_manager.usage == 0
+
+        with pytest.raises(AdapterNotFound):
+            async for _ in engine.generate(
+                "x", GREEDY, "bad", lora_request=LoRARequest("nope", 5, "/nonexistent")
+            ):
+                pass
+    finally:
+        await engine.shutdown()
