@@ -11,7 +11,9 @@ Handler = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler]] = {}
 
 
-def command(name: str, setup: Callable[[argparse.ArgumentParser], None]) -> Callable[[Handler], Handler]:
+def command(
+    name: str, setup: Callable[[argparse.ArgumentParser], None]
+) -> Callable[[Handler], Handler]:
     def register(fn: Handler) -> Handler:
         _COMMANDS[name] = (setup, fn)
         return fn
@@ -37,11 +39,15 @@ def _make_tiny(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorastream", description="Multi-LoRA LLM serving over Redis")
+    parser = argparse.ArgumentParser(
+        prog="lorastream", description="Multi-LoRA LLM serving over Redis"
+    )
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (setup, fn) in _COMMANDS.items():
-        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None)
+        p = sub.add_parser(
+            name, help=(fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else None
+        )
         setup(p)
         p.set_defaults(handler=fn)
     return parser
@@ -49,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     return int(ns.handler(ns))
 
 

@@ -119,7 +119,9 @@ class EngineArgs:
             bad("device", "allowed: auto, cuda, cuda:N, cpu")
         if not _is_int(self.seed):
             bad("seed", "must be an integer")
-        if self.max_model_len is not None and (not _is_int(self.max_model_len) or self.max_model_len < 1):
+        if self.max_model_len is not None and (
+            not _is_int(self.max_model_len) or self.max_model_len < 1
+        ):
             bad("max_model_len", "must be an integer >= 1 or None")
         if self.max_num_batched_tokens is not None and (
             not _is_int(self.max_num_batched_tokens) or self.max_num_batched_tokens < 1
@@ -129,7 +131,10 @@ class EngineArgs:
             bad("max_num_seqs", "must be an integer >= 1")
         if self.block_size not in (1, 8, 16, 32, 64, 128):
             bad("block_size", "allowed: 1, 8, 16, 32, 64, 128")
-        if not isinstance(self.gpu_memory_utilization, int | float) or not 0 < self.gpu_memory_utilization <= 1:
+        if (
+            not isinstance(self.gpu_memory_utilization, int | float)
+            or not 0 < self.gpu_memory_utilization <= 1
+        ):
             bad("gpu_memory_utilization", "must be in (0, 1]")
         if self.num_gpu_blocks_override is not None and (
             not _is_int(self.num_gpu_blocks_override) or self.num_gpu_blocks_override < 1
@@ -148,7 +153,10 @@ class EngineArgs:
                 bad("max_cpu_loras", "must be an integer or None")
             if self.max_cpu_loras < self.max_loras:
                 bad("max_cpu_loras", f"must be >= max_loras ({self.max_loras})")
-        if not isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in ("auto", *_DTYPES):
+        if not isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in (
+            "auto",
+            *_DTYPES,
+        ):
             bad("lora_dtype", f"allowed: auto, {', '.join(_DTYPES)} or a torch.dtype")
         if isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in _DTYPES.values():
             bad("lora_dtype", "allowed torch dtypes: float16, bfloat16, float32")
@@ -182,14 +190,18 @@ class EngineArgs:
             elif f.name == "lora_modules":
                 group.add_argument(flag, nargs="+", default=[], metavar="NAME=PATH", help=doc)
             elif f.name == "lora_target_modules":
-                group.add_argument(flag, nargs="+", default=None, choices=LORA_TARGET_MODULES, help=doc)
+                group.add_argument(
+                    flag, nargs="+", default=None, choices=LORA_TARGET_MODULES, help=doc
+                )
             else:
                 group.add_argument(flag, type=_cli_type(f.name), default=default, help=doc)
         return parser
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
-        kwargs = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+        kwargs = {
+            f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)
+        }
         return cls(**kwargs)
 
     def create_engine_config(self) -> EngineConfig:
@@ -200,8 +212,14 @@ class EngineArgs:
             raise ValueError(f"EngineArgs.model={self.model!r} is invalid: not a directory")
         hf_config = AutoConfig.from_pretrained(self.model, local_files_only=True)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
-        lora_dtype = dtype if self.lora_dtype == "auto" else (
-            self.lora_dtype if isinstance(self.lora_dtype, torch.dtype) else _DTYPES[self.lora_dtype]
+        lora_dtype = (
+            dtype
+            if self.lora_dtype == "auto"
+            else (
+                self.lora_dtype
+                if isinstance(self.lora_dtype, torch.dtype)
+                else _DTYPES[self.lora_dtype]
+            )
         )
         model_len_cap = int(getattr(hf_config, "max_position_embeddings", 2048))
         max_model_len = self.max_model_len or model_len_cap
@@ -324,11 +342,24 @@ def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dt
 
 
 def _cli_type(name: str) -> Any:
-    if name in ("max_model_len", "max_num_batched_tokens", "num_gpu_blocks_override", "max_cpu_loras"):
+    if name in (
+        "max_model_len",
+        "max_num_batched_tokens",
+        "num_gpu_blocks_override",
+        "max_cpu_loras",
+    ):
         return int
     if name in ("gpu_memory_utilization", "kv_cache_space_gb"):
         return float
-    if name in ("max_num_seqs", "block_size", "tensor_parallel_size", "max_loras", "max_lora_rank", "seed", "max_lora_wait_steps"):
+    if name in (
+        "max_num_seqs",
+        "block_size",
+        "tensor_parallel_size",
+        "max_loras",
+        "max_lora_rank",
+        "seed",
+        "max_lora_wait_steps",
+    ):
         return int
     return str
 
