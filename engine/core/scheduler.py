@@ -1,0 +1,379 @@
+"""Which requests run this step, and how many tokens each.
+
+Pure Python (no torch). One engine step is ``schedule()`` → the runner executes the
+``SchedulerOutput`` → ``update_from_output()``. The scheduler schedules *tokens*, not
+phases: every request's ``num_computed_tokens`` catches up with its ``num_tokens``, so a
+prefill is a request far behind, a decode is a request one token behind, and chunked
+prefill is only the step's token budget.
+
+Order. Requests are ordered by ``(priority, arrival_time)`` — lower priority value first,
+then earlier arrival, then the order of ``add_request``. The running requests are served
+first in that order (one token for a decode, the next chunk for a prefill), then waiting
+requests are admitted in that order under four limits: the token budget
+(``max_num_batched_tokens``), ``max_num_seqs`` running requests, ``max_loras`` distinct
+adapters among running requests (base-model requests never count) and the free KV-cache
+blocks. A waiting request whose adapter is not yet in host memory (``lora_ready``) is
+skipped and does not hold up the others; one that does not fit the budget, the sequence
+limit or the free blocks stops admission for the step (first come, first served).
+
+Preemption. When a running request cannot get the blocks for its next tokens, the newest
+running request (the last in the order above) is preempted — its blocks are freed, its
+``num_computed_tokens`` goes back to 0 and it returns to the waiting queue, where its order
+key puts it ahead of every request that arrived after it — and the allocation is retried;
+if the request itself is the newest, it is the one preempted. No new request is admitted in
+a step that preempted. A preempted request keeps its output tokens: they are recomputed as
+part of its prefix, not sampled again, so its output is the same as without preemption.
+
+Bounded adapter wait (no starvation). An adapter cannot be swapped in the middle of a
+sequence, so a waiting request whose adapter cannot get one of the ``max_loras`` slots is
+bypassed by later requests whose adapters are already active, and a steady stream of them
+would keep its adapter out forever. The policy, in full:
+
+1. Each step, the oldest waiting request that is ready but blocked only by the adapter
+   limit (the admission pass reached it with budget and sequence slots left, its adapter
+   is not active and ``max_loras`` adapters are) gets ``num_bypassed_steps += 1``. The
+   counter goes back to 0 when the request is admitted.
+2. While a waiting request has ``num_bypassed_steps > max_lora_wait_steps`` ("starving"),
+   no request behind it in the queue that needs an adapter is admitted, whatever its
+   adapter. Base-model requests behind it may still join: they never hold an adapter slot.
+3. So no adapter request joins the running set behind the starving request, the running
+   requests of each active adapter drain, and the first adapter slot to free up cannot be
+   taken by anyone behind it. Once its adapter can have a slot, the starving request is
+   first in line: if it does not fit (budget, sequences, blocks), admission stops there as
+   for any head of the queue, so nothing behind it gets in first.
+
+Bound: the oldest blocked request is bypassed in at most ``max_lora_wait_steps`` steps.
+From the step its counter exceeds that, its adapter gets a slot within L steps, L being the
+longest remaining generation among the adapter requests running then — when every running
+request advances one token per step (the token budget covers the running decodes and
+nothing is preempted). Requests ahead of it in the queue (higher priority, or older and
+not yet ready) still go first.
+
+Stops. ``update_from_output`` appends each sampled token and checks, in this order: EOS
+(unless ``ignore_eos``) and ``stop_token_ids`` → ``FINISHED_STOPPED`` (neither before
+``min_tokens`` output tokens; a stop token id becomes ``stop_reason``), then ``max_tokens``
+or ``max_model_len`` → ``FINISHED_LENGTH``. A stop token wins over length on the same
+token, as stop strings do in the engine. A sequence also stops with length when the whole
+KV cache could not hold its next token, since it could never run again. Stop strings are
+the engine's: it detokenizes and calls ``finish_requests``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from engine.core.block_manager import BlockManager
+from engine.errors import InvalidRequest, PromptTooLong
+from engine.sequence import Request, RequestStatus
+
+if TYPE_CHECKING:  # engine.config imports torch; the scheduler only reads its fields
+    from engine.config import SchedulerConfig
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step: tokens ``[start_position, start_position + num_new_tokens)``."""
+
+    request: Request
+    start_position: int
+    """``num_computed_tokens`` before the step."""
+    num_new_tokens: int
+    sample: bool
+    """True when this chunk reaches ``num_tokens``: the runner samples one token for it."""
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    active_lora_ids: frozenset[int]
+    """Distinct non-zero adapter ids of the running requests (at most ``max_loras``)."""
+    preempted: list[Request]
+    """Requests preempted this step (now waiting, to be recomputed)."""
+    finished_request_ids: frozenset[str]
+    """Requests finished since the previous ``schedule()``: the runner may drop their state."""
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float
+    """Fraction of KV-cache blocks in use."""
+    active_lora_ids: frozenset[int]
+    num_preemptions: int
+    """Total since the scheduler started."""
+
+
+def _always_ready(lora_id: int) -> bool:
+    return True
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_manager: BlockManager,
+        lora_ready: Callable[[int], bool] = _always_ready,
+    ) -> None:
+        if (
+            not config.enable_chunked_prefill
+            and config.max_num_batched_tokens < config.max_model_len
+        ):
+            # Without chunking a resumed request recomputes up to max_model_len - 1 tokens in one step.
+            raise ValueError(
+                f"SchedulerConfig.max_num_batched_tokens={config.max_num_batched_tokens} is invalid: "
+                f"must be >= max_model_len ({config.max_model_len}) when chunked prefill is off"
+            )
+        self.config = config
+        self.block_manager = block_manager
+        self.lora_ready = lora_ready
+        # A sequence stops at max_model_len tokens, or when the cache could not hold its last
+        # sampled token (that token is never computed, hence the + 1).
+        self.max_num_tokens = min(
+            config.max_model_len, block_manager.num_blocks * block_manager.block_size + 1
+        )
+        self.requests: dict[str, Request] = {}
+        """Unfinished requests by id."""
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        """Both kept sorted by ``_order_key``; the last running request is the newest."""
+        self.num_preemptions = 0
+        self._order_keys: dict[str, tuple[int, float, int]] = {}
+        self._counter = itertools.count()
+        self._finished_ids: set[str] = set()
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: Request) -> None:
+        """Queue ``request``. Raises ``PromptTooLong`` when it could never run."""
+        if request.request_id in self.requests:
+            raise InvalidRequest(f"request_id {request.request_id!r} is already scheduled")
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise InvalidRequest(f"request {request.request_id!r} has an empty prompt")
+        if num_prompt >= self.config.max_model_len:
+            raise PromptTooLong(
+                f"prompt has {num_prompt} tokens; max_model_len is {self.config.max_model_len}, "
+                "which leaves no room for any output token"
+            )
+        bm = self.block_manager
+        if bm.num_blocks_for(num_prompt) > bm.num_blocks:
+            raise PromptTooLong(
+                f"prompt has {num_prompt} tokens, which need {bm.num_blocks_for(num_prompt)} "
+                f"KV-cache blocks of {bm.block_size}; the cache has {bm.num_blocks} "
+                f"({bm.num_blocks * bm.block_size} tokens)"
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self._order_keys[request.request_id] = (
+            request.priority,
+            request.arrival_time,
+            next(self._counter),
+        )
+        bisect.insort(self.waiting, request, key=self._order_key)
+
+    def abort_requests(self, request_ids: str | Iterable[str]) -> list[Request]:
+        """Finish the given unfinished requests as aborted, freeing their blocks now.
+        Unknown or already finished ids are ignored."""
+        return self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(
+        self, request_ids: str | Iterable[str], status: RequestStatus
+    ) -> list[Request]:
+        """Finish the given unfinished requests with ``status`` (stop strings, adapter errors)."""
+        if not status.is_finished:
+            raise ValueError(f"finish_requests: status {status} is not a finished status")
+        ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        finished: list[Request] = []
+        for request_id in ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._finish(request, status)
+            finished.append(request)
+        return finished
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def get_stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_waiting=len(self.waiting),
+            num_running=len(self.running),
+            kv_cache_usage=self.block_manager.usage,
+            active_lora_ids=self._active_lora_ids(),
+            num_preemptions=self.num_preemptions,
+        )
+
+    # ------------------------------------------------------------------ step
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+
+        # Running requests first, oldest first; the newest give way when blocks run short.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+                i += 1
+
+        if not preempted:  # memory is tight: admit no one this step
+            self._admit_waiting(budget, scheduled)
+
+        finished_ids, self._finished_ids = frozenset(self._finished_ids), set()
+        return SchedulerOutput(
+            scheduled=scheduled,
+            active_lora_ids=self._active_lora_ids(),
+            preempted=preempted,
+            finished_request_ids=finished_ids,
+        )
+
+    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
+        """Admit waiting requests in order within ``budget`` tokens (see the module docstring)."""
+        max_loras = self.config.max_loras
+        active = set(self._active_lora_ids())
+        admitted: list[Request] = []
+        # Set once the pass reaches a starving request: adapter requests behind it are held.
+        hold_adapters = False
+        counted_bypass = False
+        for request in self.waiting:
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            lora_id = request.lora_int_id
+            if lora_id:
+                if hold_adapters:
+                    continue
+                if not self.lora_ready(lora_id):
+                    # A starving request keeps its claim while its adapter (re)loads.
+                    hold_adapters = self._is_starving(request)
+                    continue
+                if max_loras and lora_id not in active and len(active) >= max_loras:
+                    if not counted_bypass:  # only the oldest blocked request counts
+                        counted_bypass = True
+                        request.num_bypassed_steps += 1
+                    hold_adapters = self._is_starving(request)
+                    continue
+            num_new = request.num_tokens - request.num_computed_tokens
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.block_manager.allocate_slots(request, num_new):
+                break
+            request.status = RequestStatus.RUNNING
+            request.num_bypassed_steps = 0
+            bisect.insort(self.running, request, key=self._order_key)
+            admitted.append(request)
+            if lora_id:
+                active.add(lora_id)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        if admitted:
+            done = set(admitted)
+            self.waiting = [r for r in self.waiting if r not in done]
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]
+    ) -> list[Request]:
+        """Advance the scheduled requests; returns those that got a token or finished."""
+        changed: list[Request] = []
+        for s in scheduler_output.scheduled:
+            request = s.request
+            if request.is_finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens += s.num_new_tokens
+            if not s.sample:
+                continue
+            request.output_token_ids.append(sampled_token_ids[request.request_id])
+            if request.first_token_time is None:
+                request.first_token_time = time.monotonic()
+            status = self._check_stop(request)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status)
+            changed.append(request)
+        return changed
+
+    # ------------------------------------------------------------------ helpers
+    def _check_stop(self, request: Request) -> RequestStatus | None:
+        params = request.sampling_params
+        token = request.output_token_ids[-1]
+        if request.num_output_tokens >= params.min_tokens:
+            if token == request.eos_token_id and not params.ignore_eos:
+                request.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_num_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request=request,
+            start_position=start,
+            num_new_tokens=num_new,
+            sample=start + num_new == request.num_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, request, key=self._order_key)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.block_manager.free(request)
+        del self.requests[request.request_id]
+        del self._order_keys[request.request_id]
+        self._finished_ids.add(request.request_id)
+
+    def _is_starving(self, request: Request) -> bool:
+        return request.num_bypassed_steps > self.config.max_lora_wait_steps
+
+    def _order_key(self, request: Request) -> tuple[int, float, int]:
+        return self._order_keys[request.request_id]
+
+    def _active_lora_ids(self) -> frozenset[int]:
+        return frozenset(r.lora_int_id for r in self.running if r.lora_int_id)

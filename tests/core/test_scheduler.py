@@ -1,0 +1,725 @@
+"""Scheduler: continuous batching, token budget, adapter limit, preemption, bounded
+adapter wait, stops. Hand-built requests and a fake runner — no model, no torch in the core."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from engine.config import SchedulerConfig
+from engine.core.block_manager import BlockManager
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.errors import PromptTooLong
+from engine.lora.request import LoRARequest
+from engine.sampling_params import SamplingParams
+from engine.sequence import Request, RequestStatus
+
+EOS = 2
+
+
+def _config(**overrides: int | bool) -> SchedulerConfig:
+    fields: dict[str, int | bool] = {
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 64,
+        "max_model_len": 64,
+        "max_loras": 0,
+        "max_lora_wait_steps": 64,
+        "enable_chunked_prefill": True,
+    }
+    fields.update(overrides)
+    return SchedulerConfig(**fields)  # type: ignore[arg-type]
+
+
+def _scheduler(
+    num_blocks: int = 64,
+    block_size: int = 4,
+    lora_ready: Callable[[int], bool] | None = None,
+    **config: int | bool,
+) -> Scheduler:
+    bm = BlockManager(num_blocks, block_size)
+    if lora_ready is None:
+        return Scheduler(_config(**config), bm)
+    return Scheduler(_config(**config), bm, lora_ready)
+
+
+_arrivals = iter(range(10**9))
+
+
+def _request(
+    request_id: str,
+    num_prompt: int = 4,
+    max_tokens: int | None = 4,
+    lora_id: int = 0,
+    priority: int = 0,
+    **params: object,
+) -> Request:
+    lora = LoRARequest(f"a{lora_id}", lora_id, f"/adapters/{lora_id}") if lora_id else None
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=[
+            100 + (sum(map(ord, request_id)) + 7 * i) % 50 for i in range(num_prompt)
+        ],
+        sampling_params=SamplingParams(max_tokens=max_tokens, **params),  # type: ignore[arg-type]
+        lora_request=lora,
+        eos_token_id=EOS,
+        priority=priority,
+        arrival_time=float(next(_arrivals)),
+    )
+
+
+def _next_token(context: list[int]) -> int:
+    """The fake model: a deterministic function of the whole context, never EOS."""
+    return 100 + (sum((i + 1) * t for i, t in enumerate(context)) * 31 + 7) % 50
+
+
+class FakeRunner:
+    """Writes every computed token into its KV slot and samples from what the cache holds,
+    so a wrong block table, a skipped position or a stale block changes (or fails) the output."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.kv: dict[int, tuple[str, int, int]] = {}  # slot -> (request id, position, token)
+
+    def _slot(self, req: Request, pos: int) -> int:
+        return req.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        sampled: dict[str, int] = {}
+        for s in out.scheduled:
+            req = s.request
+            end = s.start_position + s.num_new_tokens
+            tokens = req.token_ids_slice(s.start_position, end)
+            for pos, tok in zip(range(s.start_position, end), tokens, strict=True):
+                self.kv[self._slot(req, pos)] = (req.request_id, pos, tok)
+            if s.sample:
+                context = []
+                for pos in range(end):
+                    owner, kv_pos, tok = self.kv[self._slot(req, pos)]
+                    assert (owner, kv_pos) == (req.request_id, pos), "stale KV slot"
+                    context.append(tok)
+                sampled[req.request_id] = _next_token(context)
+        return sampled
+
+
+def _reference_output(req: Request, max_len: int) -> list[int]:
+    """What the fake model generates for ``req`` when nothing gets in the way."""
+    tokens = list(req.prompt_token_ids)
+    out: list[int] = []
+    max_tokens = req.sampling_params.max_tokens or 10**9
+    while True:
+        out.append(_next_token(tokens))
+        tokens.append(out[-1])
+        if len(out) >= max_tokens or len(tokens) >= max_len:
+            return out
+
+
+def _step(
+    sched: Scheduler, runner: FakeRunner, check: bool = False
+) -> tuple[SchedulerOutput, list[Request]]:
+    """One engine step; with ``check``, the invariants are checked after each half."""
+    out = sched.schedule()
+    if check:
+        _check_schedule(sched, out)
+    changed = sched.update_from_output(out, runner.execute(out)) if out.scheduled else []
+    if check:
+        _check_blocks(sched)
+    return out, changed
+
+
+def _ids(out: SchedulerOutput) -> list[str]:
+    return [s.request.request_id for s in out.scheduled]
+
+
+def _check_schedule(sched: Scheduler, out: SchedulerOutput) -> None:
+    cfg = sched.config
+    bm = sched.block_manager
+    assert len(sched.running) <= cfg.max_num_seqs
+    assert out.num_scheduled_tokens <= cfg.max_num_batched_tokens
+    scheduled_loras = {s.request.lora_int_id for s in out.scheduled if s.request.lora_int_id}
+    running_loras = {r.lora_int_id for r in sched.running if r.lora_int_id}
+    if cfg.max_loras:
+        assert len(running_loras) <= cfg.max_loras
+    assert scheduled_loras <= running_loras == out.active_lora_ids
+    assert len({s.request.request_id for s in out.scheduled}) == len(out.scheduled)
+    for s in out.scheduled:
+        req = s.request
+        assert s.num_new_tokens >= 1
+        assert len(req.block_table) >= bm.num_blocks_for(s.start_position + s.num_new_tokens)
+        assert req.status == RequestStatus.RUNNING
+        assert s.start_position == req.num_computed_tokens
+        assert s.start_position + s.num_new_tokens <= req.num_tokens
+        assert s.sample == (s.start_position + s.num_new_tokens == req.num_tokens)
+    _check_blocks(sched)
+
+
+def _check_blocks(sched: Scheduler) -> None:
+    bm = sched.block_manager
+    for req in sched.waiting:
+        assert req.block_table == []
+        assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+    owned = [b for r in sched.requests.values() for b in r.block_table]
+    assert len(owned) == len(set(owned)), "a block is owned twice"
+    assert len(owned) == bm.num_used_blocks
+    assert bm.num_used_blocks + bm.num_free_blocks == bm.num_blocks
+    assert set(sched.requests) == {r.request_id for r in sched.waiting + sched.running}
+
+
+# ---------------------------------------------------------------- batching and budget
+def test_new_requests_join_running_ones_every_step() -> None:
+    sched = _scheduler()
+    runner = FakeRunner(4)
+    sched.add_request(_request("a", max_tokens=5))
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["a"]
+    sched.add_request(_request("b", max_tokens=5))
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["a", "b"]
+    assert [s.num_new_tokens for s in out.scheduled] == [1, 4]  # a decodes, b prefills
+    assert all(s.sample for s in out.scheduled)
+    sched.add_request(_request("c", max_tokens=5))
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["a", "b", "c"]
+
+
+def test_long_prompt_is_chunked_and_sampled_only_on_the_last_chunk() -> None:
+    sched = _scheduler(max_num_batched_tokens=8)
+    runner = FakeRunner(4)
+    req = _request("long", num_prompt=20)
+    sched.add_request(req)
+    chunks = []
+    for _ in range(3):
+        out, changed = _step(sched, runner)
+        (s,) = out.scheduled
+        chunks.append((s.start_position, s.num_new_tokens, s.sample))
+    assert chunks == [(0, 8, False), (8, 8, False), (16, 4, True)]
+    assert req.num_output_tokens == 1
+    assert changed == [req]
+
+
+def test_running_decodes_share_the_budget_with_a_prefill_chunk() -> None:
+    sched = _scheduler(max_num_batched_tokens=8)
+    runner = FakeRunner(4)
+    sched.add_request(_request("a", num_prompt=4, max_tokens=10))
+    _step(sched, runner)
+    sched.add_request(_request("long", num_prompt=20))
+    out, _ = _step(sched, runner)
+    assert [(s.request_id, s.num_new_tokens, s.sample) for s in out.scheduled] == [
+        ("a", 1, True),
+        ("long", 7, False),
+    ]
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_budget_it_fits_in() -> None:
+    sched = _scheduler(max_num_batched_tokens=32, max_model_len=32, enable_chunked_prefill=False)
+    runner = FakeRunner(4)
+    for i in range(3):
+        sched.add_request(_request(f"d{i}", num_prompt=10, max_tokens=3))
+    sched.add_request(_request("long", num_prompt=30))
+    sched.add_request(_request("small", num_prompt=1))
+    out, _ = _step(sched, runner)
+    assert _ids(out) == [
+        "d0",
+        "d1",
+        "d2",
+    ]  # 30 tokens: "long" does not fit, "small" stays behind it
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["d0", "d1", "d2"]  # 3 decodes + 30 > 32
+    for _ in range(3):
+        out, _ = _step(sched, runner)
+        if "long" in _ids(out):
+            break
+    long_s = next(s for s in out.scheduled if s.request_id == "long")
+    assert (long_s.num_new_tokens, long_s.sample) == (30, True)
+
+
+def test_a_request_short_of_blocks_holds_back_later_ones() -> None:
+    sched = _scheduler(num_blocks=4, block_size=4, max_model_len=32)
+    runner = FakeRunner(4)
+    sched.add_request(_request("a", num_prompt=8, max_tokens=2))
+    _step(sched, runner)  # 2 blocks left
+    sched.add_request(_request("big", num_prompt=12))
+    sched.add_request(_request("small", num_prompt=2))
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["a"]  # big needs 3 blocks; small would fit but comes after big
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["big", "small"]  # a finished
+
+
+def test_chunked_prefill_off_needs_a_budget_of_max_model_len() -> None:
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        _scheduler(max_num_batched_tokens=16, max_model_len=32, enable_chunked_prefill=False)
+
+
+def test_max_num_seqs_caps_the_running_set() -> None:
+    sched = _scheduler(max_num_seqs=2)
+    runner = FakeRunner(4)
+    for i in range(4):
+        sched.add_request(_request(f"r{i}", max_tokens=2))
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["r0", "r1"]
+    assert sched.num_running == 2
+    assert sched.num_waiting == 2
+    out, _ = _step(sched, runner)  # r0 and r1 finish
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["r2", "r3"]
+
+
+def test_lower_priority_value_is_admitted_first_then_arrival() -> None:
+    sched = _scheduler(max_num_seqs=1)
+    runner = FakeRunner(4)
+    for rid, prio in [("late-low", 5), ("first", 0), ("urgent", -1), ("second", 0)]:
+        sched.add_request(_request(rid, max_tokens=1, priority=prio))
+    order = []
+    while sched.has_unfinished_requests():
+        out, _ = _step(sched, runner)
+        order += _ids(out)
+    assert order == ["urgent", "first", "second", "late-low"]
+
+
+# ---------------------------------------------------------------- adapters
+def test_max_loras_limits_distinct_adapters_and_base_model_never_counts() -> None:
+    sched = _scheduler(max_loras=2)
+    runner = FakeRunner(4)
+    for rid, lora in [("x", 1), ("base", 0), ("y", 2), ("z", 3), ("x2", 1)]:
+        sched.add_request(_request(rid, lora_id=lora, max_tokens=3))
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["x", "base", "y", "x2"]  # z's adapter would be a third
+    assert out.active_lora_ids == {1, 2}
+    while "z" not in _ids(out):
+        out, _ = _step(sched, runner)
+    assert out.active_lora_ids == {3}
+
+
+def test_adapter_not_ready_is_skipped_without_blocking_others_then_admitted() -> None:
+    ready = {1: False, 2: True}
+    sched = _scheduler(max_loras=1, lora_ready=lambda i: ready[i])
+    runner = FakeRunner(4)
+    sched.add_request(_request("slow", lora_id=1, max_tokens=2))
+    sched.add_request(_request("base", max_tokens=2))
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["base"]
+    assert out.active_lora_ids == frozenset()  # a request not yet loaded holds no slot
+    sched.add_request(_request("fast", lora_id=2, max_tokens=2))
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["base", "fast"]
+    ready[1] = True
+    out, _ = _step(sched, runner)  # fast still holds the only slot
+    assert "slow" not in _ids(out)
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["slow"]
+    assert out.active_lora_ids == {1}
+
+
+def _stream_until_admitted(
+    max_lora_wait_steps: int, gen_len: int, max_steps: int
+) -> tuple[Request, list[list[str]], int | None]:
+    """max_loras=1; every step one new adapter-1 request and one base-model request, and at
+    step 2 (first in line) one adapter-2 request ``b``. Returns b, the ids scheduled per step
+    and the step at which b is first scheduled (None if never)."""
+    sched = _scheduler(
+        max_loras=1, max_num_seqs=16, num_blocks=256, max_lora_wait_steps=max_lora_wait_steps
+    )
+    runner = FakeRunner(4)
+    b = _request("b", lora_id=2, max_tokens=gen_len)
+    steps: list[list[str]] = []
+    for step in range(max_steps):
+        if step == 2:
+            b.arrival_time = float(next(_arrivals))
+            sched.add_request(b)
+        sched.add_request(_request(f"a{step}", lora_id=1, max_tokens=gen_len))
+        sched.add_request(_request(f"base{step}", max_tokens=gen_len))
+        out, _ = _step(sched, runner, check=True)
+        steps.append(_ids(out))
+        if "b" in steps[-1]:
+            return b, steps, step
+    return b, steps, None
+
+
+def test_without_a_wait_bound_a_stream_of_one_adapter_starves_another() -> None:
+    b, _, admitted = _stream_until_admitted(max_lora_wait_steps=10**9, gen_len=4, max_steps=60)
+    assert admitted is None
+    assert b.num_bypassed_steps == 60 - 2
+
+
+def test_starving_adapter_request_is_admitted_within_the_bound() -> None:
+    wait, gen_len = 5, 4
+    b, steps, admitted = _stream_until_admitted(wait, gen_len, max_steps=60)
+    assert admitted is not None
+    # b arrives at step 2 and is bypassed in steps 2 .. 2+wait-1: adapter-1 requests behind
+    # it still join. In step 2+wait its count exceeds the bound and they stop joining; the
+    # adapter-1 requests running then need at most gen_len - 1 more steps, then b joins.
+    for step in range(2, 2 + wait):
+        assert f"a{step}" in steps[step]
+    assert f"a{2 + wait}" not in steps[2 + wait]
+    assert admitted <= 2 + wait + gen_len - 1
+    assert b.num_bypassed_steps == 0  # reset on admission
+
+
+def test_base_model_requests_still_join_while_an_adapter_request_starves() -> None:
+    wait, gen_len = 0, 6
+    _, steps, admitted = _stream_until_admitted(wait, gen_len, max_steps=60)
+    assert admitted is not None
+    gated = steps[2:admitted]
+    assert gated, "b had to wait for adapter 1 to drain"
+    for step, ids in enumerate(gated, start=2):
+        assert f"base{step}" in ids  # base-model requests are never held
+        assert f"a{step}" not in ids  # adapter-1 requests behind b are held
+
+
+def test_only_the_oldest_adapter_blocked_request_counts_bypassed_steps() -> None:
+    sched = _scheduler(max_loras=1)
+    runner = FakeRunner(4)
+    sched.add_request(_request("x", lora_id=1, max_tokens=10))
+    _step(sched, runner)
+    first, second = _request("y", lora_id=2), _request("z", lora_id=3)
+    sched.add_request(first)
+    sched.add_request(second)
+    for _ in range(3):
+        _step(sched, runner)
+    assert (first.num_bypassed_steps, second.num_bypassed_steps) == (3, 0)
+
+
+def test_starving_request_keeps_adapters_held_while_its_adapter_reloads() -> None:
+    ready = {1: True, 2: True}
+    sched = _scheduler(max_loras=1, max_lora_wait_steps=0, lora_ready=lambda i: ready[i])
+    runner = FakeRunner(4)
+    sched.add_request(_request("x", lora_id=1, max_tokens=3))
+    _step(sched, runner)
+    b = _request("b", lora_id=2)
+    sched.add_request(b)
+    _step(sched, runner)  # b is blocked and, with a bound of 0, starving at once
+    assert b.num_bypassed_steps == 1
+    ready[2] = False  # say the adapter manager evicted it from host memory
+    sched.add_request(_request("x2", lora_id=1))
+    sched.add_request(_request("base"))
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["x", "base"]  # x finishes; x2 may not take adapter 1 past b
+    out, _ = _step(sched, runner)
+    assert _ids(out) == ["base"]  # the free slot waits for b
+    ready[2] = True
+    out, _ = _step(sched, runner)
+    assert "b" in _ids(out)
+    assert "x2" not in _ids(out)
+
+
+# ---------------------------------------------------------------- preemption
+def test_newest_running_request_is_preempted_when_an_older_one_needs_blocks() -> None:
+    # 3 blocks of 2 tokens: old's 4-token prompt takes 2, new's 1-token prompt takes 1.
+    sched = _scheduler(num_blocks=3, block_size=2, max_model_len=16)
+    runner = FakeRunner(2)
+    old = _request("old", num_prompt=4, max_tokens=8)
+    new = _request("new", num_prompt=1, max_tokens=8)
+    sched.add_request(old)
+    sched.add_request(new)
+    _step(sched, runner, check=True)
+    out, _ = _step(sched, runner, check=True)  # old's position 4 needs a third block
+    assert _ids(out) == ["old"]
+    assert out.preempted == [new]
+    assert new.status == RequestStatus.PREEMPTED
+    assert (new.num_computed_tokens, new.block_table, new.num_preemptions) == (0, [], 1)
+    assert new.num_output_tokens == 1  # kept, to be recomputed
+    assert sched.waiting == [new]
+    assert sched.get_stats().num_preemptions == 1
+
+
+def test_request_preempts_itself_when_it_is_the_newest() -> None:
+    sched = _scheduler(num_blocks=3, block_size=2, max_model_len=16)
+    runner = FakeRunner(2)
+    old = _request("old", num_prompt=2, max_tokens=8)
+    new = _request("new", num_prompt=2, max_tokens=8)
+    sched.add_request(old)
+    sched.add_request(new)
+    _step(sched, runner, check=True)  # one block each, one free
+    out, _ = _step(sched, runner, check=True)  # position 2 of both needs a block: old gets it
+    assert _ids(out) == ["old"]
+    assert out.preempted == [new]
+    assert old.num_preemptions == 0
+    out, _ = _step(sched, runner, check=True)  # nothing free: new stays waiting
+    assert _ids(out) == ["old"]
+    assert new.status == RequestStatus.PREEMPTED
+
+
+def test_no_request_is_admitted_in_a_step_that_preempted() -> None:
+    sched = _scheduler(num_blocks=4, block_size=2, max_model_len=16, max_num_seqs=2)
+    runner = FakeRunner(2)
+    sched.add_request(_request("old", num_prompt=2, max_tokens=8))
+    new = _request("new", num_prompt=4, max_tokens=8)
+    sched.add_request(new)
+    _step(sched, runner)  # 1 + 2 blocks
+    sched.add_request(_request("urgent", num_prompt=1, max_tokens=8, priority=-1))
+    out, _ = _step(sched, runner, check=True)  # new preempts itself, freeing 2 blocks
+    assert out.preempted == [new]
+    assert _ids(out) == ["old"]  # memory is tight: urgent waits a step although it would fit
+    out, _ = _step(sched, runner, check=True)
+    assert "urgent" in _ids(out)
+
+
+def test_preempted_request_goes_back_ahead_of_later_arrivals() -> None:
+    sched = _scheduler(num_blocks=3, block_size=2, max_model_len=16, max_num_seqs=2)
+    runner = FakeRunner(2)
+    old = _request("old", num_prompt=4, max_tokens=8)
+    new = _request("new", num_prompt=1, max_tokens=8)
+    sched.add_request(old)
+    sched.add_request(new)
+    later = _request("later", num_prompt=1, max_tokens=8)
+    sched.add_request(later)
+    _step(sched, runner)
+    _step(sched, runner)  # new is preempted
+    assert sched.waiting == [new, later]
+
+
+def test_preempted_request_resumes_with_the_same_tokens() -> None:
+    def run(num_blocks: int) -> tuple[dict[str, list[int]], int, list[int]]:
+        sched = _scheduler(
+            num_blocks=num_blocks, block_size=2, max_model_len=32, max_num_batched_tokens=8
+        )
+        runner = FakeRunner(2)
+        reqs = [_request(f"r{i}", num_prompt=3 + i, max_tokens=10) for i in range(3)]
+        for r in reqs:
+            sched.add_request(r)
+        num_outputs_at_resume: list[int] = []
+        while sched.has_unfinished_requests():
+            out, _ = _step(sched, runner, check=True)
+            num_outputs_at_resume += [
+                s.request.num_output_tokens
+                for s in out.scheduled
+                if s.request.num_preemptions and s.start_position == 0
+            ]
+        outputs = {r.request_id: r.output_token_ids for r in reqs}
+        return outputs, sched.num_preemptions, num_outputs_at_resume
+
+    roomy, no_preemptions, _ = run(num_blocks=64)
+    tight, num_preemptions, resumed = run(num_blocks=10)
+    assert no_preemptions == 0
+    assert num_preemptions > 0
+    assert tight == roomy
+    # A resumed request recomputes its prompt and its earlier outputs before sampling again.
+    assert resumed
+    assert all(n >= 1 for n in resumed)
+
+
+# ---------------------------------------------------------------- abort and finish
+def test_abort_frees_blocks_at_once_and_reports_the_id_next_step() -> None:
+    sched = _scheduler()
+    runner = FakeRunner(4)
+    running, waiting = _request("running", num_prompt=9), _request("waiting")
+    sched.add_request(running)
+    _step(sched, runner)
+    sched.add_request(waiting)
+    assert sched.block_manager.num_used_blocks == 3
+    aborted = sched.abort_requests(["running", "waiting", "unknown"])
+    assert aborted == [running, waiting]
+    assert all(r.status == RequestStatus.FINISHED_ABORTED for r in aborted)
+    assert running.block_table == []
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+    assert not sched.has_unfinished_requests()
+    out = sched.schedule()
+    assert out.finished_request_ids == {"running", "waiting"}
+    assert sched.schedule().finished_request_ids == frozenset()
+
+
+def test_request_aborted_while_its_step_runs_is_left_alone() -> None:
+    sched = _scheduler()
+    runner = FakeRunner(4)
+    req = _request("r")
+    sched.add_request(req)
+    out = sched.schedule()
+    sampled = runner.execute(out)
+    sched.abort_requests("r")
+    assert sched.update_from_output(out, sampled) == []
+    assert req.output_token_ids == []
+    assert req.status == RequestStatus.FINISHED_ABORTED
+
+
+def test_finish_requests_frees_with_the_given_status() -> None:
+    sched = _scheduler()
+    runner = FakeRunner(4)
+    req = _request("r", max_tokens=10)
+    sched.add_request(req)
+    _step(sched, runner)
+    assert sched.finish_requests(["r"], RequestStatus.FINISHED_STOPPED) == [req]
+    assert req.status == RequestStatus.FINISHED_STOPPED
+    assert sched.block_manager.num_used_blocks == 0
+    with pytest.raises(ValueError, match="not a finished status"):
+        sched.finish_requests(["x"], RequestStatus.RUNNING)
+
+
+# ---------------------------------------------------------------- stops
+def _run_scripted(
+    req: Request, tokens: list[int], num_blocks: int = 64, block_size: int = 4, **config: int
+) -> list[Request]:
+    """Feed ``tokens`` as the sampled tokens of ``req`` until it finishes."""
+    sched = Scheduler(_config(**config), BlockManager(num_blocks, block_size))
+    sched.add_request(req)
+    changed: list[Request] = []
+    for tok in tokens:
+        out = sched.schedule()
+        changed = sched.update_from_output(out, {req.request_id: tok})
+        if req.is_finished:
+            break
+    assert changed == [req]
+    return changed
+
+
+def test_max_tokens_finishes_with_length() -> None:
+    req = _request("r", max_tokens=3)
+    _run_scripted(req, [7, 8, 9, 10])
+    assert (req.status, req.output_token_ids) == (RequestStatus.FINISHED_LENGTH, [7, 8, 9])
+
+
+def test_max_model_len_finishes_with_length() -> None:
+    req = _request("r", num_prompt=6, max_tokens=None)
+    _run_scripted(req, [7] * 10, max_model_len=8)
+    assert req.status == RequestStatus.FINISHED_LENGTH
+    assert req.num_tokens == 8
+
+
+def test_eos_finishes_with_stop_and_no_stop_reason() -> None:
+    req = _request("r", max_tokens=10)
+    _run_scripted(req, [7, EOS, 9])
+    assert (req.status, req.stop_reason) == (RequestStatus.FINISHED_STOPPED, None)
+    assert req.output_token_ids == [7, EOS]
+
+
+def test_ignore_eos_keeps_generating() -> None:
+    req = _request("r", max_tokens=3, ignore_eos=True)
+    _run_scripted(req, [EOS, EOS, EOS])
+    assert req.status == RequestStatus.FINISHED_LENGTH
+
+
+def test_stop_token_id_finishes_with_the_token_as_stop_reason() -> None:
+    req = _request("r", max_tokens=10, stop_token_ids=[42])
+    _run_scripted(req, [7, 42])
+    assert (req.status, req.stop_reason) == (RequestStatus.FINISHED_STOPPED, 42)
+
+
+def test_min_tokens_suppresses_eos_and_stop_tokens() -> None:
+    req = _request("r", max_tokens=10, min_tokens=3, stop_token_ids=[42])
+    _run_scripted(req, [EOS, 42, EOS])
+    assert req.status == RequestStatus.FINISHED_STOPPED
+    assert req.output_token_ids == [EOS, 42, EOS]
+
+
+def test_stop_token_wins_over_length_on_the_same_token() -> None:
+    req = _request("r", max_tokens=2, stop_token_ids=[42])
+    _run_scripted(req, [7, 42])
+    assert (req.status, req.stop_reason) == (RequestStatus.FINISHED_STOPPED, 42)
+
+
+def test_sequence_stops_with_length_when_the_cache_cannot_hold_another_token() -> None:
+    # 2 blocks of 4 = 8 token positions: the 9th token is sampled but could never be computed.
+    req = _request("r", num_prompt=6, max_tokens=None)
+    _run_scripted(req, [7] * 10, num_blocks=2, block_size=4, max_model_len=64)
+    assert req.status == RequestStatus.FINISHED_LENGTH
+    assert req.num_tokens == 9
+
+
+def test_first_token_time_is_set_on_the_first_sample() -> None:
+    sched = _scheduler(max_num_batched_tokens=4)
+    req = _request("r", num_prompt=6)
+    sched.add_request(req)
+    sched.update_from_output(sched.schedule(), {})
+    assert req.first_token_time is None
+    sched.update_from_output(sched.schedule(), {"r": 7})
+    assert req.first_token_time is not None
+
+
+# ---------------------------------------------------------------- admission errors
+def test_prompt_of_max_model_len_is_rejected() -> None:
+    sched = _scheduler(max_model_len=16)
+    with pytest.raises(PromptTooLong, match="16 tokens; max_model_len is 16"):
+        sched.add_request(_request("r", num_prompt=16))
+    assert not sched.has_unfinished_requests()
+
+
+def test_prompt_larger_than_the_whole_cache_is_rejected() -> None:
+    sched = _scheduler(num_blocks=4, block_size=4, max_model_len=64)
+    sched.add_request(_request("fits", num_prompt=16))
+    with pytest.raises(
+        PromptTooLong, match=r"17 tokens, which need 5 KV-cache blocks of 4; the cache has 4"
+    ):
+        sched.add_request(_request("r", num_prompt=17))
+    assert sched.num_waiting == 1
+
+
+def test_stats_report_queue_sizes_usage_adapters_and_preemptions() -> None:
+    sched = _scheduler(max_loras=2, max_num_seqs=1)
+    sched.add_request(_request("x", lora_id=3, num_prompt=8))
+    sched.add_request(_request("y", lora_id=4))
+    _step(sched, FakeRunner(4))
+    stats = sched.get_stats()
+    assert (stats.num_waiting, stats.num_running, stats.num_preemptions) == (1, 1, 0)
+    assert stats.active_lora_ids == {3}
+    assert stats.kv_cache_usage == pytest.approx(2 / 64)
+
+
+# ---------------------------------------------------------------- randomized simulation
+@pytest.mark.parametrize("seed", range(30))
+def test_invariants_hold_and_outputs_match_on_random_workloads(seed: int) -> None:
+    """Random limits, arrivals, adapters that load late, priorities and aborts; invariants
+    are checked on every step, everything finishes, and every output equals what the fake
+    model generates alone (chunking and preemption change nothing)."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4, 8])
+    max_model_len = rng.choice([16, 32, 48])
+    chunked = rng.random() < 0.7
+    num_lora_ids = rng.randint(0, 4)
+    ready = {i: rng.random() < 0.6 for i in range(1, num_lora_ids + 1)}
+    sched = _scheduler(
+        num_blocks=rng.randint(max_model_len // block_size // 2 + 1, 40),
+        block_size=block_size,
+        lora_ready=lambda i: ready[i],
+        max_num_seqs=rng.randint(1, 8),
+        max_num_batched_tokens=rng.randint(4, 40)
+        if chunked
+        else max_model_len + rng.randint(0, 16),
+        max_model_len=max_model_len,
+        max_loras=rng.randint(1, 3) if num_lora_ids and rng.random() < 0.8 else 0,
+        max_lora_wait_steps=rng.randint(0, 6),
+        enable_chunked_prefill=chunked,
+    )
+    runner = FakeRunner(block_size)
+    finished: list[Request] = []
+    num_arrival_steps = 60
+    for step in range(3000):
+        if step < num_arrival_steps:
+            for _ in range(rng.choice([0, 0, 1, 1, 2])):
+                req = _request(
+                    f"s{seed}-{step}-{rng.random()}",
+                    num_prompt=rng.randint(1, max_model_len - 1),
+                    max_tokens=rng.randint(1, 12),
+                    lora_id=rng.randint(0, num_lora_ids),
+                    priority=rng.choice([0, 0, 0, 1, -1]),
+                )
+                try:
+                    sched.add_request(req)
+                except PromptTooLong:
+                    assert (
+                        sched.block_manager.num_blocks_for(req.num_prompt_tokens)
+                        > sched.block_manager.num_blocks
+                    )
+            if rng.random() < 0.05 and sched.requests:
+                aborted = sched.abort_requests([rng.choice(sorted(sched.requests))])
+                assert aborted[0].status == RequestStatus.FINISHED_ABORTED
+        for i in ready:
+            ready[i] = ready[i] or rng.random() < 0.1
+        _, changed = _step(sched, runner, check=True)
+        finished += [r for r in changed if r.is_finished]
+        if step >= num_arrival_steps and not sched.has_unfinished_requests():
+            break
+    assert not sched.has_unfinished_requests(), "requests left behind (deadlock or starvation)"
+    assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
+    assert finished
+    for req in finished:
+        assert req.status == RequestStatus.FINISHED_LENGTH
+        assert req.output_token_ids == _reference_output(req, sched.max_num_tokens)
+
+
+def test_scheduler_and_block_manager_do_not_import_torch() -> None:
+    code = "import sys, engine.core; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
