@@ -129,8 +129,12 @@ class RedisServer:
         client = redis.Redis.from_url(self.url, socket_timeout=0.5, socket_connect_timeout=0.5)
         try:
             return bool(client.ping())
+        except redis.AuthenticationError:
+            return True  # it answered: up, and configured with ACL users
         except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError):
             return False
+        except redis.ResponseError as e:
+            return "NOAUTH" in str(e)
         finally:
             client.close()
 

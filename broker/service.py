@@ -382,7 +382,8 @@ class Service:
     async def _redis_error(self, op: str, err: BaseException, backoff: Backoff) -> None:
         self.metrics.redis_errors.labels(op).inc()
         delay = backoff.next_delay()
-        log = logger.warning if backoff.failures == 1 else logger.debug
+        # Loud on the first failure and every ~30 s of an outage, not on every retry.
+        log = logger.warning if backoff.failures % 15 == 1 else logger.debug
         log("redis %s failed (%s: %s); retrying in %.2fs", op, type(err).__name__, err, delay)
         with anyio.move_on_after(delay):
             await self._draining.wait()
@@ -547,6 +548,11 @@ class Service:
         seqs = [e.seq for e in past]
         if seqs != list(range(len(seqs))):
             job.restart, job.next_seq = True, (max(seqs) + 1 if seqs else 0)
+            return
+        if not past:
+            # Nothing published, or the result stream expired: the client may have seen
+            # events we cannot know of, so say "start over" (a no-op for one that saw none).
+            job.restart = True
             return
         job.next_seq = len(past)
         job.resumed_tokens = [t for e in past for t in e.token_ids]

@@ -38,6 +38,41 @@ def _make_tiny(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _broker_setup(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """A flag setup from broker/cli.py, imported when the parser is built."""
+
+    def setup(p: argparse.ArgumentParser) -> None:
+        import broker.cli
+
+        getattr(broker.cli, name)(p)
+
+    return setup
+
+
+def _broker_run(name: str, ns: argparse.Namespace) -> int:
+    import broker.cli
+
+    return int(getattr(broker.cli, name)(ns))
+
+
+@command("serve", _broker_setup("add_serve_args"))
+def _serve(ns: argparse.Namespace) -> int:
+    """Serve requests from Redis streams (docs/protocol.md)."""
+    return _broker_run("run_serve", ns)
+
+
+@command("adapters", _broker_setup("add_adapters_args"))
+def _adapters(ns: argparse.Namespace) -> int:
+    """Add, remove or list adapters in the Redis registry."""
+    return _broker_run("run_adapters", ns)
+
+
+@command("demo", _broker_setup("add_demo_args"))
+def _demo(ns: argparse.Namespace) -> int:
+    """Tiny model, private Redis, one worker: several adapters streaming side by side."""
+    return _broker_run("run_demo", ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorastream", description="Multi-LoRA LLM serving over Redis"

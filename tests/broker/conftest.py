@@ -71,13 +71,17 @@ async def running_service(
     engine: FakeAsyncEngine | None = None,
     registry: AdapterRegistry | None = None,
     consumer: str = "w1",
+    ca_file: str | None = None,
+    ready_timeout_s: float = 10.0,
     **config: Any,
 ) -> AsyncIterator[Running]:
     engine = engine or FakeAsyncEngine()
     cfg = ServiceConfig(
         **{"prefix": PREFIX, "consumer": consumer, "block_ms": 100, "claim_idle_ms": 1000, **config}
     )
-    redis_client = connect(RedisSettings(url, block_ms=cfg.block_ms, connect_timeout_s=1.0))
+    redis_client = connect(
+        RedisSettings(url, ca_file=ca_file, block_ms=cfg.block_ms, connect_timeout_s=1.0)
+    )
     service = Service(
         engine, redis_client, cfg, registry=registry or AdapterRegistry(key=f"{PREFIX}:adapters")
     )
@@ -89,7 +93,7 @@ async def running_service(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(run)
-            with anyio.fail_after(10):
+            with anyio.fail_after(ready_timeout_s):
                 await service.ready.wait()
             yield running
             service.drain()

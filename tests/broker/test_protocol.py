@@ -1,0 +1,130 @@
+"""Wire protocol v1: one codec, typed messages, validation errors that name the field."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+import pytest
+
+from broker.protocol import (
+    AbortRequest,
+    BadPayload,
+    Codec,
+    ErrorEvent,
+    GenerateRequest,
+    InvalidField,
+    TokenEvent,
+    UnsupportedVersion,
+    decode_event,
+    encode_event,
+    reply_address,
+)
+from engine.errors import AdapterNotFound, InvalidSamplingParams
+
+
+def request(**fields: Any) -> dict[str, Any]:
+    return {"v": 1, "id": "r1", "prompt": "hi", **fields}
+
+
+def test_request_round_trips_through_msgpack_and_json() -> None:
+    wire = request(adapter="sql", params={"max_tokens": 5, "stop": ["\n"]}, priority=2)
+    for raw, kind in ((Codec.pack(wire), "data"), (json.dumps(wire).encode(), "json")):
+        req = GenerateRequest.from_wire(Codec.unpack(raw, kind=kind), prefix="p")
+        assert req.reply_to == "p:tokens:r1"
+        assert req.sampling_params().max_tokens == 5
+        assert GenerateRequest.from_wire(req.to_wire(), prefix="p") == req
+
+
+@pytest.mark.parametrize(
+    ("fields", "field_name"),
+    [
+        ({"id": None}, "id"),
+        ({"id": "a b"}, "id"),
+        ({"id": "x" * 300}, "id"),
+        ({"prompt": None}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt_token_ids": [1]}, "prompt"),
+        ({"prompt": None, "prompt_token_ids": [1, True]}, "prompt_token_ids"),
+        ({"prompt": None, "prompt_token_ids": []}, "prompt_token_ids"),
+        ({"prompt": None, "messages": [{"role": "user", "content": 1}]}, "messages[0].content"),
+        ({"prompt": None, "messages": [{"role": "user", "content": "a", "x": 1}]}, "messages[0].x"),
+        ({"adapter": 3}, "adapter"),
+        ({"params": []}, "params"),
+        ({"params": {"max_token": 1}}, "params.max_token"),
+        ({"priority": 1.5}, "priority"),
+        ({"priority": True}, "priority"),
+        ({"reply_to": 5}, "reply_to"),
+        ({"extra": 1}, "extra"),
+    ],
+)
+def test_invalid_fields_are_named(fields: dict[str, Any], field_name: str) -> None:
+    with pytest.raises(InvalidField) as info:
+        GenerateRequest.from_wire(request(**fields), prefix="p")
+    assert info.value.field == field_name
+    assert info.value.code == "invalid_request"
+    assert field_name in info.value.message
+
+
+def test_version_is_required_and_checked() -> None:
+    with pytest.raises(InvalidField, match="v: missing"):
+        GenerateRequest.from_wire({"id": "a", "prompt": "b"}, prefix="p")
+    for v in (2, "1", True):
+        with pytest.raises(UnsupportedVersion):
+            GenerateRequest.from_wire(request(v=v), prefix="p")
+
+
+def test_sampling_params_are_validated_by_the_engine_and_named() -> None:
+    with pytest.raises(InvalidSamplingParams, match="top_p"):
+        GenerateRequest.from_wire(request(params={"top_p": 2}), prefix="p")
+
+
+def test_undecodable_payloads_are_bad_payload() -> None:
+    with pytest.raises(BadPayload, match="msgpack"):
+        Codec.unpack(b"\xc1")
+    with pytest.raises(BadPayload, match="JSON"):
+        Codec.unpack(b"{", kind="json")
+
+
+def test_reply_address_is_found_even_in_a_bad_request() -> None:
+    assert reply_address({"id": "a", "prompt": 5}, prefix="p") == ("a", "p:tokens:a")
+    assert reply_address({"id": "a", "reply_to": "mine"}, prefix="p") == ("a", "mine")
+    assert reply_address({"id": "a", "reply_to": 7}, prefix="p") == ("a", "p:tokens:a")
+    assert reply_address({"prompt": "x"}, prefix="p") is None
+    assert reply_address([1], prefix="p") is None
+
+
+def test_events_round_trip_and_are_plain_msgpack_maps() -> None:
+    token = TokenEvent(
+        id="a", seq=3, token_ids=[1, 2], text="hi", logprobs=[[[1, -0.5]], [[2, -0.1]]]
+    )
+    final = TokenEvent(
+        id="a",
+        seq=4,
+        token_ids=[],
+        text="",
+        finished=True,
+        finish_reason="length",
+        usage={"prompt_tokens": 2},
+    )
+    error = ErrorEvent.from_exception("a", 0, AdapterNotFound("no adapter 'x'"))
+    for event in (token, final, error):
+        raw = encode_event(event)
+        assert decode_event(raw) == event
+        wire = msgpack.unpackb(raw)
+        assert wire["v"] == 1
+        assert set(wire) >= {"id", "seq", "token_ids", "text", "finished", "finish_reason"}
+    assert msgpack.unpackb(encode_event(error))["error"] == {
+        "code": "adapter_not_found",
+        "message": "no adapter 'x'",
+    }
+    assert "restart" not in msgpack.unpackb(encode_event(token))
+
+
+def test_abort_accepts_msgpack_and_json() -> None:
+    wire = AbortRequest("r1").to_wire()
+    assert AbortRequest.from_wire(Codec.unpack_any(Codec.pack(wire))) == AbortRequest("r1")
+    assert AbortRequest.from_wire(Codec.unpack_any(json.dumps(wire).encode())) == AbortRequest("r1")
+    with pytest.raises(InvalidField, match="op"):
+        AbortRequest.from_wire({"v": 1, "op": "pause", "id": "r1"})
