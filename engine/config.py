@@ -129,6 +129,12 @@ class EngineArgs:
             bad("max_num_batched_tokens", "must be an integer >= 1 or None")
         if not _is_int(self.max_num_seqs) or self.max_num_seqs < 1:
             bad("max_num_seqs", "must be an integer >= 1")
+        if (
+            self.max_num_batched_tokens is not None
+            and self.max_num_batched_tokens < self.max_num_seqs
+        ):
+            # Every running sequence must be able to decode one token per step.
+            bad("max_num_batched_tokens", f"must be >= max_num_seqs ({self.max_num_seqs})")
         if self.block_size not in (1, 8, 16, 32, 64, 128):
             bad("block_size", "allowed: 1, 8, 16, 32, 64, 128")
         if (

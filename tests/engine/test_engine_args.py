@@ -38,6 +38,7 @@ def test_defaults_match_vllm():
         ("max_model_len", 0, ">= 1"),
         ("max_num_batched_tokens", -1, ">= 1"),
         ("num_gpu_blocks_override", 0, ">= 1"),
+        ("max_num_batched_tokens", 8, ">= max_num_seqs (256)"),
         ("lora_target_modules", ["lm_head"], "q_proj"),
     ],
 )
