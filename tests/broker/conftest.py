@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from broker.embedded import RedisServer
+from broker.metrics import BrokerMetrics
 from broker.redis_conn import RedisSettings, connect
 from broker.registry import AdapterRegistry
 from broker.service import Service, ServiceConfig
@@ -70,6 +71,7 @@ async def running_service(
     *,
     engine: FakeAsyncEngine | None = None,
     registry: AdapterRegistry | None = None,
+    metrics: BrokerMetrics | None = None,
     consumer: str = "w1",
     ca_file: str | None = None,
     ready_timeout_s: float = 10.0,
@@ -83,7 +85,11 @@ async def running_service(
         RedisSettings(url, ca_file=ca_file, block_ms=cfg.block_ms, connect_timeout_s=1.0)
     )
     service = Service(
-        engine, redis_client, cfg, registry=registry or AdapterRegistry(key=f"{PREFIX}:adapters")
+        engine,
+        redis_client,
+        cfg,
+        registry=registry or AdapterRegistry(key=f"{PREFIX}:adapters"),
+        metrics=metrics,
     )
     running = Running(service, engine)
 
