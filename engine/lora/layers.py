@@ -92,3 +92,15 @@ def add_lora_reference(
             delta = (xs @ a[slot].t()) @ b[slot].t()  # [n, out_slice]
             y[:, offset : offset + n].index_add_(0, idx, delta.to(y.dtype))
             offset += n
+
+
+def build_lora_metadata(token_slots: list[int], device: torch.device) -> LoRAMetadata:
+    """Per-step LoRA metadata from each token's device slot (-1: no adapter)."""
+    groups: dict[int, list[int]] = {}
+    for t, s in enumerate(token_slots):
+        if s >= 0:
+            groups.setdefault(s, []).append(t)
+    return LoRAMetadata(
+        token_slots=torch.tensor(token_slots, dtype=torch.long).to(device),
+        groups=[(s, torch.tensor(ix, dtype=torch.long).to(device)) for s, ix in groups.items()],
+    )

@@ -13,6 +13,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.scheduler import SchedulerOutput
+from engine.lora.layers import build_lora_metadata
 from engine.lora.manager import LoRAManager
 from engine.model.loader import load_model
 from engine.model.metadata import AttentionMetadata, ForwardBatch, LoRAMetadata
@@ -174,14 +175,7 @@ class ModelRunner:
         active = {i for i in sched.active_lora_ids if i}
         slots = self.lora_manager.activate(active) if active else {}
         token_slots = [slots[i] if i else -1 for i in token_lora_ids]
-        groups: dict[int, list[int]] = {}
-        for t, s in enumerate(token_slots):
-            if s >= 0:
-                groups.setdefault(s, []).append(t)
-        return LoRAMetadata(
-            token_slots=_to(token_slots, torch.long, self.device),
-            groups=[(s, _to(ix, torch.long, self.device)) for s, ix in groups.items()],
-        )
+        return build_lora_metadata(token_slots, self.device)
 
 
 def _to(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
