@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -60,7 +61,10 @@ class LLMEngine:
             self.block_manager,
             **({"lora_ready": lora_ready} if lora_ready else {}),
         )
-        self.eos_token_id = _eos_token_id(config, self.tokenizer)
+        eos_ids = _eos_token_ids(config, self.tokenizer)
+        self.eos_token_id = eos_ids[0] if eos_ids else None
+        # Further EOS ids (Llama 3's <|eot_id|>, ...) stop a request like stop_token_ids do.
+        self.extra_eos_token_ids = eos_ids[1:]
         self._states: dict[str, _RequestState] = {}
         self._pending_outputs: list[RequestOutput] = []
         self._lora_ids: dict[str, LoRARequest] = {}
@@ -157,6 +161,12 @@ class LLMEngine:
         if lora_request is not None:
             manager = self._require_lora()
             manager.check_adapter(lora_request)
+        if self.extra_eos_token_ids and not params.ignore_eos:
+            extra = [t for t in self.extra_eos_token_ids if t not in params.stop_token_ids]
+            if extra:
+                params = dataclasses.replace(
+                    params, stop_token_ids=[*params.stop_token_ids, *extra]
+                )
         request = Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
@@ -360,13 +370,23 @@ class LLMEngine:
             sl.record(stats)
 
 
-def _eos_token_id(config: EngineConfig, tokenizer: PreTrainedTokenizerBase) -> int | None:
-    eos = getattr(config.hf_config, "eos_token_id", None)
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return eos
+def _eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS ids from config.json, generation_config.json (Llama 3 lists several) and the tokenizer."""
+    ids: list[int] = []
+    sources: list[Any] = [getattr(config.hf_config, "eos_token_id", None)]
+    try:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(config.model, local_files_only=True)
+        sources.append(gen.eos_token_id)
+    except (OSError, ValueError):
+        pass  # no generation_config.json
+    sources.append(tokenizer.eos_token_id)
+    for src in sources:
+        for i in src if isinstance(src, list | tuple) else [src]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return ids
 
 
 __all__ = ["AdapterError", "LLMEngine", "PromptType"]
