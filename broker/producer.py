@@ -34,7 +34,7 @@ async def abort(client: aioredis.Redis, prefix: str, request_id: str) -> None:
 async def replay(
     client: aioredis.Redis, prefix: str, request_id: str, after_seq: int = -1
 ) -> list[Event]:
-    entries = await client.xrange(f"{prefix}:out:{request_id}")
+    entries: Any = await client.xrange(f"{prefix}:out:{request_id}")
     events = [decode_event(fields[b"data"]) for _, fields in entries]
     return [e for e in events if e.seq > after_seq]
 

@@ -22,12 +22,14 @@ from redis.backoff import ExponentialBackoff
 logger = logging.getLogger("lorastream.broker")
 
 # Errors after which the same command may succeed later (Redis restarting, network blip).
-TRANSIENT: tuple[type[BaseException], ...] = (
+TRANSIENT: tuple[type[Exception], ...] = (
     redis.ConnectionError,
     redis.TimeoutError,
     redis.BusyLoadingError,
     OSError,
 )
+# Everything a worker loop survives: transient errors and any other error reply.
+REDIS_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT, redis.RedisError)
 
 
 @dataclass(frozen=True)

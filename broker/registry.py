@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import PurePath
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -99,11 +100,12 @@ class AdapterRegistry:
         paths = await client.hmget(self.key, wanted)
         return {name: self._resolve(name, raw) for name, raw in zip(wanted, paths, strict=True)}
 
-    def _resolve(self, name: str, raw: bytes | None) -> LoRARequest | AdapterError:
+    def _resolve(self, name: str, raw: bytes | str | None) -> LoRARequest | AdapterError:
         try:
             check_name(name)
             if raw is not None:
-                return self.lora_request(name, safe_adapter_path(self.lora_root, raw.decode()))
+                path = raw.decode() if isinstance(raw, bytes) else raw
+                return self.lora_request(name, safe_adapter_path(self.lora_root, path))
             if name in self.static:
                 return self.lora_request(name, self.static[name])
             return AdapterNotFound(
@@ -129,5 +131,9 @@ def remove(client: redis.Redis, key: str, name: str) -> bool:
 
 
 def list_all(client: redis.Redis, key: str) -> dict[str, str]:
-    raw = client.hgetall(key)
-    return {k.decode(): v.decode(errors="replace") for k, v in sorted(raw.items())}
+    raw: Any = client.hgetall(key)
+    return {_text(k): _text(v) for k, v in sorted(raw.items())}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

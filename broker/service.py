@@ -50,7 +50,7 @@ from broker.protocol import (
     logprobs_to_wire,
     reply_address,
 )
-from broker.redis_conn import TRANSIENT, Backoff
+from broker.redis_conn import REDIS_ERRORS, Backoff
 from broker.registry import AdapterRegistry
 from engine.errors import EngineDead, InvalidRequest, LoRAStreamError
 from engine.lora.request import LoRARequest
@@ -177,6 +177,8 @@ class _Job:
     """The next event carries ``restart``: the client drops what it had for this id."""
     scope: anyio.CancelScope | None = None
     abort_requested: bool = False
+    stolen: bool = False
+    """Another worker took the entry over (we were presumed dead)."""
     final_queued: bool = False
     last_output_time: float | None = None
 
@@ -253,6 +255,8 @@ class Service:
         self._send: MemoryObjectSendStream[_Out] | None = None
         self._publisher_done = anyio.Event()
         self._fatal: BaseException | None = None
+        self._abandoned: set[str] = set()
+        """Entries we stopped running without a final event: released on exit."""
         self._keepalive = client.register_script(_KEEPALIVE_LUA)
         self.high_water = 0
         """Most requests held at once (tests check backpressure with it)."""
@@ -290,13 +294,12 @@ class Service:
                 with anyio.move_on_after(timeout):
                     while self._by_entry:
                         await self._wait_changed(1.0)
-                abandoned = list(self._by_entry)
                 jobs.cancel_scope.cancel()
             # The send side is closed: the publisher flushes what the jobs queued, then ends.
             with anyio.move_on_after(max(5.0, self.cfg.block_ms / 1000)):
                 await self._publisher_done.wait()
-            if abandoned:
-                await self._release(abandoned)
+            if self._abandoned:
+                await self._release(sorted(self._abandoned))
             tg.cancel_scope.cancel()
         if self._fatal is not None:
             logger.error("worker stopped: %s", self._fatal)
@@ -306,12 +309,10 @@ class Service:
 
     async def _release(self, entry_ids: list[str]) -> None:
         """Leave entries we could not finish pending, idle enough for the next XAUTOCLAIM."""
-        logger.warning(
-            "drain timeout: %d request(s) left pending for another worker", len(entry_ids)
-        )
-        with contextlib.suppress(*TRANSIENT, redis.RedisError):
+        logger.warning("%d unfinished request(s) left pending for another worker", len(entry_ids))
+        with contextlib.suppress(*REDIS_ERRORS):
             await self.redis.xclaim(
-                self.cfg.stream, self.cfg.group, self.cfg.consumer, 0, entry_ids,
+                self.cfg.stream, self.cfg.group, self.cfg.consumer, 0, list[Any](entry_ids),
                 idle=_RELEASED_IDLE_MS, justid=True,
             )  # fmt: skip
 
@@ -376,7 +377,7 @@ class Service:
                     group_ok = False
                     continue
                 await self._redis_error("intake", e, backoff)
-            except (*TRANSIENT, redis.RedisError) as e:
+            except REDIS_ERRORS as e:
                 await self._redis_error("intake", e, backoff)
 
     async def _redis_error(self, op: str, err: BaseException, backoff: Backoff) -> None:
@@ -389,7 +390,7 @@ class Service:
             await self._draining.wait()
 
     async def _read(self, cursor: str, count: int, block_ms: int | None) -> list[tuple[str, Any]]:
-        reply = await self.redis.xreadgroup(
+        reply: Any = await self.redis.xreadgroup(
             self.cfg.group,
             self.cfg.consumer,
             {self.cfg.stream: cursor},
@@ -407,7 +408,7 @@ class Service:
             cap = self._capacity()
             if cap == 0:
                 return
-            reply = await self.redis.xautoclaim(
+            reply: Any = await self.redis.xautoclaim(
                 self.cfg.stream, self.cfg.group, self.cfg.consumer,
                 min_idle_time=self.cfg.claim_idle_ms, start_id=cursor, count=cap,
             )  # fmt: skip
@@ -444,7 +445,8 @@ class Service:
         loras = await self.registry.resolve_many(self.redis, adapters) if adapters else {}
         for entry_id, fields, req, err, address in decoded:
             count = deliveries.get(entry_id, 1)
-            seq = _next_seq(history.get(req.id if req else "", []))
+            rid = req.id if req else (address[0] if address else "")
+            seq = _next_seq(history.get(rid, []))
             if count > self.cfg.max_deliveries:
                 reason = MaxDeliveriesExceeded(
                     f"entry {entry_id} was delivered {count} times (max {self.cfg.max_deliveries})"
@@ -620,6 +622,10 @@ class Service:
                 return
             seen_tokens = seen_text = 0
             last: RequestOutput | None = None
+            # A delta the publisher had no room for. The engine stream is drained every step
+            # regardless, so a slow or absent Redis costs one growing delta per request here
+            # rather than a cumulative output per step queued inside the engine.
+            pending: _Out | None = None
             with anyio.CancelScope() as scope:
                 job.scope = scope
                 if job.abort_requested:
@@ -648,10 +654,15 @@ class Service:
                                 delta.error = (out.error.code, out.error.message)
                                 delta.finish_reason = "error"
                             delta.usage = self._usage(job, out, resumed)
-                            await self._finish(job, delta)
+                            await self._finish(job, _merged(pending, delta))
                             return
                         if delta.token_ids or delta.text:
-                            await self._send.send(delta)
+                            pending = _merged(pending, delta)
+                            try:
+                                self._send.send_nowait(pending)
+                                pending = None
+                            except anyio.WouldBlock:
+                                pass
             # The engine stream ended early: an abort (ours via the scope, or the engine's).
             await self.engine.abort(job.req.id)
             if job.abort_requested or not scope.cancel_called:
@@ -659,7 +670,7 @@ class Service:
                     job.req.id, job.req.reply_to, job, finished=True, finish_reason="abort"
                 )
                 final.usage = self._usage(job, last, resumed) if last is not None else None
-                await self._finish(job, final)
+                await self._finish(job, _merged(pending, final))
         except EngineDead as e:
             self._fatal = e
             self.drain()
@@ -677,8 +688,10 @@ class Service:
             await self._finish(job, err)
         finally:
             if not job.final_queued:
-                # Abandoned (drain timeout, lost to another worker, fatal): not acked, so the
-                # entry stays pending for whoever runs it next.
+                # Abandoned (drain timeout, engine death, lost to another worker): not acked,
+                # so the entry stays pending for whoever runs it next.
+                if not job.stolen:
+                    self._abandoned.add(job.entry_id)
                 self._forget(job)
 
     async def _finish(self, job: _Job, final: _Out) -> None:
@@ -714,7 +727,7 @@ class Service:
         # Resume: the engine continues after what the client already has. Tokenized the way
         # the engine tokenizes a text prompt.
         base = (
-            list(req.prompt_token_ids)
+            list(req.prompt_token_ids or [])
             if text is None
             else list(self.engine.engine.tokenizer.encode(text))
         )
@@ -823,7 +836,7 @@ class Service:
             try:
                 results = await pipe.execute(raise_on_error=False)
                 break
-            except (*TRANSIENT, redis.RedisError) as e:
+            except REDIS_ERRORS as e:
                 # Events are kept and sent again: delayed while Redis is away, never dropped.
                 self.metrics.redis_errors.labels("publish").inc()
                 delay = backoff.next_delay()
@@ -855,7 +868,7 @@ class Service:
                     keys=[self.cfg.stream], args=[self.cfg.group, self.cfg.consumer, *ids]
                 )
                 backoff.reset()
-            except (*TRANSIENT, redis.RedisError) as e:
+            except REDIS_ERRORS as e:
                 self.metrics.redis_errors.labels("keepalive").inc()
                 if backoff.failures == 0:
                     logger.warning("keepalive failed (%s: %s)", type(e).__name__, e)
@@ -869,6 +882,7 @@ class Service:
                     logger.warning(
                         "entry %s (%s) was taken over by another worker", job.entry_id, job.req.id
                     )
+                    job.stolen = True
                     job.scope.cancel()
 
     async def _control_loop(self) -> None:
@@ -882,7 +896,7 @@ class Service:
                     msg = await pubsub.get_message(timeout=1.0)
                     if msg is not None and msg.get("type") == "message":
                         await self._on_control(msg["data"])
-            except (*TRANSIENT, redis.RedisError) as e:
+            except REDIS_ERRORS as e:
                 # Aborts published while we are disconnected are lost: clients may resend.
                 self.metrics.redis_errors.labels("control").inc()
                 if backoff.failures == 0:
@@ -891,7 +905,7 @@ class Service:
                     )
                 await backoff.sleep()
             finally:
-                with contextlib.suppress(*TRANSIENT, redis.RedisError):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()
 
     async def _on_control(self, raw: bytes) -> None:
@@ -917,7 +931,7 @@ class Service:
             self.metrics.idle()
             try:
                 groups = await self.redis.xinfo_groups(self.cfg.stream)
-            except (*TRANSIENT, redis.RedisError):
+            except REDIS_ERRORS:
                 continue
             for g in groups:
                 if _s(g.get("name", b"")) == self.cfg.group:
@@ -940,6 +954,13 @@ def _coalesce(batch: list[_Out]) -> list[_Out]:
         if out.job is not None:
             by_job[id(out.job)] = out
     return merged
+
+
+def _merged(head: _Out | None, later: _Out) -> _Out:
+    if head is None:
+        return later
+    head.merge(later)
+    return head
 
 
 def _next_seq(events: list[Event]) -> int:

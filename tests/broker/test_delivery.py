@@ -201,3 +201,28 @@ async def eventually_async(fn: Any, value: Any, timeout_s: float = 10) -> None:
     with anyio.fail_after(timeout_s):
         while await fn() != value:
             await anyio.sleep(0.02)
+
+
+async def test_a_dead_engine_stops_the_worker_and_leaves_its_requests_for_others(
+    redis_server: RedisServer, client: aioredis.Redis
+) -> None:
+    engine = fake_engine(step_delay_s=0.01)
+    async with running_service(redis_server.url, engine=engine) as running:
+        for i in range(3):
+            await producer.submit(
+                client, PREFIX, {"id": f"dies-{i}", "prompt": "a", "params": {"max_tokens": 500}}
+            )
+        with anyio.fail_after(5):
+            while not all([await client.exists(f"{PREFIX}:out:dies-{i}") for i in range(3)]):
+                await anyio.sleep(0.01)
+        engine.die()
+        with anyio.fail_after(10):
+            while running.rc is None:
+                await anyio.sleep(0.01)
+    assert running.rc == 1
+    pending = await client.xpending_range(STREAM, GROUP, min="-", max="+", count=10)
+    assert len(pending) == 3
+    # Released: idle enough for the next XAUTOCLAIM of any worker, not after --claim-idle-ms.
+    assert all(p["time_since_delivered"] > 10**9 for p in pending)
+    for i in range(3):
+        assert not (await producer.replay(client, PREFIX, f"dies-{i}"))[-1].finished
