@@ -9,6 +9,7 @@ adapter (and one without) whose event streams are shown as they arrive.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -75,6 +76,9 @@ async def run(ns: argparse.Namespace) -> int:
     if not 1 <= ns.adapters <= 8:
         print("lorastream demo: --adapters must be in 1..8", file=sys.stderr)
         return 2
+    if not ns.plain:
+        # Log lines would tear the live table: only warnings and errors while it runs.
+        logging.getLogger("lorastream").setLevel(logging.WARNING)
     model_dir = tiny_model(ns.cache_dir, ns.adapters)
     adapters_root = model_dir / "adapters"
     names = sorted(p.name for p in adapters_root.iterdir() if p.is_dir())[: ns.adapters]
