@@ -1,0 +1,450 @@
+"""Python SDK: submit a request to the workers through Redis and follow its tokens.
+
+``AsyncClient.generate`` implements the client loop of docs/protocol.md on one request:
+SUBSCRIBE to the reply channel (confirmed) before the XADD, take events in ``seq`` order,
+drop duplicates, fill a gap from the result stream ``{prefix}:out:{id}``, honour ``restart``,
+raise a named exception on an error event, and abort the request when the caller stops
+listening (early exit, timeout, cancellation). ``Client`` is the same on a background loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import anyio
+import anyio.from_thread
+import redis.asyncio as aioredis
+
+from broker import producer
+from broker.protocol import (
+    ErrorEvent,
+    Event,
+    GenerateRequest,
+    TokenEvent,
+    decode_event,
+    default_reply_to,
+)
+from broker.redis_conn import RedisSettings, connect
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+# ----------------------------------------------------------------------------- errors
+class ClientError(Exception):
+    """Base of everything the SDK raises."""
+
+    code = "client_error"
+
+    def __init__(self, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.request_id = request_id
+
+
+class RequestFailed(ClientError):
+    """The worker ended the request with an error event; ``code`` is the stable wire code."""
+
+    def __init__(self, code: str, message: str, *, request_id: str | None = None) -> None:
+        super().__init__(f"[{code}] {message}", request_id=request_id)
+        self.code = code
+        self.message = message
+
+
+class InvalidRequestError(RequestFailed):
+    """The request itself is wrong (a field, a sampling parameter, a prompt too long)."""
+
+
+class AdapterUnavailable(RequestFailed):
+    """The adapter is not registered or cannot be loaded."""
+
+
+class ServerError(RequestFailed):
+    """A worker bug, or a request that crashed every worker that ran it."""
+
+
+class RequestTimeout(ClientError, TimeoutError):
+    """No final event in time. ``started`` says whether any event had arrived: when none
+    had, no worker picked the request up (none running, or all busy)."""
+
+    code = "timeout"
+
+    def __init__(self, message: str, *, request_id: str, started: bool) -> None:
+        super().__init__(message, request_id=request_id)
+        self.started = started
+
+
+class EventsLost(ClientError):
+    """A gap in ``seq`` that the result stream cannot fill (result streams off, or trimmed)."""
+
+    code = "events_lost"
+
+
+_INVALID_CODES = frozenset(
+    {
+        "bad_payload",
+        "payload_too_large",
+        "unsupported_version",
+        "invalid_request",
+        "invalid_sampling_params",
+        "prompt_too_long",
+    }
+)
+
+
+def error_for(event: ErrorEvent) -> RequestFailed:
+    """The named exception of an error event."""
+    if event.code in _INVALID_CODES:
+        cls: type[RequestFailed] = InvalidRequestError
+    elif event.code.startswith("adapter_"):
+        cls = AdapterUnavailable
+    else:
+        cls = ServerError
+    return cls(event.code, event.message, request_id=event.id)
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class Completion:
+    """A finished request: the whole text and what the worker reported."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    usage: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.usage.get("prompt_tokens", 0))
+
+    @property
+    def completion_tokens(self) -> int:
+        return int(self.usage.get("completion_tokens", len(self.token_ids)))
+
+
+class TokenStream:
+    """The events of one request, in order and exactly once (an async iterator).
+
+    Use it as ``async with client.generate(...) as stream: async for event in stream``; leaving
+    the block before the final event aborts the request. A bare ``async for`` that breaks
+    early aborts too, when the stream is garbage collected (the loop closes async generators).
+    ``text``, ``token_ids``, ``finish_reason`` and ``usage`` accumulate as events arrive; an
+    event with ``restart`` set clears them (the worker ran the request again from the start).
+    """
+
+    def __init__(self, request_id: str, gen: AsyncGenerator[TokenEvent, None]) -> None:
+        self.request_id = request_id
+        self._gen = gen
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.usage: dict[str, float] = {}
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        event = await self._gen.__anext__()
+        if event.restart:
+            self.text, self.token_ids = "", []
+        self.text += event.text
+        self.token_ids += event.token_ids
+        if event.finished:
+            self.finish_reason = event.finish_reason
+            self.usage = dict(event.usage or {})
+        return event
+
+    async def aclose(self) -> None:
+        """Stop following; aborts the request when it has not finished."""
+        await self._gen.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def collect(self) -> Completion:
+        async with self:
+            async for _ in self:
+                pass
+        return Completion(
+            self.request_id, self.text, self.token_ids, self.finish_reason, self.usage
+        )
+
+
+# ----------------------------------------------------------------------------- async client
+class AsyncClient:
+    """Talks to ``lorastream serve`` workers through Redis (docs/protocol.md).
+
+    ``timeout_s`` bounds a whole request, ``first_event_timeout_s`` the wait for its first
+    event (a request nobody picks up fails fast); both can be overridden per call.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        prefix: str = "lorastream",
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        first_event_timeout_s: float | None = None,
+        ca_file: str | None = None,
+        redis: aioredis.Redis | None = None,
+    ) -> None:
+        if redis is None and not redis_url:
+            raise ValueError("redis_url is required (or pass a redis client)")
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.first_event_timeout_s = first_event_timeout_s
+        self._owns_redis = redis is None
+        self.redis = redis or connect(RedisSettings(str(redis_url), ca_file=ca_file))
+
+    async def aclose(self) -> None:
+        if self._owns_redis:
+            await self.redis.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+        timeout_s: float | None = None,
+        first_event_timeout_s: float | None = None,
+        **sampling: Any,
+    ) -> TokenStream:
+        """Submit one request; iterate the returned stream for its TokenEvents.
+
+        ``sampling`` holds vLLM's SamplingParams names (max_tokens, temperature, stop, ...).
+        Raises ``RequestFailed`` (a subclass named for the code) on an error event,
+        ``RequestTimeout`` when the final event is late. Nothing is sent before the first
+        ``__anext__``, so a stream that is never iterated submits nothing."""
+        rid = request_id or f"sdk-{uuid.uuid4().hex}"
+        request = GenerateRequest(
+            id=rid,
+            reply_to=default_reply_to(self.prefix, rid),
+            prompt=prompt,
+            prompt_token_ids=list(prompt_token_ids) if prompt_token_ids is not None else None,
+            messages=[dict(m) for m in messages] if messages is not None else None,
+            adapter=adapter,
+            params=dict(sampling),
+            priority=priority,
+        )
+        total = self.timeout_s if timeout_s is None else timeout_s
+        first = first_event_timeout_s or self.first_event_timeout_s or total
+        return TokenStream(rid, self._follow(request, total, min(first, total)))
+
+    async def complete(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+        adapter: str | None = None,
+        **kwargs: Any,
+    ) -> Completion:
+        """The whole text and usage of one request."""
+        return await self.generate(prompt, messages=messages, adapter=adapter, **kwargs).collect()
+
+    async def abort(self, request_id: str) -> None:
+        await producer.abort(self.redis, self.prefix, request_id)
+
+    async def adapters(self) -> dict[str, str]:
+        """The adapter registry: name → path."""
+        raw: Any = await self.redis.hgetall(f"{self.prefix}:adapters")
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    async def _follow(
+        self, request: GenerateRequest, timeout_s: float, first_event_timeout_s: float
+    ) -> AsyncGenerator[TokenEvent, None]:
+        rid = request.id
+        pubsub = self.redis.pubsub()
+        finished = False
+        started = False
+        try:
+            await pubsub.subscribe(request.reply_to)
+            # Wait for the confirmation: SUBSCRIBE and XADD travel on two connections, and
+            # an event published before the subscription is live would only be in the
+            # result stream.
+            with anyio.fail_after(10):
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None and msg.get("type") == "subscribe":
+                        break
+            await producer.submit(self.redis, self.prefix, request.to_wire())
+            follower = _Follower(self.redis, self.prefix, rid)
+            deadline = anyio.current_time() + timeout_s
+            first_deadline = anyio.current_time() + first_event_timeout_s
+            while True:
+                now = anyio.current_time()
+                limit = deadline if started else min(deadline, first_deadline)
+                if now >= limit:
+                    what = "any event" if not started else "the final event"
+                    raise RequestTimeout(
+                        f"request {rid}: no {what} within "
+                        f"{timeout_s if started else first_event_timeout_s:g} s",
+                        request_id=rid,
+                        started=started,
+                    )
+                msg = await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=min(1.0, limit - now)
+                )
+                if msg is None or msg.get("type") != "message":
+                    continue
+                for event in await follower.take(msg["data"]):
+                    started = True
+                    if isinstance(event, ErrorEvent):
+                        finished = True
+                        raise error_for(event)
+                    if event.finished:
+                        finished = True
+                    yield event
+                    if finished:
+                        return
+        finally:
+            # Shielded: this runs on cancellation too, and the abort must still go out.
+            with anyio.CancelScope(shield=True):
+                if not finished:
+                    with contextlib.suppress(Exception):
+                        await producer.abort(self.redis, self.prefix, rid)
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+
+class _Follower:
+    """Orders one request's channel messages: duplicates dropped, gaps filled from the
+    result stream, ``restart`` honoured."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, request_id: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.request_id = request_id
+        self.last = -1
+        self._restarts: set[int] = set()
+
+    async def take(self, raw: bytes) -> list[Event]:
+        event = decode_event(raw)
+        if self._is_new_restart(event):
+            # The worker ran the request again from the start; its seq may go back to 0.
+            self.last = event.seq - 1
+        if event.seq <= self.last:
+            return []  # seen already (sent twice after a reconnect, or replayed)
+        pending = [event]
+        if event.seq > self.last + 1:
+            replayed = await producer.replay(self.redis, self.prefix, self.request_id, self.last)
+            pending = [e for e in replayed if e.seq < event.seq] + [event]
+        out: list[Event] = []
+        for e in sorted(pending, key=lambda e: e.seq):
+            if self._is_new_restart(e) and e.seq <= self.last:
+                self.last = e.seq - 1
+            if e.seq <= self.last:
+                continue
+            if e.seq != self.last + 1:
+                raise EventsLost(
+                    f"request {self.request_id}: events {self.last + 1}..{e.seq - 1} were lost "
+                    "and the result stream does not have them",
+                    request_id=self.request_id,
+                )
+            if isinstance(e, TokenEvent) and e.restart:
+                self._restarts.add(e.seq)
+            self.last = e.seq
+            out.append(e)
+        return out
+
+    def _is_new_restart(self, event: Event) -> bool:
+        return isinstance(event, TokenEvent) and event.restart and event.seq not in self._restarts
+
+
+# ----------------------------------------------------------------------------- sync client
+class Client:
+    """The synchronous twin of ``AsyncClient``: the same calls on a background event loop."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str = "lorastream",
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        first_event_timeout_s: float | None = None,
+        ca_file: str | None = None,
+    ) -> None:
+        self._stack = contextlib.ExitStack()
+        self._portal = self._stack.enter_context(
+            anyio.from_thread.start_blocking_portal(backend="asyncio")
+        )
+
+        async def make() -> AsyncClient:
+            return AsyncClient(
+                redis_url,
+                prefix,
+                timeout_s=timeout_s,
+                first_event_timeout_s=first_event_timeout_s,
+                ca_file=ca_file,
+            )
+
+        self._async = self._portal.call(make)
+
+    def close(self) -> None:
+        try:
+            self._portal.call(self._async.aclose)
+        finally:
+            self._stack.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def generate(self, prompt: str | None = None, **kwargs: Any) -> Iterator[TokenEvent]:
+        """TokenEvents as they arrive; leaving the loop early aborts the request."""
+        stream = self._async.generate(prompt, **kwargs)
+        try:
+            while True:
+                try:
+                    yield self._portal.call(stream.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._portal.call(stream.aclose)
+
+    def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        return self._portal.call(lambda: self._async.complete(prompt, **kwargs))
+
+    def abort(self, request_id: str) -> None:
+        self._portal.call(self._async.abort, request_id)
+
+    def adapters(self) -> dict[str, str]:
+        return self._portal.call(self._async.adapters)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

@@ -1,0 +1,215 @@
+"""The SDK's client loop: duplicates dropped, gaps filled from the result stream, restart
+honoured, errors named, abort on early exit, timeouts. Where the test is about the loop the
+test plays the worker (it reads the request and publishes hand-made events); elsewhere a
+service on the fake engine answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from broker.embedded import RedisServer
+from broker.protocol import (
+    AbortRequest,
+    Codec,
+    ErrorEvent,
+    Event,
+    GenerateRequest,
+    TokenEvent,
+    encode_event,
+)
+from clients import (
+    AdapterUnavailable,
+    AsyncClient,
+    Client,
+    InvalidRequestError,
+    RequestTimeout,
+)
+from tests.broker.conftest import PREFIX, eventually, fake_engine, running_service
+from tests.broker.fake_engine import FakeTokenizer, expected_tokens
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def sdk(client: aioredis.Redis) -> AsyncIterator[AsyncClient]:
+    async with AsyncClient(redis=client, prefix=PREFIX, timeout_s=10) as c:
+        yield c
+
+
+class HandWorker:
+    """Plays a worker: takes the next request off the stream, publishes chosen events."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.last_entry = "0"
+
+    async def next_request(self) -> GenerateRequest:
+        with anyio.fail_after(5):
+            while True:
+                got = await self.client.xread({f"{PREFIX}:requests": self.last_entry}, block=100)
+                if got:
+                    entry_id, fields = got[0][1][0]
+                    self.last_entry = entry_id
+                    return GenerateRequest.from_wire(Codec.unpack(fields[b"data"]), prefix=PREFIX)
+
+    async def store(self, request_id: str, *events: Event) -> None:
+        for e in events:
+            await self.client.xadd(f"{PREFIX}:out:{request_id}", {"data": encode_event(e)})
+
+    async def publish(self, req: GenerateRequest, *events: Event) -> None:
+        for e in events:
+            await self.client.publish(req.reply_to, encode_event(e))
+
+
+def ev(rid: str, seq: int, text: str, *, final: bool = False, restart: bool = False) -> TokenEvent:
+    return TokenEvent(
+        id=rid,
+        seq=seq,
+        token_ids=[seq],
+        text=text,
+        finished=final,
+        finish_reason="stop" if final else None,
+        usage={"prompt_tokens": 3, "completion_tokens": seq + 1} if final else None,
+        restart=restart,
+    )
+
+
+async def test_duplicates_dropped_and_gap_filled_from_result_stream(
+    client: aioredis.Redis, sdk: AsyncClient
+) -> None:
+    worker = HandWorker(client)
+    seqs: list[int] = []
+
+    async def play() -> None:
+        req = await worker.next_request()
+        events = [ev(req.id, i, "abcde"[i], final=i == 4) for i in range(5)]
+        await worker.store(req.id, *events)
+        # seq 1 sent twice, 2 and 3 lost on the channel (the result stream has them).
+        await worker.publish(req, events[0], events[1], events[1], events[0], events[4])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(play)
+        stream = sdk.generate("hi", max_tokens=5)
+        async with stream:
+            seqs = [e.seq async for e in stream]
+    assert seqs == [0, 1, 2, 3, 4]
+    assert stream.text == "abcde"
+    assert stream.finish_reason == "stop"
+    assert stream.usage["completion_tokens"] == 5
+
+
+async def test_restart_marker_clears_what_was_received(
+    client: aioredis.Redis, sdk: AsyncClient
+) -> None:
+    worker = HandWorker(client)
+
+    async def play() -> None:
+        req = await worker.next_request()
+        # No result streams: the new run starts from seq 0 again with restart set.
+        await worker.publish(req, ev(req.id, 0, "x"), ev(req.id, 1, "y"))
+        await worker.publish(req, ev(req.id, 0, "a", restart=True), ev(req.id, 1, "b", final=True))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(play)
+        done = await sdk.complete("hi")
+    assert done.text == "ab"
+    assert done.token_ids == [0, 1]
+
+
+async def test_error_event_raises_named_exception_with_code(
+    client: aioredis.Redis, sdk: AsyncClient
+) -> None:
+    worker = HandWorker(client)
+
+    async def play() -> None:
+        req = await worker.next_request()
+        await worker.publish(req, ErrorEvent(req.id, 0, "adapter_not_found", "no adapter 'zz'"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(play)
+        with pytest.raises(AdapterUnavailable) as info:
+            await sdk.complete("hi", adapter="zz")
+    assert info.value.code == "adapter_not_found"
+    assert "zz" in str(info.value)
+
+
+async def test_no_worker_times_out_and_aborts(client: aioredis.Redis, sdk: AsyncClient) -> None:
+    control = client.pubsub(ignore_subscribe_messages=True)
+    await control.subscribe(f"{PREFIX}:control")
+    with pytest.raises(RequestTimeout) as info:
+        await sdk.complete("hi", timeout_s=0.3)
+    assert not info.value.started
+    with anyio.fail_after(5):
+        while (msg := await control.get_message(timeout=1)) is None:
+            pass
+    assert AbortRequest.from_wire(Codec.unpack(msg["data"])).id == info.value.request_id
+    await control.aclose()
+
+
+async def test_whole_text_and_usage_from_a_worker(
+    redis_server: RedisServer, sdk: AsyncClient
+) -> None:
+    async with running_service(redis_server.url):
+        done = await sdk.complete("hello", max_tokens=7)
+    tok = FakeTokenizer()
+    expected = expected_tokens(tok.encode("hello"), 7)
+    assert done.token_ids == expected
+    assert done.text == tok.decode(expected)
+    assert done.finish_reason == "length"
+    assert done.usage["completion_tokens"] == 7
+
+
+async def test_bad_parameter_raises_invalid_request(
+    redis_server: RedisServer, sdk: AsyncClient
+) -> None:
+    async with running_service(redis_server.url):
+        with pytest.raises(InvalidRequestError) as info:
+            await sdk.complete("hello", temperature=-1)
+    assert info.value.code == "invalid_sampling_params"
+
+
+@pytest.mark.parametrize("how", ["async with", "bare break"])
+async def test_leaving_the_iterator_aborts_the_request(
+    redis_server: RedisServer, sdk: AsyncClient, how: str
+) -> None:
+    engine = fake_engine(step_delay_s=0.02)
+    async with running_service(redis_server.url, engine=engine):
+        stream = sdk.generate("hello", max_tokens=200)
+        if how == "async with":
+            async with stream:
+                async for event in stream:
+                    if event.seq == 2:
+                        break
+        else:
+            async for event in stream:
+                if event.seq == 2:
+                    break
+            del stream  # the loop's async-generator finalizer closes it
+        await eventually(lambda: len(engine.aborted) == 1, timeout_s=5)
+
+
+def test_sync_client_streams_and_aborts(redis_server: RedisServer) -> None:
+    engine = fake_engine(step_delay_s=0.01)
+
+    async def serve(ready: anyio.Event, stop: anyio.Event) -> None:
+        async with running_service(redis_server.url, engine=engine):
+            ready.set()
+            await stop.wait()
+
+    with anyio.from_thread.start_blocking_portal(backend="asyncio") as portal:
+        ready, stop = portal.call(anyio.Event), portal.call(anyio.Event)
+        future = portal.start_task_soon(serve, ready, stop)
+        portal.call(ready.wait)
+        with Client(redis_server.url, prefix=PREFIX, timeout_s=10) as c:
+            done = c.complete("hey", max_tokens=4)
+            assert len(done.token_ids) == 4
+            for event in c.generate("hey", max_tokens=200):
+                if event.seq == 1:
+                    break
+            portal.call(lambda: eventually(lambda: len(engine.aborted) == 1, timeout_s=5))
+        portal.call(stop.set)
+        future.result(timeout=10)
