@@ -109,6 +109,10 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            # Its own session: a Ctrl-C (SIGINT to the terminal's process group) or a
+            # supervisor signalling the whole group must not take Redis away while the
+            # worker drains; its owner stops it after the drain.
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while True:
