@@ -226,3 +226,25 @@ async def test_a_dead_engine_stops_the_worker_and_leaves_its_requests_for_others
     assert all(p["time_since_delivered"] > 10**9 for p in pending)
     for i in range(3):
         assert not (await producer.replay(client, PREFIX, f"dies-{i}"))[-1].finished
+
+
+async def test_a_worker_presumed_dead_stops_a_request_another_worker_took_over(
+    redis_server: RedisServer, client: aioredis.Redis
+) -> None:
+    engine = fake_engine(step_delay_s=0.01)
+    async with running_service(redis_server.url, engine=engine, claim_idle_ms=300) as running:
+        entry_id = await producer.submit(
+            client, PREFIX, {"id": "taken", "prompt": "a", "params": {"max_tokens": 1000}}
+        )
+        with anyio.fail_after(5):
+            while not await client.exists(f"{PREFIX}:out:taken"):
+                await anyio.sleep(0.01)
+        # What XAUTOCLAIM by another worker does after our keepalive failed for too long.
+        await client.xclaim(STREAM, GROUP, "other", 0, [entry_id])
+        with anyio.fail_after(5):
+            while running.service.inflight:
+                await anyio.sleep(0.01)
+        assert "taken" in engine.aborted
+    (pending,) = await client.xpending_range(STREAM, GROUP, min="-", max="+", count=10)
+    assert pending["consumer"] == b"other"  # ours to finish now: not acked, not released back
+    assert not (await producer.replay(client, PREFIX, "taken"))[-1].finished
