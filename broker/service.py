@@ -557,7 +557,10 @@ class Service:
             job.restart = True
             return
         job.next_seq = len(past)
-        job.resumed_tokens = [t for e in past for t in e.token_ids]
+        for e in past:
+            if isinstance(e, TokenEvent) and e.restart:
+                job.resumed_tokens = []  # the client dropped what came before this event
+            job.resumed_tokens += e.token_ids
         if job.resumed_tokens:
             logger.info(
                 "resuming %s after %d published token(s) (delivery %d)",

@@ -248,3 +248,20 @@ async def test_a_worker_presumed_dead_stops_a_request_another_worker_took_over(
     (pending,) = await client.xpending_range(STREAM, GROUP, min="-", max="+", count=10)
     assert pending["consumer"] == b"other"  # ours to finish now: not acked, not released back
     assert not (await producer.replay(client, PREFIX, "taken"))[-1].finished
+
+
+async def test_a_resume_after_a_restarted_run_keeps_only_the_tokens_after_the_marker(
+    redis_server: RedisServer, client: aioredis.Redis
+) -> None:
+    full = expected_tokens(FakeTokenizer().encode("m"), 6)
+    await deliver_to(client, "w1", {"id": "twice", "prompt": "m", "params": {"max_tokens": 6}})
+    stale = TokenEvent(id="twice", seq=0, token_ids=[999, 998], text="??")
+    rerun = TokenEvent(
+        id="twice", seq=1, token_ids=full[:2], text=FakeTokenizer().decode(full[:2]), restart=True
+    )
+    for event in (stale, rerun):
+        await client.xadd(f"{PREFIX}:out:twice", {"data": encode_event(event)})
+    async with running_service(redis_server.url, consumer="w1"):
+        events = [e async for e in producer.events(client, PREFIX, "twice", timeout_s=10)]
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert producer.assemble(events)[0] == full
