@@ -73,6 +73,33 @@ def _demo(ns: argparse.Namespace) -> int:
     return _broker_run("run_demo", ns)
 
 
+def _clients_setup(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    def setup(p: argparse.ArgumentParser) -> None:
+        import clients.cli
+
+        getattr(clients.cli, name)(p)
+
+    return setup
+
+
+def _clients_run(name: str, ns: argparse.Namespace) -> int:
+    import clients.cli
+
+    return int(getattr(clients.cli, name)(ns))
+
+
+@command("generate", _clients_setup("add_generate_args"))
+def _generate(ns: argparse.Namespace) -> int:
+    """Send one prompt to the workers and stream the tokens to the terminal."""
+    return _clients_run("run_generate", ns)
+
+
+@command("gateway", _clients_setup("add_gateway_args"))
+def _gateway(ns: argparse.Namespace) -> int:
+    """OpenAI-compatible HTTP gateway (and chat page) in front of the workers."""
+    return _clients_run("run_gateway", ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorastream", description="Multi-LoRA LLM serving over Redis"

@@ -1,0 +1,120 @@
+"""``lorastream generate | gateway | loadtest`` (registered in engine/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+_URL_ENV = "LORASTREAM_REDIS_URL"
+
+
+def _add_redis_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("redis")
+    g.add_argument("--redis-url", default=os.environ.get(_URL_ENV),
+                   help=f"the workers' Redis (default ${_URL_ENV})")  # fmt: skip
+    g.add_argument("--redis-ca-file", default=None, help="CA bundle for rediss:// URLs")
+    g.add_argument("--prefix", default="lorastream", help="the workers' key prefix")
+
+
+def _need_url(ns: argparse.Namespace, cmd: str) -> bool:
+    if not ns.redis_url:
+        print(f"lorastream {cmd}: --redis-url (or ${_URL_ENV}) is required", file=sys.stderr)
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- generate
+def add_generate_args(parser: argparse.ArgumentParser) -> None:
+    _add_redis_args(parser)
+    parser.add_argument("prompt", help="the prompt (with --chat: the user message)")
+    parser.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
+    parser.add_argument("--chat", action="store_true", help="send the prompt as a user message")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds for the request")
+    parser.add_argument(
+        "--params", default=None, help="more sampling parameters as JSON, e.g. '{\"top_k\": 5}'"
+    )
+
+
+def run_generate(ns: argparse.Namespace) -> int:
+    from clients.sdk import Client, ClientError
+
+    if not _need_url(ns, "generate"):
+        return 2
+    sampling: dict[str, Any] = {"max_tokens": ns.max_tokens}
+    if ns.temperature is not None:
+        sampling["temperature"] = ns.temperature
+    if ns.seed is not None:
+        sampling["seed"] = ns.seed
+    if ns.params:
+        sampling.update(json.loads(ns.params))
+    prompt: dict[str, Any] = (
+        {"messages": [{"role": "user", "content": ns.prompt}]} if ns.chat else {"prompt": ns.prompt}
+    )
+    with Client(ns.redis_url, ns.prefix, timeout_s=ns.timeout, ca_file=ns.redis_ca_file) as c:
+        try:
+            last = None
+            for event in c.generate(adapter=ns.adapter, **prompt, **sampling):
+                if event.restart:
+                    sys.stdout.write("\n[restarted]\n")
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+                last = event
+        except KeyboardInterrupt:
+            print("\n[aborted]", file=sys.stderr)
+            return 130
+        except ClientError as e:
+            print(f"\nlorastream generate: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+    sys.stdout.write("\n")
+    if last is not None and last.usage:
+        u = last.usage
+        print(
+            f"[{last.finish_reason}] {int(u.get('prompt_tokens', 0))} prompt + "
+            f"{int(u.get('completion_tokens', 0))} completion tokens, "
+            f"ttft {u.get('ttft_ms', 0):.0f} ms, total {u.get('e2e_ms', 0):.0f} ms",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# ----------------------------------------------------------------------------- gateway
+def add_gateway_args(parser: argparse.ArgumentParser) -> None:
+    from clients.gateway import GatewayConfig
+
+    _add_redis_args(parser)
+    d = GatewayConfig(redis_url="")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=d.served_model_name,
+                        help="the model name meaning the base model (no adapter)")  # fmt: skip
+    parser.add_argument("--adapter", action="append", default=[], dest="adapters",
+                        help="an adapter the workers preload with --lora-modules (repeatable); "
+                        "the registry's adapters are listed anyway")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=d.timeout_s,
+                        help="seconds a request may take (504 beyond)")  # fmt: skip
+    parser.add_argument("--first-token-timeout", type=float, default=d.first_event_timeout_s,
+                        help="seconds to wait for a worker to start answering (503 beyond)")  # fmt: skip
+
+
+def run_gateway(ns: argparse.Namespace) -> int:
+    from clients.gateway import GatewayConfig, serve
+
+    if not _need_url(ns, "gateway"):
+        return 2
+    cfg = GatewayConfig(
+        redis_url=ns.redis_url,
+        prefix=ns.prefix,
+        served_model_name=ns.served_model_name,
+        adapters=tuple(ns.adapters),
+        timeout_s=ns.timeout,
+        first_event_timeout_s=ns.first_token_timeout,
+        ca_file=ns.redis_ca_file,
+    )
+    serve(cfg, ns.host, ns.port)
+    return 0

@@ -1,0 +1,550 @@
+"""``lorastream gateway``: an OpenAI-compatible HTTP server in front of the Redis workers.
+
+``/v1/completions`` and ``/v1/chat/completions`` (streaming SSE and not) become wire requests
+through the SDK; ``model`` is the base model's served name or an adapter name. ``/v1/models``
+lists the base model and the adapters (the registry hash plus ``--adapter`` names the workers
+preload); ``/health`` pings Redis; ``/`` is the chat page. Errors use OpenAI's shape
+``{"error": {message, type, param, code}}``. A client that disconnects aborts its request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from broker.protocol import TokenEvent
+from clients.sdk import (
+    AsyncClient,
+    ClientError,
+    RequestFailed,
+    RequestTimeout,
+    TokenStream,
+)
+from engine.errors import InvalidSamplingParams
+from engine.sampling_params import SamplingParams
+
+STATIC = Path(__file__).parent / "static"
+T = TypeVar("T")
+
+# OpenAI request fields → SamplingParams names (vLLM's extras pass through unchanged).
+_SAMPLING_FIELDS = frozenset(
+    {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "ignore_eos",
+        "min_tokens",
+        "stop_token_ids",
+        "skip_special_tokens",
+        "include_stop_str_in_output",
+    }
+)
+# Accepted and ignored: they change nothing about what a worker generates.
+_IGNORED_FIELDS = frozenset({"user", "stream_options", "logit_bias", "service_tier", "store"})
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    redis_url: str
+    prefix: str = "lorastream"
+    served_model_name: str = "base"
+    """The name clients use for the base model (no adapter)."""
+    adapters: tuple[str, ...] = ()
+    """Adapters the workers preload with --lora-modules (the registry lists the others)."""
+    timeout_s: float = 120.0
+    """Longest a request may take, end to end (504 when exceeded)."""
+    first_event_timeout_s: float = 30.0
+    """Longest wait for a worker to start answering (503 when exceeded)."""
+    ca_file: str | None = None
+
+
+class ApiError(Exception):
+    """An error response in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
+
+def api_error(err: ClientError) -> ApiError:
+    """The HTTP error of an SDK exception (the wire code becomes ``code``)."""
+    if isinstance(err, RequestTimeout):
+        if err.started:
+            return ApiError(504, err.message, type_="timeout", code="timeout")
+        return ApiError(
+            503,
+            f"no worker answered in time: {err.message}",
+            type_="service_unavailable",
+            code="no_worker",
+        )
+    if isinstance(err, RequestFailed):
+        code = err.code
+        param = _param_of(err.message)
+        if code == "adapter_not_found":
+            return ApiError(404, err.message, param="model", code="model_not_found")
+        if code in {"prompt_too_long", "invalid_sampling_params", "invalid_request"} or code in {
+            "bad_payload",
+            "payload_too_large",
+            "unsupported_version",
+        }:
+            return ApiError(400, err.message, param=param, code=code)
+        return ApiError(500, err.message, type_="server_error", code=code)
+    return ApiError(500, err.message, type_="server_error", code=err.code)
+
+
+def _param_of(message: str) -> str | None:
+    """Wire messages start with the field they name ("params.temperature: ...")."""
+    m = re.match(r"([A-Za-z_][\w.\[\]]*): ", message) or re.match(
+        r"SamplingParams\.(\w+)=", message
+    )
+    return m.group(1).removeprefix("params.") if m else None
+
+
+# ----------------------------------------------------------------------------- requests
+@dataclass
+class _Call:
+    """A parsed OpenAI request, ready for the SDK."""
+
+    model: str
+    adapter: str | None
+    stream: bool
+    include_usage: bool
+    sampling: dict[str, Any]
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    request_id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _parse_common(body: Any, *, chat: bool, extra: frozenset[str]) -> tuple[dict[str, Any], bool]:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    known = _SAMPLING_FIELDS | _IGNORED_FIELDS | extra | {"model", "stream", "n"}
+    if chat:
+        known |= {"max_completion_tokens"}
+    unknown = sorted(k for k in body if k not in known)
+    if unknown:
+        raise ApiError(
+            400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0]
+        )
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be a boolean", param="stream")
+    sampling = {k: body[k] for k in _SAMPLING_FIELDS if body.get(k) is not None}
+    if chat and body.get("max_completion_tokens") is not None:
+        sampling["max_tokens"] = body["max_completion_tokens"]
+    if chat and "max_tokens" not in sampling:
+        sampling["max_tokens"] = None  # OpenAI's chat default: up to the context length
+    if isinstance(sampling.get("stop"), str):
+        sampling["stop"] = [sampling["stop"]]
+    try:
+        SamplingParams(**sampling)
+    except InvalidSamplingParams as e:
+        raise ApiError(400, e.message, param=_param_of(e.message), code=e.code) from None
+    except TypeError as e:
+        raise ApiError(400, str(e), code="invalid_sampling_params") from None
+    opts = body.get("stream_options") or {}
+    return sampling, bool(stream and isinstance(opts, dict) and opts.get("include_usage"))
+
+
+def _check_model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required", param="model")
+    return model
+
+
+def _content(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # content parts: only text is supported
+        parts = []
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ApiError(400, "only text content parts are supported", param=where)
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+    if value is None:
+        return ""
+    raise ApiError(400, "content must be a string or a list of text parts", param=where)
+
+
+# ----------------------------------------------------------------------------- app
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, client: AsyncClient | None = None) -> None:
+        self.cfg = cfg
+        self.client = client or AsyncClient(
+            cfg.redis_url,
+            cfg.prefix,
+            timeout_s=cfg.timeout_s,
+            first_event_timeout_s=cfg.first_event_timeout_s,
+            ca_file=cfg.ca_file,
+        )
+
+    async def adapter_names(self) -> list[str]:
+        registry = await self.client.adapters()
+        return sorted(set(registry) | set(self.cfg.adapters))
+
+    async def resolve_model(self, model: str) -> str | None:
+        """The adapter a model name means (None: the base model); 404 when unknown."""
+        if model == self.cfg.served_model_name:
+            return None
+        if model in await self.adapter_names():
+            return model
+        raise ApiError(
+            404,
+            f"The model `{model}` does not exist",
+            param="model",
+            code="model_not_found",
+        )
+
+    # ------------------------------------------------------------------------- routes
+    async def health(self, request: Request) -> Response:
+        try:
+            with anyio.fail_after(2):
+                await self.client.redis.ping()
+        except Exception as e:
+            return ApiError(
+                503, f"redis unreachable: {type(e).__name__}", type_="service_unavailable"
+            ).response()
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        now = int(time.time())
+        names = [self.cfg.served_model_name, *await self.adapter_names()]
+        data = [
+            {
+                "id": name,
+                "object": "model",
+                "created": now,
+                "owned_by": "lorastream",
+                **({"parent": self.cfg.served_model_name} if i else {}),
+            }
+            for i, name in enumerate(names)
+        ]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_page(self, request: Request) -> Response:
+        return FileResponse(STATIC / "chat.html", media_type="text/html")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: Request, *, chat: bool) -> Response:
+        try:
+            call = await self._parse(request, chat=chat)
+            stream = self.client.generate(
+                call.prompt,
+                messages=call.messages,
+                prompt_token_ids=call.prompt_token_ids,
+                adapter=call.adapter,
+                request_id=call.request_id,
+                **call.sampling,
+            )
+            if call.stream:
+                # Wait for the first event before the 200: errors get their status code.
+                first = await _until_disconnect(request, stream.__anext__)
+                if first is None:
+                    await stream.aclose()
+                    return Response(status_code=499)
+                return EventStream(_sse(call, stream, first, chat=chat))
+            done = await _until_disconnect(request, stream.collect)
+            if done is None:
+                return Response(status_code=499)  # nobody is listening; the request is aborted
+            return JSONResponse(_full_response(call, stream, chat=chat))
+        except ApiError as e:
+            return e.response()
+        except ClientError as e:
+            return api_error(e).response()
+        except (ConnectionError, OSError) as e:
+            return ApiError(
+                503, f"redis unreachable: {type(e).__name__}", type_="service_unavailable"
+            ).response()
+
+    async def _parse(self, request: Request, *, chat: bool) -> _Call:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if chat:
+            sampling, include_usage = _parse_common(body, chat=True, extra=frozenset({"messages"}))
+            model = _check_model(body)
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ApiError(400, "messages must be a non-empty list", param="messages")
+            msgs = []
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                    raise ApiError(400, "each message needs a role", param=f"messages[{i}]")
+                msgs.append(
+                    {"role": m["role"], "content": _content(m.get("content"), f"messages[{i}]")}
+                )
+            adapter = await self.resolve_model(model)
+            return _Call(model, adapter, body.get("stream", False), include_usage, sampling,
+                         messages=msgs)  # fmt: skip
+        sampling, include_usage = _parse_common(
+            body, chat=False, extra=frozenset({"prompt", "echo", "logprobs", "suffix", "best_of"})
+        )
+        model = _check_model(body)
+        for unsupported in ("echo", "logprobs", "suffix"):
+            if body.get(unsupported):
+                raise ApiError(400, f"{unsupported} is not supported", param=unsupported)
+        if body.get("best_of") not in (None, 1):
+            raise ApiError(400, "only best_of=1 is supported", param="best_of")
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one
+        call = _Call(model, None, body.get("stream", False), include_usage, sampling)
+        if isinstance(prompt, str) and prompt:
+            call.prompt = prompt
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            call.prompt_token_ids = prompt
+        else:
+            raise ApiError(
+                400, "prompt must be a non-empty string or list of token ids", param="prompt"
+            )
+        call.adapter = await self.resolve_model(model)
+        return call
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/", self.chat_page),
+            Route("/chat", self.chat_page),
+            Route("/health", self.health),
+            Route("/v1/models", self.models),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+        ]
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            try:
+                yield
+            finally:
+                await self.client.aclose()
+
+        return Starlette(routes=routes, lifespan=lifespan)
+
+
+def build_app(cfg: GatewayConfig, client: AsyncClient | None = None) -> Starlette:
+    return Gateway(cfg, client).app()
+
+
+# ----------------------------------------------------------------------------- responses
+def _usage(stream: TokenStream) -> dict[str, int]:
+    prompt = int(stream.usage.get("prompt_tokens", 0))
+    completion = int(stream.usage.get("completion_tokens", len(stream.token_ids)))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _full_response(call: _Call, stream: TokenStream, *, chat: bool) -> dict[str, Any]:
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": stream.text},
+            "logprobs": None,
+            "finish_reason": stream.finish_reason,
+        }
+    else:
+        choice = {
+            "index": 0,
+            "text": stream.text,
+            "logprobs": None,
+            "finish_reason": stream.finish_reason,
+        }
+    return {
+        "id": call.request_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": call.created,
+        "model": call.model,
+        "choices": [choice],
+        "usage": _usage(stream),
+    }
+
+
+def _chunk(call: _Call, event: TokenEvent | None, *, chat: bool, first: bool) -> dict[str, Any]:
+    reason = event.finish_reason if event is not None and event.finished else None
+    text = event.text if event is not None else ""
+    if chat:
+        delta: dict[str, Any] = {"content": text}
+        if first:
+            delta["role"] = "assistant"
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None}
+    choice["finish_reason"] = reason
+    return {
+        "id": call.request_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": call.created,
+        "model": call.model,
+        "choices": [choice],
+    }
+
+
+def _data(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _sse(
+    call: _Call, stream: TokenStream, first: TokenEvent, *, chat: bool
+) -> AsyncGenerator[bytes, None]:
+    try:
+        event: TokenEvent | None = first
+        sent_text = False
+        is_first = True
+        while event is not None:
+            if event.restart and sent_text:
+                # Text already on the wire cannot be taken back.
+                yield _data(
+                    ApiError(
+                        500,
+                        "the request was restarted by another worker",
+                        type_="server_error",
+                        code="stream_restarted",
+                    ).body
+                )
+                break
+            yield _data(_chunk(call, event, chat=chat, first=is_first))
+            sent_text = sent_text or bool(event.text)
+            is_first = False
+            if event.finished:
+                break
+            try:
+                event = await stream.__anext__()
+            except StopAsyncIteration:
+                event = None
+        if call.include_usage:
+            tail = _chunk(call, None, chat=chat, first=False)
+            tail["choices"] = []
+            tail["usage"] = _usage(stream)
+            yield _data(tail)
+    except ClientError as e:
+        yield _data(api_error(e).body)
+    finally:
+        await stream.aclose()
+    yield b"data: [DONE]\n\n"
+
+
+async def _until_disconnect(request: Request, fn: Callable[[], Awaitable[T]]) -> T | None:
+    """``fn()``, cancelled (None) if the client goes away first (its stream then aborts)."""
+    result: list[T] = []
+    error: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            try:
+                result.append(await fn())
+            except Exception as e:  # re-raised bare, not in an ExceptionGroup
+                error.append(e)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(run)
+        await _wait_disconnect(request.receive)
+        tg.cancel_scope.cancel()
+    if error:
+        raise error[0]
+    return result[0] if result else None
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class EventStream(Response):
+    """text/event-stream that stops (closing its generator, which aborts the request) as
+    soon as the client disconnects, whatever the server's ASGI version."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(
+            status_code=200,
+            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+            media_type=self.media_type,
+        )
+        # Response.__init__ declares the empty body's length; a stream has none.
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.chunks = chunks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def stream() -> None:
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": self.status_code,
+                            "headers": self.raw_headers,
+                        }
+                    )
+                    async for chunk in self.chunks:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await _wait_disconnect(receive)
+                tg.cancel_scope.cancel()
+        except OSError:
+            pass  # the client went away mid-write
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.chunks.aclose()
+
+
+def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    uvicorn.run(build_app(cfg), host=host, port=port, log_level="info")

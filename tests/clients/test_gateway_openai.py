@@ -1,0 +1,138 @@
+"""The official openai client against gateway + real worker (tiny model) + redis-server:
+completions and chat, streaming and not, for the base model and two adapters; its errors
+for an unknown model and a bad parameter."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from tests.clients.conftest import BASE_MODEL, Stack
+
+MODELS = [BASE_MODEL, "lora0", "lora1"]  # lora0 preloaded, lora1 from the registry
+
+
+@pytest.fixture(scope="module")
+def oai(stack: Stack) -> Iterator[openai.OpenAI]:
+    c = openai.OpenAI(base_url=stack.gateway_url + "/v1", api_key="unused", max_retries=0)
+    yield c
+    c.close()
+
+
+def test_models_lists_base_and_registry_adapters(oai: openai.OpenAI) -> None:
+    ids = [m.id for m in oai.models.list()]
+    assert ids == [BASE_MODEL, "lora0", "lora1", "lora2"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_completion_streaming_equals_non_streaming(oai: openai.OpenAI, model: str) -> None:
+    kwargs = {"model": model, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0.0}
+    done = oai.completions.create(**kwargs, extra_body={"ignore_eos": True})
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage is not None
+    assert done.usage.completion_tokens == 8
+    assert done.usage.prompt_tokens > 0
+    chunks = list(
+        oai.completions.create(
+            **kwargs,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == done.choices[0].text
+    assert len([c for c in chunks if c.choices]) >= 2  # streamed, not one blob
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_adapters_change_the_output(oai: openai.OpenAI) -> None:
+    texts = {}
+    for m in MODELS:
+        done = oai.completions.create(
+            model=m, prompt="The cat sat", max_tokens=8, temperature=0.0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        texts[m] = done.choices[0].text
+    assert len(set(texts.values())) == len(MODELS), texts
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chat_streaming_and_not(oai: openai.OpenAI, model: str) -> None:
+    messages: list = [{"role": "user", "content": "Tell me a story"}]
+    done = oai.chat.completions.create(
+        model=model, messages=messages, max_tokens=6, temperature=0.0
+    )
+    assert done.object == "chat.completion"
+    assert done.choices[0].message.role == "assistant"
+    assert done.choices[0].finish_reason in {"length", "stop"}
+    stream = oai.chat.completions.create(
+        model=model, messages=messages, max_tokens=6, temperature=0.0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == done.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+
+
+def test_unknown_model_is_404(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        oai.completions.create(model="no-such-adapter", prompt="hi", max_tokens=2)
+    assert info.value.status_code == 404
+    assert info.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(
+            model="no-such-adapter", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+
+
+def test_bad_parameter_is_400_naming_it(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model=BASE_MODEL, prompt="hi", max_tokens=2, temperature=-1)
+    assert info.value.status_code == 400
+    assert info.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(
+            model="lora1", messages=[{"role": "user", "content": "hi"}], top_p=7, stream=True
+        )
+    assert info.value.param == "top_p"
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.completions.create(model=BASE_MODEL, prompt="hi", extra_body={"max_token": 3})
+    assert info.value.param == "max_token"
+
+
+def test_health(stack: Stack) -> None:
+    with urllib.request.urlopen(stack.gateway_url + "/health", timeout=5) as res:
+        assert json.load(res) == {"status": "ok"}
+
+
+def _aborts(stack: Stack) -> float:
+    with urllib.request.urlopen(stack.metrics_url, timeout=5) as res:
+        text = res.read().decode()
+    for line in text.splitlines():
+        if line.startswith('lorastream_requests_finished_total{finish_reason="abort"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_client_disconnect_aborts_the_request(stack: Stack, oai: openai.OpenAI) -> None:
+    before = _aborts(stack)
+    stream = oai.completions.create(
+        model="lora1", prompt="Once", max_tokens=2000, stream=True,
+        extra_body={"ignore_eos": True, "max_tokens": 2000},
+    )  # fmt: skip
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()  # drops the HTTP connection
+    deadline = time.monotonic() + 20
+    while _aborts(stack) <= before:
+        assert time.monotonic() < deadline, "the worker never saw an abort"
+        time.sleep(0.05)
