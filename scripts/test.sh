@@ -17,6 +17,10 @@ if ! command -v redis-server >/dev/null 2>&1; then
   echo "redis-server not found: installing Debian's redis-server" >&2
   (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null
 fi
+if [ ! -x /usr/bin/chromium ]; then
+  echo "chromium not found: installing Debian's chromium (the chat page test drives it)" >&2
+  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null
+fi
 
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 ruff check .
