@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
 import msgpack
 
-from engine.errors import InvalidRequest, LoRAStreamError
+from engine.errors import InvalidRequest, InvalidSamplingParams, LoRAStreamError
 from engine.sampling_params import SamplingParams
 
 VERSION: Final = 1
@@ -334,6 +335,8 @@ class ErrorEvent:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     usage: dict[str, float] | None = None
+    field: str | None = None
+    """The request field at fault (``prompt``, ``params.temperature``, ...), when one is."""
     finished: ClassVar[bool] = True
     finish_reason: ClassVar[str] = "error"
 
@@ -343,7 +346,7 @@ class ErrorEvent:
         message = (
             err.message if isinstance(err, LoRAStreamError) else f"{type(err).__name__}: {err}"
         )
-        return cls(id=request_id, seq=seq, code=code, message=message)
+        return cls(id=request_id, seq=seq, code=code, message=message, field=error_field(err))
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -356,6 +359,8 @@ class ErrorEvent:
             "finish_reason": "error",
             "error": {"code": self.code, "message": self.message},
         }
+        if self.field is not None:
+            out["error"]["field"] = self.field
         if self.usage is not None:
             out["usage"] = self.usage
         return out
@@ -383,6 +388,7 @@ def decode_event(raw: bytes) -> Event:
             token_ids=list(obj.get("token_ids") or []),
             text=obj.get("text") or "",
             usage=obj.get("usage"),
+            field=err.get("field"),
         )
     return TokenEvent(
         id=obj["id"],
@@ -395,6 +401,17 @@ def decode_event(raw: bytes) -> Event:
         logprobs=obj.get("logprobs"),
         restart=bool(obj.get("restart", False)),
     )
+
+
+def error_field(err: BaseException) -> str | None:
+    """The wire field an error is about: InvalidField names it; the engine's sampling
+    parameter errors name theirs as ``SamplingParams.<name>=...``."""
+    if isinstance(err, InvalidField):
+        return err.field
+    if isinstance(err, InvalidSamplingParams):
+        m = re.match(r"SamplingParams\.(\w+)=", err.message)
+        return f"params.{m.group(1)}" if m else "params"
+    return None
 
 
 def logprobs_to_wire(logprobs: list[dict[int, float]]) -> list[list[list[float]]]:

@@ -47,6 +47,7 @@ from broker.protocol import (
     TokenEvent,
     decode_event,
     encode_event,
+    error_field,
     logprobs_to_wire,
     reply_address,
 )
@@ -195,7 +196,8 @@ class _Out:
     logprobs: list[list[list[float]]] | None = None
     finished: bool = False
     finish_reason: str | None = None
-    error: tuple[str, str] | None = None
+    error: tuple[str, str, str | None] | None = None
+    """(code, message, field)."""
     usage: dict[str, float] | None = None
     seq: int = 0
     """For events without a job (bad input, DLQ); jobs number their own."""
@@ -214,10 +216,10 @@ class _Out:
     def event(self, seq: int, restart: bool) -> Event:
         assert self.request_id is not None
         if self.error is not None:
-            code, message = self.error
+            code, message, field_name = self.error
             return ErrorEvent(
                 id=self.request_id, seq=seq, code=code, message=message,
-                token_ids=self.token_ids, text=self.text, usage=self.usage,
+                token_ids=self.token_ids, text=self.text, usage=self.usage, field=field_name,
             )  # fmt: skip
         return TokenEvent(
             id=self.request_id, seq=seq, token_ids=self.token_ids, text=self.text,
@@ -585,7 +587,8 @@ class Service:
             address[0] if address else None, address[1] if address else None, seq=seq, ack=entry_id
         )
         if address is not None:
-            out.finished, out.finish_reason, out.error = True, "error", (code, message)
+            out.finished, out.finish_reason = True, "error"
+            out.error = (code, message, error_field(err))
         if dead_letter:
             out.dlq = self._dlq_fields(entry_id, fields, code, message)
             self.metrics.dead_letters.labels(code).inc()
@@ -654,7 +657,7 @@ class Service:
                         if out.finished or out.error is not None:
                             delta.finished, delta.finish_reason = True, c.finish_reason or "error"
                             if out.error is not None:
-                                delta.error = (out.error.code, out.error.message)
+                                delta.error = (out.error.code, out.error.message, None)
                                 delta.finish_reason = "error"
                             delta.usage = self._usage(job, out, resumed)
                             await self._finish(job, _merged(pending, delta))
@@ -679,7 +682,7 @@ class Service:
             self.drain()
         except LoRAStreamError as e:
             err = _Out(job.req.id, job.req.reply_to, job, finished=True, finish_reason="error")
-            err.error = (e.code, e.message)
+            err.error = (e.code, e.message, error_field(e))
             logger.info(
                 "request %s (entry %s) failed: %s: %s", job.req.id, job.entry_id, e.code, e.message
             )
@@ -687,7 +690,7 @@ class Service:
         except Exception as e:
             logger.exception("request %s (entry %s) failed", job.req.id, job.entry_id)
             err = _Out(job.req.id, job.req.reply_to, job, finished=True, finish_reason="error")
-            err.error = ("internal_error", f"{type(e).__name__}: {e}")
+            err.error = ("internal_error", f"{type(e).__name__}: {e}", None)
             await self._finish(job, err)
         finally:
             if not job.final_queued:

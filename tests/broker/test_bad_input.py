@@ -117,14 +117,19 @@ async def test_error_messages_name_the_field(
         await client.xadd(STREAM, WITH_REPLY["unknown-param"][0])
         await client.xadd(STREAM, WITH_REPLY["bad-param-value"][0])
         await client.xadd(STREAM, WITH_REPLY["wrong-type"][0])
-        messages = {}
+        messages, fields = {}, {}
         for rid in ("unknown-param", "bad-param-value", "wrong-type"):
             (event,) = [e async for e in producer.events(client, PREFIX, rid, timeout_s=10)]
             assert isinstance(event, ErrorEvent)
-            messages[rid] = event.message
+            messages[rid], fields[rid] = event.message, event.field
     assert "max_token" in messages["unknown-param"]
     assert "temperature" in messages["bad-param-value"]
     assert messages["wrong-type"].startswith("prompt:")
+    assert fields == {
+        "unknown-param": "params.max_token",
+        "bad-param-value": "params.temperature",
+        "wrong-type": "prompt",
+    }
 
 
 async def test_a_custom_reply_channel_gets_the_error(
