@@ -41,26 +41,26 @@ async def test_metrics_cover_lag_latency_tokens_and_errors(
         redis_server.url, engine=engine, metrics=metrics, metrics_interval_s=0.05
     ):
         port = metrics.serve(0, "127.0.0.1")
-        for i in range(6):
+        for i in range(10):
             await producer.submit(
-                client, PREFIX, {"id": f"m{i}", "prompt": "ab", "params": {"max_tokens": 20}}
+                client, PREFIX, {"id": f"m{i}", "prompt": "ab", "params": {"max_tokens": 40}}
             )
         await producer.submit(
             client, PREFIX, {"id": "bad", "prompt": "ab", "params": {"top_k": -5}}
         )
-        await anyio.sleep(0.15)
+        await anyio.sleep(0.3)
         busy = await scrape(port)
-        for i in range(6):
+        for i in range(10):
             [e async for e in producer.events(client, PREFIX, f"m{i}", timeout_s=10)]
         await anyio.sleep(0.15)
         done = await scrape(port)
     assert value(busy, "lorastream_stream_lag") > 0  # the burst waits in the stream
-    assert value(busy, "lorastream_num_requests_running") == 2
+    assert 1 <= value(busy, "lorastream_num_requests_running") <= 2
     assert value(done, "lorastream_stream_lag") == 0
-    assert value(done, "lorastream_time_to_first_token_seconds_count") == 6
-    assert value(done, "lorastream_inter_token_latency_seconds_count") == 6 * 19
-    assert value(done, "lorastream_generation_tokens_total") == 120
-    assert value(done, 'lorastream_requests_finished_total{finish_reason="length"}') == 6
+    assert value(done, "lorastream_time_to_first_token_seconds_count") == 10
+    assert value(done, "lorastream_inter_token_latency_seconds_count") == 10 * 39
+    assert value(done, "lorastream_generation_tokens_total") == 400
+    assert value(done, 'lorastream_requests_finished_total{finish_reason="length"}') == 10
     assert value(done, 'lorastream_errors_total{code="invalid_sampling_params"}') == 1
     assert value(done, "lorastream_adapter_loads_total") == 0
     assert "lorastream_kv_cache_usage_ratio" in done
