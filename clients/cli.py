@@ -118,3 +118,84 @@ def run_gateway(ns: argparse.Namespace) -> int:
     )
     serve(cfg, ns.host, ns.port)
     return 0
+
+
+# ----------------------------------------------------------------------------- loadtest
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(",")
+    a, b = int(lo), int(hi or lo)
+    if not 0 < a <= b:
+        raise argparse.ArgumentTypeError(f"{text!r}: want MIN,MAX with 0 < MIN <= MAX")
+    return a, b
+
+
+def add_loadtest_args(parser: argparse.ArgumentParser) -> None:
+    from clients.loadtest import PATTERNS, LoadtestConfig
+
+    _add_redis_args(parser)
+    d = LoadtestConfig(redis_url="")
+    w = parser.add_argument_group("workload")
+    w.add_argument("--workload", choices=["slora", "punica", "trace"], default=d.workload)
+    w.add_argument("--pattern", choices=PATTERNS, default=d.pattern, help="punica's pattern")
+    w.add_argument(
+        "--trace", default=None, help="JSONL: {t, adapter, prompt|input_len, output_len}"
+    )
+    w.add_argument("--adapters", default=None,
+                   help="comma-separated adapter names; 'base' is the base model "
+                   "(default: the registry's adapters)")  # fmt: skip
+    w.add_argument("--num-requests", type=int, default=d.num_requests)
+    w.add_argument("--alpha", type=float, default=d.alpha, help="popularity power-law exponent")
+    w.add_argument("--rate", type=float, default=d.rate, help="requests per second")
+    w.add_argument("--cv", type=float, default=d.cv, help="coefficient of variation of the gaps")
+    w.add_argument("--input-len", type=_range, default=d.input_len, help="MIN,MAX words")
+    w.add_argument("--output-len", type=_range, default=d.output_len, help="MIN,MAX tokens")
+    w.add_argument("--seed", type=int, default=d.seed)
+    r = parser.add_argument_group("report")
+    r.add_argument("--slo-ttft-ms", type=float, default=d.slo_ttft_s * 1000)
+    r.add_argument("--slo-itl-ms", type=float, default=d.slo_itl_s * 1000,
+                   help="SLO on a request's mean inter-token latency")  # fmt: skip
+    r.add_argument("--metrics-url", action="append", default=[], dest="metrics_urls",
+                   help="a worker's Prometheus endpoint (repeatable), e.g. "
+                   "http://host:9100/metrics")  # fmt: skip
+    r.add_argument("--out", default=d.out_dir, help="directory for results.json and the plots")
+    r.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds per request")
+    r.add_argument("--no-progress", action="store_true")
+
+
+def run_loadtest(ns: argparse.Namespace) -> int:
+    import anyio
+
+    from clients.loadtest import LoadtestConfig, run_loadtest
+
+    if not _need_url(ns, "loadtest"):
+        return 2
+    adapters: list[str | None] | None = None
+    if ns.adapters:
+        adapters = [None if a == "base" else a for a in ns.adapters.split(",") if a]
+    cfg = LoadtestConfig(
+        redis_url=ns.redis_url,
+        prefix=ns.prefix,
+        workload=ns.workload,
+        pattern=ns.pattern,
+        trace=ns.trace,
+        adapters=adapters,
+        num_requests=ns.num_requests,
+        alpha=ns.alpha,
+        rate=ns.rate,
+        cv=ns.cv,
+        input_len=ns.input_len,
+        output_len=ns.output_len,
+        seed=ns.seed,
+        slo_ttft_s=ns.slo_ttft_ms / 1000,
+        slo_itl_s=ns.slo_itl_ms / 1000,
+        metrics_urls=ns.metrics_urls,
+        out_dir=ns.out,
+        timeout_s=ns.timeout,
+        progress=not ns.no_progress,
+    )
+    try:
+        result = anyio.run(run_loadtest, cfg, backend="asyncio")
+    except ValueError as e:
+        print(f"lorastream loadtest: {e}", file=sys.stderr)
+        return 2
+    return 1 if result["summary"]["completed"] == 0 else 0

@@ -100,6 +100,12 @@ def _gateway(ns: argparse.Namespace) -> int:
     return _clients_run("run_gateway", ns)
 
 
+@command("loadtest", _clients_setup("add_loadtest_args"))
+def _loadtest(ns: argparse.Namespace) -> int:
+    """Open-loop load generator through Redis: S-LoRA/Punica workloads or a trace."""
+    return _clients_run("run_loadtest", ns)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorastream", description="Multi-LoRA LLM serving over Redis"
