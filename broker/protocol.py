@@ -93,7 +93,7 @@ class Codec:
             if kind == "json":
                 return json.loads(raw)
             return msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException, TypeError, UnicodeDecodeError) as e:
+        except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as e:
             what = "a JSON object" if kind == "json" else "a msgpack map"
             raise BadPayload(f"field {kind!r} is not {what}: {e}") from None
 
@@ -197,7 +197,7 @@ class GenerateRequest:
             params=dict(params),
             priority=priority,
         )
-        req.sampling_params()  # InvalidSamplingParams names the field
+        _check_params(req.params)
         return req
 
 
@@ -238,6 +238,24 @@ def _check_reply_to(value: Any, request_id: str, prefix: str) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_CHANNEL_LEN:
         raise InvalidField("reply_to", f"must be a string of 1..{MAX_CHANNEL_LEN} characters")
     return value
+
+
+def _check_params(params: dict[str, Any]) -> None:
+    """SamplingParams validates values and names the field; a value of a type it does not
+    expect at all (``stop: 5``) raises a bare TypeError, found here one key at a time."""
+    try:
+        SamplingParams(**params)
+    except InvalidSamplingParams:
+        raise
+    except (TypeError, ValueError) as e:
+        for key, value in params.items():
+            try:
+                SamplingParams(**{key: value})
+            except (TypeError, ValueError):
+                raise InvalidSamplingParams(
+                    f"SamplingParams.{key}={value!r:.100} is invalid: {e}"
+                ) from None
+        raise InvalidSamplingParams(f"params are invalid together: {e}") from None
 
 
 def _check_messages(messages: Any) -> list[dict[str, str]]:

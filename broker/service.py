@@ -516,6 +516,9 @@ class Service:
             return obj, GenerateRequest.from_wire(obj, prefix=self.cfg.prefix), None
         except InvalidRequest as e:
             return obj, None, e
+        except Exception as e:  # a validation bug must not take the worker down
+            logger.exception("validation failed unexpectedly")
+            return obj, None, BadPayload(f"the payload could not be validated: {type(e).__name__}")
 
     async def _redelivery_info(
         self, decoded: Sequence[tuple[str, Any, GenerateRequest | None, Any, Any]]

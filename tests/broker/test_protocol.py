@@ -19,6 +19,7 @@ from broker.protocol import (
     UnsupportedVersion,
     decode_event,
     encode_event,
+    error_field,
     reply_address,
 )
 from engine.errors import AdapterNotFound, InvalidSamplingParams
@@ -78,6 +79,10 @@ def test_version_is_required_and_checked() -> None:
 def test_sampling_params_are_validated_by_the_engine_and_named() -> None:
     with pytest.raises(InvalidSamplingParams, match="top_p"):
         GenerateRequest.from_wire(request(params={"top_p": 2}), prefix="p")
+    # A value of a type SamplingParams does not even expect is named too.
+    with pytest.raises(InvalidSamplingParams, match=r"SamplingParams\.stop=") as info:
+        GenerateRequest.from_wire(request(params={"max_tokens": 3, "stop": 5}), prefix="p")
+    assert error_field(info.value) == "params.stop"
 
 
 def test_undecodable_payloads_are_bad_payload() -> None:
