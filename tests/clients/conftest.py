@@ -4,6 +4,7 @@ and loadtest tests share it; each test reads what it needs, never the global sta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -73,6 +74,24 @@ def _wait_consumer(url: str, prefix: str, timeout_s: float, log: Path) -> None:
         r.close()
 
 
+@contextlib.contextmanager
+def running_gateway(cfg: GatewayConfig) -> Iterator[str]:
+    """The gateway on a free port in a thread (uvicorn); yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(build_app(cfg), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/health", None, Path("/dev/null"), 20)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="session")
 def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("stack")
@@ -109,24 +128,13 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             timeout_s=60,
             first_event_timeout_s=30,
         )
-        port = free_port()
-        gateway = uvicorn.Server(
-            uvicorn.Config(build_app(cfg), host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=gateway.run, daemon=True)
-        thread.start()
         try:
             metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             _wait_http(metrics_url, worker, log, 60)
             _wait_consumer(server.url, STACK_PREFIX, 60, log)
-            _wait_http(f"http://127.0.0.1:{port}/health", None, log, 20)
-            yield Stack(
-                server.url, STACK_PREFIX, f"http://127.0.0.1:{port}", metrics_url,
-                tiny_model_dir, log,
-            )  # fmt: skip
+            with running_gateway(cfg) as gateway_url:
+                yield Stack(server.url, STACK_PREFIX, gateway_url, metrics_url, tiny_model_dir, log)
         finally:
-            gateway.should_exit = True
-            thread.join(10)
             worker.terminate()
             try:
                 worker.wait(20)

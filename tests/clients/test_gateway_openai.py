@@ -5,6 +5,8 @@ for an unknown model and a bad parameter."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -12,7 +14,9 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.clients.conftest import BASE_MODEL, Stack
+from broker.embedded import RedisServer
+from clients.gateway import GatewayConfig
+from tests.clients.conftest import BASE_MODEL, ROOT, Stack, running_gateway
 
 MODELS = [BASE_MODEL, "lora0", "lora1"]  # lora0 preloaded, lora1 from the registry
 
@@ -136,3 +140,41 @@ def test_client_disconnect_aborts_the_request(stack: Stack, oai: openai.OpenAI) 
     while _aborts(stack) <= before:
         assert time.monotonic() < deadline, "the worker never saw an abort"
         time.sleep(0.05)
+
+
+def test_no_worker_is_503(redis_server: RedisServer) -> None:
+    cfg = GatewayConfig(
+        redis_url=redis_server.url, prefix="idle", served_model_name="m", first_event_timeout_s=0.5
+    )
+    with running_gateway(cfg) as url:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as info:
+            c.completions.create(model="m", prompt="hi", max_tokens=2)
+        c.close()
+    assert info.value.status_code == 503
+    assert info.value.code == "no_worker"
+
+
+def test_generate_command_streams_to_the_terminal(stack: Stack) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "engine.cli", "generate", "--redis-url", stack.redis_url,
+            "--prefix", stack.prefix, "--adapter", "lora1", "--max-tokens", "6",
+            "--params", '{"ignore_eos": true}', "Once upon a time",
+        ],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert "[length] " in proc.stderr
+    assert "6 completion tokens" in proc.stderr
+    bad = subprocess.run(
+        [
+            sys.executable, "-m", "engine.cli", "generate", "--redis-url", stack.redis_url,
+            "--prefix", stack.prefix, "--adapter", "nope", "hi",
+        ],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert bad.returncode == 1
+    assert "AdapterUnavailable" in bad.stderr
+    assert "adapter_not_found" in bad.stderr
