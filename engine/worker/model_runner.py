@@ -1,24 +1,47 @@
 """The one place where Python lists become tensors: builds a step's inputs from the
 scheduler's output, runs the model, samples. Owns the model, the KV cache and the
-adapter manager; holds no scheduling policy."""
+adapter manager; holds no scheduling policy.
+
+Inputs. A step's integer inputs (token ids, positions, KV slots, query starts, context
+lengths, block tables, the rows to sample) are packed with numpy into one preallocated
+(pinned, on CUDA) int64 staging buffer and reach the device in one copy; the int32 part
+of the attention metadata is cast there. The per-token work is vectorized; the Python loop
+runs once per sequence.
+
+CUDA graphs. Unless ``enforce_eager``, decode-only steps (every sequence has one new token)
+replay a graph captured at start for the smallest batch-size bucket that holds them
+(``graph_batch_sizes``). The graph reads its inputs from static device buffers: token ids,
+positions and KV slots ``[max_num_seqs]``, query starts (fixed, 0..B), context lengths and
+block tables ``[max_num_seqs, max_blocks_per_seq]``. A step copies its packed inputs into
+them; the padding rows of a bucket run as one-token sequences on block 0 that write no KV
+(slot -1) and use no adapter (slot -1), and their outputs are dropped. Adapter weights sit
+in fixed per-slot buffers, so a change of adapters needs no re-capture; the per-token LoRA
+slots go through a static ``LoRAMetadata`` when ``engine.lora.layers`` provides one (see
+``_static_lora``), else graphs serve only steps without adapter tokens.
+"""
 
 from __future__ import annotations
 
-import itertools
+import bisect
 import logging
 import math
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 from engine.config import EngineConfig
-from engine.core.scheduler import SchedulerOutput
-from engine.lora.layers import build_lora_metadata
+from engine.core.scheduler import ScheduledRequest, SchedulerOutput
+from engine.lora import layers as lora_layers
 from engine.lora.manager import LoRAManager
 from engine.model.loader import load_model
 from engine.model.metadata import AttentionMetadata, ForwardBatch, LoRAMetadata
 from engine.outputs import SampleLogprobs
 from engine.sampling.sampler import Sampler, SamplingMetadata, SamplingRow
+from engine.sequence import Request
 
 logger = logging.getLogger("lorastream.runner")
 
@@ -29,6 +52,174 @@ class RunnerOutput:
 
     sampled_token_ids: dict[str, int]
     logprobs: dict[str, dict[int, float]]
+
+
+@dataclass
+class StepTimings:
+    """Host seconds spent in each part of ``execute_model``, summed over steps."""
+
+    prepare_s: float = 0.0
+    """Packing inputs, the host-to-device copy, LoRA slot mapping."""
+    forward_s: float = 0.0
+    """Launching the model (a graph replay or eager kernels; the GPU runs on asynchronously)."""
+    sample_s: float = 0.0
+    """Sampling metadata, sampling and the wait for the tokens (includes GPU time not hidden)."""
+    steps: int = 0
+    graph_steps: int = 0
+
+    def per_step_ms(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {
+            "prepare_ms": 1e3 * self.prepare_s / n,
+            "forward_launch_ms": 1e3 * self.forward_s / n,
+            "sample_and_wait_ms": 1e3 * self.sample_s / n,
+        }
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Batch-size buckets that get a decode graph: 1, 2, 4, 8, then every 8 up to
+    ``max_num_seqs`` (which is always the last bucket)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 8))
+    return [*sizes, max_num_seqs]
+
+
+def padded_batch_size(num_seqs: int, sizes: list[int]) -> int | None:
+    """The smallest bucket that holds ``num_seqs`` sequences; None if none does."""
+    i = bisect.bisect_left(sizes, num_seqs)
+    return sizes[i] if i < len(sizes) else None
+
+
+@dataclass
+class PackedInputs:
+    """One step's integer inputs, laid out back to back in one int64 buffer.
+
+    Layout: ``input_ids [T] | positions [T] | slot_mapping [T] | logits_rows [N] |
+    query_start_loc [B + 1] | seq_lens [B] | block_tables [B, W]``; the last three go to
+    the device as int32. Rows past ``num_real_seqs`` are padding (see the module docstring).
+    """
+
+    num_tokens: int
+    num_seqs: int
+    num_real_seqs: int
+    num_real_tokens: int
+    width: int
+    """W: block-table columns of this step (the longest table)."""
+    num_logits: int
+    total: int
+    """Elements of the buffer used."""
+    max_seq_len: int
+    query_start_loc: np.ndarray = field(repr=False)
+    seq_lens: np.ndarray = field(repr=False)
+    token_slots_lora: np.ndarray | None = field(default=None, repr=False)
+    """[T] int64 LoRA device slot per token (-1: none); None when LoRA is off."""
+
+    @property
+    def int32_offset(self) -> int:
+        return 3 * self.num_tokens + self.num_logits
+
+
+def pack_step(
+    out: np.ndarray,
+    scheduled: list[ScheduledRequest],
+    block_size: int,
+    num_seqs: int | None = None,
+    seq_lora_slots: list[int] | None = None,
+) -> PackedInputs:
+    """Pack the step's inputs into ``out`` (int64, large enough); see ``PackedInputs``.
+
+    ``num_seqs`` > ``len(scheduled)`` pads the batch to a graph bucket with one-token
+    sequences (token 0 at position 0, KV slot -1, block table of zeros, context length 1).
+    ``seq_lora_slots`` gives each real sequence's adapter slot (-1: none).
+    """
+    n = len(scheduled)
+    b = num_seqs if num_seqs is not None else n
+    if b < n:
+        raise ValueError(f"num_seqs={b} is smaller than the {n} scheduled sequences")
+    starts = np.zeros(b, dtype=np.int64)
+    counts = np.ones(b, dtype=np.int64)
+    starts[:n] = [s.start_position for s in scheduled]
+    counts[:n] = [s.num_new_tokens for s in scheduled]
+    tables = [s.request.block_table for s in scheduled]
+    width = max((len(t) for t in tables), default=1)
+
+    qsl = np.zeros(b + 1, dtype=np.int64)
+    np.cumsum(counts, out=qsl[1:])
+    t = int(qsl[-1])
+    t_real = int(qsl[n])
+    sample_rows = [int(qsl[i + 1]) - 1 for i, s in enumerate(scheduled) if s.sample]
+    nl = len(sample_rows)
+    ids = out[:t]
+    pos = out[t : 2 * t]
+    slots = out[2 * t : 3 * t]
+    out[3 * t : 3 * t + nl] = sample_rows
+    o = 3 * t + nl
+    out[o : o + b + 1] = qsl
+    seq_lens = out[o + b + 1 : o + 2 * b + 1]
+    np.add(starts, counts, out=seq_lens)
+    bt = out[o + 2 * b + 1 : o + 2 * b + 1 + b * width].reshape(b, width)
+    bt[:] = 0
+    for i, table in enumerate(tables):
+        bt[i, : len(table)] = table
+
+    # Per token: its sequence row, position and KV slot, without a per-token Python loop.
+    rows = np.repeat(np.arange(b), counts)
+    np.add(np.arange(t) - qsl[rows], starts[rows], out=pos)
+    np.add(bt[rows, pos // block_size] * block_size, pos % block_size, out=slots)
+    slots[t_real:] = -1
+    ids[t_real:] = 0
+    if n:
+        ids[:t_real] = [
+            tok
+            for s in scheduled
+            for tok in s.request.token_ids_slice(
+                s.start_position, s.start_position + s.num_new_tokens
+            )
+        ]
+    lora = None
+    if seq_lora_slots is not None:
+        per_seq = np.full(b, -1, dtype=np.int64)
+        per_seq[:n] = seq_lora_slots
+        lora = per_seq[rows]
+    return PackedInputs(
+        num_tokens=t,
+        num_seqs=b,
+        num_real_seqs=n,
+        num_real_tokens=t_real,
+        width=width,
+        num_logits=nl,
+        total=o + 2 * b + 1 + b * width,
+        max_seq_len=int(seq_lens.max()) if b else 0,
+        query_start_loc=qsl,
+        seq_lens=seq_lens.copy(),
+        token_slots_lora=lora,
+    )
+
+
+def _is_plain_greedy(req: Request) -> bool:
+    """Greedy with nothing that changes the logits or asks for logprobs: argmax is all."""
+    p = req.sampling_params
+    return (
+        p.greedy
+        and p.logprobs is None
+        and p.repetition_penalty == 1.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and len(req.output_token_ids) >= p.min_tokens
+    )
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    hidden: torch.Tensor  # [B, D] output of the captured forward
+    uses_lora: bool
 
 
 class ModelRunner:
@@ -51,13 +242,32 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
+        self.timings = StepTimings()
+
+        sched = config.scheduler
+        self.max_num_seqs = sched.max_num_seqs
+        self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
+        cuda = self.device.type == "cuda"
+        cap = 4 * sched.max_num_batched_tokens + 3 * sched.max_num_seqs + 2
+        cap += sched.max_num_seqs * self.max_blocks_per_seq
+        self._stage = torch.empty(cap, dtype=torch.int64, pin_memory=cuda)
+        self._stage_np: np.ndarray = self._stage.numpy()
+        self._scratch = torch.empty(cap, dtype=torch.int64, device=self.device) if cuda else None
+        # Set after each host-to-device copy: the staging buffer is not rewritten before it.
+        self._copied = torch.cuda.Event() if cuda else None
+
+        self.graphs: dict[int, _Graph] = {}
+        self.graph_sizes: list[int] = []
+        if cuda and not config.enforce_eager:
+            self._capture_graphs()
         logger.info(
-            "model %s on %s (%s): %d KV blocks of %d tokens",
+            "model %s on %s (%s): %d KV blocks of %d tokens; %d decode graphs",
             config.model,
             self.device,
             config.dtype,
             self.num_blocks,
             self.block_size,
+            len(self.graphs),
         )
 
     def _determine_num_blocks(self) -> int:
@@ -91,12 +301,57 @@ class ModelRunner:
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
-        batch, logits_rows, sample_reqs = self._prepare(sched)
-        hidden = self.model(batch)  # [T, D]
-        if not sample_reqs:
-            return RunnerOutput({}, {})
-        idx = torch.tensor(logits_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, idx))  # [N, V] float32
+        t0 = time.perf_counter()
+        scheduled = sched.scheduled
+        seq_lora = self._lora_slots(sched)
+        graph = self._pick_graph(scheduled, seq_lora)
+        packed = pack_step(
+            self._stage_np_ready(),
+            scheduled,
+            self.block_size,
+            num_seqs=graph,
+            seq_lora_slots=seq_lora,
+        )
+        if graph is not None:
+            g = self.graphs[graph]
+            logits_rows = self._load_graph_inputs(packed, g.uses_lora)
+            t2 = time.perf_counter()
+            g.graph.replay()
+            hidden = g.hidden
+            self.timings.graph_steps += 1
+        else:
+            batch, logits_rows = self._eager_inputs(packed)
+            t2 = time.perf_counter()
+            hidden = self.model(batch)  # [T, D]
+        t3 = time.perf_counter()
+        sample_reqs = [s.request for s in scheduled if s.sample]
+        out = RunnerOutput({}, {})
+        if sample_reqs:
+            if packed.num_logits == packed.num_seqs == packed.num_tokens:
+                selected = hidden  # decode without padding: every row samples
+            elif packed.num_logits == packed.num_real_seqs == packed.num_real_tokens:
+                selected = hidden[: packed.num_logits]  # padded decode
+            else:
+                selected = hidden.index_select(0, logits_rows)
+            logits = self.model.compute_logits(selected)  # [N, V] float32
+            out = self._sample(logits, sample_reqs)
+        t4 = time.perf_counter()
+        tm = self.timings
+        tm.prepare_s += t2 - t0
+        tm.forward_s += t3 - t2
+        tm.sample_s += t4 - t3
+        tm.steps += 1
+        return out
+
+    def _stage_np_ready(self) -> np.ndarray:
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous copy out of the staging buffer is done
+        return self._stage_np
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> RunnerOutput:
+        if all(_is_plain_greedy(r) for r in reqs):
+            ids = logits.argmax(dim=-1).tolist()  # the only host sync of the step
+            return RunnerOutput({r.request_id: t for r, t in zip(reqs, ids, strict=True)}, {})
         rows = [
             SamplingRow(
                 sampling_params=r.sampling_params,
@@ -104,85 +359,167 @@ class ModelRunner:
                 output_token_ids=r.output_token_ids,
                 eos_token_id=r.eos_token_id,
             )
-            for r in sample_reqs
+            for r in reqs
         ]
         meta = SamplingMetadata.build(rows, self.vocab_size, self.device, self.generator)
         out = self.sampler(logits, meta)
-        tokens = {r.request_id: t for r, t in zip(sample_reqs, out.token_ids, strict=True)}
+        tokens = {r.request_id: t for r, t in zip(reqs, out.token_ids, strict=True)}
         logprobs: dict[str, dict[int, float]] = {}
         if out.logprobs is not None:
-            for r, lp in zip(sample_reqs, out.logprobs, strict=True):
+            for r, lp in zip(reqs, out.logprobs, strict=True):
                 if lp is not None:
                     logprobs[r.request_id] = lp
         return RunnerOutput(tokens, logprobs)
 
-    def _prepare(self, sched: SchedulerOutput):
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        block_tables: list[list[int]] = []
-        token_lora_ids: list[int] = []
-        logits_rows: list[int] = []
-        sample_reqs = []
-        for s in sched.scheduled:
-            req = s.request
-            start, n = s.start_position, s.num_new_tokens
-            end = start + n
-            input_ids.extend(req.token_ids_slice(start, end))
-            positions.extend(range(start, end))
-            table = req.block_table
-            slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(end)
-            block_tables.append(table)
-            token_lora_ids.extend([req.lora_int_id] * n)
-            if s.sample:
-                logits_rows.append(query_start_loc[-1] - 1)
-                sample_reqs.append(req)
-
-        dev = self.device
-        max_blocks = max(len(t) for t in block_tables)
-        padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
-        attn = AttentionMetadata(
-            slot_mapping=_to(slot_mapping, torch.long, dev),
-            query_start_loc=_to(query_start_loc, torch.int32, dev),
-            seq_lens=_to(seq_lens, torch.int32, dev),
-            block_tables=_to(padded, torch.int32, dev),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
-            max_query_len=max(
-                b - a for a, b in itertools.pairwise(query_start_loc)
-            ),
-            max_seq_len=max(seq_lens),
-        )
-        lora = self._prepare_lora(sched, token_lora_ids)
-        batch = ForwardBatch(
-            input_ids=_to(input_ids, torch.long, dev),
-            positions=_to(positions, torch.long, dev),
-            attn=attn,
-            lora=lora,
-        )
-        return batch, logits_rows, sample_reqs
-
-    def _prepare_lora(
-        self, sched: SchedulerOutput, token_lora_ids: list[int]
-    ) -> LoRAMetadata | None:
+    # ------------------------------------------------------------------ inputs
+    def _lora_slots(self, sched: SchedulerOutput) -> list[int] | None:
+        """Each scheduled sequence's adapter slot (-1: base model); None when LoRA is off."""
         if self.lora_manager is None:
             return None
         active = {i for i in sched.active_lora_ids if i}
         slots = self.lora_manager.activate(active) if active else {}
-        token_slots = [slots[i] if i else -1 for i in token_lora_ids]
-        return build_lora_metadata(token_slots, self.device)
+        return [slots[i] if (i := s.request.lora_int_id) else -1 for s in sched.scheduled]
+
+    def _pick_graph(
+        self, scheduled: list[ScheduledRequest], seq_lora: list[int] | None
+    ) -> int | None:
+        """The bucket whose graph runs this step, or None for eager."""
+        if not self.graphs or any(s.num_new_tokens != 1 for s in scheduled):
+            return None
+        size = padded_batch_size(len(scheduled), self.graph_sizes)
+        if size is None:
+            return None
+        if not self.graphs[size].uses_lora and seq_lora and max(seq_lora) >= 0:
+            return None  # no static LoRA metadata: adapter tokens run eagerly
+        return size
+
+    def _eager_inputs(self, p: PackedInputs) -> tuple[ForwardBatch, torch.Tensor]:
+        host = self._stage[: p.total]
+        if self._scratch is not None:
+            dev = self._scratch[: p.total]
+            dev.copy_(host, non_blocking=True)
+            assert self._copied is not None
+            self._copied.record()
+        else:
+            dev = host.clone()  # the staging buffer is rewritten next step
+        t, nl, b, w = p.num_tokens, p.num_logits, p.num_seqs, p.width
+        i32 = dev[p.int32_offset :].to(torch.int32)
+        attn = AttentionMetadata(
+            slot_mapping=dev[2 * t : 3 * t],
+            query_start_loc=i32[: b + 1],
+            seq_lens=i32[b + 1 : 2 * b + 1],
+            block_tables=i32[2 * b + 1 :].view(b, w),
+            query_start_loc_cpu=p.query_start_loc.tolist(),
+            seq_lens_cpu=p.seq_lens.tolist(),
+            max_query_len=int(np.diff(p.query_start_loc).max()) if b else 0,
+            max_seq_len=p.max_seq_len,
+        )
+        batch = ForwardBatch(
+            input_ids=dev[:t],
+            positions=dev[t : 2 * t],
+            attn=attn,
+            lora=self._lora_metadata(p),
+        )
+        return batch, dev[3 * t : 3 * t + nl]
+
+    def _lora_metadata(self, p: PackedInputs) -> LoRAMetadata | None:
+        if p.token_slots_lora is None:
+            return None
+        return lora_layers.build_lora_metadata(p.token_slots_lora.tolist(), self.device)
+
+    def _load_graph_inputs(self, p: PackedInputs, uses_lora: bool) -> torch.Tensor:
+        """Copy the packed step into the graph's static buffers; returns the logits rows."""
+        assert self._scratch is not None
+        assert self._copied is not None
+        dev = self._scratch[: p.total]
+        dev.copy_(self._stage[: p.total], non_blocking=True)
+        self._copied.record()
+        b, w, o = p.num_seqs, p.width, p.int32_offset
+        # ids | positions | slots are contiguous [3, B] in both buffers.
+        self._g_tokens[:, :b].copy_(dev[: 3 * b].view(3, b))
+        self._g_seq_lens[:b].copy_(dev[o + b + 1 : o + 2 * b + 1])
+        self._g_block_tables[:b, :w].copy_(dev[o + 2 * b + 1 :].view(b, w))
+        if uses_lora and p.token_slots_lora is not None:
+            self._copy_static_lora(p.token_slots_lora)
+        return dev[3 * b : 3 * b + p.num_logits]
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _static_lora(self, max_tokens: int) -> Any:
+        """The static LoRA metadata the graphs read, if engine.lora.layers offers one.
+
+        Expected from engine.lora.layers: ``StaticLoRAMetadata(max_tokens, device)`` with
+        ``.view(num_tokens) -> LoRAMetadata`` (slices of its buffers, no host state) and
+        ``.copy_into(token_slots: list[int] | np.ndarray, num_tokens)`` filling them.
+        """
+        cls = getattr(lora_layers, "StaticLoRAMetadata", None)
+        if self.lora_manager is None or cls is None:
+            return None
+        return cls(max_tokens, self.device)
+
+    def _copy_static_lora(self, token_slots: np.ndarray) -> None:
+        self._g_lora.copy_into(token_slots, len(token_slots))
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        t0 = time.perf_counter()
+        bmax, dev = self.max_num_seqs, self.device
+        self.graph_sizes = graph_batch_sizes(bmax)
+        # rows: token ids, positions, KV slots (static, [3, max_num_seqs] int64)
+        self._g_tokens = torch.zeros(3, bmax, dtype=torch.int64, device=dev)
+        self._g_tokens[2].fill_(-1)
+        self._g_qsl = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
+        self._g_seq_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
+        self._g_block_tables = torch.zeros(
+            bmax, self.max_blocks_per_seq, dtype=torch.int32, device=dev
+        )
+        self._g_lora = self._static_lora(bmax)
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.graph_sizes):
+            lora = self._g_lora.view(b) if self._g_lora is not None else None
+            if lora is not None:
+                self._g_lora.copy_into(np.full(b, -1, dtype=np.int64), b)
+            batch = ForwardBatch(
+                input_ids=self._g_tokens[0, :b],
+                positions=self._g_tokens[1, :b],
+                attn=AttentionMetadata(
+                    slot_mapping=self._g_tokens[2, :b],
+                    query_start_loc=self._g_qsl[: b + 1],
+                    seq_lens=self._g_seq_lens[:b],
+                    block_tables=self._g_block_tables[:b],
+                    query_start_loc_cpu=list(range(b + 1)),
+                    seq_lens_cpu=[1] * b,
+                    max_query_len=1,
+                    max_seq_len=self.max_blocks_per_seq * self.block_size,
+                ),
+                lora=lora,
+            )
+            self.model(batch)  # warm-up: compiles kernels, sizes workspaces
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model(batch)
+            self.graphs[b] = _Graph(graph, hidden, uses_lora=lora is not None)
+        torch.cuda.synchronize(dev)
+        logger.info(
+            "captured %d decode graphs (batch sizes up to %d) in %.1f s",
+            len(self.graphs),
+            bmax,
+            time.perf_counter() - t0,
+        )
+
+    def run_graph_for_timing(self, batch_size: int) -> Callable[[], None]:
+        """A callable replaying one captured decode graph on whatever its buffers hold
+        (benchmarks time it with CUDA events)."""
+        return self.graphs[batch_size].graph.replay
 
 
-def _to(data: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.tensor(data, dtype=dtype)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
-
-
-__all__ = ["ModelRunner", "RunnerOutput", "SampleLogprobs"]
+__all__ = [
+    "ModelRunner",
+    "PackedInputs",
+    "RunnerOutput",
+    "SampleLogprobs",
+    "StepTimings",
+    "graph_batch_sizes",
+    "pack_step",
+    "padded_batch_size",
+]

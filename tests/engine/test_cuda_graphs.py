@@ -1,0 +1,157 @@
+"""Decode CUDA graphs: bucket choice and input packing on CPU; on a CUDA device, graph
+replay gives what eager execution gives."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.core.scheduler import ScheduledRequest
+from engine.sampling_params import SamplingParams
+from engine.sequence import Request
+from engine.worker.model_runner import graph_batch_sizes, pack_step, padded_batch_size
+
+from .test_matches_peft import PROMPTS, lora_requests, make_engine, run_all
+
+CUDA = torch.cuda.is_available()
+
+
+def test_buckets_cover_every_batch_size_up_to_max_num_seqs():
+    for max_num_seqs in (1, 3, 8, 17, 64, 256, 300):
+        sizes = graph_batch_sizes(max_num_seqs)
+        assert sizes == sorted(set(sizes))
+        assert sizes[-1] == max_num_seqs
+        for n in range(1, max_num_seqs + 1):
+            b = padded_batch_size(n, sizes)
+            assert b is not None
+            assert n <= b <= max(n + 7, 2 * n)
+        assert padded_batch_size(max_num_seqs + 1, sizes) is None
+    assert graph_batch_sizes(256)[:6] == [1, 2, 4, 8, 16, 24]
+
+
+def scheduled_request(rng: random.Random, block_size: int, decode: bool) -> ScheduledRequest:
+    prompt = [rng.randrange(1000) for _ in range(rng.randrange(1, 40))]
+    req = Request(
+        request_id=str(rng.random()), prompt_token_ids=prompt, sampling_params=SamplingParams()
+    )
+    req.output_token_ids = [rng.randrange(1000) for _ in range(rng.randrange(0, 5))]
+    total = req.num_tokens
+    start = total - 1 if decode else rng.randrange(0, total)
+    n = 1 if decode else rng.randrange(1, total - start + 1)
+    req.block_table = rng.sample(range(200), -(-(start + n) // block_size))
+    return ScheduledRequest(req, start, n, sample=start + n == total)
+
+
+def reference_inputs(scheduled: list[ScheduledRequest], block_size: int) -> dict[str, list]:
+    """The per-token Python loop the packed layout replaces."""
+    ids, pos, slots, qsl, seq_lens, rows = [], [], [], [0], [], []
+    for s in scheduled:
+        table, end = s.request.block_table, s.start_position + s.num_new_tokens
+        ids += s.request.token_ids_slice(s.start_position, end)
+        pos += range(s.start_position, end)
+        slots += [
+            table[p // block_size] * block_size + p % block_size
+            for p in range(s.start_position, end)
+        ]
+        qsl.append(qsl[-1] + s.num_new_tokens)
+        seq_lens.append(end)
+        if s.sample:
+            rows.append(qsl[-1] - 1)
+    return {"ids": ids, "pos": pos, "slots": slots, "qsl": qsl, "seq_lens": seq_lens, "rows": rows}
+
+
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("pad_to", [None, 13])
+def test_pack_step_matches_per_token_loop(decode, pad_to):
+    rng = random.Random(int(decode) * 10 + (pad_to or 0))
+    block_size = 4
+    scheduled = [scheduled_request(rng, block_size, decode) for _ in range(9)]
+    lora = [rng.choice([-1, 0, 1, 2]) for _ in scheduled]
+    buf = np.full(10_000, -7, dtype=np.int64)
+    p = pack_step(buf, scheduled, block_size, num_seqs=pad_to, seq_lora_slots=lora)
+    ref = reference_inputs(scheduled, block_size)
+    t, n, b = p.num_tokens, p.num_real_tokens, p.num_seqs
+    assert p.num_real_seqs == len(scheduled)
+    assert b == (pad_to or len(scheduled))
+    assert buf[:n].tolist() == ref["ids"]
+    assert buf[t : t + n].tolist() == ref["pos"]
+    assert buf[2 * t : 2 * t + n].tolist() == ref["slots"]
+    assert buf[3 * t : 3 * t + p.num_logits].tolist() == ref["rows"]
+    o = p.int32_offset
+    qsl = buf[o : o + b + 1].tolist()
+    seq_lens = buf[o + b + 1 : o + 2 * b + 1].tolist()
+    assert qsl[: len(scheduled) + 1] == ref["qsl"]
+    assert seq_lens[: len(scheduled)] == ref["seq_lens"]
+    tables = buf[o + 2 * b + 1 : p.total].reshape(b, p.width)
+    for s, row in zip(scheduled, tables, strict=False):
+        table = s.request.block_table
+        assert row[: len(table)].tolist() == table
+        assert not row[len(table) :].any()
+    # Padding sequences: one token, position 0, no KV write, context 1, zero block table.
+    pad = b - len(scheduled)
+    assert buf[n:t].tolist() == [0] * pad
+    assert buf[2 * t + n : 3 * t].tolist() == [-1] * pad
+    assert np.diff(qsl[len(scheduled) :]).tolist() == [1] * pad
+    assert seq_lens[len(scheduled) :] == [1] * pad
+    assert not tables[len(scheduled) :].any()
+    assert p.token_slots_lora is not None
+    per_token = [lo for s, lo in zip(scheduled, lora, strict=True) for _ in range(s.num_new_tokens)]
+    assert p.token_slots_lora.tolist() == per_token + [-1] * pad
+    assert p.max_seq_len == max(ref["seq_lens"])
+
+
+def test_pack_step_refuses_a_bucket_too_small():
+    rng = random.Random(0)
+    scheduled = [scheduled_request(rng, 4, True) for _ in range(5)]
+    with pytest.raises(ValueError, match="num_seqs"):
+        pack_step(np.zeros(1000, dtype=np.int64), scheduled, 4, num_seqs=4)
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_graph_replay_equals_eager(tiny_model_dir: Path, dtype: str):
+    jobs = [
+        (f"{lora.lora_name if lora else 'base'}-{i}", p, lora)
+        for i, p in enumerate(PROMPTS)
+        for lora in [None, *lora_requests(tiny_model_dir)]
+    ]
+    got = {}
+    for eager in (True, False):
+        engine = make_engine(tiny_model_dir, device="cuda", dtype=dtype, enforce_eager=eager)
+        got[eager] = run_all(engine, jobs, stagger=2)
+        if not eager:
+            assert engine.runner.graphs
+            assert engine.runner.timings.graph_steps > 0
+    if dtype == "float32":
+        assert got[True] == got[False]
+    else:  # batch shapes differ (padding), so bf16 matmuls may round differently
+        same = sum(
+            a == b for k in got[True] for a, b in zip(got[True][k], got[False][k], strict=True)
+        )
+        total = sum(len(v) for v in got[True].values())
+        assert same >= 0.9 * total
+
+
+@cuda_only
+def test_changing_adapters_needs_no_recapture(tiny_model_dir: Path):
+    engine = make_engine(tiny_model_dir, device="cuda", dtype="float32", max_loras=2)
+    graphs = dict(engine.runner.graphs)
+    loras = lora_requests(tiny_model_dir)
+    first = run_all(engine, [(f"a{i}", p, loras[0]) for i, p in enumerate(PROMPTS)])
+    second = run_all(engine, [(f"b{i}", p, loras[3]) for i, p in enumerate(PROMPTS)])
+    assert engine.runner.graphs == graphs
+    eager = make_engine(
+        tiny_model_dir, device="cuda", dtype="float32", max_loras=2, enforce_eager=True
+    )
+    assert run_all(eager, [(f"a{i}", p, loras[0]) for i, p in enumerate(PROMPTS)]) == first
+    assert run_all(eager, [(f"b{i}", p, loras[3]) for i, p in enumerate(PROMPTS)]) == second
