@@ -4,16 +4,30 @@ One layer may hold several output slices (fused qkv, fused gate_up); every slice
 own LoRA A/B pair, as PEFT trains them on separate q/k/v or gate/up modules. Weights of up
 to ``max_loras`` adapters sit in stacked, zero-padded device buffers indexed by slot; the
 adapter manager writes them, the runner maps each token to a slot (``LoRAMetadata``).
+
+Two paths compute the delta: the batched Triton kernels in ``engine.lora.kernels`` (on CUDA)
+and a torch reference looping over the step's adapters (on CPU). ``LORA_KERNELS`` (from the
+``LORASTREAM_LORA_KERNELS`` environment variable) forces one: ``triton`` runs the kernels
+on CPU too, under ``TRITON_INTERPRET=1``; ``torch`` keeps the reference on CUDA.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from engine.lora.kernels.reference import add_lora_reference
 from engine.model.metadata import LoRAMetadata
+
+LORA_KERNELS = os.environ.get("LORASTREAM_LORA_KERNELS", "auto")
+"""auto (Triton on CUDA, torch elsewhere) | triton | torch; read once, tests may assign it."""
+
+# Tile heights the kernels are compiled for; the smallest that holds the longest segment.
+_BLOCK_MS = (16, 32, 64)
 
 
 class LoRALinear(nn.Module):
@@ -37,23 +51,42 @@ class LoRALinear(nn.Module):
             requires_grad=False,
         )
         self.bias = (
-            nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False)
+            nn.Parameter(
+                torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False
+            )
             if bias
             else None
         )
-        # Per slice: A [max_loras, max_rank, in], B [max_loras, out_slice, max_rank] (scaling folded in).
+        # All slices in two buffers, so one kernel launch covers the layer (see
+        # create_lora_buffers); lora_a / lora_b are per-slice views of them.
+        self.lora_a_stacked = torch.empty(0)
+        self.lora_b_stacked = torch.empty(0)
+        self.lora_ranks = torch.empty(0, dtype=torch.int32)
+        self.slice_offsets = torch.empty(0, dtype=torch.int32)
         self.lora_a: list[torch.Tensor] = []
         self.lora_b: list[torch.Tensor] = []
 
     def create_lora_buffers(self, max_loras: int, max_rank: int, dtype: torch.dtype) -> None:
         dev = self.weight.device
-        self.lora_a = [
-            torch.zeros(max_loras, max_rank, self.in_features, dtype=dtype, device=dev)
-            for _ in self.out_slices
-        ]
-        self.lora_b = [
-            torch.zeros(max_loras, n, max_rank, dtype=dtype, device=dev) for n in self.out_slices
-        ]
+        num_slices = len(self.out_slices)
+        # A: [max_loras, S, max_rank, in]: a slot's A of every slice is one [S * max_rank, in]
+        # matrix, so the shrink kernel reads x once for all slices.
+        self.lora_a_stacked = torch.zeros(
+            max_loras, num_slices, max_rank, self.in_features, dtype=dtype, device=dev
+        )
+        # B: [max_loras, out, max_rank]: rows of slice i at slice_offsets[i]:slice_offsets[i+1].
+        self.lora_b_stacked = torch.zeros(
+            max_loras, self.out_features, max_rank, dtype=dtype, device=dev
+        )
+        # Rank of each (slot, slice); 0 where the adapter skips the slice or the slot is free.
+        # The kernels read no weights past it, so small ranks cost only their own bytes.
+        self.lora_ranks = torch.zeros(max_loras, num_slices, dtype=torch.int32, device=dev)
+        offsets = [0, *itertools.accumulate(self.out_slices)]
+        self.slice_offsets = torch.tensor(offsets, dtype=torch.int32, device=dev)  # [S + 1]
+        # Per slice: A [max_loras, max_rank, in], B [max_loras, out_slice, max_rank] (scaling
+        # folded in), views of the stacked buffers.
+        self.lora_a = [self.lora_a_stacked[:, i] for i in range(num_slices)]
+        self.lora_b = [self.lora_b_stacked[:, lo:hi] for lo, hi in itertools.pairwise(offsets)]
 
     def set_lora(self, slot: int, slice_idx: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: [r, in]; b: [out_slice, r] already multiplied by the adapter's scaling."""
@@ -62,45 +95,155 @@ class LoRALinear(nn.Module):
         self.lora_b[slice_idx][slot].zero_()
         self.lora_a[slice_idx][slot, :r].copy_(a, non_blocking=True)
         self.lora_b[slice_idx][slot, :, :r].copy_(b, non_blocking=True)
+        self.lora_ranks[slot, slice_idx] = r
 
     def clear_lora(self, slot: int) -> None:
-        for a, b in zip(self.lora_a, self.lora_b, strict=True):
-            a[slot].zero_()
-            b[slot].zero_()
+        self.lora_a_stacked[slot].zero_()
+        self.lora_b_stacked[slot].zero_()
+        self.lora_ranks[slot] = 0
 
     def forward(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
         # x: [T, in] -> y: [T, out]
         y = nn.functional.linear(x, self.weight, self.bias)
         if lora is not None and not lora.empty and self.lora_a:
-            add_lora_reference(y, x, self.lora_a, self.lora_b, self.out_slices, lora)
+            if lora.has_kernel_layout and use_triton(x):
+                # Imported here: Triton decides at import whether to interpret kernels, and
+                # CPU-only installs need not have it.
+                from engine.lora.kernels import add_lora
+
+                add_lora(
+                    y,
+                    x,
+                    self.lora_a_stacked,
+                    self.lora_b_stacked,
+                    self.lora_ranks,
+                    self.slice_offsets,
+                    self.out_slices,
+                    lora,
+                )
+            else:
+                add_lora_reference(y, x, self.lora_a, self.lora_b, self.out_slices, lora)
         return y
 
 
-def add_lora_reference(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora_a: list[torch.Tensor],
-    lora_b: list[torch.Tensor],
-    out_slices: list[int],
-    lora: LoRAMetadata,
-) -> None:
-    """Plain torch: for each adapter in the batch, y[tokens, slice] += x[tokens] @ A.T @ B.T."""
-    for slot, idx in lora.groups:
-        xs = x.index_select(0, idx)  # [n, in]
-        offset = 0
-        for a, b, n in zip(lora_a, lora_b, out_slices, strict=True):
-            delta = (xs @ a[slot].t()) @ b[slot].t()  # [n, out_slice]
-            y[:, offset : offset + n].index_add_(0, idx, delta.to(y.dtype))
-            offset += n
+def use_triton(x: torch.Tensor) -> bool:
+    if LORA_KERNELS == "auto":
+        return x.is_cuda
+    return LORA_KERNELS == "triton"
 
 
-def build_lora_metadata(token_slots: list[int], device: torch.device) -> LoRAMetadata:
-    """Per-step LoRA metadata from each token's device slot (-1: no adapter)."""
-    groups: dict[int, list[int]] = {}
-    for t, s in enumerate(token_slots):
-        if s >= 0:
-            groups.setdefault(s, []).append(t)
-    return LoRAMetadata(
-        token_slots=torch.tensor(token_slots, dtype=torch.long).to(device),
-        groups=[(s, torch.tensor(ix, dtype=torch.long).to(device)) for s, ix in groups.items()],
+def build_lora_metadata(
+    token_slots: list[int],
+    device: torch.device | str,
+    *,
+    block_m: int | None = None,
+    num_tokens: int | None = None,
+    max_tiles: int | None = None,
+    out: LoRAMetadata | None = None,
+) -> LoRAMetadata:
+    """Per-step LoRA metadata from each token's device slot (-1: no adapter); one H2D copy.
+
+    Plain steps pass only ``token_slots``. For CUDA graphs, ``out`` (from
+    ``allocate_static_lora_metadata``) is filled in place, padded to its token count, tile
+    capacity and ``block_m``; ``num_tokens``/``max_tiles``/``block_m`` pad the same way
+    without a destination (for ``LoRAMetadata.copy_into``). Nothing here reads the device.
+    """
+    if out is not None:
+        num_tokens, max_tiles, block_m = out.token_slots.shape[0], out.max_tiles, out.block_m
+    num_tokens = len(token_slots) if num_tokens is None else num_tokens
+    if len(token_slots) > num_tokens:
+        raise ValueError(f"{len(token_slots)} tokens do not fit in {num_tokens}")
+
+    # Tokens arrive in runs (a sequence's tokens share its slot): group the runs per slot.
+    runs: dict[int, list[range]] = {}
+    t = 0
+    for slot, run in itertools.groupby(token_slots):
+        n = sum(1 for _ in run)
+        if slot >= 0:
+            runs.setdefault(slot, []).append(range(t, t + n))
+        t += n
+    sorted_ids: list[int] = []
+    segments: list[tuple[int, int, int]] = []  # (slot, start in sorted_ids, length)
+    for slot in sorted(runs):
+        start = len(sorted_ids)
+        for r in runs[slot]:
+            sorted_ids.extend(r)
+        segments.append((slot, start, len(sorted_ids) - start))
+
+    if block_m is None:
+        longest = max((n for _, _, n in segments), default=1)
+        block_m = next((b for b in _BLOCK_MS if longest <= b), _BLOCK_MS[-1])
+    tile_slot: list[int] = []
+    tile_start: list[int] = []
+    tile_len: list[int] = []
+    for slot, start, n in segments:
+        for off in range(0, n, block_m):
+            tile_slot.append(slot)
+            tile_start.append(start + off)
+            tile_len.append(min(block_m, n - off))
+    num_tiles = len(tile_slot) if max_tiles is None else max_tiles
+    if len(tile_slot) > num_tiles:
+        raise ValueError(f"{len(tile_slot)} tiles of {block_m} tokens exceed max_tiles={num_tiles}")
+
+    tile_pad = [0] * (num_tiles - len(tile_slot))
+    host = torch.tensor(
+        [
+            *token_slots,
+            *[-1] * (num_tokens - len(token_slots)),
+            *sorted_ids,
+            *[0] * (num_tokens - len(sorted_ids)),
+            *tile_slot,
+            *tile_pad,
+            *tile_start,
+            *tile_pad,
+            *tile_len,
+            *tile_pad,
+        ],
+        dtype=torch.long,
     )
+    dev = torch.device(device)
+    if out is not None:
+        assert out.packed is not None
+        out.packed.copy_(_pinned(host, dev), non_blocking=True)
+        return out
+    packed = _pinned(host, dev).to(dev, non_blocking=True)
+    meta = _views(packed, num_tokens, num_tiles, block_m, is_static=False)
+    sorted_dev = meta.sorted_token_ids
+    assert sorted_dev is not None
+    meta.groups = [(slot, sorted_dev[start : start + n]) for slot, start, n in segments]
+    return meta
+
+
+def allocate_static_lora_metadata(
+    num_tokens: int, max_loras: int, device: torch.device | str, *, block_m: int = 16
+) -> LoRAMetadata:
+    """Static buffers for a CUDA graph of ``num_tokens`` (padded) tokens over up to
+    ``max_loras`` slots: fill them each step with ``build_lora_metadata(..., out=static)``.
+
+    Tile capacity: the segments of ``k`` slots over ``T`` tokens cut into ``block_m`` tiles
+    number at most ``ceil(T / block_m) + k - 1``, and never more than ``T``.
+    """
+    k = max(1, min(max_loras, num_tokens))
+    max_tiles = max(1, min(num_tokens, -(-num_tokens // block_m) + k - 1))
+    packed = torch.zeros(2 * num_tokens + 3 * max_tiles, dtype=torch.long, device=device)
+    packed[:num_tokens] = -1
+    return _views(packed, num_tokens, max_tiles, block_m, is_static=True)
+
+
+def _views(
+    packed: torch.Tensor, num_tokens: int, num_tiles: int, block_m: int, *, is_static: bool
+) -> LoRAMetadata:
+    return LoRAMetadata(
+        token_slots=packed[:num_tokens],
+        groups=[],
+        sorted_token_ids=packed[num_tokens : 2 * num_tokens],
+        tiles=packed[2 * num_tokens :].view(3, num_tiles),
+        block_m=block_m,
+        is_static=is_static,
+        packed=packed,
+    )
+
+
+def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned memory lets the copy run asynchronously, so building metadata never waits.
+    return t.pin_memory() if device.type == "cuda" else t

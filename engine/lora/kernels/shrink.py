@@ -1,0 +1,180 @@
+"""Shrink: ``h = x · Aᵀ`` per token's adapter, for every slice of a layer in one launch.
+
+Reference: ``engine.lora.kernels.reference.lora_shrink_reference``.
+
+Grid ``(tiles, column blocks of S * R, split_k)``. A tile is up to ``block_m`` tokens of one
+slot (``LoRAMetadata.tiles``), so a prefill segment streams its adapter's A once per tile and
+a decode batch gathers each slot's scattered tokens; a slot's A of all slices is one
+``[S * R, K]`` matrix, so x is read once for the whole fused layer. Rows of A past the
+(slot, slice) rank are masked, never loaded; a block whose ranks are all 0 exits at once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.model.metadata import LoRAMetadata
+
+
+# num_slices and split_k often equal 1: specializing on that would only add compiles.
+@triton.jit(do_not_specialize=["num_slices", "split_k"])
+def _lora_shrink_kernel(
+    x_ptr,  # [T, K]
+    a_ptr,  # [L, S * R, K], contiguous in its last two dims
+    h_ptr,  # [T, S * R] float32
+    ranks_ptr,  # [L, S] int32
+    sorted_ids_ptr,  # [T] int64
+    tiles_ptr,  # [3, G] int64: slot, start, length
+    K,
+    SR,
+    R,
+    stride_xt,
+    stride_xk,
+    stride_al,
+    stride_ht,
+    stride_tiles,
+    num_slices,
+    split_k,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ATOMIC: tl.constexpr,  # split K: programs add their partial sums into a zeroed h
+    DOT_FP32: tl.constexpr,
+):
+    pid_tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    length = tl.load(tiles_ptr + 2 * stride_tiles + pid_tile)
+    if length == 0:  # a padding tile of static (graph) metadata
+        return
+    slot = tl.load(tiles_ptr + pid_tile)
+    start = tl.load(tiles_ptr + stride_tiles + pid_tile)
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of A = s * R + r
+    col_rank = tl.load(
+        ranks_ptr + slot * num_slices + cols // R, mask=cols < SR, other=0
+    )  # [BN] rank of each column's slice
+    col_ok = (cols % R) < col_rank
+    if tl.max(col_ok.to(tl.int32), axis=0) == 0:
+        return
+
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < length
+    toks = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] int64
+
+    offs_k = tl.arange(0, BLOCK_K)
+    k_per_split = tl.cdiv(K, BLOCK_K * split_k) * BLOCK_K
+    k_lo = pid_k * k_per_split
+    x_ptrs = x_ptr + toks[:, None] * stride_xt  # [BM, 1]
+    a_ptrs = a_ptr + slot * stride_al + cols[None, :] * K  # [1, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k_per_split, BLOCK_K):
+        k = k_lo + k0 + offs_k  # [BK]
+        k_ok = k < K
+        x = tl.load(
+            x_ptrs + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        a = tl.load(
+            a_ptrs + k[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0
+        )  # [BK, BN]
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, a)
+
+    h_ptrs = h_ptr + toks[:, None] * stride_ht + cols[None, :]
+    h_mask = row_ok[:, None] & (cols < SR)[None, :]
+    if ATOMIC:
+        tl.atomic_add(h_ptrs, acc, mask=h_mask)
+    else:
+        tl.store(h_ptrs, acc, mask=h_mask)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def shrink_config(
+    x: torch.Tensor, sr: int, k: int, num_tiles: int, block_m: int
+) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, SPLIT_K): split K when the tiles alone would leave SMs idle
+    (a decode step has one tile per adapter). Few distinct blocks: each is a compile."""
+    block_n = 64 if sr <= 64 else 128
+    block_k = 128 if block_m <= 16 else 64
+    split_k = 1
+    if x.is_cuda:
+        programs = max(1, num_tiles * triton.cdiv(sr, block_n))
+        want = triton.cdiv(2 * _num_sms(x.device.index or 0), programs)
+        max_split = max(1, k // (4 * block_k))  # keep at least 4 K steps per program
+        split_k = min(_pow2(want), max_split, 16)
+    return block_n, block_k, split_k
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [T, K]
+    lora_a: torch.Tensor,  # [L, S, R, K]
+    lora_ranks: torch.Tensor,  # [L, S] int32
+    lora: LoRAMetadata,
+    *,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """h: [T, S * R] float32. Rows of tokens without an adapter, and columns of a (slot,
+    slice) whose rank is 0, are left unwritten: ``lora_expand`` reads neither."""
+    assert lora.tiles is not None
+    assert lora.sorted_token_ids is not None
+    num_tokens, k = x.shape
+    _num_loras, num_slices, max_rank, k_a = lora_a.shape
+    assert k == k_a, (x.shape, lora_a.shape)
+    assert lora_a.stride(1) == max_rank * k
+    assert lora_a.stride(2) == k
+    assert lora_a.stride(3) == 1
+    sr = num_slices * max_rank
+    num_tiles = lora.tiles.shape[1]
+    block_n, block_k, auto_split = shrink_config(x, sr, k, num_tiles, lora.block_m)
+    split_k = auto_split if split_k is None else split_k
+    alloc = torch.zeros if split_k > 1 else torch.empty  # split K adds into h
+    h = alloc(num_tokens, sr, dtype=torch.float32, device=x.device)
+    if num_tiles == 0:
+        return h
+    dot_fp32 = (
+        x.dtype != lora_a.dtype
+        or lora_a.dtype == torch.float32
+        # Triton's interpreter multiplies bfloat16 wrongly (numpy has no bfloat16); the
+        # upcast is exact, as bf16 products fit in float32.
+        or (not x.is_cuda and lora_a.dtype == torch.bfloat16)
+    )
+    grid = (num_tiles, triton.cdiv(sr, block_n), split_k)
+    _lora_shrink_kernel[grid](
+        x,
+        lora_a,
+        h,
+        lora_ranks,
+        lora.sorted_token_ids,
+        lora.tiles,
+        k,
+        sr,
+        max_rank,
+        x.stride(0),
+        x.stride(1),
+        lora_a.stride(0),
+        h.stride(0),
+        lora.tiles.stride(0),
+        num_slices,
+        split_k,
+        BLOCK_M=lora.block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        ATOMIC=split_k > 1,
+        DOT_FP32=dot_fp32,
+        num_warps=4,
+    )
+    return h
