@@ -28,7 +28,6 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -219,7 +218,12 @@ def _is_plain_greedy(req: Request) -> bool:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # [B, D] output of the captured forward
-    uses_lora: bool
+    lora: LoRAMetadata | None
+    """Static LoRA buffers the graph reads; None: captured without adapters."""
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None
 
 
 class ModelRunner:
@@ -440,24 +444,24 @@ class ModelRunner:
         self._g_seq_lens[:b].copy_(dev[o + b + 1 : o + 2 * b + 1])
         self._g_block_tables[:b, :w].copy_(dev[o + 2 * b + 1 :].view(b, w))
         if uses_lora and p.token_slots_lora is not None:
-            self._copy_static_lora(p.token_slots_lora)
+            static = self.graphs[b].lora
+            assert static is not None
+            self._copy_static_lora(p.token_slots_lora, static)
         return dev[3 * b : 3 * b + p.num_logits]
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _static_lora(self, max_tokens: int) -> Any:
-        """The static LoRA metadata the graphs read, if engine.lora.layers offers one.
-
-        Expected from engine.lora.layers: ``StaticLoRAMetadata(max_tokens, device)`` with
-        ``.view(num_tokens) -> LoRAMetadata`` (slices of its buffers, no host state) and
-        ``.copy_into(token_slots: list[int] | np.ndarray, num_tokens)`` filling them.
-        """
-        cls = getattr(lora_layers, "StaticLoRAMetadata", None)
-        if self.lora_manager is None or cls is None:
+    def _static_lora(self, num_tokens: int) -> LoRAMetadata | None:
+        """Static LoRA metadata for a graph of ``num_tokens`` tokens, when LoRA is on and
+        ``engine.lora.layers`` provides ``allocate_static_lora_metadata`` (kernel layout)."""
+        allocate = getattr(lora_layers, "allocate_static_lora_metadata", None)
+        if self.lora_manager is None or self.config.lora is None or allocate is None:
             return None
-        return cls(max_tokens, self.device)
+        meta: LoRAMetadata = allocate(num_tokens, self.config.lora.max_loras, self.device)
+        return meta
 
-    def _copy_static_lora(self, token_slots: np.ndarray) -> None:
-        self._g_lora.copy_into(token_slots, len(token_slots))
+    def _copy_static_lora(self, token_slots: np.ndarray, static: LoRAMetadata) -> None:
+        # One host-to-device copy into the graph's buffers (build_lora_metadata's `out=`).
+        lora_layers.build_lora_metadata(token_slots.tolist(), self.device, out=static)
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
@@ -472,12 +476,9 @@ class ModelRunner:
         self._g_block_tables = torch.zeros(
             bmax, self.max_blocks_per_seq, dtype=torch.int32, device=dev
         )
-        self._g_lora = self._static_lora(bmax)
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.graph_sizes):
-            lora = self._g_lora.view(b) if self._g_lora is not None else None
-            if lora is not None:
-                self._g_lora.copy_into(np.full(b, -1, dtype=np.int64), b)
+            lora = self._static_lora(b)  # all slots -1 until a step fills it
             batch = ForwardBatch(
                 input_ids=self._g_tokens[0, :b],
                 positions=self._g_tokens[1, :b],
@@ -498,7 +499,7 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.model(batch)
-            self.graphs[b] = _Graph(graph, hidden, uses_lora=lora is not None)
+            self.graphs[b] = _Graph(graph, hidden, lora)
         torch.cuda.synchronize(dev)
         logger.info(
             "captured %d decode graphs (batch sizes up to %d) in %.1f s",
