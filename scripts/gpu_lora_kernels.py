@@ -1,0 +1,413 @@
+#!/usr/bin/env python3
+"""The batched LoRA kernels on a GPU: the CUDA test sweep, then timings.
+
+One command for the device machine (everything writes under ``$OUT``)::
+
+    PYTHONUNBUFFERED=1 python3 scripts/gpu_lora_kernels.py
+
+1. ``pytest tests/lora/test_kernels.py`` on CUDA (``pytest.log``);
+2. for the llama-3.1-8b layers (hidden 4096, q 4096, k/v 1024, intermediate 14336), bf16,
+   32 adapters of rank 16: decode (256 tokens, one per sequence, adapters spread over the
+   batch) and prefill (4096 tokens, 32 segments of 128), the fused shrink + expand against
+   the torch reference and against the layer's base matmul; a few more rank mixes; a small
+   sweep of kernel parameters; and the host cost of building metadata and of launching.
+   Times are ``triton.testing.do_bench`` medians (it flushes L2 before every run, so the
+   adapters' weights come from HBM as they do between layers of a real step).
+
+Writes ``results.json`` and ``table.txt``; prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# llama-3.1-8b: (in_features, output slices) of each LoRA-capable projection.
+LAYERS: dict[str, tuple[int, list[int]]] = {
+    "qkv_proj": (4096, [4096, 1024, 1024]),
+    "o_proj": (4096, [4096]),
+    "gate_up_proj": (4096, [14336, 14336]),
+    "down_proj": (14336, [4096]),
+}
+NUM_ADAPTERS = 32
+
+
+def run_tests(out: Path, workers: int) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "tests/lora/test_kernels.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+    ]
+    if workers > 1:
+        cmd += ["-n", str(workers)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    log = proc.stdout + proc.stderr
+    (out / "pytest.log").write_text(log)
+    tail = log.strip().splitlines()[-1] if log.strip() else ""
+    print(f"pytest rc={proc.returncode} in {time.monotonic() - t0:.0f}s: {tail}", flush=True)
+    return {"returncode": proc.returncode, "summary": tail, "seconds": time.monotonic() - t0}
+
+
+def bench(fn: Callable[[], object]) -> float:
+    """Median microseconds (do_bench flushes L2 before each run)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=10, rep=60, return_mode="median")) * 1e3
+
+
+def make_layer(in_f: int, slices: list[int], ranks: list[int], max_rank: int) -> Any:
+    from engine.lora.layers import LoRALinear
+
+    layer = LoRALinear(
+        in_f, slices, [f"s{i}" for i in range(len(slices))], dtype=torch.bfloat16, device="cuda"
+    )
+    layer.weight.normal_(0, 0.02)
+    layer.create_lora_buffers(NUM_ADAPTERS, max_rank, torch.bfloat16)
+    for slot in range(NUM_ADAPTERS):
+        r = ranks[slot % len(ranks)]
+        for s, n in enumerate(slices):
+            a = torch.randn(r, in_f, device="cuda", dtype=torch.bfloat16) / in_f**0.5
+            b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16) / r**0.5
+            layer.set_lora(slot, s, a, b)
+    return layer
+
+
+def scenario_slots(name: str, rng: random.Random) -> list[int]:
+    if name == "decode-one":  # every sequence on one adapter
+        return [0] * 256
+    if name.startswith("decode"):  # 256 sequences, 8 per adapter, interleaved
+        slots = [i % NUM_ADAPTERS for i in range(256)]
+        rng.shuffle(slots)
+        return slots
+    assert name == "prefill"  # 32 prompts of 128 tokens, one adapter each
+    return [i // 128 for i in range(4096)]
+
+
+def lora_bytes(layer: Any, slots: list[int], rank_of: Callable[[int], int]) -> int:
+    """Fewest bytes the LoRA part moves: each active adapter's A and B rows up to its rank,
+    x once, y read and written for tokens with an adapter, h negligible."""
+    in_f, n = layer.in_features, layer.out_features
+    s = len(layer.out_slices)
+    active = set(slots) - {-1}
+    w = sum(rank_of(a) * (s * in_f + n) for a in active) * 2
+    t = sum(1 for x in slots if x >= 0)
+    return w + t * in_f * 2 + t * n * 2 * 2
+
+
+@dataclass
+class Case:
+    """One layer with its adapters, inputs and metadata on the GPU."""
+
+    layer: Any
+    slots: list[int]
+    x: torch.Tensor
+    y: torch.Tensor
+    meta: Any
+
+    @classmethod
+    def make(
+        cls,
+        lname: str,
+        scen: str,
+        ranks: list[int],
+        max_rank: int,
+        rng: random.Random,
+        block_m: int | None = None,
+    ) -> Case:
+        from engine.lora.layers import build_lora_metadata
+
+        in_f, slices = LAYERS[lname]
+        layer = make_layer(in_f, slices, ranks, max_rank)
+        slots = scenario_slots(scen, rng)
+        x = torch.randn(len(slots), in_f, device="cuda", dtype=torch.bfloat16)
+        meta = build_lora_metadata(slots, torch.device("cuda"), block_m=block_m)
+        return cls(layer, slots, x, torch.nn.functional.linear(x, layer.weight), meta)
+
+    def bufs(self) -> tuple[Any, ...]:
+        lay = self.layer
+        return (
+            lay.lora_a_stacked,
+            lay.lora_b_stacked,
+            lay.lora_ranks,
+            lay.slice_offsets,
+            lay.out_slices,
+        )
+
+    def shrink(self, **kw: Any) -> torch.Tensor:
+        from engine.lora.kernels.shrink import lora_shrink
+
+        return lora_shrink(
+            self.x, self.layer.lora_a_stacked, self.layer.lora_ranks, self.meta, **kw
+        )
+
+    def expand(self, h: torch.Tensor, **kw: Any) -> None:
+        from engine.lora.kernels.expand import lora_expand
+
+        lay = self.layer
+        lora_expand(
+            self.y,
+            h,
+            lay.lora_b_stacked,
+            lay.lora_ranks,
+            lay.slice_offsets,
+            lay.out_slices,
+            self.meta,
+            **kw,
+        )
+
+    def add_lora(self) -> None:
+        from engine.lora.kernels import add_lora
+
+        add_lora(self.y, self.x, *self.bufs(), self.meta)
+
+    def reference(self) -> None:
+        from engine.lora.kernels import add_lora_reference
+
+        lay = self.layer
+        add_lora_reference(self.y, self.x, lay.lora_a, lay.lora_b, lay.out_slices, self.meta)
+
+    def base(self) -> torch.Tensor:
+        return torch.nn.functional.linear(self.x, self.layer.weight)
+
+    def forward(self) -> torch.Tensor:
+        return self.layer(self.x, self.meta)
+
+
+SCENARIOS = [
+    # (name, per-adapter ranks, max_rank)
+    ("decode", [16], 16),
+    ("prefill", [16], 16),
+    ("decode-one", [16], 16),
+    ("decode-rank64", [64], 64),
+    ("decode-mixed8-64", [8, 16, 32, 64], 64),
+]
+
+
+def time_case(
+    scen: str, ranks: list[int], max_rank: int, lname: str, rng: random.Random
+) -> dict[str, Any]:
+    c = Case.make(lname, scen, ranks, max_rank, rng)
+    h = c.shrink()
+    row: dict[str, Any] = {
+        "scenario": scen,
+        "layer": lname,
+        "tokens": len(c.slots),
+        "ranks": ranks,
+        "max_rank": max_rank,
+        "block_m": c.meta.block_m,
+        "tiles": c.meta.max_tiles,
+        "base_us": bench(c.base),
+        "lora_us": bench(c.add_lora),
+        "shrink_us": bench(c.shrink),
+        "expand_us": bench(lambda: c.expand(h)),
+        "torch_ref_us": bench(c.reference),
+        "layer_us": bench(c.forward),
+    }
+    row["overhead"] = row["layer_us"] / row["base_us"] - 1
+    row["lora_bytes"] = lora_bytes(c.layer, c.slots, lambda a: ranks[a % len(ranks)])
+    row["lora_GBps"] = row["lora_bytes"] / row["lora_us"] / 1e3
+    row["speedup_vs_torch"] = row["torch_ref_us"] / row["lora_us"]
+    return row
+
+
+def run_bench(out: Path, results: dict[str, Any], quick: bool) -> None:
+    rng = random.Random(0)
+    rows: list[dict[str, Any]] = []
+    for (scen, ranks, max_rank), lname in itertools.product(SCENARIOS, LAYERS):
+        if quick and scen not in ("decode", "prefill"):
+            continue
+        row = time_case(scen, ranks, max_rank, lname, rng)
+        rows.append(row)
+        print(
+            f"{scen:17s} {lname:13s} base {row['base_us']:8.1f}us lora {row['lora_us']:7.1f}us "
+            f"(shrink {row['shrink_us']:6.1f} expand {row['expand_us']:6.1f}) "
+            f"torch {row['torch_ref_us']:8.1f}us layer {100 * row['overhead']:+5.1f}% "
+            f"{row['lora_GBps']:6.0f} GB/s",
+            flush=True,
+        )
+        results["rows"] = rows
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def sweep_case(scen: str, lname: str, block_m: int, rng: random.Random) -> list[dict[str, Any]]:
+    c = Case.make(lname, scen, [16], 16, rng, block_m=block_m)
+    h = c.shrink()
+    rows: list[dict[str, Any]] = []
+    key = {"scenario": scen, "layer": lname, "block_m": block_m}
+    for sk, bk in itertools.product((1, 2, 4, 8, 16), (64, 128)):
+        us = bench(lambda sk=sk, bk=bk: c.shrink(split_k=sk, block_k=bk))
+        rows.append({**key, "kernel": "shrink", "split_k": sk, "block_k": bk, "us": us})
+    for bn, nw in itertools.product((64, 128, 256), (4, 8)):
+        us = bench(lambda bn=bn, nw=nw: c.expand(h, block_n=bn, num_warps=nw))
+        rows.append({**key, "kernel": "expand", "block_n": bn, "num_warps": nw, "us": us})
+    return rows
+
+
+def run_sweep(out: Path, results: dict[str, Any]) -> None:
+    """Kernel parameters around the heuristic's choice, for the two target scenarios."""
+    rng = random.Random(1)
+    sweep: list[dict[str, Any]] = []
+    for scen, lname in itertools.product(("decode", "prefill"), LAYERS):
+        for bm in (16, 32) if scen == "decode" else (32, 64):
+            sweep += sweep_case(scen, lname, bm, rng)
+        results["sweep"] = sweep
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    best: dict[str, Any] = {}
+    for key, group in itertools.groupby(
+        sorted(sweep, key=lambda r: (r["scenario"], r["layer"], r["kernel"])),
+        key=lambda r: (r["scenario"], r["layer"], r["kernel"]),
+    ):
+        b = min(group, key=lambda r: r["us"])
+        best["/".join(key)] = b
+        print(
+            "best",
+            "/".join(key),
+            {k: v for k, v in b.items() if k not in ("scenario", "layer", "kernel")},
+            flush=True,
+        )
+    results["sweep_best"] = best
+
+
+def host_costs(results: dict[str, Any]) -> None:
+    """Host microseconds per build_lora_metadata and per add_lora launch (no sync)."""
+    from engine.lora.kernels import add_lora
+    from engine.lora.layers import build_lora_metadata
+
+    dev = torch.device("cuda")
+    costs: dict[str, float] = {}
+    for name, slots in (
+        ("decode256", scenario_slots("decode", random.Random(2))),
+        ("prefill4096", scenario_slots("prefill", random.Random(2))),
+    ):
+        build_lora_metadata(slots, dev)
+        t0 = time.perf_counter()
+        for _ in range(50):
+            build_lora_metadata(slots, dev)
+        costs[f"build_metadata_{name}_us"] = (time.perf_counter() - t0) / 50 * 1e6
+    layer = make_layer(4096, [4096, 1024, 1024], [16], 16)
+    slots = scenario_slots("decode", random.Random(3))
+    meta = build_lora_metadata(slots, dev)
+    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
+    y = torch.nn.functional.linear(x, layer.weight)
+    bufs = (
+        layer.lora_a_stacked,
+        layer.lora_b_stacked,
+        layer.lora_ranks,
+        layer.slice_offsets,
+        layer.out_slices,
+    )
+    add_lora(y, x, *bufs, meta)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        add_lora(y, x, *bufs, meta)
+    costs["add_lora_launch_us"] = (time.perf_counter() - t0) / 200 * 1e6
+    torch.cuda.synchronize()
+    # Same with a CUDA graph of 32 calls (as a decode step of 32 layers would replay).
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(32):
+            add_lora(y, x, *bufs, meta)
+    g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        g.replay()
+    torch.cuda.synchronize()
+    costs["add_lora_in_graph_us_per_call_L2_warm"] = (time.perf_counter() - t0) / 20 / 32 * 1e6
+    results["host"] = costs
+    print("host", {k: round(v, 1) for k, v in costs.items()}, flush=True)
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    us = bench(lambda: b.copy_(a))
+    return 2 * a.numel() / us / 1e3  # GB/s, read + write
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        f"{results['device']} | torch {results['torch']} | triton {results['triton']} | copy {results.get('copy_GBps', 0):.0f} GB/s",
+        f"tests: {results.get('tests', {}).get('summary', 'not run')}",
+        "",
+        "| scenario | layer | T | base us | LoRA us (shrink+expand) | torch ref us | layer overhead | LoRA GB/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results.get("rows", []):
+        lines.append(
+            f"| {r['scenario']} | {r['layer']} | {r['tokens']} | {r['base_us']:.1f} | {r['lora_us']:.1f} "
+            f"({r['shrink_us']:.1f}+{r['expand_us']:.1f}) | {r['torch_ref_us']:.1f} | {100 * r['overhead']:+.1f}% | {r['lora_GBps']:.0f} |"
+        )
+    by_scen: dict[str, list[dict[str, Any]]] = {}
+    for r in results.get("rows", []):
+        by_scen.setdefault(r["scenario"], []).append(r)
+    lines.append("")
+    for scen, rs in by_scen.items():
+        base = sum(r["base_us"] for r in rs)
+        lora = sum(r["lora_us"] for r in rs)
+        ref = sum(r["torch_ref_us"] for r in rs)
+        lines.append(
+            f"{scen}: per decoder layer, base {base:.0f} us, LoRA {lora:.0f} us (+{100 * lora / base:.1f}% of base), "
+            f"torch reference {ref:.0f} us ({ref / lora:.1f}x slower)"
+        )
+    if "host" in results:
+        lines.append("host: " + ", ".join(f"{k} {v:.1f}" for k, v in results["host"].items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--skip-tests", action="store_true")
+    p.add_argument("--skip-sweep", action="store_true")
+    p.add_argument("--quick", action="store_true", help="only the decode and prefill scenarios")
+    p.add_argument("--workers", type=int, default=8, help="pytest-xdist workers (0: none)")
+    args = p.parse_args()
+    out = Path(os.environ.get("OUT", "artifacts/gpu_lora_kernels"))
+    out.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    if not args.skip_tests:
+        results["tests"] = run_tests(out, args.workers)
+    results["copy_GBps"] = copy_bandwidth()
+    run_bench(out, results, args.quick)
+    host_costs(results)
+    if not args.skip_sweep:
+        run_sweep(out, results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    text = table(results)
+    (out / "table.txt").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
