@@ -218,6 +218,8 @@ def _is_plain_greedy(req: Request) -> bool:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # [B, D] output of the captured forward
+    batch: ForwardBatch
+    """The static inputs it reads (an eager forward of the same batch gives the same)."""
     lora: LoRAMetadata | None
     """Static LoRA buffers the graph reads; None: captured without adapters."""
 
@@ -499,7 +501,7 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self.model(batch)
-            self.graphs[b] = _Graph(graph, hidden, lora)
+            self.graphs[b] = _Graph(graph, hidden, batch, lora)
         torch.cuda.synchronize(dev)
         logger.info(
             "captured %d decode graphs (batch sizes up to %d) in %.1f s",
@@ -508,10 +510,33 @@ class ModelRunner:
             time.perf_counter() - t0,
         )
 
-    def run_graph_for_timing(self, batch_size: int) -> Callable[[], None]:
-        """A callable replaying one captured decode graph on whatever its buffers hold
-        (benchmarks time it with CUDA events)."""
-        return self.graphs[batch_size].graph.replay
+    def synthetic_decode(
+        self, batch_size: int, context_len: int, lora_slots: list[int] | None = None
+    ) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
+        """Fill the graph buffers of ``batch_size`` with a decode step of that many sequences,
+        each ``context_len`` tokens long on blocks of its own (wrapping around the cache if it
+        is too small), and ``lora_slots`` per sequence; for benchmarks, after serving is done
+        (the step writes K/V into the cache). Returns (graph replay, eager forward)."""
+        g = self.graphs[batch_size]
+        bs, nb = self.block_size, -(-context_len // self.block_size)
+        blocks = (np.arange(batch_size * nb) % self.num_blocks).reshape(batch_size, nb)
+        pos = context_len - 1
+        self._g_tokens[0, :batch_size] = 1
+        self._g_tokens[1, :batch_size] = pos
+        slots = blocks[:, pos // bs] * bs + pos % bs
+        self._g_tokens[2, :batch_size].copy_(torch.from_numpy(slots))
+        self._g_seq_lens[:batch_size] = context_len
+        self._g_block_tables[:batch_size, :nb].copy_(torch.from_numpy(blocks))
+        if g.lora is not None:
+            slots_np = np.asarray(lora_slots if lora_slots is not None else [-1] * batch_size)
+            self._copy_static_lora(slots_np.astype(np.int64), g.lora)
+        torch.cuda.synchronize(self.device)
+
+        def eager() -> torch.Tensor:
+            with torch.inference_mode():
+                return self.model(g.batch)
+
+        return g.graph.replay, eager
 
 
 __all__ = [

@@ -1,0 +1,843 @@
+"""Throughput benchmark on one GPU: lorastream against itself and Hugging Face + PEFT.
+
+One command, one run, the same workload (random prompts of ``--input-len`` tokens,
+``--output-len`` greedy output tokens each, EOS ignored) on:
+
+(a) lorastream, base model (``enable_lora=False``);
+(b) lorastream with ``--num-adapters`` adapters of rank ``--rank`` on all seven modules,
+    ``max_loras=--max-loras``, under Punica's four patterns: ``distinct`` (request i uses
+    adapter i mod N), ``uniform`` (uniformly random), ``skewed`` (Zipf, alpha 1.5) and
+    ``identical`` (all the same adapter);
+(c) lorastream with ``max_loras=1`` (uniform pattern; ``--max-loras-1-prompts`` prompts);
+(d) Hugging Face transformers + PEFT mixed-adapter ``generate(adapter_names=...)`` (uniform
+    pattern) and plain transformers: timed on one batch of ``--hf-batch`` prompts for
+    1 and ``--hf-steps`` new tokens, then scaled to the whole workload
+    (prefill time + (output_len - 1) x step time per batch).
+
+Plus the decode step against the HBM roofline: a CUDA-graph decode step of
+``--max-num-seqs`` sequences at the workload's mean decode context, timed with CUDA events,
+against (weights + KV + adapter bytes read per step) / copy bandwidth measured in the same
+run with a large device-to-device copy.
+
+Checkpoints are random weights at real shapes (``engine.model.tiny``), written once under
+``--workdir`` with the random numbers drawn on the GPU. Writes ``bench.json`` (one row per
+configuration) and ``bench.md`` (a table) under ``--out``; ``--profile`` adds a
+torch.profiler table of the multi-LoRA decode steps.
+
+``--mode tiny-check`` instead runs the tiny test checkpoints on CUDA in float32 and
+bfloat16 against transformers + PEFT (greedy tokens, and logprob differences with the
+engine's tokens forced into the reference) and writes ``tiny_check.json``.
+
+Example (the issue's target workload):
+    python scripts/bench.py --shape llama-3.1-8b --num-prompts 256 --input-len 128 \\
+        --output-len 128 --num-adapters 32 --rank 16 --max-loras 32 --max-num-seqs 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.llm import LLM
+from engine.lora.request import LoRARequest
+from engine.model import tiny
+from engine.sampling_params import SamplingParams
+
+PATTERNS = ("distinct", "uniform", "skewed", "identical")
+ZIPF_ALPHA = 1.5
+PROMPT_VOCAB = (10, 900)  # ids the tiny tokenizer knows, clear of its special tokens
+
+log = logging.getLogger("bench")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--mode", choices=("bench", "tiny-check"), default="bench")
+    p.add_argument("--shape", default="llama-3.2-1b", choices=list(tiny.SHAPES))
+    p.add_argument("--device", default="cuda", help="cpu: a dry run of the script (tiny shape)")
+    p.add_argument("--num-prompts", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-adapters", type=int, default=32)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--max-loras", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--patterns", default=",".join(PATTERNS), help="comma-separated subset")
+    p.add_argument("--skip-base", action="store_true")
+    p.add_argument("--skip-max-loras-1", action="store_true")
+    p.add_argument("--max-loras-1-prompts", type=int, default=64)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--hf-batch", type=int, default=128)
+    p.add_argument("--hf-steps", type=int, default=8, help="new tokens in the timed HF decode")
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument(
+        "--profile", action="store_true", help="torch.profiler on multi-LoRA decode steps"
+    )
+    p.add_argument("--workdir", default="/tmp/lorastream-bench")
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class _CudaRandn:
+    """Stands in for ``torch`` inside ``engine.model.tiny`` while it writes a checkpoint:
+    ``randn`` draws on the GPU (the CPU generator is single-threaded: minutes for 8B)."""
+
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self._gen = torch.Generator(device=device).manual_seed(seed)
+        self._device = device
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    def randn(self, *size: Any, generator: Any = None, **kwargs: Any) -> torch.Tensor:
+        del generator  # one CUDA generator for everything
+        if len(size) == 1 and isinstance(size[0], tuple | list | torch.Size):
+            size = tuple(size[0])
+        return torch.randn(size, generator=self._gen, device=self._device, **kwargs).cpu()
+
+
+@contextlib.contextmanager
+def gpu_random(seed: int) -> Iterator[None]:
+    saved = tiny.torch
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tiny.torch = _CudaRandn(dev, seed)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        tiny.torch = saved
+
+
+def make_checkpoint(workdir: Path, shape: str, num_adapters: int, rank: int) -> Path:
+    """A random bf16 checkpoint with ``num_adapters`` rank-``rank`` adapters on all modules
+    (under ``adapters/lora<i>``); reused when already written."""
+    from transformers import AutoConfig
+
+    out = workdir / shape
+    done = out / ".complete"
+    if not done.exists():
+        t0 = time.perf_counter()
+        with gpu_random(0):
+            tiny.make_random_model(out, shape=shape, num_adapters=0, dtype=torch.bfloat16)
+        log.info("wrote %s in %.1f s", out, time.perf_counter() - t0)
+        done.write_text("ok\n")
+    cfg = AutoConfig.from_pretrained(out, local_files_only=True)
+    spec = tiny.AdapterSpec(r=rank, lora_alpha=2.0 * rank, target_modules=tiny.LORA_MODULES)
+    t0 = time.perf_counter()
+    with gpu_random(1):
+        for i in range(num_adapters):
+            path = out / "adapters" / f"r{rank}-{i}"
+            if not (path / "adapter_config.json").exists():
+                tiny.write_adapter(path, cfg, spec, seed=i, dtype=torch.bfloat16)
+    log.info("adapters ready in %.1f s", time.perf_counter() - t0)
+    return out
+
+
+def adapter_paths(model_dir: Path, rank: int, n: int) -> list[Path]:
+    return [model_dir / "adapters" / f"r{rank}-{i}" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(*PROMPT_VOCAB) for _ in range(length)] for _ in range(n)]
+
+
+def assign_adapters(pattern: str, n: int, num_adapters: int, seed: int) -> list[int]:
+    """Adapter index (0-based) of each of ``n`` requests under a Punica pattern."""
+    rng = random.Random(seed)
+    if pattern == "distinct":
+        return [i % num_adapters for i in range(n)]
+    if pattern == "uniform":
+        return [rng.randrange(num_adapters) for _ in range(n)]
+    if pattern == "skewed":
+        weights = [1.0 / (k + 1) ** ZIPF_ALPHA for k in range(num_adapters)]
+        return rng.choices(range(num_adapters), weights=weights, k=n)
+    if pattern == "identical":
+        return [0] * n
+    raise ValueError(f"pattern={pattern!r} is invalid: allowed {', '.join(PATTERNS)}")
+
+
+@dataclass
+class StepLog:
+    """Host wall time per engine step, split by phase (engine methods wrapped in place)."""
+
+    schedule_s: float = 0.0
+    execute_s: float = 0.0
+    update_s: float = 0.0
+    step_s: float = 0.0
+    steps: int = 0
+    decode_steps: int = 0
+    decode_step_s: float = 0.0
+    decode_times: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        rest = self.step_s - self.schedule_s - self.execute_s - self.update_s
+        times = sorted(self.decode_times)
+        return {
+            "steps": self.steps,
+            "decode_steps": self.decode_steps,
+            "step_ms": 1e3 * self.step_s / n,
+            "schedule_ms": 1e3 * self.schedule_s / n,
+            "execute_ms": 1e3 * self.execute_s / n,
+            "update_ms": 1e3 * self.update_s / n,
+            "detokenize_and_outputs_ms": 1e3 * rest / n,
+            "decode_step_ms_mean": 1e3 * self.decode_step_s / max(self.decode_steps, 1),
+            "decode_step_ms_median": 1e3 * times[len(times) // 2] if times else 0.0,
+        }
+
+
+@contextlib.contextmanager
+def instrument(llm: LLM, on_step: Callable[[], None] | None = None) -> Iterator[StepLog]:
+    eng = llm.llm_engine
+    rec = StepLog()
+    sched, run, upd, step = (
+        eng.scheduler.schedule,
+        eng.runner.execute_model,
+        eng.scheduler.update_from_output,
+        eng.step,
+    )
+    decode = [False]
+
+    def timed(fn: Callable[..., Any], attr: str) -> Callable[..., Any]:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                setattr(rec, attr, getattr(rec, attr) + time.perf_counter() - t)
+
+        return wrapper
+
+    def execute(s: Any) -> Any:
+        decode[0] = bool(s.scheduled) and all(x.num_new_tokens == 1 for x in s.scheduled)
+        return run(s)
+
+    def engine_step() -> Any:
+        decode[0] = False
+        t = time.perf_counter()
+        out = step()
+        dt = time.perf_counter() - t
+        rec.step_s += dt
+        rec.steps += 1
+        if on_step is not None:
+            on_step()
+        if decode[0]:
+            rec.decode_steps += 1
+            rec.decode_step_s += dt
+            rec.decode_times.append(dt)
+        return out
+
+    eng.scheduler.schedule = timed(sched, "schedule_s")  # type: ignore[method-assign]
+    eng.runner.execute_model = timed(execute, "execute_s")  # type: ignore[method-assign]
+    eng.scheduler.update_from_output = timed(upd, "update_s")  # type: ignore[method-assign]
+    eng.step = engine_step  # type: ignore[method-assign]
+    try:
+        yield rec
+    finally:
+        for name in ("schedule", "update_from_output"):
+            eng.scheduler.__dict__.pop(name, None)
+        eng.runner.__dict__.pop("execute_model", None)
+        eng.__dict__.pop("step", None)
+
+
+# ----------------------------------------------------------------------------- lorastream
+
+
+def make_llm(model_dir: Path, args: argparse.Namespace, max_loras: int | None) -> LLM:
+    kwargs: dict[str, Any] = {
+        "dtype": "bfloat16",
+        "device": args.device,
+        "max_num_seqs": args.max_num_seqs,
+        "max_model_len": args.input_len + args.output_len,
+        "max_num_batched_tokens": max(args.max_num_batched_tokens, args.max_num_seqs),
+        "enforce_eager": args.enforce_eager,
+        "gpu_memory_utilization": 0.85,
+        "seed": args.seed,
+    }
+    if max_loras is not None:
+        kwargs.update(
+            enable_lora=True,
+            max_loras=max_loras,
+            max_lora_rank=max(args.rank, 8),
+            max_cpu_loras=max(args.num_adapters, max_loras),
+        )
+    return LLM(str(model_dir), **kwargs)
+
+
+def close_llm(llm: LLM) -> None:
+    manager = llm.llm_engine.runner.lora_manager
+    if manager is not None:
+        manager.close()
+    del llm
+    gc.collect()
+    _sync()
+    torch.cuda.empty_cache()
+
+
+def run_lorastream(
+    llm: LLM,
+    name: str,
+    prompts: list[list[int]],
+    adapters: list[int] | None,
+    loras: list[LoRARequest],
+    args: argparse.Namespace,
+    profile_dir: Path | None = None,
+) -> dict[str, Any]:
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    reqs = [loras[a] for a in adapters] if adapters is not None else None
+    inputs: list[Any] = [{"prompt_token_ids": p} for p in prompts]
+    runner = llm.llm_engine.runner
+    before = _copy_timings(runner.timings)
+    _sync()
+    with _profiler(profile_dir) as hook, instrument(llm, hook) as rec:
+        t0 = time.perf_counter()
+        outs = llm.generate(inputs, params, reqs)
+        _sync()
+        elapsed = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert n_out == len(prompts) * args.output_len, "a request stopped early"
+    t = runner.timings
+    steps = max(t.steps - before.steps, 1)
+    row: dict[str, Any] = {
+        "config": name,
+        "num_prompts": len(prompts),
+        "elapsed_s": elapsed,
+        "output_tok_s": n_out / elapsed,
+        "total_tok_s": (n_out + sum(map(len, prompts))) / elapsed,
+        "distinct_adapters": len(set(adapters)) if adapters is not None else 0,
+        "graph_steps": t.graph_steps - before.graph_steps,
+        "runner_prepare_ms": 1e3 * (t.prepare_s - before.prepare_s) / steps,
+        "runner_forward_launch_ms": 1e3 * (t.forward_s - before.forward_s) / steps,
+        "runner_sample_and_wait_ms": 1e3 * (t.sample_s - before.sample_s) / steps,
+        **rec.summary(),
+    }
+    log.info("%s: %.0f output tok/s (%.1f s)", name, row["output_tok_s"], elapsed)
+    return row
+
+
+def _copy_timings(t: Any) -> Any:
+    return type(t)(**vars(t))
+
+
+@contextlib.contextmanager
+def _profiler(out_dir: Path | None) -> Iterator[Callable[[], None] | None]:
+    """Profiles engine steps 40..43 of the run (decode steps at the workload's sizes);
+    yields the per-step hook, None when not profiling."""
+    if out_dir is None:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def on_ready(p: Any) -> None:
+        for key in ("cuda_time_total", "cpu_time_total"):
+            table = p.key_averages().table(sort_by=key, row_limit=25)
+            (out_dir / f"profile_{key.split('_')[0]}.txt").write_text(table)
+
+    with profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        schedule=schedule(wait=40, warmup=2, active=4, repeat=1),
+        on_trace_ready=on_ready,
+    ) as p:
+        yield p.step
+
+
+def warm_up(llm: LLM, loras: list[LoRARequest], args: argparse.Namespace) -> None:
+    """Prefill and decode shapes compiled, adapters read from disk, before any timing."""
+    n = min(args.max_num_seqs, 8)
+    prompts = make_prompts(n, args.input_len, seed=12345)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    reqs = [loras[i % len(loras)] for i in range(n)] if loras else None
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, reqs)
+    for lora in loras:
+        llm.llm_engine.add_lora(lora)
+
+
+# ----------------------------------------------------------------------------- roofline
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / sorted(times)[len(times) // 2]
+
+
+def time_cuda(fn: Callable[[], Any], iters: int = 20) -> float:
+    """Median seconds of ``fn`` on the GPU (CUDA events), after warm-up."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def decode_bytes(
+    llm: LLM, batch: int, context: int, lora_slots: list[int] | None
+) -> dict[str, int]:
+    """Bytes one decode step must read: every weight once (the embedding only for its rows
+    unless tied to lm_head), K and V of every context token, each used adapter's A and B."""
+    runner = llm.llm_engine.runner
+    model = runner.model
+    weights = 0
+    for name, p in model.named_parameters():
+        if name.endswith("embed_tokens.weight") and not model.tie_word_embeddings:
+            weights += batch * p.shape[1] * p.element_size()
+        else:
+            weights += p.numel() * p.element_size()
+    kv = 2 * batch * context * model.num_layers * model.num_kv_heads * model.head_dim
+    kv *= torch.empty((), dtype=model.dtype).element_size()
+    lora = 0
+    if lora_slots is not None and runner.lora_manager is not None:
+        used = {s for s in lora_slots if s >= 0}
+        for layer in model.lora_layers().values():
+            per_slot = 0
+            for a, b in zip(layer.lora_a, layer.lora_b, strict=True):
+                per_slot += a[0].numel() * a.element_size() + b[0].numel() * b.element_size()
+            lora += per_slot * len(used)
+    return {"weights": weights, "kv": kv, "lora": lora}
+
+
+def roofline_row(
+    llm: LLM, name: str, args: argparse.Namespace, bw: float, lora_slots: list[int] | None
+) -> dict[str, Any] | None:
+    runner = llm.llm_engine.runner
+    batch = args.max_num_seqs
+    if batch not in runner.graphs:
+        return None
+    context = args.input_len + args.output_len // 2
+    replay, eager = runner.synthetic_decode(batch, context, lora_slots)
+    graph_s = time_cuda(replay)
+    eager_s = time_cuda(eager, iters=5)
+    nbytes = decode_bytes(llm, batch, context, lora_slots)
+    ideal_s = sum(nbytes.values()) / bw
+    return {
+        "config": f"roofline {name}",
+        "batch": batch,
+        "context": context,
+        "graph_step_ms": 1e3 * graph_s,
+        "eager_step_ms": 1e3 * eager_s,
+        "bytes_gb": {k: v / 1e9 for k, v in nbytes.items()},
+        "roofline_ms": 1e3 * ideal_s,
+        "fraction_of_roofline": ideal_s / graph_s,
+    }
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def run_hf(
+    model_dir: Path, prompts: list[list[int]], adapters: list[int], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.perf_counter()
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16, device_map=args.device
+    )
+    base.eval()
+    paths = adapter_paths(model_dir, args.rank, args.num_adapters)
+    model = PeftModel.from_pretrained(base, paths[0], adapter_name="a0")
+    for i, p in enumerate(paths[1:], start=1):
+        model.load_adapter(p, adapter_name=f"a{i}")
+    model.eval()
+    log.info("HF + PEFT loaded in %.1f s", time.perf_counter() - t0)
+    batch = min(args.hf_batch, len(prompts))
+    ids = torch.tensor(prompts[:batch], device=args.device)
+    names = [f"a{a}" for a in adapters[:batch]]
+
+    def gen(n: int, peft: bool) -> float:
+        kw: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": n,
+            "min_new_tokens": n,
+            "do_sample": False,
+            "pad_token_id": 0,
+        }
+        _sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            if peft:
+                model.generate(**kw, adapter_names=names)
+            else:
+                with model.disable_adapter():
+                    model.generate(**kw)
+        _sync()
+        return time.perf_counter() - t
+
+    rows = []
+    for peft in (True, False):
+        gen(2, peft)  # warm-up
+        t1 = gen(1, peft)
+        tn = gen(args.hf_steps, peft)
+        step = (tn - t1) / (args.hf_steps - 1)
+        batches = math.ceil(len(prompts) / batch)
+        projected = batches * (t1 + (args.output_len - 1) * step)
+        rows.append(
+            {
+                "config": "HF transformers + PEFT (mixed adapters)"
+                if peft
+                else "HF transformers (base)",
+                "batch": batch,
+                "prefill_s": t1,
+                "decode_step_ms": 1e3 * step,
+                "projected_elapsed_s": projected,
+                "output_tok_s": len(prompts) * args.output_len / projected,
+                "distinct_adapters": len(set(adapters[:batch])) if peft else 0,
+            }
+        )
+        log.info("%s: %.0f output tok/s", rows[-1]["config"], rows[-1]["output_tok_s"])
+    return rows  # the caller frees the models (gc, empty_cache)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def versions() -> dict[str, str]:
+    import transformers
+    import triton
+
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    with contextlib.suppress(ImportError):
+        import peft
+
+        out["peft"] = peft.__version__
+    return out
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = make_checkpoint(Path(args.workdir), args.shape, args.num_adapters, args.rank)
+    loras = [
+        LoRARequest(p.name, i + 1, str(p))
+        for i, p in enumerate(adapter_paths(model_dir, args.rank, args.num_adapters))
+    ]
+    prompts = make_prompts(args.num_prompts, args.input_len, args.seed)
+    patterns = [p for p in args.patterns.split(",") if p]
+    bw = copy_bandwidth() if args.device == "cuda" else 1e12
+    log.info("device-to-device copy: %.2f TB/s", bw / 1e12)
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "args": vars(args),
+        "versions": versions(),
+        "copy_bandwidth_tb_s": bw / 1e12,
+        "rows": rows,
+    }
+
+    def save() -> None:
+        (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "bench.md").write_text(table(result) + "\n")
+
+    if not args.skip_base:
+        llm = make_llm(model_dir, args, None)
+        warm_up(llm, [], args)
+        rows.append(run_lorastream(llm, "lorastream base", prompts, None, loras, args))
+        if (r := roofline_row(llm, "base", args, bw, None)) is not None:
+            rows.append(r)
+        close_llm(llm)
+        save()
+
+    if patterns:
+        llm = make_llm(model_dir, args, args.max_loras)
+        warm_up(llm, loras, args)
+        for pattern in patterns:
+            adapters = assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
+            prof = out / "profile" if args.profile and pattern == patterns[0] else None
+            rows.append(
+                run_lorastream(
+                    llm, f"lorastream {pattern}", prompts, adapters, loras, args, profile_dir=prof
+                )
+            )
+            save()
+        # Roofline with every slot in use, tokens spread over them (the distinct pattern).
+        slots = [i % args.max_loras for i in range(args.max_num_seqs)]
+        if (r := roofline_row(llm, f"{args.max_loras} adapters", args, bw, slots)) is not None:
+            rows.append(r)
+        close_llm(llm)
+        save()
+
+    if not args.skip_max_loras_1:
+        llm = make_llm(model_dir, args, 1)
+        warm_up(llm, loras, args)
+        n = min(args.max_loras_1_prompts, len(prompts))
+        adapters = assign_adapters("uniform", n, args.num_adapters, args.seed)
+        rows.append(
+            run_lorastream(
+                llm, "lorastream max_loras=1 (uniform)", prompts[:n], adapters, loras, args
+            )
+        )
+        close_llm(llm)
+        save()
+
+    if not args.skip_hf:
+        adapters = assign_adapters("uniform", len(prompts), args.num_adapters, args.seed)
+        rows.extend(run_hf(model_dir, prompts, adapters, args))
+        gc.collect()
+        torch.cuda.empty_cache()
+        save()
+
+    summarize(result)
+    save()
+    return result
+
+
+def summarize(result: dict[str, Any]) -> None:
+    """Ratios against the issue's targets."""
+    by = {r["config"]: r for r in result["rows"]}
+    base = by.get("lorastream base", {}).get("output_tok_s")
+    peft = by.get("HF transformers + PEFT (mixed adapters)", {}).get("output_tok_s")
+    targets: dict[str, Any] = {}
+    for pattern in PATTERNS:
+        row = by.get(f"lorastream {pattern}")
+        if row is None:
+            continue
+        if base:
+            targets[f"{pattern} / base (>= 0.90)"] = row["output_tok_s"] / base
+        if peft:
+            targets[f"{pattern} / HF PEFT (>= 50)"] = row["output_tok_s"] / peft
+    for r in result["rows"]:
+        if r["config"].startswith("roofline"):
+            targets[f"{r['config']} fraction (>= 0.65)"] = r["fraction_of_roofline"]
+    result["targets"] = targets
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| config | prompts | output tok/s | elapsed s | decode step ms (median) | "
+        "host ms/step: schedule / execute / update / detok | graph steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    roof = [
+        "",
+        "| roofline | batch | context | graph step ms | eager step ms | GB read (w/kv/lora) | roofline ms | fraction |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        c = r["config"]
+        if c.startswith("roofline"):
+            gb = r["bytes_gb"]
+            roof.append(
+                f"| {c} | {r['batch']} | {r['context']} | {r['graph_step_ms']:.2f} | "
+                f"{r['eager_step_ms']:.2f} | {gb['weights']:.2f} / {gb['kv']:.2f} / {gb['lora']:.2f} | "
+                f"{r['roofline_ms']:.2f} | {r['fraction_of_roofline']:.2f} |"
+            )
+        elif c.startswith("HF"):
+            lines.append(
+                f"| {c} (batch {r['batch']}, projected) | | {r['output_tok_s']:.0f} | "
+                f"{r['projected_elapsed_s']:.1f} | {r['decode_step_ms']:.1f} | | |"
+            )
+        else:
+            lines.append(
+                f"| {c} | {r['num_prompts']} | {r['output_tok_s']:.0f} | {r['elapsed_s']:.2f} | "
+                f"{r['decode_step_ms_median']:.2f} | {r['schedule_ms']:.2f} / {r['execute_ms']:.2f} / "
+                f"{r['update_ms']:.2f} / {r['detokenize_and_outputs_ms']:.2f} | {r['graph_steps']} |"
+            )
+    targets = ["", "| target | value |", "|---|---|"] + [
+        f"| {k} | {v:.3f} |" for k, v in result.get("targets", {}).items()
+    ]
+    head = f"copy bandwidth: {result['copy_bandwidth_tb_s']:.2f} TB/s; " + ", ".join(
+        f"{k} {v}" for k, v in result["versions"].items()
+    )
+    return "\n".join([head, "", *lines, *roof, *targets])
+
+
+# ----------------------------------------------------------------------------- tiny check
+
+
+def tiny_check(args: argparse.Namespace) -> dict[str, Any]:
+    """Tiny checkpoints on CUDA vs transformers + PEFT, float32 and bfloat16."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    root = Path(tempfile.mkdtemp(prefix="tiny-check-"))
+    prompts = [
+        "The quick brown fox jumps over the lazy dog",
+        "Once upon a time",
+        "In the beginning the model said that the answer to everything was",
+        "Serving many users at once is a different problem.",
+    ]
+    max_tokens = 16
+    result: dict[str, Any] = {"versions": versions(), "runs": []}
+    for arch, seed in (("llama", 0), ("qwen2", 1), ("mistral", 2)):
+        model_dir = tiny.make_tiny_model(root / arch, num_adapters=4, arch=arch, seed=seed)
+        adapters = sorted(p for p in (model_dir / "adapters").iterdir() if p.is_dir())
+        loras: list[LoRARequest | None] = [None] + [
+            LoRARequest(p.name, i + 1, str(p)) for i, p in enumerate(adapters)
+        ]
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        ref32 = _peft_model(model_dir, adapters, torch.float32, args.device)
+        for dtype_name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+            ref = (
+                ref32
+                if dtype == torch.float32
+                else _peft_model(model_dir, adapters, dtype, args.device)
+            )
+            llm = LLM(
+                str(model_dir),
+                device=args.device,
+                dtype=dtype_name,
+                enable_lora=True,
+                max_loras=4,
+                max_lora_rank=32,
+                max_num_seqs=16,
+            )
+            params = SamplingParams(
+                temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=5
+            )
+            jobs = [(p, lo) for p in prompts for lo in loras]
+            outs = llm.generate([p for p, _ in jobs], params, [lo for _, lo in jobs])
+            match = identical = 0
+            max_lp = max_lp_hf = 0.0
+            for (prompt, lora), o in zip(jobs, outs, strict=True):
+                ids = tokenizer.encode(prompt)
+                got = o.outputs[0].token_ids
+                # Greedy tokens against the reference in the same dtype.
+                greedy = _hf_greedy(ref, ids, lora, max_tokens)
+                match += sum(a == b for a, b in zip(got, greedy, strict=True))
+                identical += got == greedy
+                # Logprobs against float32 PEFT, teacher-forced along the engine's tokens.
+                lp_ref = _hf_logprobs(ref32, ids, got, lora)  # [n, V]
+                # The same for PEFT in this dtype: how far it is itself from float32.
+                lp_hf = _hf_logprobs(ref, ids, got, lora) if ref is not ref32 else lp_ref
+                for step, entry in enumerate(o.outputs[0].logprobs or []):
+                    for tid, lp in entry.items():
+                        max_lp = max(max_lp, abs(lp - float(lp_ref[step, tid])))
+                        hf_diff = abs(float(lp_hf[step, tid]) - float(lp_ref[step, tid]))
+                        max_lp_hf = max(max_lp_hf, hf_diff)
+            result["runs"].append(
+                {
+                    "arch": arch,
+                    "dtype": dtype_name,
+                    "tokens_matching": match,
+                    "tokens_total": max_tokens * len(jobs),
+                    "sequences_identical": identical,
+                    "sequences": len(jobs),
+                    "max_abs_logprob_diff_vs_fp32_peft_top5": max_lp,
+                    "peft_same_dtype_max_abs_logprob_diff_vs_fp32_top5": max_lp_hf,
+                    "graph_steps": llm.llm_engine.runner.timings.graph_steps,
+                }
+            )
+            log.info("tiny %s %s: %s", arch, dtype_name, result["runs"][-1])
+            close_llm(llm)
+            if ref is not ref32:
+                del ref
+            gc.collect()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tiny_check.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _peft_model(model_dir: Path, adapters: list[Path], dtype: torch.dtype, device: str) -> Any:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=device).eval()
+    model = PeftModel.from_pretrained(base, adapters[0], adapter_name=adapters[0].name)
+    for a in adapters[1:]:
+        model.load_adapter(a, adapter_name=a.name)
+    return model.eval()
+
+
+def _hf_context(model: Any, lora: LoRARequest | None) -> Any:
+    if lora is None:
+        return model.disable_adapter()
+    model.set_adapter(lora.lora_name)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def _hf_greedy(model: Any, ids: list[int], lora: LoRARequest | None, n: int) -> list[int]:
+    out: list[int] = []
+    with _hf_context(model, lora):
+        for _ in range(n):
+            logits = model(torch.tensor([ids + out], device=model.device)).logits[0, -1]
+            out.append(int(logits.argmax()))
+    return out
+
+
+@torch.inference_mode()
+def _hf_logprobs(
+    model: Any, ids: list[int], got: list[int], lora: LoRARequest | None
+) -> torch.Tensor:
+    with _hf_context(model, lora):
+        logits = model(torch.tensor([ids + got], device=model.device)).logits[0].float()
+    return torch.log_softmax(logits[len(ids) - 1 : len(ids) - 1 + len(got)], dim=-1).cpu()
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py needs a CUDA device (or --device cpu for a dry run)")
+    if args.mode == "tiny-check":
+        tiny_check(args)
+        return
+    result = bench(args)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
