@@ -346,7 +346,8 @@ def _copy_timings(t: Any) -> Any:
 
 @contextlib.contextmanager
 def _profiler(out_dir: Path | None) -> Iterator[Callable[[], None] | None]:
-    """Profiles engine steps 40..43 of the run (decode steps at the workload's sizes);
+    """Profiles engine steps 40..43 of the run (decode steps at the workload's sizes),
+    graphs included (their kernels show as one launch each);
     yields the per-step hook, None when not profiling."""
     if out_dir is None:
         yield None
@@ -448,7 +449,12 @@ def decode_bytes(
 
 
 def roofline_row(
-    llm: LLM, name: str, args: argparse.Namespace, bw: float, lora_slots: list[int] | None
+    llm: LLM,
+    name: str,
+    args: argparse.Namespace,
+    bw: float,
+    lora_slots: list[int] | None,
+    profile_path: Path | None = None,
 ) -> dict[str, Any] | None:
     runner = llm.llm_engine.runner
     batch = args.max_num_seqs
@@ -458,6 +464,15 @@ def roofline_row(
     replay, eager = runner.synthetic_decode(batch, context, lora_slots)
     graph_s = time_cuda(replay)
     eager_s = time_cuda(eager, iters=5)
+    if profile_path is not None:  # kernels of one eager decode step (a graph hides them)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            for _ in range(3):
+                eager()
+            _sync()
+        profile_path.parent.mkdir(parents=True, exist_ok=True)
+        profile_path.write_text(p.key_averages().table(sort_by="cuda_time_total", row_limit=30))
     nbytes = decode_bytes(llm, batch, context, lora_slots)
     ideal_s = sum(nbytes.values()) / bw
     return {
@@ -592,7 +607,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         llm = make_llm(model_dir, args, None)
         warm_up(llm, [], args)
         rows.append(run_lorastream(llm, "lorastream base", prompts, None, loras, args))
-        if (r := roofline_row(llm, "base", args, bw, None)) is not None:
+        prof = out / "profile" / "decode_kernels_base.txt" if args.profile else None
+        if (r := roofline_row(llm, "base", args, bw, None, prof)) is not None:
             rows.append(r)
         close_llm(llm)
         save()
@@ -602,16 +618,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         warm_up(llm, loras, args)
         for pattern in patterns:
             adapters = assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
-            prof = out / "profile" if args.profile and pattern == patterns[0] else None
             rows.append(
-                run_lorastream(
-                    llm, f"lorastream {pattern}", prompts, adapters, loras, args, profile_dir=prof
-                )
+                run_lorastream(llm, f"lorastream {pattern}", prompts, adapters, loras, args)
             )
             save()
+        if args.profile:  # an extra, untimed run: the profiler slows the steps it records
+            adapters = assign_adapters(patterns[0], len(prompts), args.num_adapters, args.seed)
+            run_lorastream(llm, "profile", prompts, adapters, loras, args, out / "profile")
         # Roofline with every slot in use, tokens spread over them (the distinct pattern).
         slots = [i % args.max_loras for i in range(args.max_num_seqs)]
-        if (r := roofline_row(llm, f"{args.max_loras} adapters", args, bw, slots)) is not None:
+        prof = out / "profile" / "decode_kernels_lora.txt" if args.profile else None
+        name = f"{args.max_loras} adapters"
+        if (r := roofline_row(llm, name, args, bw, slots, prof)) is not None:
             rows.append(r)
         close_llm(llm)
         save()
