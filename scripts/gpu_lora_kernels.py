@@ -45,6 +45,12 @@ LAYERS: dict[str, tuple[int, list[int]]] = {
     "down_proj": (14336, [4096]),
 }
 NUM_ADAPTERS = 32
+DEVICE = "cuda"
+SMOKE = os.environ.get("LORA_BENCH_SMOKE") == "1"
+if SMOKE:  # a CPU dry run of this script's logic (Triton interpreter, tiny shapes)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    DEVICE = "cpu"
+    LAYERS = {k: (in_f // 128, [n // 128 for n in ns]) for k, (in_f, ns) in LAYERS.items()}
 
 
 def run_tests(out: Path, workers: int) -> dict[str, Any]:
@@ -72,6 +78,10 @@ def bench(fn: Callable[[], object]) -> float:
     """Median microseconds (do_bench flushes L2 before each run)."""
     from triton.testing import do_bench
 
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e6
     return float(do_bench(fn, warmup=10, rep=60, return_mode="median")) * 1e3
 
 
@@ -79,28 +89,29 @@ def make_layer(in_f: int, slices: list[int], ranks: list[int], max_rank: int) ->
     from engine.lora.layers import LoRALinear
 
     layer = LoRALinear(
-        in_f, slices, [f"s{i}" for i in range(len(slices))], dtype=torch.bfloat16, device="cuda"
+        in_f, slices, [f"s{i}" for i in range(len(slices))], dtype=torch.bfloat16, device=DEVICE
     )
     layer.weight.normal_(0, 0.02)
     layer.create_lora_buffers(NUM_ADAPTERS, max_rank, torch.bfloat16)
     for slot in range(NUM_ADAPTERS):
         r = ranks[slot % len(ranks)]
         for s, n in enumerate(slices):
-            a = torch.randn(r, in_f, device="cuda", dtype=torch.bfloat16) / in_f**0.5
-            b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16) / r**0.5
+            a = torch.randn(r, in_f, device=DEVICE, dtype=torch.bfloat16) / in_f**0.5
+            b = torch.randn(n, r, device=DEVICE, dtype=torch.bfloat16) / r**0.5
             layer.set_lora(slot, s, a, b)
     return layer
 
 
 def scenario_slots(name: str, rng: random.Random) -> list[int]:
+    seqs, prompt = (256, 128) if not SMOKE else (64, 8)
     if name == "decode-one":  # every sequence on one adapter
-        return [0] * 256
+        return [0] * seqs
     if name.startswith("decode"):  # 256 sequences, 8 per adapter, interleaved
-        slots = [i % NUM_ADAPTERS for i in range(256)]
+        slots = [i % NUM_ADAPTERS for i in range(seqs)]
         rng.shuffle(slots)
         return slots
     assert name == "prefill"  # 32 prompts of 128 tokens, one adapter each
-    return [i // 128 for i in range(4096)]
+    return [i // prompt for i in range(NUM_ADAPTERS * prompt)]
 
 
 def lora_bytes(layer: Any, slots: list[int], rank_of: Callable[[int], int]) -> int:
@@ -139,8 +150,8 @@ class Case:
         in_f, slices = LAYERS[lname]
         layer = make_layer(in_f, slices, ranks, max_rank)
         slots = scenario_slots(scen, rng)
-        x = torch.randn(len(slots), in_f, device="cuda", dtype=torch.bfloat16)
-        meta = build_lora_metadata(slots, torch.device("cuda"), block_m=block_m)
+        x = torch.randn(len(slots), in_f, device=DEVICE, dtype=torch.bfloat16)
+        meta = build_lora_metadata(slots, torch.device(DEVICE), block_m=block_m)
         return cls(layer, slots, x, torch.nn.functional.linear(x, layer.weight), meta)
 
     def bufs(self) -> tuple[Any, ...]:
@@ -290,57 +301,50 @@ def run_sweep(out: Path, results: dict[str, Any]) -> None:
 
 def host_costs(results: dict[str, Any]) -> None:
     """Host microseconds per build_lora_metadata and per add_lora launch (no sync)."""
-    from engine.lora.kernels import add_lora
     from engine.lora.layers import build_lora_metadata
 
-    dev = torch.device("cuda")
     costs: dict[str, float] = {}
-    for name, slots in (
-        ("decode256", scenario_slots("decode", random.Random(2))),
-        ("prefill4096", scenario_slots("prefill", random.Random(2))),
-    ):
-        build_lora_metadata(slots, dev)
+    for scen in ("decode", "prefill"):
+        slots = scenario_slots(scen, random.Random(2))
+        build_lora_metadata(slots, torch.device(DEVICE))
         t0 = time.perf_counter()
         for _ in range(50):
-            build_lora_metadata(slots, dev)
-        costs[f"build_metadata_{name}_us"] = (time.perf_counter() - t0) / 50 * 1e6
-    layer = make_layer(4096, [4096, 1024, 1024], [16], 16)
-    slots = scenario_slots("decode", random.Random(3))
-    meta = build_lora_metadata(slots, dev)
-    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
-    y = torch.nn.functional.linear(x, layer.weight)
-    bufs = (
-        layer.lora_a_stacked,
-        layer.lora_b_stacked,
-        layer.lora_ranks,
-        layer.slice_offsets,
-        layer.out_slices,
-    )
-    add_lora(y, x, *bufs, meta)
-    torch.cuda.synchronize()
+            build_lora_metadata(slots, torch.device(DEVICE))
+        costs[f"build_metadata_{scen}_{len(slots)}_us"] = (time.perf_counter() - t0) / 50 * 1e6
+    c = Case.make("qkv_proj", "decode", [16], 16, random.Random(3))
+    c.add_lora()
+    sync()
     t0 = time.perf_counter()
-    for _ in range(200):
-        add_lora(y, x, *bufs, meta)
-    costs["add_lora_launch_us"] = (time.perf_counter() - t0) / 200 * 1e6
-    torch.cuda.synchronize()
-    # Same with a CUDA graph of 32 calls (as a decode step of 32 layers would replay).
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(32):
-            add_lora(y, x, *bufs, meta)
-    g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(20):
+    for _ in range(100):
+        c.add_lora()
+    costs["add_lora_host_launch_us"] = (time.perf_counter() - t0) / 100 * 1e6
+    sync()
+    if DEVICE == "cuda":
+        # 32 calls in one CUDA graph, as a decode step of 32 layers replays them (L2 warm).
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(32):
+                c.add_lora()
         g.replay()
-    torch.cuda.synchronize()
-    costs["add_lora_in_graph_us_per_call_L2_warm"] = (time.perf_counter() - t0) / 20 / 32 * 1e6
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            g.replay()
+        sync()
+        costs["add_lora_in_graph_us_per_call_L2_warm"] = (time.perf_counter() - t0) / 640 * 1e6
     results["host"] = costs
     print("host", {k: round(v, 1) for k, v in costs.items()}, flush=True)
 
 
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def copy_bandwidth() -> float:
-    a = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    if SMOKE:
+        return 0.0
+    a = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
     b = torch.empty_like(a)
     us = bench(lambda: b.copy_(a))
     return 2 * a.numel() / us / 1e3  # GB/s, read + write
@@ -391,7 +395,7 @@ def main() -> None:
 
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),

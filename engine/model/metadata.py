@@ -35,8 +35,10 @@ class LoRAMetadata:
 
     Built by ``engine.lora.layers.build_lora_metadata`` from the host list of slots, with
     one host-to-device copy. ``T`` is the number of (possibly padded) tokens, ``G`` the
-    tile capacity. Device layout, all int64, every field a view of ``packed``
-    (``[2 * T + 3 * G]``, in this order) so that refreshing static buffers is one copy:
+    tile capacity, ``T2`` is ``T`` rounded up to even. Device layout, all int64, every field
+    a view of ``packed`` (``[2 * T2 + 3 * G]``: ``token_slots`` at 0, ``sorted_token_ids`` at
+    ``T2``, ``tiles`` at ``2 * T2``, so each starts 16-byte aligned), so that refreshing
+    static buffers is one copy; the entry between ``T`` and ``T2`` is ``-1`` then ``0``:
 
     ====================  ==========  ======================================================
     field                 shape       contents / padding rule
@@ -72,7 +74,7 @@ class LoRAMetadata:
     tiles: torch.Tensor | None = None  # [3, G] int64: slot, start, length
     block_m: int = 16
     is_static: bool = False
-    packed: torch.Tensor | None = None  # [2 * T + 3 * G] int64, backs the three fields above
+    packed: torch.Tensor | None = None  # [2 * T2 + 3 * G] int64, backs the three fields above
 
     @property
     def empty(self) -> bool:

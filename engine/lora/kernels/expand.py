@@ -17,7 +17,9 @@ import triton.language as tl
 from engine.model.metadata import LoRAMetadata
 
 
-@triton.jit(do_not_specialize=["num_slices"])  # often 1: no extra compile for it
+# Triton compiles a variant per value class (== 1, divisible by 16) of each int argument;
+# these only index, so one variant serves them all.
+@triton.jit(do_not_specialize=["R", "stride_ht", "num_slices"])
 def _lora_expand_kernel(
     h_ptr,  # [T, S * R] float32
     b_ptr,  # [L, N, R]
@@ -106,7 +108,11 @@ def lora_expand(
     slice_offsets: torch.Tensor,  # [S + 1] int32 on y's device
     out_slices: list[int],  # host copy of the slice widths (sizes the grid)
     lora: LoRAMetadata,
+    *,
+    block_n: int | None = None,
+    num_warps: int = 4,
 ) -> None:
+    """``block_n`` overrides the heuristic (tests, tuning)."""
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
     _num_loras, n, max_rank = lora_b.shape
@@ -118,7 +124,8 @@ def lora_expand(
     num_tiles = lora.tiles.shape[1]
     if num_tiles == 0:
         return
-    block_n, block_r = expand_config(max_rank, lora.block_m)
+    auto_block_n, block_r = expand_config(max_rank, lora.block_m)
+    block_n = auto_block_n if block_n is None else block_n
     grid = (num_tiles, triton.cdiv(max(out_slices), block_n), num_slices)
     _lora_expand_kernel[grid](
         h,
@@ -141,5 +148,5 @@ def lora_expand(
         BLOCK_R=block_r,
         ROUND_H=lora_b.dtype != torch.float32,
         DOT_FP32=lora_b.dtype == torch.float32 or _interpreted_bf16(y, lora_b.dtype),
-        num_warps=4,
+        num_warps=num_warps,
     )

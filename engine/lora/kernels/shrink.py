@@ -20,8 +20,9 @@ import triton.language as tl
 from engine.model.metadata import LoRAMetadata
 
 
-# num_slices and split_k often equal 1: specializing on that would only add compiles.
-@triton.jit(do_not_specialize=["num_slices", "split_k"])
+# Triton compiles a variant per value class (== 1, divisible by 16) of each int argument;
+# these only index, so one variant serves them all.
+@triton.jit(do_not_specialize=["SR", "R", "stride_ht", "num_slices", "split_k"])
 def _lora_shrink_kernel(
     x_ptr,  # [T, K]
     a_ptr,  # [L, S * R, K], contiguous in its last two dims
@@ -126,9 +127,13 @@ def lora_shrink(
     lora: LoRAMetadata,
     *,
     split_k: int | None = None,
+    block_k: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """h: [T, S * R] float32. Rows of tokens without an adapter, and columns of a (slot,
-    slice) whose rank is 0, are left unwritten: ``lora_expand`` reads neither."""
+    slice) whose rank is 0, are left unwritten: ``lora_expand`` reads neither.
+
+    ``split_k`` and ``block_k`` override the heuristic (tests, tuning)."""
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
     num_tokens, k = x.shape
@@ -139,7 +144,8 @@ def lora_shrink(
     assert lora_a.stride(3) == 1
     sr = num_slices * max_rank
     num_tiles = lora.tiles.shape[1]
-    block_n, block_k, auto_split = shrink_config(x, sr, k, num_tiles, lora.block_m)
+    block_n, auto_block_k, auto_split = shrink_config(x, sr, k, num_tiles, lora.block_m)
+    block_k = auto_block_k if block_k is None else block_k
     split_k = auto_split if split_k is None else split_k
     alloc = torch.zeros if split_k > 1 else torch.empty  # split K adds into h
     h = alloc(num_tokens, sr, dtype=torch.float32, device=x.device)
@@ -175,6 +181,6 @@ def lora_shrink(
         BLOCK_K=block_k,
         ATOMIC=split_k > 1,
         DOT_FP32=dot_fp32,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return h
