@@ -290,10 +290,13 @@ def make_llm(model_dir: Path, args: argparse.Namespace, max_loras: int | None) -
 
 
 def close_llm(llm: LLM) -> None:
+    """Stop the adapter loader; the caller drops its reference, then ``free_memory()``."""
     manager = llm.llm_engine.runner.lora_manager
     if manager is not None:
         manager.close()
-    del llm
+
+
+def free_memory() -> None:
     gc.collect()
     _sync()
     torch.cuda.empty_cache()
@@ -369,18 +372,28 @@ def _profiler(out_dir: Path | None) -> Iterator[Callable[[], None] | None]:
         yield p.step
 
 
-def warm_up(llm: LLM, loras: list[LoRARequest], args: argparse.Namespace) -> None:
-    """Prefill and decode shapes compiled, adapters read from disk, before any timing."""
-    n = min(args.max_num_seqs, 8)
-    prompts = make_prompts(n, args.input_len, seed=12345)
-    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
-    reqs = [loras[i % len(loras)] for i in range(n)] if loras else None
-    llm.generate([{"prompt_token_ids": p} for p in prompts], params, reqs)
+def warm_up(llm: LLM, loras: list[LoRARequest], args: argparse.Namespace, n: int) -> None:
+    """Adapters read from disk and every kernel compiled at the workload's shapes (prefill
+    chunks, decode batches) before any timing: ``n`` prompts, 3 output tokens each."""
     for lora in loras:
         llm.llm_engine.add_lora(lora)
+    prompts = make_prompts(n, args.input_len, seed=12345)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    reqs = [loras[i % len(loras)] for i in range(n)] if loras else None
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, reqs)
 
 
 # ----------------------------------------------------------------------------- roofline
+
+
+@contextlib.contextmanager
+def section(name: str, rows: list[dict[str, Any]]) -> Iterator[None]:
+    """Run one part of the benchmark; a failure becomes an error row, the rest still runs."""
+    try:
+        yield
+    except Exception as e:  # a benchmark reports what broke and carries on
+        log.exception("%s failed", name)
+        rows.append({"config": f"error: {name}", "error": f"{type(e).__name__}: {e}"})
 
 
 def _sync() -> None:
@@ -604,59 +617,87 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         (out / "bench.md").write_text(table(result) + "\n")
 
     if not args.skip_base:
-        llm = make_llm(model_dir, args, None)
-        warm_up(llm, [], args)
-        rows.append(run_lorastream(llm, "lorastream base", prompts, None, loras, args))
-        prof = out / "profile" / "decode_kernels_base.txt" if args.profile else None
-        if (r := roofline_row(llm, "base", args, bw, None, prof)) is not None:
-            rows.append(r)
-        close_llm(llm)
+        with section("base", rows):
+            bench_base(model_dir, prompts, loras, args, bw, rows, out)
+        free_memory()
         save()
-
     if patterns:
-        llm = make_llm(model_dir, args, args.max_loras)
-        warm_up(llm, loras, args)
-        for pattern in patterns:
-            adapters = assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
-            rows.append(
-                run_lorastream(llm, f"lorastream {pattern}", prompts, adapters, loras, args)
-            )
-            save()
-        if args.profile:  # an extra, untimed run: the profiler slows the steps it records
-            adapters = assign_adapters(patterns[0], len(prompts), args.num_adapters, args.seed)
-            run_lorastream(llm, "profile", prompts, adapters, loras, args, out / "profile")
-        # Roofline with every slot in use, tokens spread over them (the distinct pattern).
-        slots = [i % args.max_loras for i in range(args.max_num_seqs)]
-        prof = out / "profile" / "decode_kernels_lora.txt" if args.profile else None
-        name = f"{args.max_loras} adapters"
-        if (r := roofline_row(llm, name, args, bw, slots, prof)) is not None:
-            rows.append(r)
-        close_llm(llm)
+        with section("adapters", rows):
+            bench_patterns(model_dir, prompts, loras, patterns, args, bw, rows, out, save)
+        free_memory()
         save()
-
     if not args.skip_max_loras_1:
-        llm = make_llm(model_dir, args, 1)
-        warm_up(llm, loras, args)
-        n = min(args.max_loras_1_prompts, len(prompts))
-        adapters = assign_adapters("uniform", n, args.num_adapters, args.seed)
-        rows.append(
-            run_lorastream(
-                llm, "lorastream max_loras=1 (uniform)", prompts[:n], adapters, loras, args
-            )
-        )
-        close_llm(llm)
+        with section("max_loras=1", rows):
+            llm = make_llm(model_dir, args, 1)
+            n = min(args.max_loras_1_prompts, len(prompts))
+            warm_up(llm, loras[:1], args, n)
+            adapters = assign_adapters("uniform", n, args.num_adapters, args.seed)
+            name = "lorastream max_loras=1 (uniform)"
+            rows.append(run_lorastream(llm, name, prompts[:n], adapters, loras, args))
+            close_llm(llm)
+            del llm
+        free_memory()
         save()
-
     if not args.skip_hf:
-        adapters = assign_adapters("uniform", len(prompts), args.num_adapters, args.seed)
-        rows.extend(run_hf(model_dir, prompts, adapters, args))
-        gc.collect()
-        torch.cuda.empty_cache()
+        with section("hf", rows):
+            adapters = assign_adapters("uniform", len(prompts), args.num_adapters, args.seed)
+            rows.extend(run_hf(model_dir, prompts, adapters, args))
+        free_memory()
         save()
 
     summarize(result)
     save()
     return result
+
+
+def bench_base(
+    model_dir: Path,
+    prompts: list[list[int]],
+    loras: list[LoRARequest],
+    args: argparse.Namespace,
+    bw: float,
+    rows: list[dict[str, Any]],
+    out: Path,
+) -> None:
+    llm = make_llm(model_dir, args, None)
+    warm_up(llm, [], args, len(prompts))
+    rows.append(run_lorastream(llm, "lorastream base", prompts, None, loras, args))
+    prof = out / "profile" / "decode_kernels_base.txt" if args.profile else None
+    with section("roofline base", rows):
+        if (r := roofline_row(llm, "base", args, bw, None, prof)) is not None:
+            rows.append(r)
+    close_llm(llm)
+
+
+def bench_patterns(
+    model_dir: Path,
+    prompts: list[list[int]],
+    loras: list[LoRARequest],
+    patterns: list[str],
+    args: argparse.Namespace,
+    bw: float,
+    rows: list[dict[str, Any]],
+    out: Path,
+    save: Callable[[], None],
+) -> None:
+    llm = make_llm(model_dir, args, args.max_loras)
+    warm_up(llm, loras, args, len(prompts))
+    for pattern in patterns:
+        adapters = assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
+        rows.append(run_lorastream(llm, f"lorastream {pattern}", prompts, adapters, loras, args))
+        save()
+    # Roofline with every slot in use, tokens spread over them (the distinct pattern).
+    slots = [i % args.max_loras for i in range(args.max_num_seqs)]
+    prof = out / "profile" / "decode_kernels_lora.txt" if args.profile else None
+    with section("roofline adapters", rows):
+        name = f"{args.max_loras} adapters"
+        if (r := roofline_row(llm, name, args, bw, slots, prof)) is not None:
+            rows.append(r)
+    if args.profile:  # an extra, untimed run: the profiler slows the steps it records
+        with section("profile", rows):
+            adapters = assign_adapters(patterns[0], len(prompts), args.num_adapters, args.seed)
+            run_lorastream(llm, "profile", prompts, adapters, loras, args, out / "profile")
+    close_llm(llm)
 
 
 def summarize(result: dict[str, Any]) -> None:
@@ -704,6 +745,8 @@ def table(result: dict[str, Any]) -> str:
                 f"| {c} (batch {r['batch']}, projected) | | {r['output_tok_s']:.0f} | "
                 f"{r['projected_elapsed_s']:.1f} | {r['decode_step_ms']:.1f} | | |"
             )
+        elif c.startswith("error"):
+            lines.append(f"| {c} | | | | | {r['error'][:200]} | |")
         else:
             lines.append(
                 f"| {c} | {r['num_prompts']} | {r['output_tok_s']:.0f} | {r['elapsed_s']:.2f} | "
@@ -798,6 +841,7 @@ def tiny_check(args: argparse.Namespace) -> dict[str, Any]:
             )
             log.info("tiny %s %s: %s", arch, dtype_name, result["runs"][-1])
             close_llm(llm)
+            del llm
             if ref is not ref32:
                 del ref
             gc.collect()

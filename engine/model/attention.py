@@ -24,20 +24,20 @@ programs per query block whose partial softmax states a second kernel merges.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
 from engine.model.metadata import AttentionMetadata
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # CPU-only installs: the references below are all there is
-    HAS_TRITON = False
+# Triton is imported on first use only (``_jit``): it decides at import and decoration time
+# whether to interpret kernels, and the CPU tests turn the interpreter on after the engine's
+# modules are imported. CPU-only installs need not have it.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+tl: Any = None  # triton.language, bound by _jit(); the kernel bodies read it at compile time
 
 
 def store_kv_reference(
@@ -147,8 +147,8 @@ def _num_sms(device_index: int) -> int:
 
 
 if HAS_TRITON:
+    # Plain functions here; ``_jit()`` decorates them on first use (see there).
 
-    @triton.jit
     def _store_kv_kernel(
         k_ptr,
         v_ptr,
@@ -179,7 +179,6 @@ if HAS_TRITON:
         tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=ok)
         tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=ok)
 
-    @triton.jit
     def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
         # Sequence i owns programs [qsl[i] // BLOCK_Q + i, qsl[i + 1] // BLOCK_Q + i + 1),
         # at least ceil(q_len / BLOCK_Q) of them; find the last i whose first program <= pid.
@@ -194,7 +193,6 @@ if HAS_TRITON:
                 hi = mid
         return lo - 1
 
-    @triton.jit
     def _paged_attention_kernel(
         q_ptr,
         k_cache_ptr,
@@ -322,7 +320,6 @@ if HAS_TRITON:
             tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
             tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
 
-    @triton.jit
     def _merge_splits_kernel(
         part_acc_ptr,
         part_ml_ptr,
@@ -353,6 +350,24 @@ if HAS_TRITON:
         )
 
 
+@functools.cache
+def _jit() -> dict[str, Any]:
+    """The kernels, decorated on first use rather than at import: Triton decides when it
+    decorates whether to interpret (``TRITON_INTERPRET=1``, the CPU tests), and tests set
+    that after the engine's modules are imported."""
+    import triton
+    import triton.language
+
+    globals()["tl"] = triton.language
+    globals()["_find_seq"] = triton.jit(_find_seq)  # called by name from the attention kernel
+    return {
+        "store_kv": triton.jit(_store_kv_kernel),
+        # The batch size changes every step: specializing on it would compile again and again.
+        "attention": triton.jit(do_not_specialize=["num_seqs"])(_paged_attention_kernel),
+        "merge": triton.jit(_merge_splits_kernel),
+    }
+
+
 def store_kv_triton(
     kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -364,7 +379,7 @@ def store_kv_triton(
     if not kv_cache.is_contiguous() or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("store_kv_triton needs a contiguous cache and unit-stride K/V rows")
     row = num_kv_heads * head_dim
-    _store_kv_kernel[(num_tokens,)](
+    _jit()["store_kv"][(num_tokens,)](
         k,
         v,
         kv_cache,
@@ -422,7 +437,7 @@ def paged_attention_triton(
         part_acc = part_ml = out  # unused
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
-    _paged_attention_kernel[grid](
+    _jit()["attention"][grid](
         q,
         k_cache,
         v_cache,
@@ -456,7 +471,7 @@ def paged_attention_triton(
         num_warps=4,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(num_tokens, num_heads)](
+        _jit()["merge"][(num_tokens, num_heads)](
             part_acc,
             part_ml,
             out,

@@ -98,7 +98,7 @@ class PackedInputs:
 
     Layout: ``input_ids [T] | positions [T] | slot_mapping [T] | logits_rows [N] |
     query_start_loc [B + 1] | seq_lens [B] | block_tables [B, W]``; the last three go to
-    the device as int32. Rows past ``num_real_seqs`` are padding (see the module docstring).
+    the device as int32, each starting at a multiple of 4 elements (gaps unused). Rows past ``num_real_seqs`` are padding (see the module docstring).
     """
 
     num_tokens: int
@@ -119,6 +119,21 @@ class PackedInputs:
     @property
     def int32_offset(self) -> int:
         return 3 * self.num_tokens + self.num_logits
+
+    @property
+    def seq_lens_offset(self) -> int:
+        """Of ``seq_lens`` inside the int32 part (16-byte aligned, see ``_align4``)."""
+        return _align4(self.num_seqs + 1)
+
+    @property
+    def block_tables_offset(self) -> int:
+        return self.seq_lens_offset + _align4(self.num_seqs)
+
+
+def _align4(n: int) -> int:
+    # int32 views handed to Triton start on 16-byte boundaries whatever the batch size:
+    # Triton specializes kernels on pointer alignment, and a step must not trigger a compile.
+    return -(-n // 4) * 4
 
 
 def pack_step(
@@ -157,9 +172,11 @@ def pack_step(
     out[3 * t : 3 * t + nl] = sample_rows
     o = 3 * t + nl
     out[o : o + b + 1] = qsl
-    seq_lens = out[o + b + 1 : o + 2 * b + 1]
+    o_lens = o + _align4(b + 1)
+    o_bt = o_lens + _align4(b)
+    seq_lens = out[o_lens : o_lens + b]
     np.add(starts, counts, out=seq_lens)
-    bt = out[o + 2 * b + 1 : o + 2 * b + 1 + b * width].reshape(b, width)
+    bt = out[o_bt : o_bt + b * width].reshape(b, width)
     bt[:] = 0
     for i, table in enumerate(tables):
         bt[i, : len(table)] = table
@@ -190,7 +207,7 @@ def pack_step(
         num_real_tokens=t_real,
         width=width,
         num_logits=nl,
-        total=o + 2 * b + 1 + b * width,
+        total=o_bt + b * width,
         max_seq_len=int(seq_lens.max()) if b else 0,
         query_start_loc=qsl,
         seq_lens=seq_lens.copy(),
@@ -254,7 +271,7 @@ class ModelRunner:
         self.max_num_seqs = sched.max_num_seqs
         self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
         cuda = self.device.type == "cuda"
-        cap = 4 * sched.max_num_batched_tokens + 3 * sched.max_num_seqs + 2
+        cap = 4 * sched.max_num_batched_tokens + 3 * sched.max_num_seqs + 12
         cap += sched.max_num_seqs * self.max_blocks_per_seq
         self._stage = torch.empty(cap, dtype=torch.int64, pin_memory=cuda)
         self._stage_np: np.ndarray = self._stage.numpy()
@@ -413,8 +430,8 @@ class ModelRunner:
         attn = AttentionMetadata(
             slot_mapping=dev[2 * t : 3 * t],
             query_start_loc=i32[: b + 1],
-            seq_lens=i32[b + 1 : 2 * b + 1],
-            block_tables=i32[2 * b + 1 :].view(b, w),
+            seq_lens=i32[p.seq_lens_offset : p.seq_lens_offset + b],
+            block_tables=i32[p.block_tables_offset :].view(b, w),
             query_start_loc_cpu=p.query_start_loc.tolist(),
             seq_lens_cpu=p.seq_lens.tolist(),
             max_query_len=int(np.diff(p.query_start_loc).max()) if b else 0,
@@ -443,8 +460,9 @@ class ModelRunner:
         b, w, o = p.num_seqs, p.width, p.int32_offset
         # ids | positions | slots are contiguous [3, B] in both buffers.
         self._g_tokens[:, :b].copy_(dev[: 3 * b].view(3, b))
-        self._g_seq_lens[:b].copy_(dev[o + b + 1 : o + 2 * b + 1])
-        self._g_block_tables[:b, :w].copy_(dev[o + 2 * b + 1 :].view(b, w))
+        lens, bt = o + p.seq_lens_offset, o + p.block_tables_offset
+        self._g_seq_lens[:b].copy_(dev[lens : lens + b])
+        self._g_block_tables[:b, :w].copy_(dev[bt:].view(b, w))
         if uses_lora and p.token_slots_lora is not None:
             static = self.graphs[b].lora
             assert static is not None
@@ -517,6 +535,19 @@ class ModelRunner:
         each ``context_len`` tokens long on blocks of its own (wrapping around the cache if it
         is too small), and ``lora_slots`` per sequence; for benchmarks, after serving is done
         (the step writes K/V into the cache). Returns (graph replay, eager forward)."""
+        with torch.inference_mode():  # the static buffers are inference tensors
+            self._fill_synthetic(batch_size, context_len, lora_slots)
+        g = self.graphs[batch_size]
+
+        def eager() -> torch.Tensor:
+            with torch.inference_mode():
+                return self.model(g.batch)
+
+        return g.graph.replay, eager
+
+    def _fill_synthetic(
+        self, batch_size: int, context_len: int, lora_slots: list[int] | None
+    ) -> None:
         g = self.graphs[batch_size]
         bs, nb = self.block_size, -(-context_len // self.block_size)
         blocks = (np.arange(batch_size * nb) % self.num_blocks).reshape(batch_size, nb)
@@ -531,12 +562,6 @@ class ModelRunner:
             slots_np = np.asarray(lora_slots if lora_slots is not None else [-1] * batch_size)
             self._copy_static_lora(slots_np.astype(np.int64), g.lora)
         torch.cuda.synchronize(self.device)
-
-        def eager() -> torch.Tensor:
-            with torch.inference_mode():
-                return self.model(g.batch)
-
-        return g.graph.replay, eager
 
 
 __all__ = [

@@ -83,10 +83,11 @@ def test_pack_step_matches_per_token_loop(decode, pad_to):
     assert buf[3 * t : 3 * t + p.num_logits].tolist() == ref["rows"]
     o = p.int32_offset
     qsl = buf[o : o + b + 1].tolist()
-    seq_lens = buf[o + b + 1 : o + 2 * b + 1].tolist()
+    seq_lens = buf[o + p.seq_lens_offset : o + p.seq_lens_offset + b].tolist()
     assert qsl[: len(scheduled) + 1] == ref["qsl"]
     assert seq_lens[: len(scheduled)] == ref["seq_lens"]
-    tables = buf[o + 2 * b + 1 : p.total].reshape(b, p.width)
+    assert (o + p.seq_lens_offset) % 4 == (o + p.block_tables_offset) % 4 == o % 4
+    tables = buf[o + p.block_tables_offset : p.total].reshape(b, p.width)
     for s, row in zip(scheduled, tables, strict=False):
         table = s.request.block_table
         assert row[: len(table)].tolist() == table
