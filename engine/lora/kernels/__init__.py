@@ -1,6 +1,7 @@
 """Batched multi-LoRA kernels (Triton) beside their torch references.
 
-``add_lora`` = ``lora_shrink`` (x · Aᵀ -> h, float32, all slices of a layer in one launch)
+``add_lora`` = ``lora_shrink`` (x · Aᵀ -> h, float32 partial sums over split K, all slices of
+a layer in one launch)
 then ``lora_expand`` (y[:, slice] += h · Bᵀ in place, one launch), over a batch whose tokens
 use different adapters, as ``LoRAMetadata`` tiles them. No host sync: every launch parameter
 comes from host-side shapes and the metadata's ``block_m``.
@@ -36,7 +37,7 @@ def add_lora(
     from engine.lora.kernels.expand import lora_expand
     from engine.lora.kernels.shrink import lora_shrink
 
-    h = lora_shrink(x, lora_a, lora_ranks, lora)  # [T, S * R] float32
+    h = lora_shrink(x, lora_a, lora_ranks, lora)  # [split_k, T, S * R] float32
     lora_expand(y, h, lora_b, lora_ranks, slice_offsets, out_slices, lora)
 
 

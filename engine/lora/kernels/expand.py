@@ -19,9 +19,9 @@ from engine.model.metadata import LoRAMetadata
 
 # Triton compiles a variant per value class (== 1, divisible by 16) of each int argument;
 # these only index, so one variant serves them all.
-@triton.jit(do_not_specialize=["R", "stride_ht", "num_slices"])
+@triton.jit(do_not_specialize=["R", "stride_hs", "stride_ht", "num_slices", "split_k"])
 def _lora_expand_kernel(
-    h_ptr,  # [T, S * R] float32
+    h_ptr,  # [split_k, T, S * R] float32 partial sums
     b_ptr,  # [L, N, R]
     y_ptr,  # [T, N], updated in place
     ranks_ptr,  # [L, S] int32
@@ -29,6 +29,7 @@ def _lora_expand_kernel(
     sorted_ids_ptr,  # [T] int64
     tiles_ptr,  # [3, G] int64: slot, start, length
     R,
+    stride_hs,
     stride_ht,
     stride_bl,
     stride_bn,
@@ -36,6 +37,7 @@ def _lora_expand_kernel(
     stride_yn,
     stride_tiles,
     num_slices,
+    split_k,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -63,17 +65,26 @@ def _lora_expand_kernel(
     col_ok = cols < n_hi
     offs_r = tl.arange(0, BLOCK_R)
 
+    y_ptrs = y_ptr + toks[:, None] * stride_yt + cols[None, :] * stride_yn
+    y_mask = row_ok[:, None] & col_ok[None, :]
+    # Issued first, so its latency hides behind the B loads and the dot.
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+
     h_ptrs = h_ptr + toks[:, None] * stride_ht + s * R  # [BM, 1]
     b_ptrs = b_ptr + slot * stride_bl + cols[None, :] * stride_bn  # [1, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         r = r0 + offs_r  # [BR]
         r_ok = r < rank
-        # Masked, not just zero-padded: h past the rank was never written.
-        h = tl.load(h_ptrs + r[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         b = tl.load(
             b_ptrs + r[:, None], mask=r_ok[:, None] & col_ok[None, :], other=0.0
         )  # [BR, BN]
+        # Masked, not just zero-padded: h past the rank was never written. The split-K
+        # planes are added in order, so the sum does not depend on timing.
+        h_mask = row_ok[:, None] & r_ok[None, :]
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for sk in range(split_k):
+            h += tl.load(h_ptrs + sk * stride_hs + r[None, :], mask=h_mask, other=0.0)
         if ROUND_H:  # a 16-bit B: h enters the product in B's dtype, as on tensor cores
             h = h.to(b.dtype)
         if DOT_FP32:
@@ -81,9 +92,6 @@ def _lora_expand_kernel(
         else:
             acc += tl.dot(h, b)
 
-    y_ptrs = y_ptr + toks[:, None] * stride_yt + cols[None, :] * stride_yn
-    y_mask = row_ok[:, None] & col_ok[None, :]
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
@@ -94,15 +102,16 @@ def _interpreted_bf16(t: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def expand_config(max_rank: int, block_m: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_R). Few distinct blocks: each is a compile."""
+    """(BLOCK_N, BLOCK_R). Few distinct blocks: each is a compile. Wide column blocks give
+    long contiguous runs of each gathered y row (best on an H200 for 32-token tiles)."""
     block_r = 16 if max_rank <= 16 else 64
-    block_n = 128 if block_m <= 32 else 64
+    block_n = 128 if block_m <= 16 else 256
     return block_n, block_r
 
 
 def lora_expand(
     y: torch.Tensor,  # [T, N], updated in place
-    h: torch.Tensor,  # [T, S * R] float32, from lora_shrink
+    h: torch.Tensor,  # [split_k, T, S * R] float32 partial sums, from lora_shrink
     lora_b: torch.Tensor,  # [L, N, R]
     lora_ranks: torch.Tensor,  # [L, S] int32
     slice_offsets: torch.Tensor,  # [S + 1] int32 on y's device
@@ -118,8 +127,8 @@ def lora_expand(
     _num_loras, n, max_rank = lora_b.shape
     num_slices = len(out_slices)
     assert y.shape[1] == n == sum(out_slices), (y.shape, lora_b.shape, out_slices)
-    assert h.shape[1] == num_slices * max_rank
-    assert h.stride(1) == 1
+    assert h.shape[2] == num_slices * max_rank
+    assert h.stride(2) == 1
     assert lora_b.stride(2) == 1
     num_tiles = lora.tiles.shape[1]
     if num_tiles == 0:
@@ -137,12 +146,14 @@ def lora_expand(
         lora.tiles,
         max_rank,
         h.stride(0),
+        h.stride(1),
         lora_b.stride(0),
         lora_b.stride(1),
         y.stride(0),
         y.stride(1),
         lora.tiles.stride(0),
         num_slices,
+        h.shape[0],
         BLOCK_M=lora.block_m,
         BLOCK_N=block_n,
         BLOCK_R=block_r,
