@@ -642,6 +642,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         with section("hf", rows):
             adapters = assign_adapters("uniform", len(prompts), args.num_adapters, args.seed)
             rows.extend(run_hf(model_dir, prompts, adapters, args))
+            save()  # before the (slow) teardown of the HF models
         free_memory()
         save()
 

@@ -146,208 +146,211 @@ def _num_sms(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
-if HAS_TRITON:
-    # Plain functions here; ``_jit()`` decorates them on first use (see there).
+# The kernels, as plain functions: ``_jit()`` decorates them on first use (see there).
 
-    def _store_kv_kernel(
-        k_ptr,
-        v_ptr,
-        cache_ptr,
-        slot_ptr,
-        stride_kt,
-        stride_kh,
-        stride_vt,
-        stride_vh,
-        stride_cache_kv,
-        stride_cache_slot,
-        HEAD_DIM: tl.constexpr,
-        ROW: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        # One program per token: its [Hkv, Dh] K and V rows go to cache slot `slot`.
-        t = tl.program_id(0)
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        if slot < 0:  # padding token of a CUDA-graph batch
-            return
-        offs = tl.arange(0, BLOCK)
-        ok = offs < ROW
-        h = offs // HEAD_DIM
-        d = offs % HEAD_DIM
-        k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + d, mask=ok)
-        v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + h * stride_vh + d, mask=ok)
-        dst = cache_ptr + slot * stride_cache_slot + offs
-        tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=ok)
 
-    def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
-        # Sequence i owns programs [qsl[i] // BLOCK_Q + i, qsl[i + 1] // BLOCK_Q + i + 1),
-        # at least ceil(q_len / BLOCK_Q) of them; find the last i whose first program <= pid.
-        lo = 0
-        hi = num_seqs
-        while lo < hi:
-            mid = (lo + hi) // 2
-            first = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
-            if first <= pid:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo - 1
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cache_kv,
+    stride_cache_slot,
+    HEAD_DIM: tl.constexpr,
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per token: its [Hkv, Dh] K and V rows go to cache slot `slot`.
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:  # padding token of a CUDA-graph batch
+        return
+    offs = tl.arange(0, BLOCK)
+    ok = offs < ROW
+    h = offs // HEAD_DIM
+    d = offs % HEAD_DIM
+    k = tl.load(k_ptr + t.to(tl.int64) * stride_kt + h * stride_kh + d, mask=ok)
+    v = tl.load(v_ptr + t.to(tl.int64) * stride_vt + h * stride_vh + d, mask=ok)
+    dst = cache_ptr + slot * stride_cache_slot + offs
+    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=ok)
+    tl.store(dst + stride_cache_kv, v.to(cache_ptr.dtype.element_ty), mask=ok)
 
-    def _paged_attention_kernel(
-        q_ptr,
-        k_cache_ptr,
-        v_cache_ptr,
-        out_ptr,
-        part_acc_ptr,
-        part_ml_ptr,
-        block_tables_ptr,
-        seq_lens_ptr,
-        qsl_ptr,
-        num_seqs,
-        num_heads,
-        scale_log2,
-        stride_qt,
-        stride_qh,
-        stride_ot,
-        stride_oh,
-        stride_cache_block,
-        stride_cache_pos,
-        stride_cache_head,
-        stride_bt,
-        GROUP: tl.constexpr,
-        BLOCK_Q: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        PAGE: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        WINDOW: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        kvh = tl.program_id(1)
-        split = tl.program_id(2)
-        seq = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
-        q_begin = tl.load(qsl_ptr + seq)
-        q_len = tl.load(qsl_ptr + seq + 1) - q_begin
-        blk = pid - (q_begin // BLOCK_Q + seq)
-        if blk * BLOCK_Q >= q_len:
-            return
-        seq_len = tl.load(seq_lens_ptr + seq)
-        ctx = seq_len - q_len  # tokens cached before this step's queries
 
-        # Row r of the tile: query token blk * BLOCK_Q + r // GROUP, head kvh * GROUP + r % GROUP.
-        rows = tl.arange(0, BLOCK_M)
-        q_idx = blk * BLOCK_Q + rows // GROUP
-        head = kvh * GROUP + rows % GROUP
-        row_ok = (rows < BLOCK_Q * GROUP) & (q_idx < q_len)
-        q_pos = ctx + q_idx  # [M] absolute positions
-        tok = (q_begin + q_idx).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < HEAD_DIM
-        q = tl.load(
-            q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # [M, D]
-
-        # Context this block needs: up to its last query (causal), from the window's start.
-        kv_end = ctx + tl.minimum(q_len, (blk + 1) * BLOCK_Q)
-        kv_begin = 0
-        if WINDOW > 0:
-            kv_begin = tl.maximum(ctx + blk * BLOCK_Q - WINDOW + 1, 0)
-        t_begin = kv_begin // BLOCK_N
-        t_end = (kv_end + BLOCK_N - 1) // BLOCK_N
-        per_split = (t_end - t_begin + NUM_SPLITS - 1) // NUM_SPLITS
-        t0 = t_begin + split * per_split
-        t1 = tl.minimum(t0 + per_split, t_end)
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-        for t in range(t0, t1):
-            kpos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [N]
-            k_ok = kpos < kv_end
-            page = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
-            off = page * stride_cache_block + (kpos % PAGE) * stride_cache_pos
-            off += kvh * stride_cache_head  # [N]
-            k = tl.load(
-                k_cache_ptr + off[None, :] + d[:, None],
-                mask=k_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )  # [D, N]
-            v = tl.load(
-                v_cache_ptr + off[:, None] + d[None, :],
-                mask=k_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )  # [N, D]
-            s = tl.dot(q, k, input_precision="ieee") if IEEE else tl.dot(q, k)
-            s = s * scale_log2  # [M, N], log2 units
-            ok = kpos[None, :] <= q_pos[:, None]
-            if WINDOW > 0:
-                ok = ok & (kpos[None, :] > q_pos[:, None] - WINDOW)
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no allowed key yet keeps m = -inf; exp2 must not see -inf - -inf.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-
-        if NUM_SPLITS == 1:
-            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            tl.store(
-                out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                out.to(out_ptr.dtype.element_ty),
-                mask=row_ok[:, None] & d_ok[None, :],
-            )
+def _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
+    # Sequence i owns programs [qsl[i] // BLOCK_Q + i, qsl[i + 1] // BLOCK_Q + i + 1),
+    # at least ceil(q_len / BLOCK_Q) of them; find the last i whose first program <= pid.
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(qsl_ptr + mid) // BLOCK_Q + mid
+        if first <= pid:
+            lo = mid + 1
         else:
-            # Partial state per (token, head, split): acc [BLOCK_D] and (m, l), all float32.
-            part = (tok * num_heads + head) * NUM_SPLITS + split  # [M]
-            tl.store(
-                part_acc_ptr + part[:, None] * BLOCK_D + d[None, :],
-                acc,
-                mask=row_ok[:, None],
-            )
-            tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
-            tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+            hi = mid
+    return lo - 1
 
-    def _merge_splits_kernel(
-        part_acc_ptr,
-        part_ml_ptr,
-        out_ptr,
-        num_heads,
-        stride_ot,
-        stride_oh,
-        HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        NUM_SPLITS: tl.constexpr,
-    ):
-        t = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        part = (t * num_heads + h) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)  # [S]
-        m = tl.load(part_ml_ptr + part * 2)
-        l_part = tl.load(part_ml_ptr + part * 2 + 1)
-        m_max = tl.max(m, 0)
-        m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-        w = tl.exp2(m - m_max)  # [S]; 0 for a split that saw no key
-        total = tl.sum(w * l_part, 0)
-        d = tl.arange(0, BLOCK_D)
-        acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :])  # [S, D]
-        out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+
+def _paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
+    num_seqs,
+    num_heads,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_cache_block,
+    stride_cache_pos,
+    stride_cache_head,
+    stride_bt,
+    GROUP: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WINDOW: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
+    q_begin = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_begin
+    blk = pid - (q_begin // BLOCK_Q + seq)
+    if blk * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx = seq_len - q_len  # tokens cached before this step's queries
+
+    # Row r of the tile: query token blk * BLOCK_Q + r // GROUP, head kvh * GROUP + r % GROUP.
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = blk * BLOCK_Q + rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (q_idx < q_len)
+    q_pos = ctx + q_idx  # [M] absolute positions
+    tok = (q_begin + q_idx).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # [M, D]
+
+    # Context this block needs: up to its last query (causal), from the window's start.
+    kv_end = ctx + tl.minimum(q_len, (blk + 1) * BLOCK_Q)
+    kv_begin = 0
+    if WINDOW > 0:
+        kv_begin = tl.maximum(ctx + blk * BLOCK_Q - WINDOW + 1, 0)
+    t_begin = kv_begin // BLOCK_N
+    t_end = (kv_end + BLOCK_N - 1) // BLOCK_N
+    per_split = (t_end - t_begin + NUM_SPLITS - 1) // NUM_SPLITS
+    t0 = t_begin + split * per_split
+    t1 = tl.minimum(t0 + per_split, t_end)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for t in range(t0, t1):
+        kpos = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [N]
+        k_ok = kpos < kv_end
+        page = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        off = page * stride_cache_block + (kpos % PAGE) * stride_cache_pos
+        off += kvh * stride_cache_head  # [N]
+        k = tl.load(
+            k_cache_ptr + off[None, :] + d[:, None],
+            mask=k_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )  # [D, N]
+        v = tl.load(
+            v_cache_ptr + off[:, None] + d[None, :],
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # [N, D]
+        s = tl.dot(q, k, input_precision="ieee") if IEEE else tl.dot(q, k)
+        s = s * scale_log2  # [M, N], log2 units
+        ok = kpos[None, :] <= q_pos[:, None]
+        if WINDOW > 0:
+            ok = ok & (kpos[None, :] > q_pos[:, None] - WINDOW)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no allowed key yet keeps m = -inf; exp2 must not see -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
-            out_ptr + t * stride_ot + h * stride_oh + d,
+            out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
             out.to(out_ptr.dtype.element_ty),
-            mask=d < HEAD_DIM,
+            mask=row_ok[:, None] & d_ok[None, :],
         )
+    else:
+        # Partial state per (token, head, split): acc [BLOCK_D] and (m, l), all float32.
+        part = (tok * num_heads + head) * NUM_SPLITS + split  # [M]
+        tl.store(
+            part_acc_ptr + part[:, None] * BLOCK_D + d[None, :],
+            acc,
+            mask=row_ok[:, None],
+        )
+        tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
+
+
+def _merge_splits_kernel(
+    part_acc_ptr,
+    part_ml_ptr,
+    out_ptr,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    part = (t * num_heads + h) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)  # [S]
+    m = tl.load(part_ml_ptr + part * 2)
+    l_part = tl.load(part_ml_ptr + part * 2 + 1)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # [S]; 0 for a split that saw no key
+    total = tl.sum(w * l_part, 0)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + d[None, :])  # [S, D]
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(
+        out_ptr + t * stride_ot + h * stride_oh + d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=d < HEAD_DIM,
+    )
 
 
 @functools.cache
