@@ -309,8 +309,9 @@ def test_kernels_match_references(case: Case) -> None:
     check_case(case)
 
 
+# The sweep is generated only where it runs (the GPU): on CPU it would be hundreds of skips.
 @needs_cuda
-@pytest.mark.parametrize("case", GPU_SWEEP, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", GPU_SWEEP if CUDA else GPU_SWEEP[:1], ids=lambda c: c.id)
 def test_kernels_match_references_sweep(case: Case) -> None:
     check_case(case, seed=zlib.crc32(case.id.encode()) % 1000)
 
