@@ -733,12 +733,11 @@ class Service:
         if not job.resumed_tokens:
             prompt: Any = text if text is not None else {"prompt_token_ids": req.prompt_token_ids}
             return prompt, params
-        # Resume: the engine continues after what the client already has. Tokenized the way
-        # the engine tokenizes a text prompt.
+        # Resume: the engine continues after what the client already has.
         base = (
             list(req.prompt_token_ids or [])
             if text is None
-            else list(self.engine.engine.tokenizer.encode(text))
+            else self.engine.engine.tokenize(text)[1]
         )
         n = len(job.resumed_tokens)
         if params.max_tokens is not None and params.max_tokens - n < 1:

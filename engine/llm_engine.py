@@ -147,7 +147,7 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequest("params must be a SamplingParams")
-        text, token_ids = self._tokenize(prompt)
+        text, token_ids = self.tokenize(prompt)
         vocab = self.runner.vocab_size
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
@@ -198,7 +198,8 @@ class LLMEngine:
             lora_name=request.lora_request.lora_name if request.lora_request else None,
         )
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt, exactly as add_request tokenizes it."""
         if isinstance(prompt, str):
             text: str | None = prompt
         elif isinstance(prompt, Mapping) and "prompt_token_ids" in prompt:

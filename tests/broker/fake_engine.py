@@ -100,6 +100,9 @@ class _FakeLLMEngine:
     config: FakeConfig
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
 
+    def tokenize(self, prompt: str) -> tuple[str | None, list[int]]:
+        return prompt, list(self.tokenizer.encode(prompt))
+
 
 @dataclass
 class _Req:
