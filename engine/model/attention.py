@@ -137,6 +137,12 @@ def attention_blocks(group: int, max_query_len: int) -> tuple[int, int, int]:
     return block_q, triton_next_pow2(block_q * group), 32 if max_query_len == 1 else 64
 
 
+def launch_config(max_query_len: int) -> tuple[int, int]:
+    """(num_warps, num_stages) of the attention kernel."""
+    del max_query_len
+    return 4, 3
+
+
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -406,12 +412,17 @@ def paged_attention_triton(
     scale: float,
     sliding_window: int | None = None,
     num_splits: int | None = None,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """``paged_attention_reference`` as Triton kernels; reads only device tensors of ``attn``
     (and the host int ``max_query_len``), so it can be captured in a CUDA graph.
 
     q: [T, H, Dh]; kv_cache: [2, num_blocks, block_size, Hkv, Dh] -> out [T, H, Dh].
-    ``num_splits`` overrides ``num_kv_splits`` (tests).
+    ``num_splits`` overrides ``num_kv_splits``; ``block_n``, ``num_warps`` and
+    ``num_stages`` override the launch heuristic (tests, ``scripts/gpu_attention.py``).
     """
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -422,7 +433,11 @@ def paged_attention_triton(
         return out
     if q.stride(-1) != 1 or not kv_cache.is_contiguous():
         raise ValueError("paged_attention_triton needs unit-stride q rows and a contiguous cache")
-    block_q, block_m, block_n = attention_blocks(group, attn.max_query_len)
+    block_q, block_m, auto_block_n = attention_blocks(group, attn.max_query_len)
+    block_n = auto_block_n if block_n is None else block_n
+    warps, stages = launch_config(attn.max_query_len)
+    num_warps = warps if num_warps is None else num_warps
+    num_stages = stages if num_stages is None else num_stages
     if num_splits is None:
         sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = num_kv_splits(num_seqs, num_kv_heads, attn.max_query_len, sms)
@@ -471,7 +486,8 @@ def paged_attention_triton(
         WINDOW=sliding_window or 0,
         NUM_SPLITS=num_splits,
         IEEE=q.dtype == torch.float32,
-        num_warps=4,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if num_splits > 1:
         _jit()["merge"][(num_tokens, num_heads)](
