@@ -24,6 +24,7 @@ from engine.errors import AdapterUnsupported, UnsupportedModel
 from engine.lora.layers import LoRALinear
 from engine.model.attention import PagedAttention
 from engine.model.metadata import ForwardBatch, LoRAMetadata
+from engine.model.ops import apply_rotary, fused_add_rms_norm, rms_norm, silu_and_mul
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {
@@ -136,14 +137,9 @@ def rope_inv_freq(
     return inv_freq
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, Dh]; cos, sin: [T, Dh]. Rotates halves (not interleaved pairs), like HF.
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 class RMSNorm(nn.Module):
+    """RMSNorm with the residual add optionally fused in (``engine.model.ops``)."""
+
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.eps = eps
@@ -151,11 +147,14 @@ class RMSNorm(nn.Module):
             torch.empty(dim, dtype=dtype, device=device), requires_grad=False
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, D]; statistics in float32, scale applied in the model dtype (as HF does).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, residual: [T, D] -> (normed [T, D], residual stream [T, D]). Without a residual,
+        # x itself is the stream; with one, the stream is x + residual (in the model dtype).
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps), x
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class VocabEmbedding(nn.Module):
@@ -208,8 +207,8 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x, batch.lora)  # [T, (H + 2 * Hkv) * Dh]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(t, self.num_heads, self.head_dim), *rope)  # [T, H, Dh]
-        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), *rope)  # [T, Hkv, Dh]
+        # Rotated in place inside qkv on the Triton path: no copies of q and k.
+        q, k = apply_rotary(q, k, *rope)  # [T, H, Dh], [T, Hkv, Dh]
         v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         o = self.attn(q, k, v, batch.attn)  # [T, H * Dh]
         return self.o_proj(o, batch.lora)
@@ -227,8 +226,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRAMetadata | None) -> torch.Tensor:
         # x: [T, D] -> [T, D]
-        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up, lora)
+        gate_up = self.gate_up_proj(x, lora)  # [T, 2 * I]
+        return self.down_proj(silu_and_mul(gate_up), lora)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -241,11 +240,19 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, dtype, device)
 
     def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
-        # x: [T, D] -> [T, D]; the residual adds in the model dtype, as in HF.
-        x = x + self.self_attn(self.input_layernorm(x), batch, rope)
-        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        rope: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, residual: [T, D] -> (MLP output [T, D], residual stream [T, D]). The residual add
+        # of each sublayer is fused into the next norm (the next layer's input_layernorm or
+        # the final norm); it is `x + residual` in the model dtype, as HF's.
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, batch, rope)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h, batch.lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -261,9 +268,10 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [T, D]
+        residual = None
         for layer in self.layers:
-            x = layer(x, batch, rope)
-        return self.norm(x)
+            x, residual = layer(x, residual, batch, rope)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -302,10 +310,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         # -> hidden [T, D] after the final norm
         assert self.inv_freq is not None, "init_buffers() was not called"
-        # One cos/sin per token for all layers; float32 like HF, cast at use.
+        # One cos/sin per token for all layers: computed in float32 like HF, then cast to the
+        # model dtype once (HF casts at every use; the values are the same).
         freqs = batch.positions.float()[:, None] * self.inv_freq[None, :]  # [T, Dh / 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
-        return self.model(batch, (emb.cos(), emb.sin()))
+        return self.model(batch, (emb.cos().to(self.dtype), emb.sin().to(self.dtype)))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, D] -> logits [N, V] float32 (matmul in the model dtype, as HF's lm_head)
