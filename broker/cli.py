@@ -45,6 +45,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     from engine.config import EngineArgs
 
     EngineArgs.add_cli_args(parser)
+    parser.add_argument("--enable-multiprocessing", action="store_true",
+                        help="run the engine core (scheduler, model, adapters) in its own process")  # fmt: skip
     add_service_args(parser)
 
 
@@ -127,7 +129,11 @@ def _real_engine(ns: argparse.Namespace, stat_loggers: list[Any]) -> EngineClien
     args = EngineArgs.from_cli_args(ns)
     if not args.disable_log_stats:
         stat_loggers = [*stat_loggers, LoggingStatLogger()]
-    return AsyncLLMEngine.from_engine_args(args, stat_loggers=stat_loggers)
+    return AsyncLLMEngine.from_engine_args(
+        args,
+        stat_loggers=stat_loggers,
+        enable_multiprocessing=getattr(ns, "enable_multiprocessing", False),
+    )
 
 
 async def serve(ns: argparse.Namespace, engine_factory: EngineFactory | None = None) -> int:

@@ -1,7 +1,12 @@
 """``AsyncLLMEngine``: the synchronous engine driven by a background task.
 
-All engine state is touched by one worker thread only: requests and aborts from the event
-loop are queued and applied between steps, so the step loop never races the callers.
+``LLMEngine.step`` runs on one worker thread, never on the event loop. With the core in
+this process, all engine state is touched by that thread only: requests and aborts from the
+event loop are queued and applied between steps, so the step loop never races the callers.
+With the core in its own process (``enable_multiprocessing=True``) the worker thread only
+waits for and processes the core's outputs, while requests and aborts go to the core at
+once from the event loop (the front is thread-safe then): a new request never waits for a
+step to end before the core sees it.
 """
 
 from __future__ import annotations
@@ -69,9 +74,9 @@ class AsyncLLMEngine:
     def free_capacity(self) -> int:
         """How many more requests the engine can admit now without queueing them in memory:
         free sequence slots, and none while the KV cache is nearly full and requests wait."""
-        sched = self.engine.scheduler
+        load = self.engine.get_load()
         free = self.engine.config.scheduler.max_num_seqs - self.num_unfinished
-        if sched.num_waiting > 0 and self.engine.block_manager.usage > 0.95:
+        if load.num_waiting > 0 and load.kv_cache_usage > 0.95:
             return 0
         return max(free, 0)
 
@@ -93,7 +98,16 @@ class AsyncLLMEngine:
         )
         send, receive = anyio.create_memory_object_stream[RequestOutput | BaseException](math.inf)
         self._streams[request_id] = send
-        self._new.append(request)
+        if self.engine.is_multiprocess:
+            try:
+                self.engine.admit(request)
+            except BaseException:
+                del self._streams[request_id]
+                send.close()
+                receive.close()
+                raise
+        else:
+            self._new.append(request)
         self._ensure_loop()
         finished = False
         try:
@@ -114,16 +128,29 @@ class AsyncLLMEngine:
         if stream is None:
             return
         stream.close()
-        self._aborts.append(request_id)
+        if self.engine.is_multiprocess:
+            self.engine.abort_request(request_id)
+        else:
+            self._aborts.append(request_id)
         self._ensure_loop()
+
+    def _utility_executor(self) -> ThreadPoolExecutor | None:
+        # In-process, adapter device buffers belong to the step thread; with the core in its
+        # own process the step thread may be waiting for outputs, so a default-pool thread
+        # sends the call.
+        return None if self.engine.is_multiprocess else self._executor
 
     async def add_lora(self, lora_request: LoRARequest) -> bool:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.add_lora, lora_request)
+        return await loop.run_in_executor(
+            self._utility_executor(), self.engine.add_lora, lora_request
+        )
 
     async def remove_lora(self, lora_id: int) -> bool:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.engine.remove_lora, lora_id)
+        return await loop.run_in_executor(
+            self._utility_executor(), self.engine.remove_lora, lora_id
+        )
 
     def _ensure_loop(self) -> None:
         if self._wake is None:
@@ -158,7 +185,7 @@ class AsyncLLMEngine:
         except BaseException as e:
             logger.exception("engine loop died")
             self._dead = e
-            dead = EngineDead(f"the engine loop died: {e!r}")
+            dead = e if isinstance(e, EngineDead) else EngineDead(f"the engine loop died: {e!r}")
             for stream in self._streams.values():
                 stream.send_nowait(dead)
                 stream.close()
@@ -185,6 +212,8 @@ class AsyncLLMEngine:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._loop_task
+        # Stops the core process first: a step waiting for its outputs then returns.
+        self.engine.shutdown()
         self._executor.shutdown(wait=True)
 
 

@@ -14,11 +14,22 @@ from engine.usage import UsageContext
 
 
 class LLM:
-    def __init__(self, model: str, **engine_args: Any) -> None:
+    def __init__(
+        self, model: str, *, enable_multiprocessing: bool = False, **engine_args: Any
+    ) -> None:
+        """``enable_multiprocessing``: run the engine core in its own process (see
+        ``LLMEngine.from_engine_args``); ``shutdown()`` or garbage collection stops it."""
         engine_args.setdefault("disable_log_stats", True)
         args = EngineArgs(model=model, **engine_args)
-        self.llm_engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        self.llm_engine = LLMEngine.from_engine_args(
+            args,
+            usage_context=UsageContext.LLM_CLASS,
+            enable_multiprocessing=enable_multiprocessing,
+        )
         self._counter = 0
+
+    def shutdown(self) -> None:
+        self.llm_engine.shutdown()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

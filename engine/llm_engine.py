@@ -1,13 +1,20 @@
-"""The synchronous engine. One step is ``schedule()`` → ``execute_model()`` →
-``update_from_output()``; the loop holds no policy of its own."""
+"""The synchronous engine: the front of the engine.
+
+``LLMEngine`` keeps the tokenizer, validates and tokenizes requests, and turns the core's
+token ids into ``RequestOutput``s (``OutputProcessor``: detokenization, stop strings). The
+``EngineCore`` (scheduler, model runner, adapters; one step is ``schedule()`` →
+``execute_model()`` → ``update_from_output()``, no policy here) runs in this process by
+default, or in its own process with ``enable_multiprocessing=True`` so that detokenizing,
+building outputs and the caller's I/O never hold the GIL the step loop needs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -15,13 +22,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from engine.config import EngineArgs, EngineConfig
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import Scheduler
-from engine.errors import AdapterError, InvalidRequest, LoRAStreamError, PromptTooLong
+from engine.core_client import EngineCoreClient, InprocClient, MPClient
+from engine.core_messages import CoreStats, EngineCoreOutputs, EngineLoad
+from engine.engine_core import LORA_DISABLED, EngineCore
+from engine.errors import AdapterError, EngineDead, InvalidRequest, PromptTooLong
 from engine.lora.request import LoRARequest
 from engine.metrics import LoggingStatLogger, StatLogger, Stats
-from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling.detokenizer import IncrementalDetokenizer
+from engine.output_processor import OutputProcessor, RequestState
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.sequence import Request, RequestStatus
+from engine.sequence import Request
 from engine.usage import UsageContext
 from engine.worker.model_runner import ModelRunner
 
@@ -31,48 +41,53 @@ logger = logging.getLogger("lorastream.engine")
 PromptType = str | Mapping[str, Any]
 
 
-@dataclass
-class _RequestState:
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    logprobs: list[dict[int, float]] | None = None
-    lora_name: str | None = None
-    reported_tokens: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
 class LLMEngine:
     def __init__(
         self,
         config: EngineConfig,
         stat_loggers: Sequence[StatLogger] | Mapping[str, StatLogger] | None = None,
         usage_context: UsageContext = UsageContext.ENGINE_CONTEXT,
+        *,
+        engine_args: EngineArgs | None = None,
+        enable_multiprocessing: bool = False,
     ) -> None:
         self.config = config
         self.usage_context = usage_context
-        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-            config.tokenizer, local_files_only=True
-        )
-        self.runner = ModelRunner(config)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
-        lora_ready = self.runner.lora_manager.is_ready if self.runner.lora_manager else None
-        self.scheduler = Scheduler(
-            config.scheduler,
-            self.block_manager,
-            **({"lora_ready": lora_ready} if lora_ready else {}),
-        )
-        eos_ids = _eos_token_ids(config, self.tokenizer)
-        self.eos_token_id = eos_ids[0] if eos_ids else None
-        # Further EOS ids (Llama 3's <|eot_id|>, ...) stop a request like stop_token_ids do.
-        self.extra_eos_token_ids = eos_ids[1:]
-        self._states: dict[str, _RequestState] = {}
-        self._pending_outputs: list[RequestOutput] = []
-        self._lora_ids: dict[str, LoRARequest] = {}
         if isinstance(stat_loggers, Mapping):
             stat_loggers = list(stat_loggers.values())
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
         if stat_loggers is None and config.log_stats:
             self.stat_loggers.append(LoggingStatLogger())
+        log_stats = bool(self.stat_loggers)
+        self.engine_core: EngineCoreClient
+        if enable_multiprocessing:
+            if engine_args is None:
+                raise ValueError("enable_multiprocessing needs engine_args: use from_engine_args")
+            # Started first: the child loads the model while this process loads the tokenizer.
+            self.engine_core = MPClient(engine_args, config, log_stats)
+        else:
+            self.engine_core = InprocClient(EngineCore(config, log_stats=log_stats))
+        self.is_multiprocess = enable_multiprocessing
+        try:
+            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+                config.tokenizer, local_files_only=True
+            )
+        except BaseException:
+            self.engine_core.shutdown()
+            raise
+        self.vocab_size = int(config.hf_config.vocab_size)
+        eos_ids = _eos_token_ids(config, self.tokenizer)
+        self.eos_token_id = eos_ids[0] if eos_ids else None
+        # Further EOS ids (Llama 3's <|eot_id|>, ...) stop a request like stop_token_ids do.
+        self.extra_eos_token_ids = eos_ids[1:]
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._pending_outputs: list[RequestOutput] = []
+        self._lora_ids: dict[str, LoRARequest] = {}
+        # With the core in another process, requests may be added and aborted from other
+        # threads while step() waits for outputs; in-process the lock is never contended.
+        self._lock = threading.Lock()
+        self._front_s = 0.0  # host seconds of output processing, for get_step_timings
+        self._front_batches = 0
         if config.lora is not None:
             for i, m in enumerate(config.lora.preload, start=1):
                 self.add_lora(LoRARequest(m.name, i, m.path))
@@ -85,34 +100,61 @@ class LLMEngine:
         stat_loggers: Sequence[StatLogger] | Mapping[str, StatLogger] | None = None,
         enable_multiprocessing: bool = False,
     ) -> LLMEngine:
-        if enable_multiprocessing:
-            logger.warning("enable_multiprocessing is not implemented yet; running in-process")
-        return cls(engine_args.create_engine_config(), stat_loggers, usage_context)
+        """``enable_multiprocessing``: run the engine core (scheduler, model, adapters) in a
+        spawned process; this one keeps the tokenizer and builds the outputs."""
+        return cls(
+            engine_args.create_engine_config(),
+            stat_loggers,
+            usage_context,
+            engine_args=engine_args,
+            enable_multiprocessing=enable_multiprocessing,
+        )
+
+    # ------------------------------------------------------------ in-process parts
+    @property
+    def core(self) -> EngineCore:
+        """The in-process core (tests and benchmarks look inside it)."""
+        if not isinstance(self.engine_core, InprocClient):
+            raise AttributeError(
+                "the engine core runs in its own process (enable_multiprocessing=True)"
+            )
+        return self.engine_core.core
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self.core.runner
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def block_manager(self) -> BlockManager:
+        return self.core.block_manager
 
     # ---------------------------------------------------------------- adapters
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load an adapter now (synchronously) and keep its name for lookups."""
-        manager = self._require_lora()
-        manager.add_lora(lora_request)
+        self._require_lora()
+        self.engine_core.add_lora(lora_request)
         self._lora_ids[lora_request.lora_name] = lora_request
         return True
 
     def remove_lora(self, lora_id: int) -> bool:
-        manager = self._require_lora()
+        self._require_lora()
         self._lora_ids = {k: v for k, v in self._lora_ids.items() if v.lora_int_id != lora_id}
-        return manager.remove_lora(lora_id)
+        return self.engine_core.remove_lora(lora_id)
 
     def list_loras(self) -> set[int]:
-        return set(self._require_lora().list_loras()) if self.runner.lora_manager else set()
+        return self.engine_core.list_loras() if self.config.lora is not None else set()
 
     def get_lora_request(self, name: str) -> LoRARequest | None:
         """A preloaded adapter (``lora_modules``) by name."""
         return self._lora_ids.get(name)
 
-    def _require_lora(self):
-        if self.runner.lora_manager is None:
-            raise InvalidRequest("LoRA is not enabled: start the engine with enable_lora=True")
-        return self.runner.lora_manager
+    def _require_lora(self) -> None:
+        if self.config.lora is None:
+            raise InvalidRequest(LORA_DISABLED)
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -148,7 +190,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequest("params must be a SamplingParams")
         text, token_ids = self.tokenize(prompt)
-        vocab = self.runner.vocab_size
+        vocab = self.vocab_size
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise InvalidRequest(f"prompt_token_ids has ids outside [0, {vocab}): {bad[:5]}")
@@ -159,8 +201,8 @@ class LLMEngine:
                 "which leaves no room for any output token"
             )
         if lora_request is not None:
-            manager = self._require_lora()
-            manager.check_adapter(lora_request)
+            self._require_lora()
+            self.engine_core.check_adapter(lora_request)
         if self.extra_eos_token_ids and not params.ignore_eos:
             extra = [t for t in self.extra_eos_token_ids if t not in params.stop_token_ids]
             if extra:
@@ -181,22 +223,13 @@ class LLMEngine:
         return request
 
     def admit(self, request: Request) -> None:
-        if request.request_id in self._states:
-            raise InvalidRequest(f"request_id {request.request_id!r} is already running")
-        self.scheduler.add_request(request)
-        if request.lora_request is not None and self.runner.lora_manager is not None:
-            # Pinned while the request lives, so its adapter is not evicted from host memory
-            # between being loaded and being scheduled.
-            self.runner.lora_manager.pin([request.lora_int_id])
-            self.runner.lora_manager.request_load(request.lora_request)
-        self._states[request.request_id] = _RequestState(
-            request=request,
-            detokenizer=IncrementalDetokenizer(
-                self.tokenizer, request.prompt_token_ids, request.sampling_params
-            ),
-            logprobs=[] if request.sampling_params.logprobs is not None else None,
-            lora_name=request.lora_request.lora_name if request.lora_request else None,
-        )
+        """Hand a request made by ``make_request`` to the core (thread-safe with the core in
+        its own process; in-process, the step thread's job)."""
+        with self._lock:
+            if request.request_id in self.output_processor.states:
+                raise InvalidRequest(f"request_id {request.request_id!r} is already running")
+            self.engine_core.add_request(request)
+            self.output_processor.add_request(request)
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(text, token ids) of a prompt, exactly as add_request tokenizes it."""
@@ -220,155 +253,109 @@ class LLMEngine:
         return text, ids
 
     def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Finish requests now; their final outputs (finish_reason "abort") come with the next step."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        for req in self.scheduler.abort_requests([i for i in ids if i in self._states]):
-            self._finish(req)
+        with self._lock:
+            outputs = self.output_processor.abort_requests(ids)
+            if not outputs:
+                return
+            self.engine_core.abort_requests([o.request_id for o in outputs])
+            self._pending_outputs.extend(outputs)
+        self.engine_core.wake()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._pending_outputs)
+        return bool(self.output_processor.states) or bool(self._pending_outputs)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self._states)
+        return len(self.output_processor.states)
+
+    def get_load(self) -> EngineLoad:
+        """Waiting and running requests and KV-cache use in the core (with the core in its
+        own process: as of its latest step)."""
+        return self.engine_core.get_load()
 
     # ---------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        t0 = time.monotonic()
-        outputs, self._pending_outputs = self._pending_outputs, []
-        self._fail_adapter_errors(outputs)
-        sched = self.scheduler.schedule()
-        num_prompt = num_gen = 0
-        touched: list[Request] = []
-        if sched.scheduled:
-            result = self.runner.execute_model(sched)
-            touched = self.scheduler.update_from_output(sched, result.sampled_token_ids)
-            for s in sched.scheduled:
-                if not s.sample:
-                    num_prompt += s.num_new_tokens
-                else:
-                    num_gen += 1
-                    num_prompt += s.num_new_tokens - 1
-            for req_id, lp in result.logprobs.items():
-                state = self._states.get(req_id)
-                if state is not None and state.logprobs is not None:
-                    state.logprobs.append(lp)
-        finished: list[tuple[str, str]] = []
-        for req in touched:
-            state = self._states.get(req.request_id)
-            if state is None:
-                continue
-            new = req.output_token_ids[state.reported_tokens :]
-            if not new and not req.is_finished:
-                continue
-            state.detokenizer.update(
-                new,
-                finished=req.is_finished,
-                # Finished here by EOS or a stop token id (stop strings are found just below).
-                stop_terminated=req.status == RequestStatus.FINISHED_STOPPED,
-            )
-            if state.detokenizer.finished_by_stop_string:
-                req.stop_reason = state.detokenizer.stop_reason
-                if (
-                    req.is_finished
-                ):  # reached max_tokens on the very token that completed the stop string
-                    req.status = RequestStatus.FINISHED_STOPPED
-                else:
-                    self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
-            outputs.append(self._make_output(state))
-            if req.is_finished:
-                finished.append((req.request_id, req.status.value))
-                self._drop(req.request_id)
-        self._record_stats(t0, sched, num_prompt, num_gen, finished)
+        """Outputs of the requests that progressed. In-process this runs one core step; with
+        the core in its own process it returns what the core sent since the last call,
+        waiting only while there are unfinished requests and nothing has come yet."""
+        with self._lock:
+            outputs, self._pending_outputs = self._pending_outputs, []
+            block = not outputs and bool(self.output_processor.states)
+        try:
+            batches = self.engine_core.get_outputs(block)
+        except EngineDead:
+            with self._lock:
+                self.output_processor.states.clear()
+                self._pending_outputs.clear()
+            raise
+        with self._lock:
+            outputs.extend(self._process(batches))
         return outputs
 
-    def _fail_adapter_errors(self, outputs: list[RequestOutput]) -> None:
-        manager = self.runner.lora_manager
-        if manager is None:
-            return
-        for lora_id, err in manager.poll_errors():
-            ids = [
-                s.request.request_id
-                for s in self._states.values()
-                if s.request.lora_int_id == lora_id
-            ]
-            for req in self.scheduler.abort_requests(ids):
-                req.status = RequestStatus.FINISHED_ERROR
-                req.error = err
-                state = self._drop(req.request_id)
-                assert state is not None
-                outputs.append(self._make_output(state))
-                logger.warning("request %s failed: %s", req.request_id, err)
+    def _process(self, batches: list[EngineCoreOutputs]) -> list[RequestOutput]:
+        # One output per request per call, built once after all batches: outputs are
+        # cumulative, so a request that advanced in several core steps needs only the last.
+        touched: dict[str, RequestState] = {}
+        for batch in batches:
+            t0 = time.perf_counter()
+            processed = self.output_processor.process_outputs(batch.outputs)
+            if processed.stopped:
+                self.engine_core.abort_requests(processed.stopped)
+            for state in processed.touched:
+                touched.setdefault(state.request_id, state)
+            self._front_s += time.perf_counter() - t0
+            self._front_batches += 1
+            if self.stat_loggers:
+                self._record_stats(batch.stats, processed.finished, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        outputs = [self.output_processor.make_output(s) for s in touched.values()]
+        self._front_s += time.perf_counter() - t0
+        return outputs
 
-    def _finish(self, req: Request) -> None:
-        state = self._drop(req.request_id)
-        if state is not None:
-            self._pending_outputs.append(self._make_output(state))
-
-    def _drop(self, request_id: str) -> _RequestState | None:
-        state = self._states.pop(request_id, None)
-        manager = self.runner.lora_manager
-        if state is not None and manager is not None and state.request.lora_int_id:
-            manager.unpin([state.request.lora_int_id])
-        return state
-
-    def _make_output(self, state: _RequestState) -> RequestOutput:
-        req = state.request
-        state.reported_tokens = req.num_output_tokens
-        det = state.detokenizer
-        token_ids = list(req.output_token_ids)
-        completion = CompletionOutput(
-            index=0,
-            text=det.output_text,
-            token_ids=token_ids,
-            finish_reason=req.status.finish_reason,
-            logprobs=list(state.logprobs) if state.logprobs is not None else None,
-            stop_reason=req.stop_reason,
-        )
-        metrics = {"arrival_time": req.arrival_time}
-        if req.first_token_time is not None:
-            metrics["first_token_time"] = req.first_token_time
-        if req.is_finished:
-            metrics["finished_time"] = time.monotonic()
-        error: LoRAStreamError | None = req.error
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=[completion],
-            finished=req.is_finished,
-            error=error,
-            metrics=metrics,
-            lora_name=state.lora_name,
-        )
-
-    def _record_stats(
-        self, t0: float, sched: Any, num_prompt: int, num_gen: int, finished: list[tuple[str, str]]
-    ) -> None:
-        if not self.stat_loggers:
-            return
-        s = self.scheduler.get_stats()
-        m = self.runner.lora_manager
-        ms = m.get_stats() if m is not None else None
+    def _record_stats(self, s: CoreStats, finished: list[tuple[str, str]], front_s: float) -> None:
         stats = Stats(
             now=time.monotonic(),
             num_waiting=s.num_waiting,
             num_running=s.num_running,
-            kv_cache_usage=self.block_manager.usage,
-            num_prompt_tokens=num_prompt,
-            num_generation_tokens=num_gen,
-            num_preemptions=len(sched.preempted),
-            step_time_s=time.monotonic() - t0,
+            kv_cache_usage=s.kv_cache_usage,
+            num_prompt_tokens=s.num_prompt_tokens,
+            num_generation_tokens=s.num_generation_tokens,
+            num_preemptions=s.num_preemptions,
+            step_time_s=s.step_time_s + front_s,
             finished=finished,
         )
-        if ms is not None:
-            stats.adapters_on_device = list(ms.on_device)
-            stats.adapters_in_host = list(ms.in_host)
-            stats.adapter_loads = ms.disk_loads
-            stats.adapter_load_time_s = ms.load_time_s
-            stats.adapter_host_evictions = ms.host_evictions
-            stats.adapter_device_loads = ms.device_loads
-            stats.adapter_device_evictions = ms.device_evictions
+        if s.adapters is not None:
+            a = s.adapters
+            stats.adapters_on_device = list(a.on_device)
+            stats.adapters_in_host = list(a.in_host)
+            stats.adapter_loads = a.disk_loads
+            stats.adapter_load_time_s = a.load_time_s
+            stats.adapter_host_evictions = a.host_evictions
+            stats.adapter_device_loads = a.device_loads
+            stats.adapter_device_evictions = a.device_evictions
         for sl in self.stat_loggers:
             sl.record(stats)
+
+    def get_step_timings(self) -> dict[str, float]:
+        """Host milliseconds per step: the core's phases (``core_*``: schedule, execute with
+        the runner's prepare / launch / sample-and-wait, update) and the front's output
+        processing (``front_process_ms``: detokenization, stop strings, RequestOutputs)."""
+        timings = self.engine_core.get_timings()
+        timings["front_batches"] = float(self._front_batches)
+        timings["front_process_ms"] = 1e3 * self._front_s / max(self._front_batches, 1)
+        return timings
+
+    # ---------------------------------------------------------------- lifetime
+    def shutdown(self) -> None:
+        """Stop the core process (with ``enable_multiprocessing``; in-process a no-op)."""
+        self.engine_core.shutdown()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
 
 def _eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,0 +1,237 @@
+"""``EngineCore``: the scheduler, the model runner and the adapter manager behind one step.
+
+One step is ``schedule()`` → ``execute_model()`` → ``update_from_output()``; requests come in
+as token ids and leave as token ids (``EngineCoreOutput``). No tokenizer and no text: the
+front (``LLMEngine`` with its ``OutputProcessor``) turns ids into ``RequestOutput``s, in the
+same process or, with ``enable_multiprocessing``, in another one (``engine.core_proc``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.core.block_manager import BlockManager
+from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core_messages import (
+    AdapterStats,
+    CoreStats,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineLoad,
+)
+from engine.errors import InvalidRequest, LoRAStreamError
+from engine.lora.manager import LoRAManager
+from engine.lora.request import LoRARequest
+from engine.sequence import Request, RequestStatus
+from engine.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("lorastream.engine")
+
+LORA_DISABLED = "LoRA is not enabled: start the engine with enable_lora=True"
+
+
+@dataclass
+class CoreTimings:
+    """Host seconds of the core's step phases, summed over steps that scheduled work."""
+
+    schedule_s: float = 0.0
+    execute_s: float = 0.0
+    """``ModelRunner.execute_model``: input preparation, launch, sampling and its host sync."""
+    update_s: float = 0.0
+    """``update_from_output`` and the outputs (token ids) of the step."""
+    steps: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, log_stats: bool = False) -> None:
+        self.config = config
+        self.log_stats = log_stats
+        self.runner = ModelRunner(config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        lora_ready = self.runner.lora_manager.is_ready if self.runner.lora_manager else None
+        self.scheduler = Scheduler(
+            config.scheduler,
+            self.block_manager,
+            **({"lora_ready": lora_ready} if lora_ready else {}),
+        )
+        self.timings = CoreTimings()
+        # Requests that failed outside a step (a bad AddRequest in the core process):
+        # reported at the start of the next step.
+        self._failed: list[EngineCoreOutput] = []
+
+    # ---------------------------------------------------------------- adapters
+    @property
+    def lora_manager(self) -> LoRAManager | None:
+        return self.runner.lora_manager
+
+    def require_lora(self) -> LoRAManager:
+        if self.runner.lora_manager is None:
+            raise InvalidRequest(LORA_DISABLED)
+        return self.runner.lora_manager
+
+    def check_adapter(self, lora_request: LoRARequest) -> None:
+        self.require_lora().check_adapter(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        return self.require_lora().add_lora(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.require_lora().remove_lora(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return set(self.require_lora().list_loras()) if self.runner.lora_manager else set()
+
+    def module_shapes(self) -> dict[str, tuple[str, int, int, int]] | None:
+        manager = self.runner.lora_manager
+        return dict(manager.module_shapes) if manager is not None else None
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request: Request) -> None:
+        """Queue ``request``; raises ``PromptTooLong`` / ``InvalidRequest`` when it could never run."""
+        self.scheduler.add_request(request)
+        manager = self.runner.lora_manager
+        if request.lora_request is not None and manager is not None:
+            # Pinned while the request lives, so its adapter is not evicted from host memory
+            # between being loaded and being scheduled.
+            manager.pin([request.lora_int_id])
+            manager.request_load(request.lora_request)
+
+    def fail_request(self, request_id: str, error: LoRAStreamError) -> None:
+        """Report a request the core could not take as finished with ``error``."""
+        self._failed.append(EngineCoreOutput(request_id, [], finish_reason="error", error=error))
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        """Finish requests now, freeing their blocks. No output: the front reports aborts
+        (and stop strings, which end requests the same way) itself. Unknown ids are ignored."""
+        for request in self.scheduler.abort_requests(list(request_ids)):
+            self._unpin(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests() or bool(self._failed)
+
+    def get_load(self) -> EngineLoad:
+        return EngineLoad(
+            self.scheduler.num_waiting, self.scheduler.num_running, self.block_manager.usage
+        )
+
+    # ---------------------------------------------------------------- step
+    def step(self) -> EngineCoreOutputs:
+        t0 = time.perf_counter()
+        outputs, self._failed = self._failed, []
+        self._fail_adapter_errors(outputs)
+        sched = self.scheduler.schedule()
+        t1 = t2 = time.perf_counter()
+        num_prompt = num_gen = 0
+        if sched.scheduled:
+            result = self.runner.execute_model(sched)
+            t2 = time.perf_counter()
+            touched = self.scheduler.update_from_output(sched, result.sampled_token_ids)
+            for s in sched.scheduled:
+                if not s.sample:
+                    num_prompt += s.num_new_tokens
+                else:
+                    num_gen += 1
+                    num_prompt += s.num_new_tokens - 1
+            for req in touched:
+                # update_from_output appends exactly one sampled token to each request it returns.
+                out = EngineCoreOutput(
+                    req.request_id,
+                    req.output_token_ids[-1:],
+                    result.logprobs.get(req.request_id),
+                    req.status.finish_reason,
+                    # Stop token ids only: the core never sees stop strings.
+                    req.stop_reason if isinstance(req.stop_reason, int) else None,
+                    None,
+                    req.first_token_time if req.num_output_tokens == 1 else None,
+                )
+                outputs.append(out)
+                if req.is_finished:
+                    self._unpin(req)
+        t3 = time.perf_counter()
+        tm = self.timings
+        if sched.scheduled:
+            tm.schedule_s += t1 - t0
+            tm.execute_s += t2 - t1
+            tm.update_s += t3 - t2
+            tm.steps += 1
+        return EngineCoreOutputs(
+            outputs, self._stats(sched, num_prompt, num_gen, t3 - t0, t1 - t0, t2 - t1, t3 - t2)
+        )
+
+    def _fail_adapter_errors(self, outputs: list[EngineCoreOutput]) -> None:
+        manager = self.runner.lora_manager
+        if manager is None:
+            return
+        for lora_id, err in manager.poll_errors():
+            ids = [
+                r.request_id for r in self.scheduler.requests.values() if r.lora_int_id == lora_id
+            ]
+            for req in self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR):
+                self._unpin(req)
+                outputs.append(
+                    EngineCoreOutput(req.request_id, [], finish_reason="error", error=err)
+                )
+                logger.warning("request %s failed: %s", req.request_id, err)
+
+    def _unpin(self, request: Request) -> None:
+        manager = self.runner.lora_manager
+        if manager is not None and request.lora_int_id:
+            manager.unpin([request.lora_int_id])
+
+    def _stats(
+        self,
+        sched: SchedulerOutput,
+        num_prompt: int,
+        num_gen: int,
+        step_s: float,
+        schedule_s: float,
+        execute_s: float,
+        update_s: float,
+    ) -> CoreStats:
+        stats = CoreStats(
+            num_waiting=self.scheduler.num_waiting,
+            num_running=self.scheduler.num_running,
+            kv_cache_usage=self.block_manager.usage,
+            num_scheduled_tokens=sched.num_scheduled_tokens,
+            num_prompt_tokens=num_prompt,
+            num_generation_tokens=num_gen,
+            num_preemptions=len(sched.preempted),
+            step_time_s=step_s,
+            schedule_s=schedule_s,
+            execute_s=execute_s,
+            update_s=update_s,
+        )
+        manager = self.runner.lora_manager
+        if manager is not None and self.log_stats:
+            ms = manager.get_stats()
+            stats.adapters = AdapterStats(
+                on_device=list(ms.on_device),
+                in_host=list(ms.in_host),
+                disk_loads=ms.disk_loads,
+                load_time_s=ms.load_time_s,
+                host_evictions=ms.host_evictions,
+                device_loads=ms.device_loads,
+                device_evictions=ms.device_evictions,
+            )
+        return stats
+
+    def get_timings(self) -> dict[str, float]:
+        """Per-step host milliseconds of the core (steps that scheduled work)."""
+        tm = self.timings
+        n = max(tm.steps, 1)
+        out = {
+            "core_steps": float(tm.steps),
+            "core_schedule_ms": 1e3 * tm.schedule_s / n,
+            "core_execute_ms": 1e3 * tm.execute_s / n,
+            "core_update_ms": 1e3 * tm.update_s / n,
+        }
+        out.update({f"core_{k}": v for k, v in self.runner.timings.per_step_ms().items()})
+        return out
+
+    def close(self) -> None:
+        if self.runner.lora_manager is not None:
+            self.runner.lora_manager.close()

@@ -1,0 +1,143 @@
+"""Token ids from the engine core → ``RequestOutput``s: incremental detokenization, stop
+strings, logprobs and metrics, one ``RequestState`` per unfinished request.
+
+It runs in the caller's process whether the core runs there too or in its own process, so
+both modes build their outputs with this one piece of code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.core_messages import EngineCoreOutput
+from engine.errors import LoRAStreamError
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling.detokenizer import IncrementalDetokenizer
+from engine.sequence import Request
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    lora_name: str | None
+    arrival_time: float
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[dict[int, float]] | None
+    output_token_ids: list[int] = field(default_factory=list)
+    first_token_time: float | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: LoRAStreamError | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class ProcessedOutputs:
+    touched: list[RequestState] = field(default_factory=list)
+    """States with news this batch, in the core's order (finished ones already dropped)."""
+    stopped: list[str] = field(default_factory=list)
+    """Requests a stop string ended while the core still runs them: abort them there."""
+    finished: list[tuple[str, str]] = field(default_factory=list)
+    """(request_id, finish_reason) of requests that finished by a token (for stat loggers)."""
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+
+    def add_request(self, request: Request) -> None:
+        params = request.sampling_params
+        self.states[request.request_id] = RequestState(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            lora_name=request.lora_request.lora_name if request.lora_request else None,
+            arrival_time=request.arrival_time,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params),
+            logprobs=[] if params.logprobs is not None else None,
+        )
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[RequestOutput]:
+        """Finish the known unfinished requests as aborted; returns their final outputs."""
+        outputs = []
+        for request_id in request_ids:
+            state = self.states.pop(request_id, None)
+            if state is not None:
+                state.finish_reason = "abort"
+                outputs.append(self.make_output(state))
+        return outputs
+
+    def process_outputs(self, core_outputs: Iterable[EngineCoreOutput]) -> ProcessedOutputs:
+        result = ProcessedOutputs()
+        for out in core_outputs:
+            state = self.states.get(out.request_id)
+            if state is None:  # aborted or stopped in the front while the core ran on
+                continue
+            result.touched.append(state)
+            if out.error is not None:
+                # Failed in the core (an adapter that did not load): report what was shown so
+                # far; held-back text is not flushed, as for an abort.
+                state.finish_reason = out.finish_reason or "error"
+                state.error = out.error
+                del self.states[out.request_id]
+                continue
+            if out.first_token_time is not None:
+                state.first_token_time = out.first_token_time
+            state.output_token_ids += out.new_token_ids
+            if state.logprobs is not None and out.new_logprobs is not None:
+                state.logprobs.append(out.new_logprobs)
+            det = state.detokenizer
+            det.update(
+                out.new_token_ids,
+                finished=out.finish_reason is not None,
+                # Finished by EOS or a stop token id (stop strings are found just below).
+                stop_terminated=out.finish_reason == "stop",
+            )
+            if det.finished_by_stop_string:
+                if out.finish_reason is None:
+                    result.stopped.append(out.request_id)
+                # Also when max_tokens came on the very token that completed the stop string.
+                state.finish_reason = "stop"
+                state.stop_reason = det.stop_reason
+            else:
+                state.finish_reason = out.finish_reason
+                state.stop_reason = out.stop_reason
+            if state.finished:
+                assert state.finish_reason is not None
+                result.finished.append((out.request_id, state.finish_reason))
+                del self.states[out.request_id]
+        return result
+
+    def make_output(self, state: RequestState) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=state.detokenizer.output_text,
+            token_ids=list(state.output_token_ids),
+            finish_reason=state.finish_reason,
+            logprobs=list(state.logprobs) if state.logprobs is not None else None,
+            stop_reason=state.stop_reason,
+        )
+        metrics = {"arrival_time": state.arrival_time}
+        if state.first_token_time is not None:
+            metrics["first_token_time"] = state.first_token_time
+        if state.finished:
+            metrics["finished_time"] = time.monotonic()
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=[completion],
+            finished=state.finished,
+            error=state.error,
+            metrics=metrics,
+            lora_name=state.lora_name,
+        )
