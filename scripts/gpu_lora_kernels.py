@@ -11,9 +11,11 @@ One command for the device machine (everything writes under ``$OUT``)::
    batch) and prefill (4096 tokens, 32 segments of 128), the fused shrink + expand against
    the torch reference and against the layer's base matmul; a few more rank mixes; a small
    sweep of kernel parameters (``--sweep``); and the host cost of building metadata and of
-   launching. Decode is timed as it runs in the engine, replayed in a CUDA graph, over four
-   rotating copies of each layer so that L2 holds none of the weights; prefill with
-   ``triton.testing.do_bench`` medians (it flushes L2 before every run).
+   launching. Decode is timed as it runs in the engine: on static graph metadata (tile
+   capacity for 32 slots, so 47 tiles of which the step uses 32, or 16 for ``decode-one``),
+   replayed in a CUDA graph, over four rotating copies of each layer so that L2 holds none
+   of the weights; prefill with ``triton.testing.do_bench`` medians (it flushes L2 before
+   every run).
 
 Writes ``results.json`` and ``table.txt``; prints the table last.
 """
@@ -147,13 +149,19 @@ class Case:
         rng: random.Random,
         block_m: int | None = None,
     ) -> Case:
-        from engine.lora.layers import build_lora_metadata
+        from engine.lora.layers import allocate_static_lora_metadata, build_lora_metadata
 
         in_f, slices = LAYERS[lname]
         layer = make_layer(in_f, slices, ranks, max_rank)
         slots = scenario_slots(scen, rng)
         x = torch.randn(len(slots), in_f, device=DEVICE, dtype=torch.bfloat16)
-        meta = build_lora_metadata(slots, torch.device(DEVICE), block_m=block_m)
+        if scen.startswith("decode"):  # the CUDA graph's buffers, as the runner fills them
+            static = allocate_static_lora_metadata(
+                len(slots), NUM_ADAPTERS, DEVICE, block_m=block_m or 16
+            )
+            meta = build_lora_metadata(slots, torch.device(DEVICE), out=static)
+        else:
+            meta = build_lora_metadata(slots, torch.device(DEVICE), block_m=block_m)
         return cls(layer, slots, x, torch.nn.functional.linear(x, layer.weight), meta)
 
     def bufs(self) -> tuple[Any, ...]:
@@ -306,10 +314,13 @@ def sweep_case(scen: str, lname: str, block_m: int, rng: random.Random) -> list[
     h = c.shrink()
     rows: list[dict[str, Any]] = []
     key = {"scenario": scen, "layer": lname, "block_m": block_m}
-    for sk, bk in itertools.product((1, 2, 4, 8, 16), (64, 128)):
-        us = bench(lambda sk=sk, bk=bk: c.shrink(split_k=sk, block_k=bk))
-        rows.append({**key, "kernel": "shrink", "split_k": sk, "block_k": bk, "us": us})
-    for bn, nw in itertools.product((64, 128, 256), (4, 8)):
+    splits = (4, 8, 16, 32) if scen.startswith("decode") else (1, 2)
+    for sk, bk, ns in itertools.product(splits, (64, 128, 256), (3, 4)):
+        us = bench(lambda sk=sk, bk=bk, ns=ns: c.shrink(split_k=sk, block_k=bk, num_stages=ns))
+        rows.append(
+            {**key, "kernel": "shrink", "split_k": sk, "block_k": bk, "stages": ns, "us": us}
+        )
+    for bn, nw in itertools.product((128, 256, 512, 1024), (4, 8)):
         us = bench(lambda bn=bn, nw=nw: c.expand(h, block_n=bn, num_warps=nw))
         rows.append({**key, "kernel": "expand", "block_n": bn, "num_warps": nw, "us": us})
     return rows

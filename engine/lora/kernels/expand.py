@@ -2,10 +2,17 @@
 
 Reference: ``engine.lora.kernels.reference.lora_expand_reference``.
 
-Grid ``(tiles, column blocks of the widest slice, slices)``. Each (token, output column) is
-written by exactly one program, so no atomics. The rank loop stops at the (slot, slice)
-rank read from ``lora_ranks``: a rank-8 adapter among rank-64 ones reads and multiplies 8
-columns of B, and a slice the adapter skips (rank 0) costs one load.
+Grid ``(column blocks of all slices, tiles)``. A column block lies inside one slice (each
+slice is cut into its own blocks), so each (token, output column) is written by exactly one
+program and no atomics are needed. Tiles are the slowest axis: the unused tiles of static
+(graph) metadata sit at the end and their programs start last and exit at once.
+
+Decode is bound by B and by the read-modify-write of y, so a program moves a wide block
+(``BLOCK_N`` up to 1024 columns) in one go, every load issued before the first is used: the
+y rows, B's rows and the split-K planes of h are all in flight together. The rank blocks are
+unrolled (``R`` is a compile-time constant) and masked at the (slot, slice) rank read from
+``lora_ranks``: a rank-8 adapter among rank-64 ones reads 8 columns of B, and a slice the
+adapter skips (rank 0) costs one load.
 """
 
 from __future__ import annotations
@@ -19,78 +26,97 @@ from engine.model.metadata import LoRAMetadata
 
 # Triton compiles a variant per value class (== 1, divisible by 16) of each int argument;
 # these only index, so one variant serves them all.
-@triton.jit(do_not_specialize=["R", "stride_hs", "stride_ht", "num_slices", "split_k"])
+@triton.jit(do_not_specialize=["stride_hs", "stride_tiles"])
 def _lora_expand_kernel(
-    h_ptr,  # [split_k, T, S * R] float32 partial sums
-    b_ptr,  # [L, N, R]
+    h_ptr,  # [SPLIT_K, T, S * R] float32 partial sums
+    b_ptr,  # [L, N, R] contiguous
     y_ptr,  # [T, N], updated in place
     ranks_ptr,  # [L, S] int32
     offsets_ptr,  # [S + 1] int32: first output column of each slice
     sorted_ids_ptr,  # [T] int64
     tiles_ptr,  # [3, G] int64: slot, start, length
-    R,
+    N,
     stride_hs,
-    stride_ht,
-    stride_bl,
-    stride_bn,
     stride_yt,
     stride_yn,
     stride_tiles,
-    num_slices,
-    split_k,
+    NUM_SLICES: tl.constexpr,
+    R: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    ALIGNED: tl.constexpr,  # slice offsets and y's row stride are multiples of 8
     ROUND_H: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    pid_tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    s = tl.program_id(2)
+    pid_n = tl.program_id(0)
+    pid_tile = tl.program_id(1)
+    # The tile and the slice layout do not depend on each other: their loads go together.
+    slot = tl.load(tiles_ptr + pid_tile)
+    start = tl.load(tiles_ptr + stride_tiles + pid_tile)
     length = tl.load(tiles_ptr + 2 * stride_tiles + pid_tile)
+    s = 0
+    n_lo = 0
+    n_hi = 0
+    first = 0  # first column block of slice i
+    for i in tl.static_range(NUM_SLICES):
+        lo_i = tl.load(offsets_ptr + i)
+        hi_i = tl.load(offsets_ptr + i + 1)
+        num_blocks = tl.cdiv(hi_i - lo_i, BLOCK_N)
+        here = (pid_n >= first) & (pid_n < first + num_blocks)
+        s = tl.where(here, i, s)
+        n_lo = tl.where(here, lo_i + (pid_n - first) * BLOCK_N, n_lo)
+        n_hi = tl.where(here, hi_i, n_hi)
+        first += num_blocks
+    if ALIGNED:  # lets y move in 16-byte vectors
+        n_lo = tl.multiple_of(n_lo, 8)
+        n_hi = tl.multiple_of(n_hi, 8)
     if length == 0:  # a padding tile of static (graph) metadata
         return
-    slot = tl.load(tiles_ptr + pid_tile)
-    rank = tl.load(ranks_ptr + slot * num_slices + s)
-    n_lo = tl.load(offsets_ptr + s) + pid_n * BLOCK_N
-    n_hi = tl.load(offsets_ptr + s + 1)
-    if rank == 0 or n_lo >= n_hi:
+    rank = tl.load(ranks_ptr + slot * NUM_SLICES + s)
+    if rank == 0:
         return
-    start = tl.load(tiles_ptr + stride_tiles + pid_tile)
 
     offs_m = tl.arange(0, BLOCK_M)
     row_ok = offs_m < length
     toks = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] int64
     cols = n_lo + tl.arange(0, BLOCK_N)  # [BN]
     col_ok = cols < n_hi
-    offs_r = tl.arange(0, BLOCK_R)
-
     y_ptrs = y_ptr + toks[:, None] * stride_yt + cols[None, :] * stride_yn
     y_mask = row_ok[:, None] & col_ok[None, :]
-    # Issued first, so its latency hides behind the B loads and the dot.
     y = tl.load(y_ptrs, mask=y_mask, other=0.0)
 
-    h_ptrs = h_ptr + toks[:, None] * stride_ht + s * R  # [BM, 1]
-    b_ptrs = b_ptr + slot * stride_bl + cols[None, :] * stride_bn  # [1, BN]
+    h_ptrs = h_ptr + toks[:, None] * (NUM_SLICES * R) + s * R  # [BM, 1]
+    b_ptrs = b_ptr + slot * N * R + cols[:, None] * R  # [BN, 1]
+    # Loads run to the rank rounded up to 8 (16 bytes of a bf16 row, inside the sector that
+    # is fetched anyway), so they stay vectors; what lies past the rank (stale weights,
+    # unwritten h) is zeroed below, never used.
+    rank_ld = tl.multiple_of(tl.cdiv(rank, 8) * 8, 8) if R % 8 == 0 else rank
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        r = r0 + offs_r  # [BR]
+    for rb in tl.static_range((R + BLOCK_R - 1) // BLOCK_R):
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
         r_ok = r < rank
+        r_ld = r < rank_ld
         b = tl.load(
-            b_ptrs + r[:, None], mask=r_ok[:, None] & col_ok[None, :], other=0.0
-        )  # [BR, BN]
-        # Masked, not just zero-padded: h past the rank was never written. The split-K
-        # planes are added in order, so the sum does not depend on timing.
-        h_mask = row_ok[:, None] & r_ok[None, :]
+            b_ptrs + r[None, :], mask=col_ok[:, None] & r_ld[None, :], other=0.0
+        )  # [BN, BR]
+        # The split-K planes are added in order, so the sum does not depend on timing.
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for sk in range(split_k):
-            h += tl.load(h_ptrs + sk * stride_hs + r[None, :], mask=h_mask, other=0.0)
+        for sk in tl.static_range(SPLIT_K):
+            h += tl.load(
+                h_ptrs + sk * stride_hs + r[None, :],
+                mask=row_ok[:, None] & r_ld[None, :],
+                other=0.0,
+            )
+        h = tl.where(r_ok[None, :], h, 0.0)
+        b = tl.where(r_ok[None, :], b, tl.zeros_like(b))
         if ROUND_H:  # a 16-bit B: h enters the product in B's dtype, as on tensor cores
             h = h.to(b.dtype)
         if DOT_FP32:
-            acc += tl.dot(h.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            acc += tl.dot(h.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
         else:
-            acc += tl.dot(h, b)
+            acc += tl.dot(h, tl.trans(b))
 
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
@@ -101,12 +127,15 @@ def _interpreted_bf16(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return not t.is_cuda and dtype == torch.bfloat16
 
 
-def expand_config(max_rank: int, block_m: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_R). Few distinct blocks: each is a compile. Wide column blocks give
-    long contiguous runs of each gathered y row (best on an H200 for 32-token tiles)."""
+def expand_config(max_rank: int, block_m: int, num_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_R, num_warps) for slices ``num_cols`` wide at most. Few distinct
+    blocks: each is a compile. A wide block keeps many loads in flight per program."""
     block_r = 16 if max_rank <= 16 else 64
-    block_n = 128 if block_m <= 16 else 256
-    return block_n, block_r
+    # Best on an H200 (llama-3.1-8b layers): 512 columns and 8 warps for decode tiles of
+    # 16, 256 and 4 warps for prefill tiles of 32.
+    block_n, num_warps = (512, 8) if block_m <= 16 else (256, 4)
+    block_n = min(block_n, max(16, triton.next_power_of_2(num_cols)))
+    return block_n, block_r, num_warps
 
 
 def lora_expand(
@@ -119,9 +148,9 @@ def lora_expand(
     lora: LoRAMetadata,
     *,
     block_n: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> None:
-    """``block_n`` overrides the heuristic (tests, tuning)."""
+    """``block_n`` and ``num_warps`` override the heuristic (tests, tuning)."""
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
     _num_loras, n, max_rank = lora_b.shape
@@ -129,13 +158,19 @@ def lora_expand(
     assert y.shape[1] == n == sum(out_slices), (y.shape, lora_b.shape, out_slices)
     assert h.shape[2] == num_slices * max_rank
     assert h.stride(2) == 1
-    assert lora_b.stride(2) == 1
+    assert h.stride(1) == num_slices * max_rank
+    assert lora_b.is_contiguous()
     num_tiles = lora.tiles.shape[1]
     if num_tiles == 0:
         return
-    auto_block_n, block_r = expand_config(max_rank, lora.block_m)
+    auto_block_n, block_r, auto_warps = expand_config(max_rank, lora.block_m, max(out_slices))
     block_n = auto_block_n if block_n is None else block_n
-    grid = (num_tiles, triton.cdiv(max(out_slices), block_n), num_slices)
+    num_warps = auto_warps if num_warps is None else num_warps
+    offsets = [0]
+    for width in out_slices:
+        offsets.append(offsets[-1] + width)
+    aligned = all(o % 8 == 0 for o in offsets) and y.stride(0) % 8 == 0 and y.stride(1) == 1
+    grid = (sum(triton.cdiv(width, block_n) for width in out_slices), num_tiles)
     _lora_expand_kernel[grid](
         h,
         lora_b,
@@ -144,19 +179,18 @@ def lora_expand(
         slice_offsets,
         lora.sorted_token_ids,
         lora.tiles,
-        max_rank,
+        n,
         h.stride(0),
-        h.stride(1),
-        lora_b.stride(0),
-        lora_b.stride(1),
         y.stride(0),
         y.stride(1),
         lora.tiles.stride(0),
-        num_slices,
-        h.shape[0],
+        NUM_SLICES=num_slices,
+        R=max_rank,
+        SPLIT_K=h.shape[0],
         BLOCK_M=lora.block_m,
         BLOCK_N=block_n,
         BLOCK_R=block_r,
+        ALIGNED=aligned,
         ROUND_H=lora_b.dtype != torch.float32,
         DOT_FP32=lora_b.dtype == torch.float32 or _interpreted_bf16(y, lora_b.dtype),
         num_warps=num_warps,

@@ -27,7 +27,7 @@ from engine.model.metadata import LoRAMetadata
 
 # Triton compiles a variant per value class (== 1, divisible by 16) of each int argument;
 # these only index, so one variant serves them all.
-@triton.jit(do_not_specialize=["SR", "R", "stride_hs", "stride_ht", "num_slices", "split_k"])
+@triton.jit(do_not_specialize=["stride_hs", "stride_tiles"])
 def _lora_shrink_kernel(
     x_ptr,  # [T, K]
     a_ptr,  # [L, S * R, K], contiguous in its last two dims
@@ -36,50 +36,48 @@ def _lora_shrink_kernel(
     sorted_ids_ptr,  # [T] int64
     tiles_ptr,  # [3, G] int64: slot, start, length
     K,
-    SR,
-    R,
+    k_per_split,  # a multiple of BLOCK_K
     stride_xt,
     stride_xk,
     stride_al,
     stride_hs,
-    stride_ht,
     stride_tiles,
-    num_slices,
-    split_k,
+    NUM_SLICES: tl.constexpr,
+    R: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    pid_tile = tl.program_id(0)
+    pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_tile = tl.program_id(2)
+    slot = tl.load(tiles_ptr + pid_tile)
+    start = tl.load(tiles_ptr + stride_tiles + pid_tile)
     length = tl.load(tiles_ptr + 2 * stride_tiles + pid_tile)
     if length == 0:  # a padding tile of static (graph) metadata
         return
-    slot = tl.load(tiles_ptr + pid_tile)
-    start = tl.load(tiles_ptr + stride_tiles + pid_tile)
 
+    SR: tl.constexpr = NUM_SLICES * R
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of A = s * R + r
     col_rank = tl.load(
-        ranks_ptr + slot * num_slices + cols // R, mask=cols < SR, other=0
+        ranks_ptr + slot * NUM_SLICES + cols // R, mask=cols < SR, other=0
     )  # [BN] rank of each column's slice
     col_ok = (cols % R) < col_rank
-    if tl.max(col_ok.to(tl.int32), axis=0) == 0:
-        return
-
     offs_m = tl.arange(0, BLOCK_M)
     row_ok = offs_m < length
     toks = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] int64
+    if tl.max(col_ok.to(tl.int32), axis=0) == 0:
+        return
 
     offs_k = tl.arange(0, BLOCK_K)
-    k_per_split = tl.cdiv(K, BLOCK_K * split_k) * BLOCK_K
     k_lo = pid_k * k_per_split
     x_ptrs = x_ptr + toks[:, None] * stride_xt  # [BM, 1]
     a_ptrs = a_ptr + slot * stride_al + cols[None, :] * K  # [1, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_per_split, BLOCK_K):
-        k = k_lo + k0 + offs_k  # [BK]
+    for k0 in tl.range(k_lo, k_lo + k_per_split, BLOCK_K, num_stages=NUM_STAGES):
+        k = k0 + offs_k  # [BK]
         k_ok = k < K
         x = tl.load(
             x_ptrs + k[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :], other=0.0
@@ -92,7 +90,7 @@ def _lora_shrink_kernel(
         else:
             acc += tl.dot(x, a)
 
-    h_ptrs = h_ptr + pid_k * stride_hs + toks[:, None] * stride_ht + cols[None, :]
+    h_ptrs = h_ptr + pid_k * stride_hs + toks[:, None] * SR + cols[None, :]
     tl.store(h_ptrs, acc, mask=row_ok[:, None] & (cols < SR)[None, :])
 
 
@@ -108,18 +106,22 @@ def _pow2(n: int) -> int:
 def shrink_config(
     x: torch.Tensor, sr: int, k: int, num_tiles: int, block_m: int
 ) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, SPLIT_K): split K only when the tiles alone would leave half the
-    SMs idle (a decode step has one tile per adapter); on an H200 splitting a 4096-token
+    """(BLOCK_N, BLOCK_K, SPLIT_K). BLOCK_N covers a slot's S * R rows of A (up to 64), so
+    A is read once per tile. K is split only when the tiles alone would not give every SM
+    a few programs (a decode step has about one tile per adapter); splitting a 4096-token
     prefill was slower. Few distinct blocks: each is a compile."""
-    block_n = 64 if sr <= 64 else 128
+    block_n = min(64, max(16, _pow2(sr)))
     block_k = 128
     split_k = 1
     if x.is_cuda:
         sms = _num_sms(x.device.index or 0)
         programs = max(1, num_tiles * triton.cdiv(sr, block_n))
-        if 2 * programs < sms:
-            max_split = max(1, k // (4 * block_k))  # keep at least 4 K steps per program
-            split_k = min(_pow2(triton.cdiv(2 * sms, programs)), max_split, 16)
+        # The largest power of two that keeps about three programs per SM: on an H200
+        # (132 SMs) 8 for a decode graph's 47 tiles, 2 for a prefill's 128.
+        want = 3 * sms // programs
+        if want >= 2:
+            max_split = max(1, k // (2 * block_k))  # keep at least 2 K steps per program
+            split_k = min(1 << (want.bit_length() - 1), max_split, 32)
     return block_n, block_k, split_k
 
 
@@ -132,12 +134,14 @@ def lora_shrink(
     split_k: int | None = None,
     block_k: int | None = None,
     num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """h: [split_k, T, S * R] float32 partial sums (their sum is x · Aᵀ). Rows of tokens
     without an adapter, and columns of a (slot, slice) whose rank is 0, are left unwritten:
     ``lora_expand`` reads neither.
 
-    ``split_k`` and ``block_k`` override the heuristic (tests, tuning)."""
+    ``split_k``, ``block_k``, ``num_warps`` and ``num_stages`` override the heuristic
+    (tests, tuning)."""
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
     num_tokens, k = x.shape
@@ -161,7 +165,9 @@ def lora_shrink(
         # upcast is exact, as bf16 products fit in float32.
         or (not x.is_cuda and lora_a.dtype == torch.bfloat16)
     )
-    grid = (num_tiles, triton.cdiv(sr, block_n), split_k)
+    k_per_split = triton.cdiv(k, block_k * split_k) * block_k
+    # Tiles are the slowest axis: the unused tiles of static metadata start last.
+    grid = (split_k, triton.cdiv(sr, block_n), num_tiles)
     _lora_shrink_kernel[grid](
         x,
         lora_a,
@@ -170,19 +176,18 @@ def lora_shrink(
         lora.sorted_token_ids,
         lora.tiles,
         k,
-        sr,
-        max_rank,
+        k_per_split,
         x.stride(0),
         x.stride(1),
         lora_a.stride(0),
         h.stride(0),
-        h.stride(1),
         lora.tiles.stride(0),
-        num_slices,
-        split_k,
+        NUM_SLICES=num_slices,
+        R=max_rank,
         BLOCK_M=lora.block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        NUM_STAGES=num_stages,
         DOT_FP32=dot_fp32,
         num_warps=num_warps,
     )
