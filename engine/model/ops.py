@@ -130,9 +130,10 @@ def apply_rotary(
     tensors and not read the inputs again.
     """
     head_dim = cos.shape[-1]
-    num_tokens = q.shape[0]
-    q = q.view(num_tokens, -1, head_dim)  # [T, H, Dh]
-    k = k.view(num_tokens, -1, head_dim)  # [T, Hkv, Dh]
+    if q.dim() == 2:
+        q = q.view(q.shape[0], q.shape[1] // head_dim, head_dim)  # [T, H, Dh]
+    if k.dim() == 2:
+        k = k.view(k.shape[0], k.shape[1] // head_dim, head_dim)  # [T, Hkv, Dh]
     if use_triton(q):
         from engine.model.fused_kernels import apply_rotary_triton
 
