@@ -3,9 +3,9 @@ fused in), SiLU-and-mul and RoPE. Their torch references and the dispatch live i
 ``engine.model.ops``; tests compare the two.
 
 Each kernel computes in float32 but rounds to the model dtype exactly where the torch
-formulation does (which is where transformers rounds), so bfloat16 results match the
+formulation does (which is where transformers rounds), so half-precision results match the
 references bit for bit except where a float32 reduction order or ``exp`` differs by an ulp
-and that ulp straddles a bfloat16 rounding boundary.
+and that ulp straddles a rounding boundary of the dtype.
 
 Launches depend only on host-side shapes (no host sync), so every kernel can be captured in
 a CUDA graph. The number of tokens is only a grid size, never a kernel argument, so it
@@ -217,7 +217,7 @@ def _norm_warps(block: int) -> int:
 
 
 # Compiled kernels would contract `a * b + c` into an FMA, which rounds once where torch's
-# separate kernels round twice; the rotary sums must round like torch, so no contraction.
+# separate ops round twice (it matters for float32 RoPE): no contraction in any kernel.
 _NO_FMA = {"enable_fp_fusion": False}
 
 
@@ -243,6 +243,8 @@ def rms_norm_triton(
         or (residual is not None and residual.stride(-1) != 1)
     ):
         raise ValueError("rms_norm_triton needs unit-stride rows")
+    if residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape):
+        raise ValueError("rms_norm_triton needs x and residual of one shape and dtype")
     block = next_pow2(dim)
     if block > MAX_NORM_BLOCK:
         raise ValueError(f"rms_norm_triton normalizes rows of at most {MAX_NORM_BLOCK}, got {dim}")
