@@ -76,6 +76,8 @@ def _rms_norm_kernel(
     offs = tl.arange(0, BLOCK)
     ok = offs < D
     x = tl.load(x_ptr + t * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    # Loaded now, not after the reduction, so that its latency hides behind the row's.
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + t * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
         # The residual stream is kept in the model dtype: round the sum as torch's `x + r`.
@@ -86,7 +88,6 @@ def _rms_norm_kernel(
     # weight multiplies it (in the output dtype), as transformers' LlamaRMSNorm does.
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     h = _to(x * rstd, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     y = _to(w * h, out_ptr.dtype.element_ty, INTERPRET)
     tl.store(out_ptr + t * stride_out + offs, y, mask=ok)
 
