@@ -40,10 +40,14 @@ from engine.model.llama import LlamaForCausalLM, rope_inv_freq
 from engine.model.loader import load_model
 from engine.model.testing import PagedDriver
 
-pytestmark = pytest.mark.skipif(not ops.HAS_TRITON, reason="triton is not installed")
-
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.skipif(not ops.HAS_TRITON, reason="triton is not installed"),
+    pytest.mark.skipif(
+        not INTERPRET and not CUDA, reason="compiled kernels need a CUDA device (or interpret)"
+    ),
+]
 # The interpreter runs on CPU tensors; compiled kernels need CUDA ones.
 DEVICE = "cpu" if INTERPRET or not CUDA else "cuda"
 # Decorated earlier in this process with the other interpreter setting: decorate again.
