@@ -128,6 +128,9 @@ class _Shared:
     outputs: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     futures: dict[int, Future[Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Held around every join/is_alive of the process: two threads polling one child race on
+    # waitpid, and the loser may see it alive (or its exit code unknown) for ever after.
+    reap_lock: threading.Lock = field(default_factory=threading.Lock)
     dead: EngineDead | None = None
     closing: bool = False
     load: EngineLoad = field(default_factory=lambda: EngineLoad(0, 0, 0.0))
@@ -359,7 +362,8 @@ def _read_outputs(conn: Connection, process: BaseProcess, shared: _Shared) -> No
         failure = failure or LoRAStreamError(f"{type(e).__name__}: {e}")
     finally:
         conn.close()
-        process.join(timeout=_STOP_TIMEOUT_S)
+        with shared.reap_lock:
+            process.join(timeout=_STOP_TIMEOUT_S)
         if shared.closing:
             dead = EngineDead("the engine was shut down")
         else:
@@ -383,11 +387,14 @@ def _stop_core(
         with contextlib.suppress(OSError, ValueError):
             conn.send_bytes(encode(Shutdown()))
         conn.close()
-    process.join(timeout=_STOP_TIMEOUT_S)
-    if process.is_alive():
-        logger.warning("engine core did not stop within %.0f s; terminating it", _STOP_TIMEOUT_S)
-        process.terminate()
+    with shared.reap_lock:
         process.join(timeout=_STOP_TIMEOUT_S)
-    if process.is_alive():
-        process.kill()
-        process.join()
+        if process.is_alive():
+            logger.warning(
+                "engine core did not stop within %.0f s; terminating it", _STOP_TIMEOUT_S
+            )
+            process.terminate()
+            process.join(timeout=_STOP_TIMEOUT_S)
+        if process.is_alive():
+            process.kill()
+            process.join()

@@ -18,10 +18,11 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
 from engine.config import EngineArgs
 from engine.core_messages import (
@@ -51,7 +52,7 @@ _IDLE_POLL_S = 0.002
 
 
 def encode_engine_args(args: EngineArgs) -> bytes:
-    """EngineArgs as msgpack (plain values only) for the child's command line of sorts."""
+    """EngineArgs as msgpack (plain values only): what the spawned core builds its config from."""
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(args):
         value = getattr(args, f.name)
@@ -88,7 +89,7 @@ def run_engine_core(
     except BaseException as e:
         logger.exception("engine core failed to start")
         output_conn.send_bytes(encode(CoreFailed(as_error(e))))
-        return
+        _exit(1)
     shapes = core.module_shapes()
     ready = CoreReady(
         protocol_version=PROTOCOL_VERSION,
@@ -96,7 +97,18 @@ def run_engine_core(
         module_shapes={k: list(v) for k, v in shapes.items()} if shapes is not None else None,
     )
     output_conn.send_bytes(encode(ready))
-    EngineCoreProc(core, input_conn, output_conn).run()
+    _exit(EngineCoreProc(core, input_conn, output_conn).run())
+
+
+def _exit(code: int) -> NoReturn:
+    """Leave without interpreter teardown. Everything the front needs has been written;
+    tearing torch down in this process can abort in a C++ static destructor (seen on CPU
+    about once in fifteen exits: SIGABRT, "terminate called without an active exception"),
+    which would turn a clean shutdown into a crash report."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class EngineCoreProc:
@@ -107,19 +119,23 @@ class EngineCoreProc:
         self.inputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.outputs: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """The step loop until Shutdown or EOF; returns the process's exit code."""
         threading.Thread(target=self._read_inputs, name="core-input", daemon=True).start()
         writer = threading.Thread(target=self._write_outputs, name="core-output", daemon=True)
         writer.start()
+        code = 0
         try:
             self._loop()
         except BaseException as e:
             logger.exception("engine core step loop died")
             self.outputs.put(CoreFailed(as_error(e)))
+            code = 1
         finally:
             self.outputs.put(None)
             writer.join(timeout=_EXIT_GRACE_S)
             self.core.close()
+        return code
 
     def _loop(self) -> None:
         core = self.core

@@ -11,6 +11,8 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,7 +87,7 @@ def mp_engine(tiny_model_dir: Path, recorder: Recorder) -> Iterator[LLMEngine]:
     )
     yield engine
     engine.shutdown()
-    assert not engine.engine_core.process.is_alive()  # type: ignore[attr-defined]
+    assert engine.engine_core.process.exitcode == 0  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +328,7 @@ async def test_async_engine_streams_with_multiprocessing(tiny_model_dir, inproc_
         assert await engine.add_lora(lora_requests(tiny_model_dir)[1])
     finally:
         await engine.shutdown()
-    assert not process.is_alive()
+    assert process.exitcode == 0  # stopped, not terminated or crashed
     assert child_pids() <= before
 
 
@@ -372,3 +374,42 @@ async def test_killed_core_fails_pending_requests_with_engine_dead(tiny_model_di
     finally:
         await engine.shutdown()
     assert not process.is_alive()
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; nobody may be left to reap it
+
+
+def test_core_exits_when_its_parent_is_killed(tiny_model_dir):
+    script = f"""
+import time
+from engine import EngineArgs, LLMEngine
+
+if __name__ == "__main__":
+    args = EngineArgs(model={str(tiny_model_dir)!r}, device="cpu", disable_log_stats=True)
+    engine = LLMEngine.from_engine_args(args, enable_multiprocessing=True)
+    print(engine.engine_core.process.pid, flush=True)
+    time.sleep(300)
+"""
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=repo, env=env, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        core_pid = int(parent.stdout.readline())
+        assert is_running(core_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+    deadline = time.monotonic() + 20
+    while is_running(core_pid):
+        assert time.monotonic() < deadline, "the engine core outlived its parent"
+        time.sleep(0.05)
