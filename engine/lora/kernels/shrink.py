@@ -2,16 +2,20 @@
 
 Reference: ``engine.lora.kernels.reference.lora_shrink_reference``.
 
-Grid ``(tiles, column blocks of S * R, split_k)``. A tile is up to ``block_m`` tokens of one
-slot (``LoRAMetadata.tiles``), so a prefill segment streams its adapter's A once per tile and
-a decode batch gathers each slot's scattered tokens; a slot's A of all slices is one
-``[S * R, K]`` matrix, so x is read once for the whole fused layer. Rows of A past the
-(slot, slice) rank are masked, never loaded; a block whose ranks are all 0 exits at once.
+Grid ``(split_k, column blocks of S * R, tiles)``; tiles are the slowest axis, so the unused
+tiles of static (graph) metadata start last and exit at once. A tile is up to ``block_m``
+tokens of one slot (``LoRAMetadata.tiles``), so a prefill segment streams its adapter's A
+once per tile and a decode batch gathers each slot's scattered tokens; a slot's A of all
+slices is one ``[S * R, K]`` matrix, so x is read once for the whole fused layer. Rows of A
+past the (slot, slice) rank are masked, never loaded; a block whose ranks are all 0 exits at
+once.
 
 A decode step has about one tile per adapter, too few programs to pull A at full bandwidth,
 so K is split: each split writes its partial sums to its own plane of h, and the expand adds
 the planes in a fixed order. No atomics, no zeroing launch, and the same result for a token
-whatever else is in the batch at a given split.
+whatever else is in the batch at a given split. The K loop is software-pipelined
+(``tl.range(num_stages=...)``: A and x stream through shared memory with ``cp.async``), and
+``S`` and ``R`` are compile-time constants, so h rows are addressed without runtime strides.
 """
 
 from __future__ import annotations
