@@ -134,7 +134,9 @@ def expand_config(max_rank: int, block_m: int, num_cols: int) -> tuple[int, int,
     # Best on an H200 (llama-3.1-8b layers): 512 columns and 8 warps for decode tiles of
     # 16, 256 and 4 warps for prefill tiles of 32.
     block_n, num_warps = (512, 8) if block_m <= 16 else (256, 4)
-    block_n = min(block_n, max(16, triton.next_power_of_2(num_cols)))
+    # B's block is BLOCK_N x BLOCK_R: at most 8K elements, so ranks above 16 take narrower
+    # blocks (their timing on an H200 is still to be measured).
+    block_n = min(block_n, 8192 // block_r, max(16, triton.next_power_of_2(num_cols)))
     return block_n, block_r, num_warps
 
 
