@@ -264,14 +264,20 @@ class MPClient:
         batches = [item for item in items if isinstance(item, EngineCoreOutputs)]
         with self._id_lock:
             for batch in batches:
-                for out in batch.outputs:
-                    # Outputs of requests finished here meanwhile get an id nobody knows.
-                    rid = self._from_core.get(out.request_id, "")
-                    if out.finish_reason is not None and rid:
-                        del self._from_core[out.request_id]
-                        del self._to_core[rid]
-                    out.request_id = rid
+                # Outputs of requests finished here meanwhile get an id nobody knows ("").
+                from_core = self._from_core
+                batch.request_ids = [from_core.get(c, "") for c in batch.request_ids]
+                for i, reason in enumerate(batch.finish_reasons):
+                    if reason is not None and batch.request_ids[i]:
+                        self._forget(batch.request_ids[i])
+                for f in batch.failed:
+                    f.request_id = from_core.get(f.request_id, "")
+                    if f.request_id:
+                        self._forget(f.request_id)
         return batches
+
+    def _forget(self, request_id: str) -> None:
+        del self._from_core[self._to_core.pop(request_id)]
 
     def wake(self) -> None:
         self._shared.outputs.put(_WAKE)

@@ -79,19 +79,11 @@ class CoreFailed:
 
 
 @dataclass
-class EngineCoreOutput:
-    """One request's news from one step: token ids only."""
+class FailedRequest:
+    """A request the core could not run (an adapter whose weights did not load)."""
 
     request_id: str
-    new_token_ids: list[int]
-    new_logprobs: dict[int, float] | None = None
-    finish_reason: str | None = None
-    """"stop" | "length" | "error" (see ``error``) | None while running."""
-    stop_reason: int | None = None
-    """The stop token id that ended the request (stop strings are found by the front)."""
-    error: LoRAStreamError | None = None
-    first_token_time: float | None = None
-    """Set on the output that carries the request's first token."""
+    error: LoRAStreamError
 
 
 @dataclass
@@ -129,8 +121,28 @@ class CoreStats:
 
 @dataclass
 class EngineCoreOutputs:
-    outputs: list[EngineCoreOutput]
+    """One step's news, token ids only, in columns: request ``request_ids[i]`` sampled
+    ``new_token_ids[i]`` (``update_from_output`` adds exactly one token to each request it
+    returns). Lists of plain values cost the core little to build and msgpack little to
+    encode (in C), even for hundreds of requests a step; one object per request would cost
+    the core's GIL microseconds each."""
+
+    request_ids: list[str]
+    new_token_ids: list[int]
+    finish_reasons: list[str | None]
+    """"stop" | "length" | None while running."""
+    stop_reasons: list[int | None]
+    """The stop token id that ended the request (stop strings are found by the front)."""
+    first_token_times: list[float | None]
+    """Set with the request's first token."""
+    logprobs: list[dict[int, float] | None] | None
+    """None when no request of the step asked for logprobs."""
+    failed: list[FailedRequest]
     stats: CoreStats
+
+    @classmethod
+    def empty(cls, stats: CoreStats) -> EngineCoreOutputs:
+        return cls([], [], [], [], [], None, [], stats)
 
 
 @dataclass
@@ -157,7 +169,7 @@ _TYPES: tuple[type, ...] = (
     Shutdown,
     CoreReady,
     CoreFailed,
-    EngineCoreOutput,
+    FailedRequest,
     AdapterStats,
     CoreStats,
     EngineCoreOutputs,

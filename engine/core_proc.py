@@ -158,7 +158,7 @@ class EngineCoreProc:
             if manager is not None:
                 out.stats.lora_ids = manager.list_loras()
             idle_wait = out.stats.num_scheduled_tokens == 0
-            if out.outputs or not idle_wait or applied:
+            if out.request_ids or out.failed or not idle_wait or applied:
                 self.outputs.put(out)
 
     def _apply_inputs(self, timeout: float | None) -> int | None:

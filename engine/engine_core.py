@@ -1,7 +1,7 @@
 """``EngineCore``: the scheduler, the model runner and the adapter manager behind one step.
 
 One step is ``schedule()`` → ``execute_model()`` → ``update_from_output()``; requests come in
-as token ids and leave as token ids (``EngineCoreOutput``). No tokenizer and no text: the
+as token ids and leave as token ids (``EngineCoreOutputs``). No tokenizer and no text: the
 front (``LLMEngine`` with its ``OutputProcessor``) turns ids into ``RequestOutput``s, in the
 same process or, with ``enable_multiprocessing``, in another one (``engine.core_proc``).
 """
@@ -19,9 +19,9 @@ from engine.core.scheduler import Scheduler, SchedulerOutput
 from engine.core_messages import (
     AdapterStats,
     CoreStats,
-    EngineCoreOutput,
     EngineCoreOutputs,
     EngineLoad,
+    FailedRequest,
 )
 from engine.errors import InvalidRequest, LoRAStreamError
 from engine.lora.manager import LoRAManager
@@ -61,7 +61,7 @@ class EngineCore:
         self.timings = CoreTimings()
         # Requests that failed outside a step (a bad AddRequest in the core process):
         # reported at the start of the next step.
-        self._failed: list[EngineCoreOutput] = []
+        self._failed: list[FailedRequest] = []
 
     # ---------------------------------------------------------------- adapters
     @property
@@ -102,7 +102,7 @@ class EngineCore:
 
     def fail_request(self, request_id: str, error: LoRAStreamError) -> None:
         """Report a request the core could not take as finished with ``error``."""
-        self._failed.append(EngineCoreOutput(request_id, [], finish_reason="error", error=error))
+        self._failed.append(FailedRequest(request_id, error))
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         """Finish requests now, freeing their blocks. No output: the front reports aborts
@@ -121,11 +121,17 @@ class EngineCore:
     # ---------------------------------------------------------------- step
     def step(self) -> EngineCoreOutputs:
         t0 = time.perf_counter()
-        outputs, self._failed = self._failed, []
-        self._fail_adapter_errors(outputs)
+        failed, self._failed = self._failed, []
+        self._fail_adapter_errors(failed)
         sched = self.scheduler.schedule()
         t1 = t2 = time.perf_counter()
         num_prompt = num_gen = 0
+        ids: list[str] = []
+        tokens: list[int] = []
+        finish_reasons: list[str | None] = []
+        stop_reasons: list[int | None] = []
+        first_times: list[float | None] = []
+        logprobs: list[dict[int, float] | None] | None = None
         if sched.scheduled:
             result = self.runner.execute_model(sched)
             t2 = time.perf_counter()
@@ -138,19 +144,17 @@ class EngineCore:
                     num_prompt += s.num_new_tokens - 1
             for req in touched:
                 # update_from_output appends exactly one sampled token to each request it returns.
-                out = EngineCoreOutput(
-                    req.request_id,
-                    req.output_token_ids[-1:],
-                    result.logprobs.get(req.request_id),
-                    req.status.finish_reason,
-                    # Stop token ids only: the core never sees stop strings.
-                    req.stop_reason if isinstance(req.stop_reason, int) else None,
-                    None,
-                    req.first_token_time if req.num_output_tokens == 1 else None,
-                )
-                outputs.append(out)
+                ids.append(req.request_id)
+                tokens.append(req.output_token_ids[-1])
+                finish_reasons.append(req.status.finish_reason)
+                # Stop token ids only: the core never sees stop strings.
+                stop = req.stop_reason
+                stop_reasons.append(stop if isinstance(stop, int) else None)
+                first_times.append(req.first_token_time if req.num_output_tokens == 1 else None)
                 if req.is_finished:
                     self._unpin(req)
+            if result.logprobs:
+                logprobs = [result.logprobs.get(i) for i in ids]
         t3 = time.perf_counter()
         tm = self.timings
         if sched.scheduled:
@@ -158,11 +162,12 @@ class EngineCore:
             tm.execute_s += t2 - t1
             tm.update_s += t3 - t2
             tm.steps += 1
+        stats = self._stats(sched, num_prompt, num_gen, t3 - t0, t1 - t0, t2 - t1, t3 - t2)
         return EngineCoreOutputs(
-            outputs, self._stats(sched, num_prompt, num_gen, t3 - t0, t1 - t0, t2 - t1, t3 - t2)
+            ids, tokens, finish_reasons, stop_reasons, first_times, logprobs, failed, stats
         )
 
-    def _fail_adapter_errors(self, outputs: list[EngineCoreOutput]) -> None:
+    def _fail_adapter_errors(self, failed: list[FailedRequest]) -> None:
         manager = self.runner.lora_manager
         if manager is None:
             return
@@ -172,9 +177,7 @@ class EngineCore:
             ]
             for req in self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR):
                 self._unpin(req)
-                outputs.append(
-                    EngineCoreOutput(req.request_id, [], finish_reason="error", error=err)
-                )
+                failed.append(FailedRequest(req.request_id, err))
                 logger.warning("request %s failed: %s", req.request_id, err)
 
     def _unpin(self, request: Request) -> None:

@@ -299,7 +299,7 @@ class LLMEngine:
         touched: dict[str, RequestState] = {}
         for batch in batches:
             t0 = time.perf_counter()
-            processed = self.output_processor.process_outputs(batch.outputs)
+            processed = self.output_processor.process_outputs(batch)
             if processed.stopped:
                 self.engine_core.abort_requests(processed.stopped)
             for state in processed.touched:

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.core_messages import EngineCoreOutput
+from engine.core_messages import EngineCoreOutputs
 from engine.errors import LoRAStreamError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling.detokenizer import IncrementalDetokenizer
@@ -76,45 +76,52 @@ class OutputProcessor:
                 outputs.append(self.make_output(state))
         return outputs
 
-    def process_outputs(self, core_outputs: Iterable[EngineCoreOutput]) -> ProcessedOutputs:
+    def process_outputs(self, batch: EngineCoreOutputs) -> ProcessedOutputs:
         result = ProcessedOutputs()
-        for out in core_outputs:
-            state = self.states.get(out.request_id)
+        states = self.states
+        for f in batch.failed:
+            state = states.pop(f.request_id, None)
+            if state is not None:
+                # Failed in the core (an adapter that did not load): report what was shown
+                # so far; held-back text is not flushed, as for an abort.
+                state.finish_reason = "error"
+                state.error = f.error
+                result.touched.append(state)
+        logprobs = batch.logprobs
+        for i, request_id in enumerate(batch.request_ids):
+            state = states.get(request_id)
             if state is None:  # aborted or stopped in the front while the core ran on
                 continue
             result.touched.append(state)
-            if out.error is not None:
-                # Failed in the core (an adapter that did not load): report what was shown so
-                # far; held-back text is not flushed, as for an abort.
-                state.finish_reason = out.finish_reason or "error"
-                state.error = out.error
-                del self.states[out.request_id]
-                continue
-            if out.first_token_time is not None:
-                state.first_token_time = out.first_token_time
-            state.output_token_ids += out.new_token_ids
-            if state.logprobs is not None and out.new_logprobs is not None:
-                state.logprobs.append(out.new_logprobs)
+            token = batch.new_token_ids[i]
+            finish_reason = batch.finish_reasons[i]
+            first_token_time = batch.first_token_times[i]
+            if first_token_time is not None:
+                state.first_token_time = first_token_time
+            state.output_token_ids.append(token)
+            if state.logprobs is not None and logprobs is not None:
+                lp = logprobs[i]
+                if lp is not None:
+                    state.logprobs.append(lp)
             det = state.detokenizer
             det.update(
-                out.new_token_ids,
-                finished=out.finish_reason is not None,
+                [token],
+                finished=finish_reason is not None,
                 # Finished by EOS or a stop token id (stop strings are found just below).
-                stop_terminated=out.finish_reason == "stop",
+                stop_terminated=finish_reason == "stop",
             )
             if det.finished_by_stop_string:
-                if out.finish_reason is None:
-                    result.stopped.append(out.request_id)
+                if finish_reason is None:
+                    result.stopped.append(request_id)
                 # Also when max_tokens came on the very token that completed the stop string.
                 state.finish_reason = "stop"
                 state.stop_reason = det.stop_reason
             else:
-                state.finish_reason = out.finish_reason
-                state.stop_reason = out.stop_reason
-            if state.finished:
-                assert state.finish_reason is not None
-                result.finished.append((out.request_id, state.finish_reason))
-                del self.states[out.request_id]
+                state.finish_reason = finish_reason
+                state.stop_reason = batch.stop_reasons[i]
+            if state.finish_reason is not None:
+                result.finished.append((request_id, state.finish_reason))
+                del states[request_id]
         return result
 
     def make_output(self, state: RequestState) -> RequestOutput:

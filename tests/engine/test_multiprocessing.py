@@ -24,8 +24,8 @@ from engine import AsyncLLMEngine, EngineArgs, LLMEngine, LoRARequest, SamplingP
 from engine.core_messages import (
     AddRequest,
     CoreStats,
-    EngineCoreOutput,
     EngineCoreOutputs,
+    FailedRequest,
     decode,
     encode,
 )
@@ -133,14 +133,21 @@ def test_messages_round_trip_without_pickle():
     add = AddRequest("7", [1, 2], params, lora, 2, 0, 12.5)
     assert decode(encode(add)) == add
     out = EngineCoreOutputs(
-        [EngineCoreOutput("7", [5], {5: -0.1, 9: -2.0}, "error", None, AdapterCorrupt("bad"))],
+        ["7", "8"],
+        [5, 6],
+        [None, "stop"],
+        [None, 6],
+        [1.5, None],
+        [{5: -0.1, 9: -2.0}, None],
+        [FailedRequest("9", AdapterCorrupt("bad"))],
         CoreStats(1, 2, 0.5, 3, 2, 1, 0, 0.01, 0.001, 0.008, 0.001),
     )
     back = decode(encode(out))
-    assert back.outputs[0].new_logprobs == {5: -0.1, 9: -2.0}
-    assert isinstance(back.outputs[0].error, AdapterCorrupt)
-    assert back.outputs[0].error.message == "bad"
-    assert back.stats == out.stats
+    assert back.logprobs == [{5: -0.1, 9: -2.0}, None]
+    assert isinstance(back.failed[0].error, AdapterCorrupt)
+    assert back.failed[0].error.message == "bad"
+    back.failed[0].error = out.failed[0].error  # exceptions compare by identity
+    assert back == out
 
 
 def test_greedy_outputs_equal_the_in_process_engine(mp_engine, inproc_engine, tiny_model_dir):
