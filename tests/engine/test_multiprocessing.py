@@ -392,14 +392,16 @@ def is_running(pid: int) -> bool:
 
 
 def test_core_exits_when_its_parent_is_killed(tiny_model_dir):
+    """Also the offline ``LLM`` with the core in its own process, in a script of its own."""
     script = f"""
 import time
-from engine import EngineArgs, LLMEngine
+from engine import LLM, SamplingParams
 
 if __name__ == "__main__":
-    args = EngineArgs(model={str(tiny_model_dir)!r}, device="cpu", disable_log_stats=True)
-    engine = LLMEngine.from_engine_args(args, enable_multiprocessing=True)
-    print(engine.engine_core.process.pid, flush=True)
+    llm = LLM({str(tiny_model_dir)!r}, device="cpu", enable_multiprocessing=True)
+    outs = llm.generate(["Once", "upon"], SamplingParams(max_tokens=3, ignore_eos=True))
+    print(llm.llm_engine.engine_core.process.pid, [len(o.outputs[0].token_ids) for o in outs])
+    print(flush=True)
     time.sleep(300)
 """
     repo = Path(__file__).resolve().parents[2]
@@ -409,7 +411,9 @@ if __name__ == "__main__":
     )
     try:
         assert parent.stdout is not None
-        core_pid = int(parent.stdout.readline())
+        pid, lengths = parent.stdout.readline().split(" ", 1)
+        core_pid = int(pid)
+        assert lengths.strip() == "[3, 3]"
         assert is_running(core_pid)
     finally:
         parent.kill()
