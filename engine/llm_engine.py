@@ -89,8 +89,12 @@ class LLMEngine:
         self._front_s = 0.0  # host seconds of output processing, for get_step_timings
         self._front_batches = 0
         if config.lora is not None:
-            for i, m in enumerate(config.lora.preload, start=1):
-                self.add_lora(LoRARequest(m.name, i, m.path))
+            try:
+                for i, m in enumerate(config.lora.preload, start=1):
+                    self.add_lora(LoRARequest(m.name, i, m.path))
+            except BaseException:
+                self.engine_core.shutdown()  # a core process must not wait for GC to stop
+                raise
 
     @classmethod
     def from_engine_args(
