@@ -89,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-steps", type=int, default=8, help="new tokens in the timed HF decode")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument(
+        "--multiprocessing",
+        action="store_true",
+        help="also run base and the first pattern with enable_multiprocessing=True",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="torch.profiler on multi-LoRA decode steps"
     )
     p.add_argument("--workdir", default="/tmp/lorastream-bench")
@@ -268,7 +273,9 @@ def instrument(llm: LLM, on_step: Callable[[], None] | None = None) -> Iterator[
 # ----------------------------------------------------------------------------- lorastream
 
 
-def make_llm(model_dir: Path, args: argparse.Namespace, max_loras: int | None) -> LLM:
+def make_llm(
+    model_dir: Path, args: argparse.Namespace, max_loras: int | None, *, mp: bool = False
+) -> LLM:
     kwargs: dict[str, Any] = {
         "dtype": "bfloat16",
         "device": args.device,
@@ -286,14 +293,60 @@ def make_llm(model_dir: Path, args: argparse.Namespace, max_loras: int | None) -
             max_lora_rank=max(args.rank, 8),
             max_cpu_loras=max(args.num_adapters, max_loras),
         )
-    return LLM(str(model_dir), **kwargs)
+    return LLM(str(model_dir), enable_multiprocessing=mp, **kwargs)
 
 
 def close_llm(llm: LLM) -> None:
-    """Stop the adapter loader; the caller drops its reference, then ``free_memory()``."""
+    """Stop the adapter loader (or the core process); the caller drops its reference, then
+    ``free_memory()``."""
+    if llm.llm_engine.is_multiprocess:
+        llm.shutdown()
+        return
     manager = llm.llm_engine.runner.lora_manager
     if manager is not None:
         manager.close()
+
+
+def run_multiprocess(
+    model_dir: Path,
+    prompts: list[list[int]],
+    loras: list[LoRARequest],
+    pattern: str | None,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The same workload with the engine core in its own process: the step loop there,
+    detokenizing and outputs here. Host times come from ``get_step_timings``."""
+    llm = make_llm(model_dir, args, args.max_loras if pattern else None, mp=True)
+    try:
+        warm_up(llm, loras if pattern else [], args, len(prompts))
+        adapters = (
+            assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
+            if pattern
+            else None
+        )
+        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        reqs = [loras[a] for a in adapters] if adapters is not None else None
+        before = llm.llm_engine.get_step_timings()
+        t0 = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, reqs)
+        elapsed = time.perf_counter() - t0
+        after = llm.llm_engine.get_step_timings()
+    finally:
+        close_llm(llm)
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert n_out == len(prompts) * args.output_len, "a request stopped early"
+    name = f"lorastream {pattern or 'base'} (multiprocessing)"
+    row = {
+        "config": name,
+        "num_prompts": len(prompts),
+        "elapsed_s": elapsed,
+        "output_tok_s": n_out / elapsed,
+        "distinct_adapters": len(set(adapters)) if adapters is not None else 0,
+        "step_timings_ms": after,
+        "step_timings_before_ms": before,
+    }
+    log.info("%s: %.0f output tok/s (%.1f s); %s", name, row["output_tok_s"], elapsed, after)
+    return row
 
 
 def free_memory() -> None:
@@ -626,6 +679,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             bench_patterns(model_dir, prompts, loras, patterns, args, bw, rows, out, save)
         free_memory()
         save()
+    if args.multiprocessing:
+        for pattern in (None, *patterns[:1]):
+            with section(f"multiprocessing {pattern or 'base'}", rows):
+                rows.append(run_multiprocess(model_dir, prompts, loras, pattern, args))
+            free_memory()
+            save()
     if not args.skip_max_loras_1:
         with section("max_loras=1", rows):
             llm = make_llm(model_dir, args, 1)
@@ -707,7 +766,13 @@ def summarize(result: dict[str, Any]) -> None:
     base = by.get("lorastream base", {}).get("output_tok_s")
     peft = by.get("HF transformers + PEFT (mixed adapters)", {}).get("output_tok_s")
     targets: dict[str, Any] = {}
+    mp_base = by.get("lorastream base (multiprocessing)", {}).get("output_tok_s")
     for pattern in PATTERNS:
+        mp_row = by.get(f"lorastream {pattern} (multiprocessing)")
+        if mp_row is not None and mp_base:
+            targets[f"{pattern} / base, multiprocessing (>= 0.90)"] = (
+                mp_row["output_tok_s"] / mp_base
+            )
         row = by.get(f"lorastream {pattern}")
         if row is None:
             continue
@@ -745,6 +810,11 @@ def table(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {c} (batch {r['batch']}, projected) | | {r['output_tok_s']:.0f} | "
                 f"{r['projected_elapsed_s']:.1f} | {r['decode_step_ms']:.1f} | | |"
+            )
+        elif c.endswith("(multiprocessing)"):
+            lines.append(
+                f"| {c} | {r['num_prompts']} | {r['output_tok_s']:.0f} | {r['elapsed_s']:.2f} | "
+                f"| (core process; see step_timings_ms in bench.json) | |"
             )
         elif c.startswith("error"):
             lines.append(f"| {c} | | | | | {r['error'][:200]} | |")
