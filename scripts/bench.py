@@ -318,12 +318,12 @@ def run_multiprocess(
     detokenizing and outputs here. Host times come from ``get_step_timings``."""
     llm = make_llm(model_dir, args, args.max_loras if pattern else None, mp=True)
     try:
-        warm_up(llm, loras if pattern else [], args, len(prompts))
         adapters = (
             assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
             if pattern
             else None
         )
+        warm_up(llm, loras if pattern else [], args, len(prompts), adapters)
         params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
         reqs = [loras[a] for a in adapters] if adapters is not None else None
         before = llm.llm_engine.get_step_timings()
@@ -425,14 +425,27 @@ def _profiler(out_dir: Path | None) -> Iterator[Callable[[], None] | None]:
         yield p.step
 
 
-def warm_up(llm: LLM, loras: list[LoRARequest], args: argparse.Namespace, n: int) -> None:
+def warm_up(
+    llm: LLM,
+    loras: list[LoRARequest],
+    args: argparse.Namespace,
+    n: int,
+    adapters: list[int] | None = None,
+    *,
+    add: bool = True,
+) -> None:
     """Adapters read from disk and every kernel compiled at the workload's shapes (prefill
-    chunks, decode batches) before any timing: ``n`` prompts, 3 output tokens each."""
-    for lora in loras:
+    chunks, decode batches) before any timing: ``n`` prompts, 3 output tokens each, on
+    ``adapters`` (default: request i on adapter i mod N). The LoRA kernels compile a variant
+    per launch shape class (tile height, split-K), and the pattern decides those, so each
+    pattern is warmed with its own assignment. ``add=False``: the adapters are loaded."""
+    for lora in loras if add else []:
         llm.llm_engine.add_lora(lora)
     prompts = make_prompts(n, args.input_len, seed=12345)
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
-    reqs = [loras[i % len(loras)] for i in range(n)] if loras else None
+    if adapters is None and loras:
+        adapters = [i % len(loras) for i in range(n)]
+    reqs = [loras[a] for a in adapters[:n]] if adapters is not None and loras else None
     llm.generate([{"prompt_token_ids": p} for p in prompts], params, reqs)
 
 
@@ -744,6 +757,7 @@ def bench_patterns(
     warm_up(llm, loras, args, len(prompts))
     for pattern in patterns:
         adapters = assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
+        warm_up(llm, loras, args, len(prompts), adapters, add=False)
         rows.append(run_lorastream(llm, f"lorastream {pattern}", prompts, adapters, loras, args))
         save()
     # Roofline with every slot in use, tokens spread over them (the distinct pattern).
