@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.kernel_utils import next_pow2, num_sms
 from engine.model.metadata import AttentionMetadata
 
 # Triton is imported on first use only (``_jit``): it decides at import and decoration time
@@ -132,24 +133,15 @@ def attention_blocks(group: int, max_query_len: int) -> tuple[int, int, int]:
     ``tl.dot`` takes); prefill programs hold 64 rows.
     """
     rows = 16 if max_query_len == 1 else 64
-    rows = max(rows, triton_next_pow2(group))
+    rows = max(rows, next_pow2(group))
     block_q = max(1, rows // group)
-    return block_q, triton_next_pow2(block_q * group), 32 if max_query_len == 1 else 64
+    return block_q, next_pow2(block_q * group), 32 if max_query_len == 1 else 64
 
 
 def launch_config(max_query_len: int) -> tuple[int, int]:
     """(num_warps, num_stages) of the attention kernel."""
     del max_query_len
     return 4, 3
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
 # The kernels, as plain functions: ``_jit()`` decorates them on first use (see there).
@@ -401,7 +393,7 @@ def store_kv_triton(
         kv_cache.stride(2),
         HEAD_DIM=head_dim,
         ROW=row,
-        BLOCK=triton_next_pow2(row),
+        BLOCK=next_pow2(row),
     )
 
 
@@ -439,11 +431,11 @@ def paged_attention_triton(
     num_warps = warps if num_warps is None else num_warps
     num_stages = stages if num_stages is None else num_stages
     if num_splits is None:
-        sms = _num_sms(q.device.index or 0) if q.is_cuda else 132
+        sms = num_sms(q.device.index or 0) if q.is_cuda else 132
         num_splits = num_kv_splits(num_seqs, num_kv_heads, attn.max_query_len, sms)
     if num_splits > 1 and attn.max_query_len != 1:
         raise ValueError("the context is split only for decode batches (max_query_len == 1)")
-    block_d = max(16, triton_next_pow2(head_dim))
+    block_d = max(16, next_pow2(head_dim))
     if num_splits > 1:
         part_acc = torch.empty(
             num_tokens * num_heads * num_splits * block_d, dtype=torch.float32, device=q.device

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from engine.kernel_utils import next_pow2
+
 # Bound by _jit(): the kernel bodies read these names when Triton compiles them. Triton is
 # imported on first use only: it decides when it decorates whether to interpret, and the CPU
 # tests turn the interpreter on after the engine's modules are imported.
@@ -35,10 +37,6 @@ _rotate: Any = None
 
 # Widest row one program normalizes; wider rows raise (no Llama-family model is near it).
 MAX_NORM_BLOCK = 65536
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------- kernels

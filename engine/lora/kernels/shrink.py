@@ -20,12 +20,11 @@ whatever else is in the batch at a given split. The K loop is software-pipelined
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from engine.kernel_utils import next_pow2, num_sms
 from engine.model.metadata import LoRAMetadata
 
 
@@ -98,15 +97,6 @@ def _lora_shrink_kernel(
     tl.store(h_ptrs, acc, mask=row_ok[:, None] & (cols < SR)[None, :])
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def shrink_config(
     x: torch.Tensor, sr: int, k: int, num_tiles: int, block_m: int
 ) -> tuple[int, int, int]:
@@ -114,11 +104,11 @@ def shrink_config(
     A is read once per tile. K is split only when the tiles alone would not give every SM
     a few programs (a decode step has about one tile per adapter); splitting a 4096-token
     prefill was slower. Few distinct blocks: each is a compile."""
-    block_n = min(64, max(16, _pow2(sr)))
+    block_n = min(64, max(16, next_pow2(sr)))
     block_k = 128
     split_k = 1
     if x.is_cuda:
-        sms = _num_sms(x.device.index or 0)
+        sms = num_sms(x.device.index or 0)
         programs = max(1, num_tiles * triton.cdiv(sr, block_n))
         # The largest power of two that keeps about three programs per SM: on an H200
         # (132 SMs) 8 for a decode graph's 47 tiles, 2 for a prefill's 128.
