@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 import multiprocessing
 import queue
 import threading
@@ -21,6 +20,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
 
 from engine.config import EngineArgs, EngineConfig
+from engine.core.scheduler import check_prompt_fits
 from engine.core_messages import (
     PROTOCOL_VERSION,
     AbortRequests,
@@ -36,7 +36,7 @@ from engine.core_messages import (
     encode,
 )
 from engine.engine_core import LORA_DISABLED, EngineCore
-from engine.errors import EngineDead, InvalidRequest, LoRAStreamError, PromptTooLong
+from engine.errors import EngineDead, InvalidRequest, LoRAStreamError
 from engine.lora.peft import read_adapter_config
 from engine.lora.request import LoRARequest
 from engine.sequence import Request
@@ -208,7 +208,10 @@ class MPClient:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
-        self._check_fits(request)
+        # The scheduler's check, here so that it still raises at add_request.
+        check_prompt_fits(
+            request.num_prompt_tokens, self.config.cache.block_size, self.ready.num_blocks
+        )
         with self._id_lock:
             core_id = str(next(self._ids))
             self._to_core[request.request_id] = core_id
@@ -224,18 +227,6 @@ class MPClient:
                 arrival_time=request.arrival_time,
             )
         )
-
-    def _check_fits(self, request: Request) -> None:
-        """The scheduler's KV-cache check, here so that it still raises at add_request."""
-        block_size = self.config.cache.block_size
-        num_blocks = self.ready.num_blocks
-        n = request.num_prompt_tokens
-        needed = math.ceil(n / block_size)
-        if needed > num_blocks:
-            raise PromptTooLong(
-                f"prompt has {n} tokens, which need {needed} KV-cache blocks of {block_size}; "
-                f"the cache has {num_blocks} ({num_blocks * block_size} tokens)"
-            )
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         with self._id_lock:

@@ -117,6 +117,17 @@ class SchedulerStats:
     """Total since the scheduler started."""
 
 
+def check_prompt_fits(num_prompt: int, block_size: int, num_blocks: int) -> None:
+    """Raise ``PromptTooLong`` when the prompt alone needs more KV-cache blocks than exist
+    (it could never run). The engine's front calls it too, where the core is elsewhere."""
+    needed = -(-num_prompt // block_size)
+    if needed > num_blocks:
+        raise PromptTooLong(
+            f"prompt has {num_prompt} tokens, which need {needed} KV-cache blocks of "
+            f"{block_size}; the cache has {num_blocks} ({num_blocks * block_size} tokens)"
+        )
+
+
 def _always_ready(lora_id: int) -> bool:
     return True
 
@@ -168,13 +179,7 @@ class Scheduler:
                 f"prompt has {num_prompt} tokens; max_model_len is {self.config.max_model_len}, "
                 "which leaves no room for any output token"
             )
-        bm = self.block_manager
-        if bm.num_blocks_for(num_prompt) > bm.num_blocks:
-            raise PromptTooLong(
-                f"prompt has {num_prompt} tokens, which need {bm.num_blocks_for(num_prompt)} "
-                f"KV-cache blocks of {bm.block_size}; the cache has {bm.num_blocks} "
-                f"({bm.num_blocks * bm.block_size} tokens)"
-            )
+        check_prompt_fits(num_prompt, self.block_manager.block_size, self.block_manager.num_blocks)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self._order_keys[request.request_id] = (
