@@ -16,9 +16,12 @@ context in tiles of ``BLOCK_N`` tokens, looking each token's page up in the bloc
 Programs are laid out over the flattened tokens without any host-side per-sequence work:
 ``T // BLOCK_Q + num_seqs`` programs always cover every sequence's query blocks, and each
 program finds its sequence by binary search over ``query_start_loc``. So the launch depends
-only on ``T`` and ``num_seqs`` and the kernel can be captured in a CUDA graph. When few
-programs would run (small decode batches) the context is split over ``num_splits``
-programs per query block whose partial softmax states a second kernel merges.
+only on ``T`` and ``num_seqs`` and the kernel can be captured in a CUDA graph. A decode
+batch (one query token per sequence) skips the search: program ``i`` is sequence ``i``.
+When few programs would run (small decode batches) the context is split over
+``num_splits`` programs per query block whose partial softmax states a second kernel merges.
+On Hopper the kernels launch with programmatic dependent launch (``use_pdl``): each reads
+its metadata, then waits for the kernel before it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.kernel_utils import next_pow2, num_sms
+from engine.kernel_utils import next_pow2, num_sms, use_pdl
 from engine.model.metadata import AttentionMetadata
 
 # Triton is imported on first use only (``_jit``): it decides at import and decoration time
@@ -161,12 +164,16 @@ def _store_kv_kernel(
     HEAD_DIM: tl.constexpr,
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # One program per token: its [Hkv, Dh] K and V rows go to cache slot `slot`.
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # padding token of a CUDA-graph batch
         return
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.arange(0, BLOCK)
     ok = offs < ROW
     h = offs // HEAD_DIM
@@ -224,17 +231,31 @@ def _paged_attention_kernel(
     WINDOW: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     IEEE: tl.constexpr,
+    DECODE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
-    q_begin = tl.load(qsl_ptr + seq)
-    q_len = tl.load(qsl_ptr + seq + 1) - q_begin
-    blk = pid - (q_begin // BLOCK_Q + seq)
+    if DECODE:
+        # At most one query token per sequence: program pid is sequence pid, no search.
+        seq = pid
+        blk = 0
+        q_begin = tl.load(qsl_ptr + seq)
+        q_len = tl.load(qsl_ptr + seq + 1) - q_begin
+    else:
+        seq = _find_seq(qsl_ptr, pid, num_seqs, BLOCK_Q)
+        q_begin = tl.load(qsl_ptr + seq)
+        q_len = tl.load(qsl_ptr + seq + 1) - q_begin
+        blk = pid - (q_begin // BLOCK_Q + seq)
+    seq_len = tl.load(seq_lens_ptr + seq)
     if blk * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
+    if USE_PDL:
+        # Metadata is the step's input, written before the graph runs; q and this step's
+        # K/V come from the kernels just before.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     ctx = seq_len - q_len  # tokens cached before this step's queries
 
     # Row r of the tile: query token blk * BLOCK_Q + r // GROUP, head kvh * GROUP + r % GROUP.
@@ -331,9 +352,13 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     part = (t * num_heads + h) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)  # [S]
     m = tl.load(part_ml_ptr + part * 2)
     l_part = tl.load(part_ml_ptr + part * 2 + 1)
@@ -380,6 +405,7 @@ def store_kv_triton(
     if not kv_cache.is_contiguous() or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("store_kv_triton needs a contiguous cache and unit-stride K/V rows")
     row = num_kv_heads * head_dim
+    pdl = use_pdl(kv_cache)
     _jit()["store_kv"][(num_tokens,)](
         k,
         v,
@@ -394,6 +420,8 @@ def store_kv_triton(
         HEAD_DIM=head_dim,
         ROW=row,
         BLOCK=next_pow2(row),
+        USE_PDL=pdl,
+        launch_pdl=pdl,
     )
 
 
@@ -446,7 +474,12 @@ def paged_attention_triton(
     else:
         part_acc = part_ml = out  # unused
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
+    # Decode: one program per sequence (and KV head); otherwise programs over the flattened
+    # query blocks, each finding its sequence by binary search.
+    decode = attn.max_query_len == 1
+    pid_count = num_seqs if decode else num_tokens // block_q + num_seqs
+    grid = (pid_count, num_kv_heads, num_splits)
+    pdl = use_pdl(q)
     _jit()["attention"][grid](
         q,
         k_cache,
@@ -478,8 +511,11 @@ def paged_attention_triton(
         WINDOW=sliding_window or 0,
         NUM_SPLITS=num_splits,
         IEEE=q.dtype == torch.float32,
+        DECODE=decode,
+        USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=pdl,
     )
     if num_splits > 1:
         _jit()["merge"][(num_tokens, num_heads)](
@@ -492,6 +528,8 @@ def paged_attention_triton(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             NUM_SPLITS=num_splits,
+            USE_PDL=pdl,
+            launch_pdl=pdl,
         )
     return out
 

@@ -109,6 +109,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # (cached, new) per sequence: pure decode, pure prefill, chunked prefill, and a mix.
 SMALL_CASES = {
     "decode": [(5, 1), (17, 1), (0, 1), (40, 1)],
+    # A sequence with no query this step: the decode path indexes sequences, not tokens.
+    "decode_gap": [(5, 1), (8, 0), (17, 1)],
     "prefill": [(0, 7), (0, 19), (0, 1)],
     "chunked": [(9, 6), (32, 17), (3, 1)],
     "mixed": [(12, 1), (0, 23), (20, 5), (33, 1)],
