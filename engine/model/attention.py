@@ -20,8 +20,6 @@ only on ``T`` and ``num_seqs`` and the kernel can be captured in a CUDA graph. A
 batch (one query token per sequence) skips the search: program ``i`` is sequence ``i``.
 When few programs would run (small decode batches) the context is split over
 ``num_splits`` programs per query block whose partial softmax states a second kernel merges.
-On Hopper the kernels launch with programmatic dependent launch (``use_pdl``): each reads
-its metadata, then waits for the kernel before it.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.kernel_utils import next_pow2, num_sms, use_pdl
+from engine.kernel_utils import next_pow2, num_sms
 from engine.model.metadata import AttentionMetadata
 
 # Triton is imported on first use only (``_jit``): it decides at import and decoration time
@@ -164,16 +162,12 @@ def _store_kv_kernel(
     HEAD_DIM: tl.constexpr,
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     # One program per token: its [Hkv, Dh] K and V rows go to cache slot `slot`.
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:  # padding token of a CUDA-graph batch
         return
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.arange(0, BLOCK)
     ok = offs < ROW
     h = offs // HEAD_DIM
@@ -232,7 +226,6 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     IEEE: tl.constexpr,
     DECODE: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -251,11 +244,6 @@ def _paged_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + seq)
     if blk * BLOCK_Q >= q_len:
         return
-    if USE_PDL:
-        # Metadata is the step's input, written before the graph runs; q and this step's
-        # K/V come from the kernels just before.
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     ctx = seq_len - q_len  # tokens cached before this step's queries
 
     # Row r of the tile: query token blk * BLOCK_Q + r // GROUP, head kvh * GROUP + r % GROUP.
@@ -352,13 +340,9 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     part = (t * num_heads + h) * NUM_SPLITS + tl.arange(0, NUM_SPLITS)  # [S]
     m = tl.load(part_ml_ptr + part * 2)
     l_part = tl.load(part_ml_ptr + part * 2 + 1)
@@ -405,7 +389,6 @@ def store_kv_triton(
     if not kv_cache.is_contiguous() or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("store_kv_triton needs a contiguous cache and unit-stride K/V rows")
     row = num_kv_heads * head_dim
-    pdl = use_pdl(kv_cache)
     _jit()["store_kv"][(num_tokens,)](
         k,
         v,
@@ -420,8 +403,6 @@ def store_kv_triton(
         HEAD_DIM=head_dim,
         ROW=row,
         BLOCK=next_pow2(row),
-        USE_PDL=pdl,
-        launch_pdl=pdl,
     )
 
 
@@ -479,7 +460,6 @@ def paged_attention_triton(
     decode = attn.max_query_len == 1
     pid_count = num_seqs if decode else num_tokens // block_q + num_seqs
     grid = (pid_count, num_kv_heads, num_splits)
-    pdl = use_pdl(q)
     _jit()["attention"][grid](
         q,
         k_cache,
@@ -512,10 +492,8 @@ def paged_attention_triton(
         NUM_SPLITS=num_splits,
         IEEE=q.dtype == torch.float32,
         DECODE=decode,
-        USE_PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
-        launch_pdl=pdl,
     )
     if num_splits > 1:
         _jit()["merge"][(num_tokens, num_heads)](
@@ -528,8 +506,6 @@ def paged_attention_triton(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             NUM_SPLITS=num_splits,
-            USE_PDL=pdl,
-            launch_pdl=pdl,
         )
     return out
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from engine.kernel_utils import next_pow2, use_pdl
+from engine.kernel_utils import next_pow2
 
 # Bound by _jit(): the kernel bodies read these names when Triton compiles them. Triton is
 # imported on first use only: it decides when it decorates whether to interpret, and the CPU
@@ -68,18 +68,14 @@ def _rms_norm_kernel(
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     INTERPRET: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     # One program per token: its whole [D] row is in registers (BLOCK >= D, masked).
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < D
-    # Loaded first, so that its latency hides behind the wait and the row's.
-    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if USE_PDL:  # wait for the kernel that wrote the input (see engine.kernel_utils.use_pdl)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + t * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    # Loaded now, not after the reduction, so that its latency hides behind the row's.
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + t * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
         # The residual stream is kept in the model dtype: round the sum as torch's `x + r`.
@@ -102,7 +98,6 @@ def _silu_and_mul_kernel(
     n_cols,
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     # Program (t, b): columns [b * BLOCK, (b + 1) * BLOCK) of token t; gate is x[t, :n_cols],
     # up is x[t, n_cols:].
@@ -111,9 +106,6 @@ def _silu_and_mul_kernel(
     ok = offs < n_cols
     dtype = out_ptr.dtype.element_ty
     row = x_ptr + t * stride_x
-    if USE_PDL:  # wait for the kernel that wrote the input (see engine.kernel_utils.use_pdl)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     gate = tl.load(row + offs, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(row + n_cols + offs, mask=ok, other=0.0).to(tl.float32)
     # torch's SiLU: x / (1 + exp(-x)) in float32 with an IEEE division, rounded to the dtype;
@@ -141,7 +133,6 @@ def _rotary_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     INTERPRET: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     # Program (t, b): heads [b * BLOCK_H, (b + 1) * BLOCK_H) of token t, of q and of k
     # (masked past each one's head count). Rotated in place.
@@ -153,9 +144,6 @@ def _rotary_kernel(
     # cos/sin rounded to the model dtype first, as the reference's `.to(x.dtype)`.
     c_ptr = cos_ptr + t * stride_cos + d
     s_ptr = sin_ptr + t * stride_sin + d
-    if USE_PDL:  # wait for the kernel that wrote the input (see engine.kernel_utils.use_pdl)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     cos1 = _to(tl.load(c_ptr, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
     cos2 = _to(tl.load(c_ptr + HALF, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
     sin1 = _to(tl.load(s_ptr, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
@@ -261,7 +249,6 @@ def rms_norm_triton(
         raise ValueError(f"rms_norm_triton normalizes rows of at most {MAX_NORM_BLOCK}, got {dim}")
     if num_tokens == 0:
         return out, res_out
-    pdl = use_pdl(out)
     kernels = _jit()
     kernels["rms_norm"][(num_tokens,)](
         x,
@@ -278,8 +265,6 @@ def rms_norm_triton(
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
         INTERPRET=kernels["interpret"],
-        USE_PDL=pdl,
-        launch_pdl=pdl,
         num_warps=_norm_warps(block),
         **_NO_FMA,
     )
@@ -299,7 +284,6 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     if num_tokens == 0 or n_cols == 0:
         return out
     block = min(2048, next_pow2(n_cols))
-    pdl = use_pdl(out)
     kernels = _jit()
     kernels["silu_and_mul"][(num_tokens, -(-n_cols // block))](
         gate_up,
@@ -309,8 +293,6 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
         n_cols,
         BLOCK=block,
         INTERPRET=kernels["interpret"],
-        USE_PDL=pdl,
-        launch_pdl=pdl,
         num_warps=4 if block <= 1024 else 8,
         **_NO_FMA,
     )
@@ -342,7 +324,6 @@ def apply_rotary_triton(
     # About 1024 elements per half per program: a few heads of one token.
     block_h = min(next_pow2(max(num_q_heads, num_k_heads)), max(1, 1024 // block_half))
     grid = (num_tokens, -(-max(num_q_heads, num_k_heads) // block_h))
-    pdl = use_pdl(q)
     kernels = _jit()
     kernels["rotary"][grid](
         q,
@@ -361,8 +342,6 @@ def apply_rotary_triton(
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
         INTERPRET=kernels["interpret"],
-        USE_PDL=pdl,
-        launch_pdl=pdl,
         num_warps=4,
         **_NO_FMA,
     )

@@ -12,9 +12,7 @@ Decode is bound by B and by the read-modify-write of y, so a program moves a wid
 y rows, B's rows and the split-K planes of h are all in flight together. The rank blocks are
 unrolled (``R`` is a compile-time constant) and masked at the (slot, slice) rank read from
 ``lora_ranks``: a rank-8 adapter among rank-64 ones reads 8 columns of B, and a slice the
-adapter skips (rank 0) costs one load. With programmatic dependent launch (``use_pdl``) a
-program reads its tile, token ids, rank and (rank up to ``BLOCK_R``) its block of B while the
-shrink still runs, and waits only before reading y and h.
+adapter skips (rank 0) costs one load.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernel_utils import use_pdl
 from engine.model.metadata import LoRAMetadata
 
 
@@ -52,7 +49,6 @@ def _lora_expand_kernel(
     ALIGNED: tl.constexpr,  # slice offsets and y's row stride are multiples of 8
     ROUND_H: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_tile = tl.program_id(1)
@@ -78,48 +74,33 @@ def _lora_expand_kernel(
         n_hi = tl.multiple_of(n_hi, 8)
     if length == 0:  # a padding tile of static (graph) metadata
         return
-    # Token ids are issued before the rank is tested, so the two loads overlap.
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < length
-    toks = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] int64
     rank = tl.load(ranks_ptr + slot * NUM_SLICES + s)
     if rank == 0:
         return
 
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < length
+    toks = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] int64
     cols = n_lo + tl.arange(0, BLOCK_N)  # [BN]
     col_ok = cols < n_hi
+    y_ptrs = y_ptr + toks[:, None] * stride_yt + cols[None, :] * stride_yn
+    y_mask = row_ok[:, None] & col_ok[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+
     h_ptrs = h_ptr + toks[:, None] * (NUM_SLICES * R) + s * R  # [BM, 1]
     b_ptrs = b_ptr + slot * N * R + cols[:, None] * R  # [BN, 1]
     # Loads run to the rank rounded up to 8 (16 bytes of a bf16 row, inside the sector that
     # is fetched anyway), so they stay vectors; what lies past the rank (stale weights,
     # unwritten h) is zeroed below, never used.
     rank_ld = tl.multiple_of(tl.cdiv(rank, 8) * 8, 8) if R % 8 == 0 else rank
-    NUM_RB: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
-    if NUM_RB == 1:
-        # B is written only between steps: with PDL it streams in before the wait below,
-        # while the shrink still runs.
-        r0 = tl.arange(0, BLOCK_R)
-        b0 = tl.load(
-            b_ptrs + r0[None, :], mask=col_ok[:, None] & (r0 < rank_ld)[None, :], other=0.0
-        )
-    if USE_PDL:  # y and h come from the kernels before
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    y_ptrs = y_ptr + toks[:, None] * stride_yt + cols[None, :] * stride_yn
-    y_mask = row_ok[:, None] & col_ok[None, :]
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for rb in tl.static_range(NUM_RB):
+    for rb in tl.static_range((R + BLOCK_R - 1) // BLOCK_R):
         r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
         r_ok = r < rank
         r_ld = r < rank_ld
-        if NUM_RB == 1:
-            b = b0
-        else:
-            b = tl.load(
-                b_ptrs + r[None, :], mask=col_ok[:, None] & r_ld[None, :], other=0.0
-            )  # [BN, BR]
+        b = tl.load(
+            b_ptrs + r[None, :], mask=col_ok[:, None] & r_ld[None, :], other=0.0
+        )  # [BN, BR]
         # The split-K planes are added in order, so the sum does not depend on timing.
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for sk in tl.static_range(SPLIT_K):
@@ -192,7 +173,6 @@ def lora_expand(
         offsets.append(offsets[-1] + width)
     aligned = all(o % 8 == 0 for o in offsets) and y.stride(0) % 8 == 0 and y.stride(1) == 1
     grid = (sum(triton.cdiv(width, block_n) for width in out_slices), num_tiles)
-    pdl = use_pdl(y)
     _lora_expand_kernel[grid](
         h,
         lora_b,
@@ -215,7 +195,5 @@ def lora_expand(
         ALIGNED=aligned,
         ROUND_H=lora_b.dtype != torch.float32,
         DOT_FP32=lora_b.dtype == torch.float32 or _interpreted_bf16(y, lora_b.dtype),
-        USE_PDL=pdl,
         num_warps=num_warps,
-        launch_pdl=pdl,
     )

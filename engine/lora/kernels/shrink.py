@@ -16,8 +16,6 @@ the planes in a fixed order. No atomics, no zeroing launch, and the same result 
 whatever else is in the batch at a given split. The K loop is software-pipelined
 (``tl.range(num_stages=...)``: A and x stream through shared memory with ``cp.async``), and
 ``S`` and ``R`` are compile-time constants, so h rows are addressed without runtime strides.
-With programmatic dependent launch (``use_pdl``) a program reads its tile, ranks and token
-ids while the kernel before it still runs, and waits only before reading x.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernel_utils import next_pow2, num_sms, use_pdl
+from engine.kernel_utils import next_pow2, num_sms
 from engine.model.metadata import LoRAMetadata
 
 
@@ -54,7 +52,6 @@ def _lora_shrink_kernel(
     BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    USE_PDL: tl.constexpr,
 ):
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -76,9 +73,6 @@ def _lora_shrink_kernel(
     toks = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] int64
     if tl.max(col_ok.to(tl.int32), axis=0) == 0:
         return
-    if USE_PDL:  # the metadata above is the step's input; x comes from the kernel before
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
     offs_k = tl.arange(0, BLOCK_K)
     k_lo = pid_k * k_per_split
@@ -168,7 +162,6 @@ def lora_shrink(
     k_per_split = triton.cdiv(k, block_k * split_k) * block_k
     # Tiles are the slowest axis: the unused tiles of static metadata start last.
     grid = (split_k, triton.cdiv(sr, block_n), num_tiles)
-    pdl = use_pdl(x)
     _lora_shrink_kernel[grid](
         x,
         lora_a,
@@ -190,8 +183,6 @@ def lora_shrink(
         BLOCK_K=block_k,
         NUM_STAGES=num_stages,
         DOT_FP32=dot_fp32,
-        USE_PDL=pdl,
         num_warps=num_warps,
-        launch_pdl=pdl,
     )
     return h
