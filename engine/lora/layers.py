@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from engine.lora.kernels.reference import add_lora_reference
+from engine.model import ops
 from engine.model.metadata import LoRAMetadata
 
 LORA_KERNELS = os.environ.get("LORASTREAM_LORA_KERNELS", "auto")
@@ -108,7 +109,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
         # x: [T, in] -> y: [T, out]
         y = nn.functional.linear(x, self.weight, self.bias)
-        if lora is not None and not lora.empty and self.lora_a:
+        if self._has_deltas(lora):
+            assert lora is not None
             if lora.has_kernel_layout and use_triton(x):
                 # Imported here: Triton decides at import whether to interpret kernels, and
                 # CPU-only installs need not have it.
@@ -127,6 +129,31 @@ class LoRALinear(nn.Module):
             else:
                 add_lora_reference(y, x, self.lora_a, self.lora_b, self.out_slices, lora)
         return y
+
+    def silu_and_mul(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
+        """``silu(gate) * up`` of this [gate, up] layer's output, adapters applied: x [T, in]
+        -> [T, out / 2]. Where the LoRA and the model's elementwise kernels both run, one
+        launch adds the adapters' deltas and applies the activation, so the [T, out] sum is
+        never written back and read again; the result is the same, bit for bit."""
+        if len(self.out_slices) != 2 or self.out_slices[0] != self.out_slices[1]:
+            raise ValueError(f"silu_and_mul needs two equal slices, got {self.out_slices}")
+        if (
+            self._has_deltas(lora)
+            and lora is not None
+            and lora.has_kernel_layout
+            and use_triton(x)
+            and ops.use_triton(x)
+        ):
+            from engine.lora.kernels.expand import lora_expand_silu_and_mul
+            from engine.lora.kernels.shrink import lora_shrink
+
+            y = nn.functional.linear(x, self.weight, self.bias)
+            h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
+            return lora_expand_silu_and_mul(y, h, self.lora_b_stacked, self.lora_ranks, lora)
+        return ops.silu_and_mul(self(x, lora))
+
+    def _has_deltas(self, lora: LoRAMetadata | None) -> bool:
+        return lora is not None and not lora.empty and bool(self.lora_a)
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -157,17 +184,18 @@ def build_lora_metadata(
     if len(token_slots) > num_tokens:
         raise ValueError(f"{len(token_slots)} tokens do not fit in {num_tokens}")
 
-    # A stable sort by slot; Timsort is linear on the runs that sequences form. Slots are
-    # then found by bisection, so the Python-level work is per slot, the per-token work in C.
-    slot_of = token_slots.__getitem__
-    order = sorted(range(len(token_slots)), key=slot_of)
-    first = bisect.bisect_left(order, 0, key=slot_of)  # tokens before it have no adapter
-    sorted_ids = order[first:]
+    # A stable sort by slot, padding tokens (slot -1) included; Timsort is linear on the runs
+    # that sequences form. Slots are then found by bisection, so the Python-level work is per
+    # slot, the per-token work in C.
+    slots_padded = token_slots + [-1] * (num_tokens - len(token_slots))
+    slot_of = slots_padded.__getitem__
+    sorted_ids = sorted(range(num_tokens), key=slot_of)
+    first = bisect.bisect_left(sorted_ids, 0, key=slot_of)  # tokens before it have no adapter
     segments: list[tuple[int, int, int]] = []  # (slot, start in sorted_ids, length)
     for slot in sorted(set(token_slots) - {-1}):
-        lo = bisect.bisect_left(order, slot, lo=first, key=slot_of)
-        hi = bisect.bisect_right(order, slot, lo=lo, key=slot_of)
-        segments.append((slot, lo - first, hi - lo))
+        lo = bisect.bisect_left(sorted_ids, slot, lo=first, key=slot_of)
+        hi = bisect.bisect_right(sorted_ids, slot, lo=lo, key=slot_of)
+        segments.append((slot, lo, hi - lo))
 
     if block_m is None:
         longest = max((n for _, _, n in segments), default=1)
@@ -175,7 +203,9 @@ def build_lora_metadata(
     tile_slot: list[int] = []
     tile_start: list[int] = []
     tile_len: list[int] = []
-    for slot, start, n in segments:
+    # Tokens without an adapter come first, as tiles of slot -1: the shrink and expand skip
+    # them, kernels that also apply an activation (lora_expand_silu_and_mul) cover them.
+    for slot, start, n in [(-1, 0, first), *segments]:
         for off in range(0, n, block_m):
             tile_slot.append(slot)
             tile_start.append(start + off)
@@ -189,7 +219,7 @@ def build_lora_metadata(
     buf = array.array("q", token_slots)  # array + frombuffer: ~4x faster than torch.tensor(list)
     buf.extend([-1] * (field - len(token_slots)))
     buf.extend(sorted_ids)
-    buf.extend([0] * (field - len(sorted_ids)))
+    buf.extend([0] * (field - num_tokens))
     for row in (tile_slot, tile_start, tile_len):
         buf.extend(row)
         buf.extend(tile_pad)
@@ -205,7 +235,7 @@ def build_lora_metadata(
     assert sorted_dev is not None
     # One split call makes every group's view (slicing per slot costs a call each).
     sizes = [n for _, _, n in segments]
-    views = sorted_dev[: len(sorted_ids)].split(sizes) if sizes else ()
+    views = sorted_dev[first:].split(sizes) if sizes else ()
     meta.groups = [(slot, v) for (slot, _, _), v in zip(segments, views, strict=True)]
     return meta
 
@@ -216,10 +246,10 @@ def allocate_static_lora_metadata(
     """Static buffers for a CUDA graph of ``num_tokens`` (padded) tokens over up to
     ``max_loras`` slots: fill them each step with ``build_lora_metadata(..., out=static)``.
 
-    Tile capacity: the segments of ``k`` slots over ``T`` tokens cut into ``block_m`` tiles
-    number at most ``ceil(T / block_m) + k - 1``, and never more than ``T``.
+    Tile capacity: the segments of ``k`` slots (and of no adapter) over ``T`` tokens cut
+    into ``block_m`` tiles number at most ``ceil(T / block_m) + k``, and never more than ``T``.
     """
-    k = max(1, min(max_loras, num_tokens))
+    k = max(1, min(max_loras + 1, num_tokens))
     max_tiles = max(1, min(num_tokens, -(-num_tokens // block_m) + k - 1))
     field = _field_size(num_tokens)
     packed = torch.zeros(2 * field + 3 * max_tiles, dtype=torch.long, device=device)

@@ -34,6 +34,7 @@ tl: Any = None
 libdevice: Any = None
 _to: Any = None
 _rotate: Any = None
+_silu_mul: Any = None
 
 # Widest row one program normalizes; wider rows raise (no Llama-family model is near it).
 MAX_NORM_BLOCK = 65536
@@ -108,12 +109,16 @@ def _silu_and_mul_kernel(
     row = x_ptr + t * stride_x
     gate = tl.load(row + offs, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(row + n_cols + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_out + offs, _silu_mul(gate, up, dtype, INTERPRET), mask=ok)
+
+
+def _silu_mul_fn(gate, up, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     # torch's SiLU: x / (1 + exp(-x)) in float32 with an IEEE division, rounded to the dtype;
-    # then the product with `up`, rounded again.
+    # then the product with `up`, rounded again. gate, up: float32 -> dtype.
     # libdevice's exp is expf, as torch's CUDA kernel calls (tl.exp compiles to ex2.approx).
     e = tl.exp(-gate) if INTERPRET else libdevice.exp(-gate)
     silu = _to(tl.div_rn(gate, 1.0 + e), dtype, INTERPRET).to(tl.float32)
-    tl.store(out_ptr + t * stride_out + offs, _to(silu * up, dtype, INTERPRET), mask=ok)
+    return _to(silu * up, dtype, INTERPRET)
 
 
 def _rotary_kernel(
@@ -202,12 +207,16 @@ def _jit() -> dict[str, Any]:
     # Helpers the kernels call by name.
     globals()["_to"] = triton.jit(_to_fn)
     globals()["_rotate"] = triton.jit(_rotate_fn)
+    globals()["_silu_mul"] = triton.jit(_silu_mul_fn)
     rms_norm = triton.jit(_rms_norm_kernel)
     return {
         "rms_norm": rms_norm,
         "silu_and_mul": triton.jit(_silu_and_mul_kernel),
         "rotary": triton.jit(_rotary_kernel),
+        # The activation alone, for kernels elsewhere that end in it (the LoRA expand).
+        "silu_mul": _silu_mul,
         "interpret": isinstance(rms_norm, InterpretedFunction),
+        "no_fma": _NO_FMA,
     }
 
 

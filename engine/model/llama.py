@@ -24,7 +24,7 @@ from engine.errors import AdapterUnsupported, UnsupportedModel
 from engine.lora.layers import LoRALinear
 from engine.model.attention import PagedAttention
 from engine.model.metadata import ForwardBatch, LoRAMetadata
-from engine.model.ops import apply_rotary, fused_add_rms_norm, rms_norm, silu_and_mul
+from engine.model.ops import apply_rotary, fused_add_rms_norm, rms_norm
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {
@@ -226,8 +226,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRAMetadata | None) -> torch.Tensor:
         # x: [T, D] -> [T, D]
-        gate_up = self.gate_up_proj(x, lora)  # [T, 2 * I]
-        return self.down_proj(silu_and_mul(gate_up), lora)
+        act = self.gate_up_proj.silu_and_mul(x, lora)  # [T, I]
+        return self.down_proj(act, lora)
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -45,19 +45,20 @@ class LoRAMetadata:
     ====================  ==========  ======================================================
     ``token_slots``       ``[T]``     device slot of each token, ``-1`` for no adapter
                                       (padding tokens are ``-1``)
-    ``sorted_token_ids``  ``[T]``     indices of tokens with a slot, stably sorted by slot;
-                                      entries past the last such token are ``0`` and never
-                                      read
+    ``sorted_token_ids``  ``[T]``     every token index, stably sorted by slot: tokens
+                                      without an adapter (slot -1, padding included) first
     ``tiles``             ``[3, G]``  one column per tile of at most ``block_m`` tokens of
-                                      one slot: row 0 slot, row 1 start in
-                                      ``sorted_token_ids``, row 2 length; unused columns
+                                      one slot: row 0 slot (-1 for no adapter), row 1 start
+                                      in ``sorted_token_ids``, row 2 length; unused columns
                                       are ``(0, 0, 0)`` and their programs exit at once
     ====================  ==========  ======================================================
 
     Tiles are each slot's segment of ``sorted_token_ids`` cut every ``block_m`` tokens, so a
     prefill segment reuses one adapter tile for ``block_m`` tokens and a decode batch
-    gathers its tokens per slot. ``G`` is at least ``ceil(T / block_m) + max_loras - 1``
-    for any assignment of ``T`` tokens to ``max_loras`` slots.
+    gathers its tokens per slot. The tiles of slot -1 are skipped by the shrink and the
+    expand; a kernel that also applies the layer's activation covers every token with them.
+    ``G`` is at least ``ceil(T / block_m) + max_loras`` for any assignment of ``T`` tokens
+    to ``max_loras`` slots.
 
     Host-only: ``groups`` lists ``(slot, token indices [n] int64)`` views of
     ``sorted_token_ids`` for the torch reference path; ``block_m`` is the tile height the

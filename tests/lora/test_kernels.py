@@ -379,6 +379,104 @@ def test_layer_forward_uses_the_kernels_when_forced(monkeypatch: pytest.MonkeyPa
     torch.testing.assert_close(y_hand, y_torch)
 
 
+# ------------------------------------------------------------------------ expand + SiLU
+
+GATE_UP_PAIR = (40, 40)
+FUSED_CPU_CASES = [
+    Case(17, (8,), 4, GATE_UP_PAIR, BF16, BF16),
+    Case(17, MIXED, 4, GATE_UP_PAIR, F16, F16, "segments"),
+    Case(5, (16,), 2, GATE_UP_PAIR, F32, F32),
+    Case(9, (8,), 2, GATE_UP_PAIR, BF16, BF16, "none"),
+    Case(33, (4,), 1, GATE_UP_PAIR, F16, BF16, "one"),
+]
+FUSED_GPU_CASES = [
+    Case(t, r, a, (i, i), d, d, p, in_features=k)
+    for t, p in ((1, "random"), (256, "random"), (256, "one"), (4096, "segments"))
+    for r, a in (((16,), 32), (MIXED, 4))
+    for d in (BF16, F16)
+    for i, k in ((14336, 4096), (1000, 256))
+]
+
+
+def check_expand_silu(case: Case, pad: int = 0) -> None:
+    """The fused kernel against lora_expand followed by the SiLU kernel (bit for bit), and
+    against the float64 per-token loop followed by torch's SiLU. ``pad``: on static (CUDA
+    graph) metadata with that many padding tokens."""
+    from engine.model import ops
+    from engine.model.fused_kernels import silu_and_mul_triton
+
+    st = make_setup(case, seed=zlib.crc32(case.id.encode()) % 1000)
+    lay = st.layer
+    meta = st.meta
+    x, y0 = st.x, st.y0
+    if pad:  # padded rows of a CUDA graph batch: no adapter, activation still applied
+        max_loras = lay.lora_ranks.shape[0]
+        meta = allocate_static_lora_metadata(case.tokens + pad, max_loras, DEVICE, block_m=16)
+        build_lora_metadata(st.token_slots, DEVICE, out=meta)
+        x = torch.cat([x, torch.randn(pad, x.shape[1], device=DEVICE, dtype=x.dtype)])
+        y0 = torch.cat([y0, torch.randn(pad, y0.shape[1], device=DEVICE, dtype=y0.dtype)])
+    h = shrink_mod.lora_shrink(x, lay.lora_a_stacked, lay.lora_ranks, meta)
+    y = y0.clone()
+    if not meta.empty:
+        expand_mod.lora_expand(
+            y, h, lay.lora_b_stacked, lay.lora_ranks, lay.slice_offsets, lay.out_slices, meta
+        )
+    unfused = silu_and_mul_triton(y)
+    # With the expand's column block the products are summed in the same order (numpy's
+    # matmul in the interpreter is not order-stable across shapes): equal bit for bit.
+    max_rank = lay.lora_b_stacked.shape[2]
+    same_block = expand_mod.expand_config(max_rank, meta.block_m, case.slices[0])[0]
+    args = (y0, h, lay.lora_b_stacked, lay.lora_ranks, meta)
+    assert torch.equal(expand_mod.lora_expand_silu_and_mul(*args, block_n=same_block), unfused)
+    out = expand_mod.lora_expand_silu_and_mul(*args)  # the launch the engine makes
+    torch.testing.assert_close(out, unfused, rtol=ULP[case.dtype] * 4, atol=1e-6)
+    expected = (st.y0.double().cpu() + per_token_delta_batched(st)).to(case.dtype)
+    tol = TOL[least_precise(case.dtype, case.lora_dtype)]
+    reference = ops.silu_and_mul_reference(expected.to(DEVICE))
+    assert_rel(out[: case.tokens].float(), reference.float(), tol)
+
+
+@pytest.mark.parametrize("case", FUSED_CPU_CASES, ids=lambda c: c.id)
+def test_expand_silu_matches_expand_then_silu(case: Case) -> None:
+    check_expand_silu(case)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", FUSED_GPU_CASES if CUDA else [], ids=lambda c: c.id)
+def test_expand_silu_matches_expand_then_silu_sweep(case: Case) -> None:
+    check_expand_silu(case)
+
+
+def test_expand_silu_covers_padding_rows_of_static_metadata() -> None:
+    check_expand_silu(Case(11, (8,), 4, GATE_UP_PAIR, BF16, BF16), pad=5)
+
+
+def test_layer_silu_and_mul_takes_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LoRALinear.silu_and_mul`` launches the fused kernel where both kernel paths run, and
+    gives what the torch paths give."""
+    from engine.model import ops
+
+    st = make_setup(Case(17, (8,), 4, GATE_UP_PAIR, F32, F32))
+    monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
+    monkeypatch.setattr(ops, "MODEL_KERNELS", "torch")
+    expected = st.layer.silu_and_mul(st.x, st.meta)
+    calls: list[int] = []
+    real = expand_mod.lora_expand_silu_and_mul
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(expand_mod, "lora_expand_silu_and_mul", counted)
+    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
+    monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
+    out = st.layer.silu_and_mul(st.x, st.meta)
+    assert calls == [1]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="two equal slices"):
+        make_setup(Case(3, (8,), 1, GATE_UP)).layer.silu_and_mul(st.x[:3, :48])
+
+
 # ------------------------------------------------------------------------------ metadata
 
 
@@ -393,13 +491,15 @@ def test_tiles_cover_every_adapter_token_once(seed: int) -> None:
     assert meta.tiles is not None
     assert meta.sorted_token_ids is not None
     sorted_ids = meta.sorted_token_ids.tolist()
+    assert sorted(sorted_ids) == list(range(num_tokens))
     seen: list[int] = []
     for slot, start, n in meta.tiles.t().tolist():
         assert 1 <= n <= meta.block_m
         tile = sorted_ids[start : start + n]
         assert all(slots[t] == slot for t in tile)
         seen += tile
-    assert sorted(seen) == [t for t, s in enumerate(slots) if s >= 0]
+    # Every token once: those without an adapter in tiles of slot -1.
+    assert sorted(seen) == list(range(num_tokens))
     assert meta.token_slots.tolist() == slots
     # Fields start 16-byte aligned whatever T (Triton compiles per pointer alignment).
     assert meta.sorted_token_ids.data_ptr() % 16 == meta.tiles.data_ptr() % 16 == 0
@@ -431,13 +531,16 @@ def test_static_metadata_is_refreshed_in_place_and_pads() -> None:
     assert static.packed.data_ptr() == ptr
     assert static.token_slots.tolist() == [2, 2, -1, 0, -1, -1, -1, -1]
     assert static.tiles is not None
-    assert static.tiles.tolist() == [[0, 2, 0, 0], [0, 1, 0, 0], [1, 2, 0, 0]]
+    # Tokens 2 and 4-7 (padding) have no adapter: a tile of slot -1 first.
+    assert static.tiles.tolist() == [[-1, 0, 2, 0, 0], [0, 5, 6, 0, 0], [5, 1, 2, 0, 0]]
+    assert static.sorted_token_ids is not None
+    assert static.sorted_token_ids.tolist() == [2, 4, 5, 6, 7, 3, 0, 1]
     step = build_lora_metadata(
         [1] * 8, DEVICE, num_tokens=8, max_tiles=static.max_tiles, block_m=16
     )
     step.copy_into(static)
     assert static.packed.data_ptr() == ptr
-    assert static.tiles.tolist() == [[1, 0, 0, 0], [0, 0, 0, 0], [8, 0, 0, 0]]
+    assert static.tiles.tolist() == [[1, 0, 0, 0, 0], [0, 0, 0, 0, 0], [8, 0, 0, 0, 0]]
     with pytest.raises(ValueError, match="layout differs"):
         build_lora_metadata([1] * 4, DEVICE).copy_into(static)
     with pytest.raises(ValueError, match="do not fit"):

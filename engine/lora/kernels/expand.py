@@ -17,11 +17,61 @@ adapter skips (rank 0) costs one load.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 from engine.model.metadata import LoRAMetadata
+
+
+@triton.jit
+def _delta(
+    h_ptrs,  # [BM, 1]: each token's h row at this slice
+    b_ptrs,  # [BN, 1]: the slot's B rows of these columns
+    rank,
+    row_ok,
+    col_ok,
+    stride_hs,
+    R: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ROUND_H: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """``h · Bᵀ`` of one slice for a tile: [BM, BN] float32."""
+    # Loads run to the rank rounded up to 8 (16 bytes of a bf16 row, inside the sector that
+    # is fetched anyway), so they stay vectors; what lies past the rank (stale weights,
+    # unwritten h) is zeroed below, never used.
+    rank_ld = tl.multiple_of(tl.cdiv(rank, 8) * 8, 8) if R % 8 == 0 else rank
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rb in tl.static_range((R + BLOCK_R - 1) // BLOCK_R):
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+        r_ok = r < rank
+        r_ld = r < rank_ld
+        b = tl.load(
+            b_ptrs + r[None, :], mask=col_ok[:, None] & r_ld[None, :], other=0.0
+        )  # [BN, BR]
+        # The split-K planes are added in order, so the sum does not depend on timing.
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for sk in tl.static_range(SPLIT_K):
+            h += tl.load(
+                h_ptrs + sk * stride_hs + r[None, :],
+                mask=row_ok[:, None] & r_ld[None, :],
+                other=0.0,
+            )
+        h = tl.where(r_ok[None, :], h, 0.0)
+        b = tl.where(r_ok[None, :], b, tl.zeros_like(b))
+        if ROUND_H:  # a 16-bit B: h enters the product in B's dtype, as on tensor cores
+            h = h.to(b.dtype)
+        if DOT_FP32:
+            acc += tl.dot(h.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(h, tl.trans(b))
+    return acc
 
 
 # Triton compiles a variant per value class (== 1, divisible by 16) of each int argument;
@@ -72,52 +122,36 @@ def _lora_expand_kernel(
     if ALIGNED:  # lets y move in 16-byte vectors
         n_lo = tl.multiple_of(n_lo, 8)
         n_hi = tl.multiple_of(n_hi, 8)
-    if length == 0:  # a padding tile of static (graph) metadata
+    if (length == 0) | (slot < 0):  # a padding tile, or tokens without an adapter
         return
+    # Token ids are issued before the rank is tested, so the two loads overlap.
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < length
+    toks = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] int64
     rank = tl.load(ranks_ptr + slot * NUM_SLICES + s)
     if rank == 0:
         return
 
-    offs_m = tl.arange(0, BLOCK_M)
-    row_ok = offs_m < length
-    toks = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] int64
     cols = n_lo + tl.arange(0, BLOCK_N)  # [BN]
     col_ok = cols < n_hi
     y_ptrs = y_ptr + toks[:, None] * stride_yt + cols[None, :] * stride_yn
     y_mask = row_ok[:, None] & col_ok[None, :]
     y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-
-    h_ptrs = h_ptr + toks[:, None] * (NUM_SLICES * R) + s * R  # [BM, 1]
-    b_ptrs = b_ptr + slot * N * R + cols[:, None] * R  # [BN, 1]
-    # Loads run to the rank rounded up to 8 (16 bytes of a bf16 row, inside the sector that
-    # is fetched anyway), so they stay vectors; what lies past the rank (stale weights,
-    # unwritten h) is zeroed below, never used.
-    rank_ld = tl.multiple_of(tl.cdiv(rank, 8) * 8, 8) if R % 8 == 0 else rank
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for rb in tl.static_range((R + BLOCK_R - 1) // BLOCK_R):
-        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
-        r_ok = r < rank
-        r_ld = r < rank_ld
-        b = tl.load(
-            b_ptrs + r[None, :], mask=col_ok[:, None] & r_ld[None, :], other=0.0
-        )  # [BN, BR]
-        # The split-K planes are added in order, so the sum does not depend on timing.
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for sk in tl.static_range(SPLIT_K):
-            h += tl.load(
-                h_ptrs + sk * stride_hs + r[None, :],
-                mask=row_ok[:, None] & r_ld[None, :],
-                other=0.0,
-            )
-        h = tl.where(r_ok[None, :], h, 0.0)
-        b = tl.where(r_ok[None, :], b, tl.zeros_like(b))
-        if ROUND_H:  # a 16-bit B: h enters the product in B's dtype, as on tensor cores
-            h = h.to(b.dtype)
-        if DOT_FP32:
-            acc += tl.dot(h.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(h, tl.trans(b))
-
+    acc = _delta(
+        h_ptr + toks[:, None] * (NUM_SLICES * R) + s * R,
+        b_ptr + slot * N * R + cols[:, None] * R,
+        rank,
+        row_ok,
+        col_ok,
+        stride_hs,
+        R,
+        SPLIT_K,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_R,
+        ROUND_H,
+        DOT_FP32,
+    )
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
@@ -197,3 +231,167 @@ def lora_expand(
         DOT_FP32=lora_b.dtype == torch.float32 or _interpreted_bf16(y, lora_b.dtype),
         num_warps=num_warps,
     )
+
+
+# ----------------------------------------------------------------------------- expand + SiLU
+
+# Bound on first use (lora_expand_silu_and_mul): the activation, rounded as the model's own
+# SiLU-and-mul kernel rounds (engine.model.fused_kernels).
+_silu_mul: Any = None
+
+
+@triton.jit(do_not_specialize=["stride_hs", "stride_tiles"])
+def _lora_expand_silu_kernel(
+    h_ptr,  # [SPLIT_K, T, 2 * R] float32 partial sums (gate slice, then up)
+    b_ptr,  # [L, 2 * inter, R] contiguous
+    y_ptr,  # [T, 2 * inter] the base gate_up output, read only
+    out_ptr,  # [T, inter]
+    ranks_ptr,  # [L, 2] int32
+    sorted_ids_ptr,  # [T] int64
+    tiles_ptr,  # [3, G] int64: slot (-1: no adapter), start, length
+    inter,
+    stride_hs,
+    stride_yt,
+    stride_ot,
+    stride_tiles,
+    R: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ALIGNED: tl.constexpr,  # inter and the row strides are multiples of 8
+    ROUND_H: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # Program (n, tile): columns [n * BLOCK_N, (n + 1) * BLOCK_N) of gate and of up for the
+    # tile's tokens. Every token is in one tile, so every row of out is written.
+    pid_n = tl.program_id(0)
+    pid_tile = tl.program_id(1)
+    slot = tl.load(tiles_ptr + pid_tile)
+    start = tl.load(tiles_ptr + stride_tiles + pid_tile)
+    length = tl.load(tiles_ptr + 2 * stride_tiles + pid_tile)
+    if length == 0:  # a padding tile of static (graph) metadata
+        return
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = offs_m < length
+    toks = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] int64
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    col_ok = cols < inter
+    up_off = inter
+    if ALIGNED:  # lets y move in 16-byte vectors
+        up_off = tl.multiple_of(up_off, 8)
+    mask = row_ok[:, None] & col_ok[None, :]
+    g_ptrs = y_ptr + toks[:, None] * stride_yt + cols[None, :]
+    gate = tl.load(g_ptrs, mask=mask, other=0.0)
+    up = tl.load(g_ptrs + up_off, mask=mask, other=0.0)
+    if slot >= 0:
+        # As lora_expand would leave gate_up: the delta added in float32, rounded once.
+        h_row = h_ptr + toks[:, None] * (2 * R)
+        b_row = b_ptr + slot * (2 * inter) * R + cols[:, None] * R
+        rank_g = tl.load(ranks_ptr + slot * 2)
+        rank_u = tl.load(ranks_ptr + slot * 2 + 1)
+        d_gate = _delta(
+            h_row,
+            b_row,
+            rank_g,
+            row_ok,
+            col_ok,
+            stride_hs,
+            R,
+            SPLIT_K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_R,
+            ROUND_H,
+            DOT_FP32,
+        )
+        d_up = _delta(
+            h_row + R,
+            b_row + up_off * R,
+            rank_u,
+            row_ok,
+            col_ok,
+            stride_hs,
+            R,
+            SPLIT_K,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_R,
+            ROUND_H,
+            DOT_FP32,
+        )
+        gate = (gate.to(tl.float32) + d_gate).to(y_ptr.dtype.element_ty)
+        up = (up.to(tl.float32) + d_up).to(y_ptr.dtype.element_ty)
+    out = _silu_mul(gate.to(tl.float32), up.to(tl.float32), out_ptr.dtype.element_ty, INTERPRET)
+    tl.store(out_ptr + toks[:, None] * stride_ot + cols[None, :], out, mask=mask)
+
+
+def lora_expand_silu_and_mul(
+    y: torch.Tensor,  # [T, 2 * I] base gate_up output (not written)
+    h: torch.Tensor,  # [split_k, T, 2 * R] float32 partial sums, from lora_shrink
+    lora_b: torch.Tensor,  # [L, 2 * I, R]
+    lora_ranks: torch.Tensor,  # [L, 2] int32
+    lora: LoRAMetadata,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """``silu(gate) * up`` of ``y`` after ``lora_expand`` would have added the adapters'
+    deltas to it, in one launch: -> out [T, I]. Bit for bit what ``lora_expand`` followed
+    by ``silu_and_mul_triton`` gives, without writing the [T, 2 * I] sum back and reading it
+    again. Every token gets the activation, those without an adapter too (tiles of slot -1).
+    """
+    global _silu_mul
+    from engine.model import fused_kernels
+
+    assert lora.tiles is not None
+    assert lora.sorted_token_ids is not None
+    num_tokens, width = y.shape
+    _num_loras, n, max_rank = lora_b.shape
+    assert n == width, (y.shape, lora_b.shape)
+    assert width % 2 == 0, y.shape
+    assert h.shape[1:] == (num_tokens, 2 * max_rank), (h.shape, num_tokens, max_rank)
+    assert h.stride(2) == 1
+    assert h.stride(1) == 2 * max_rank
+    assert lora_b.is_contiguous()
+    assert y.stride(1) == 1
+    inter = width // 2
+    out = torch.empty(num_tokens, inter, dtype=y.dtype, device=y.device)
+    num_tiles = lora.tiles.shape[1]
+    if num_tiles == 0 or num_tokens == 0:
+        return out
+    helpers = fused_kernels._jit()
+    _silu_mul = helpers["silu_mul"]
+    # Two slices per program: half the columns of a plain expand block.
+    auto_block_n, block_r, auto_warps = expand_config(max_rank, lora.block_m, inter)
+    block_n = max(16, auto_block_n // 2) if block_n is None else block_n
+    num_warps = auto_warps if num_warps is None else num_warps
+    aligned = inter % 8 == 0 and y.stride(0) % 8 == 0 and out.stride(0) % 8 == 0
+    grid = (triton.cdiv(inter, block_n), num_tiles)
+    _lora_expand_silu_kernel[grid](
+        h,
+        lora_b,
+        y,
+        out,
+        lora_ranks,
+        lora.sorted_token_ids,
+        lora.tiles,
+        inter,
+        h.stride(0),
+        y.stride(0),
+        out.stride(0),
+        lora.tiles.stride(0),
+        R=max_rank,
+        SPLIT_K=h.shape[0],
+        BLOCK_M=lora.block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+        ALIGNED=aligned,
+        ROUND_H=lora_b.dtype != torch.float32,
+        DOT_FP32=lora_b.dtype == torch.float32 or _interpreted_bf16(y, lora_b.dtype),
+        INTERPRET=helpers["interpret"],
+        num_warps=num_warps,
+        **helpers["no_fma"],
+    )
+    return out

@@ -59,7 +59,7 @@ def _lora_shrink_kernel(
     slot = tl.load(tiles_ptr + pid_tile)
     start = tl.load(tiles_ptr + stride_tiles + pid_tile)
     length = tl.load(tiles_ptr + 2 * stride_tiles + pid_tile)
-    if length == 0:  # a padding tile of static (graph) metadata
+    if (length == 0) | (slot < 0):  # a padding tile, or tokens without an adapter
         return
 
     SR: tl.constexpr = NUM_SLICES * R
