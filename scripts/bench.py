@@ -655,6 +655,8 @@ def versions() -> dict[str, str]:
         import peft
 
         out["peft"] = peft.__version__
+    # Kernel switches (engine.lora.layers, engine.model.ops) that were set for the run.
+    out.update({k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASTREAM_")})
     return out
 
 

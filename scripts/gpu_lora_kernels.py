@@ -351,6 +351,51 @@ def run_sweep(out: Path, results: dict[str, Any]) -> None:
     results["sweep_best"] = best
 
 
+def run_fusion(out: Path, results: dict[str, Any]) -> None:
+    """gate_up's activation: the plain SiLU kernel (the base model's cost), the expand then
+    SiLU, and the fused expand + SiLU at a few launch settings, side by side."""
+    from engine.lora.kernels.expand import lora_expand_silu_and_mul
+    from engine.model.fused_kernels import silu_and_mul_triton
+
+    rng = random.Random(3)
+    rows: list[dict[str, Any]] = []
+    for scen in ("decode", "prefill"):
+        graphs = scen == "decode"
+        copies = [Case.make("gate_up_proj", scen, [16], 16, rng) for _ in range(4 if graphs else 1)]
+        hs = [k.shrink() for k in copies]
+        pairs = list(zip(copies, hs, strict=True))
+
+        def timed(fns: list[Callable[[], object]], graphs: bool = graphs) -> float:
+            return graph_us(fns) if graphs else bench(fns[0])
+
+        def unfused(k: Case, h: torch.Tensor) -> None:
+            k.expand(h)
+            silu_and_mul_triton(k.y)
+
+        def fused(k: Case, h: torch.Tensor, **kw: Any) -> torch.Tensor:
+            lay = k.layer
+            return lora_expand_silu_and_mul(
+                k.y, h, lay.lora_b_stacked, lay.lora_ranks, k.meta, **kw
+            )
+
+        row: dict[str, Any] = {
+            "scenario": scen,
+            "silu_us": timed([functools.partial(silu_and_mul_triton, k.y) for k in copies]),
+            "expand_then_silu_us": timed([functools.partial(unfused, k, h) for k, h in pairs]),
+            "fused_us": timed([functools.partial(fused, k, h) for k, h in pairs]),
+        }
+        for bn, nw in itertools.product((128, 256, 512), (4, 8)):
+            row[f"fused_bn{bn}_w{nw}_us"] = timed(
+                [functools.partial(fused, k, h, block_n=bn, num_warps=nw) for k, h in pairs]
+            )
+        rows.append(row)
+        print(scen, {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
+        results["fusion"] = rows
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        del copies, hs, pairs
+        torch.cuda.empty_cache()
+
+
 def host_costs(results: dict[str, Any]) -> None:
     """Host microseconds per build_lora_metadata and per add_lora launch (no sync)."""
     from engine.lora.layers import build_lora_metadata
@@ -446,6 +491,9 @@ def main() -> None:
     p.add_argument("--sweep", action="store_true", help="also sweep kernel parameters")
     p.add_argument("--quick", action="store_true", help="leave out the decode-one scenario")
     p.add_argument("--workers", type=int, default=8, help="pytest-xdist workers (0: none)")
+    p.add_argument(
+        "--fusion-only", action="store_true", help="only gate_up's expand + SiLU timings"
+    )
     args = p.parse_args()
     out = Path(os.environ.get("OUT", "artifacts/gpu_lora_kernels"))
     out.mkdir(parents=True, exist_ok=True)
@@ -458,10 +506,14 @@ def main() -> None:
         "triton": triton.__version__,
         "python": platform.python_version(),
     }
+    if args.fusion_only:
+        run_fusion(out, results)
+        return
     if not args.skip_tests:
         results["tests"] = run_tests(out, args.workers)
     results["copy_GBps"] = copy_bandwidth()
     run_bench(out, results, args.quick)
+    run_fusion(out, results)
     host_costs(results)
     if args.sweep:
         run_sweep(out, results)

@@ -29,6 +29,10 @@ from engine.model.metadata import LoRAMetadata
 LORA_KERNELS = os.environ.get("LORASTREAM_LORA_KERNELS", "auto")
 """auto (Triton on CUDA, torch elsewhere) | triton | torch; read once, tests may assign it."""
 
+FUSED_SILU = os.environ.get("LORASTREAM_LORA_FUSED_SILU", "1") != "0"
+"""gate_up's expand and the SiLU in one kernel (``LoRALinear.silu_and_mul``); 0 runs them
+apart, for benchmarks. Read once, tests may assign it."""
+
 # Tile heights the kernels are compiled for; the smallest that holds the longest segment.
 # Not 64: on an H200, 32-token tiles ran a 4096-token prefill as fast or faster.
 _BLOCK_MS = (16, 32)
@@ -138,7 +142,8 @@ class LoRALinear(nn.Module):
         if len(self.out_slices) != 2 or self.out_slices[0] != self.out_slices[1]:
             raise ValueError(f"silu_and_mul needs two equal slices, got {self.out_slices}")
         if (
-            self._has_deltas(lora)
+            FUSED_SILU
+            and self._has_deltas(lora)
             and lora is not None
             and lora.has_kernel_layout
             and use_triton(x)

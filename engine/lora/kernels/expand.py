@@ -27,51 +27,51 @@ from engine.model.metadata import LoRAMetadata
 
 
 @triton.jit
-def _delta(
+def _operands(
     h_ptrs,  # [BM, 1]: each token's h row at this slice
     b_ptrs,  # [BN, 1]: the slot's B rows of these columns
     rank,
+    rb: tl.constexpr,
     row_ok,
     col_ok,
     stride_hs,
     R: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     ROUND_H: tl.constexpr,
-    DOT_FP32: tl.constexpr,
 ):
-    """``h · Bᵀ`` of one slice for a tile: [BM, BN] float32."""
+    """Rank block ``rb`` of one slice for a tile: (h [BM, BR], B [BN, BR]), zero past the
+    rank, h summed over the split-K planes and rounded as it enters the product."""
     # Loads run to the rank rounded up to 8 (16 bytes of a bf16 row, inside the sector that
     # is fetched anyway), so they stay vectors; what lies past the rank (stale weights,
     # unwritten h) is zeroed below, never used.
     rank_ld = tl.multiple_of(tl.cdiv(rank, 8) * 8, 8) if R % 8 == 0 else rank
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for rb in tl.static_range((R + BLOCK_R - 1) // BLOCK_R):
-        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
-        r_ok = r < rank
-        r_ld = r < rank_ld
-        b = tl.load(
-            b_ptrs + r[None, :], mask=col_ok[:, None] & r_ld[None, :], other=0.0
-        )  # [BN, BR]
-        # The split-K planes are added in order, so the sum does not depend on timing.
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for sk in tl.static_range(SPLIT_K):
-            h += tl.load(
-                h_ptrs + sk * stride_hs + r[None, :],
-                mask=row_ok[:, None] & r_ld[None, :],
-                other=0.0,
-            )
-        h = tl.where(r_ok[None, :], h, 0.0)
-        b = tl.where(r_ok[None, :], b, tl.zeros_like(b))
-        if ROUND_H:  # a 16-bit B: h enters the product in B's dtype, as on tensor cores
-            h = h.to(b.dtype)
-        if DOT_FP32:
-            acc += tl.dot(h.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-        else:
-            acc += tl.dot(h, tl.trans(b))
-    return acc
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    r_ok = r < rank
+    r_ld = r < rank_ld
+    b = tl.load(b_ptrs + r[None, :], mask=col_ok[:, None] & r_ld[None, :], other=0.0)
+    # The split-K planes are added in order, so the sum does not depend on timing.
+    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for sk in tl.static_range(SPLIT_K):
+        h += tl.load(
+            h_ptrs + sk * stride_hs + r[None, :],
+            mask=row_ok[:, None] & r_ld[None, :],
+            other=0.0,
+        )
+    h = tl.where(r_ok[None, :], h, 0.0)
+    b = tl.where(r_ok[None, :], b, tl.zeros_like(b))
+    if ROUND_H:  # a 16-bit B: h enters the product in B's dtype, as on tensor cores
+        h = h.to(b.dtype)
+    return h, b
+
+
+@triton.jit
+def _dot(acc, h, b, DOT_FP32: tl.constexpr):
+    """acc + h · bᵀ in float32."""
+    if DOT_FP32:
+        return acc + tl.dot(h.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    return acc + tl.dot(h, tl.trans(b))
 
 
 # Triton compiles a variant per value class (== 1, divisible by 16) of each int argument;
@@ -137,21 +137,25 @@ def _lora_expand_kernel(
     y_ptrs = y_ptr + toks[:, None] * stride_yt + cols[None, :] * stride_yn
     y_mask = row_ok[:, None] & col_ok[None, :]
     y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    acc = _delta(
-        h_ptr + toks[:, None] * (NUM_SLICES * R) + s * R,
-        b_ptr + slot * N * R + cols[:, None] * R,
-        rank,
-        row_ok,
-        col_ok,
-        stride_hs,
-        R,
-        SPLIT_K,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_R,
-        ROUND_H,
-        DOT_FP32,
-    )
+    h_ptrs = h_ptr + toks[:, None] * (NUM_SLICES * R) + s * R
+    b_ptrs = b_ptr + slot * N * R + cols[:, None] * R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rb in tl.static_range((R + BLOCK_R - 1) // BLOCK_R):
+        h, b = _operands(
+            h_ptrs,
+            b_ptrs,
+            rank,
+            rb,
+            row_ok,
+            col_ok,
+            stride_hs,
+            R,
+            SPLIT_K,
+            BLOCK_M,
+            BLOCK_R,
+            ROUND_H,
+        )
+        acc = _dot(acc, h, b, DOT_FP32)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
@@ -285,44 +289,50 @@ def _lora_expand_silu_kernel(
     g_ptrs = y_ptr + toks[:, None] * stride_yt + cols[None, :]
     gate = tl.load(g_ptrs, mask=mask, other=0.0)
     up = tl.load(g_ptrs + up_off, mask=mask, other=0.0)
-    if slot >= 0:
-        # As lora_expand would leave gate_up: the delta added in float32, rounded once.
-        h_row = h_ptr + toks[:, None] * (2 * R)
-        b_row = b_ptr + slot * (2 * inter) * R + cols[:, None] * R
-        rank_g = tl.load(ranks_ptr + slot * 2)
-        rank_u = tl.load(ranks_ptr + slot * 2 + 1)
-        d_gate = _delta(
+    # No branch on the slot: a tile without adapter has rank 0, so it loads no weights and
+    # adds exact zeros. Both slices' operands are loaded before either product.
+    has = slot >= 0
+    slot_c = tl.maximum(slot, 0)
+    rank_g = tl.where(has, tl.load(ranks_ptr + slot_c * 2), 0)
+    rank_u = tl.where(has, tl.load(ranks_ptr + slot_c * 2 + 1), 0)
+    h_row = h_ptr + toks[:, None] * (2 * R)
+    b_row = b_ptr + slot_c * (2 * inter) * R + cols[:, None] * R
+    d_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    d_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rb in tl.static_range((R + BLOCK_R - 1) // BLOCK_R):
+        hg, bg = _operands(
             h_row,
             b_row,
             rank_g,
+            rb,
             row_ok,
             col_ok,
             stride_hs,
             R,
             SPLIT_K,
             BLOCK_M,
-            BLOCK_N,
             BLOCK_R,
             ROUND_H,
-            DOT_FP32,
         )
-        d_up = _delta(
+        hu, bu = _operands(
             h_row + R,
             b_row + up_off * R,
             rank_u,
+            rb,
             row_ok,
             col_ok,
             stride_hs,
             R,
             SPLIT_K,
             BLOCK_M,
-            BLOCK_N,
             BLOCK_R,
             ROUND_H,
-            DOT_FP32,
         )
-        gate = (gate.to(tl.float32) + d_gate).to(y_ptr.dtype.element_ty)
-        up = (up.to(tl.float32) + d_up).to(y_ptr.dtype.element_ty)
+        d_gate = _dot(d_gate, hg, bg, DOT_FP32)
+        d_up = _dot(d_up, hu, bu, DOT_FP32)
+    # As lora_expand would leave gate_up: the delta added in float32, rounded once.
+    gate = (gate.to(tl.float32) + d_gate).to(y_ptr.dtype.element_ty)
+    up = (up.to(tl.float32) + d_up).to(y_ptr.dtype.element_ty)
     out = _silu_mul(gate.to(tl.float32), up.to(tl.float32), out_ptr.dtype.element_ty, INTERPRET)
     tl.store(out_ptr + toks[:, None] * stride_ot + cols[None, :], out, mask=mask)
 
@@ -363,10 +373,11 @@ def lora_expand_silu_and_mul(
         return out
     helpers = fused_kernels._jit()
     _silu_mul = helpers["silu_mul"]
-    # Two slices per program: half the columns of a plain expand block.
-    auto_block_n, block_r, auto_warps = expand_config(max_rank, lora.block_m, inter)
-    block_n = max(16, auto_block_n // 2) if block_n is None else block_n
-    num_warps = auto_warps if num_warps is None else num_warps
+    # Two slices per program: at most half the columns of a plain expand block (measured on
+    # an H200 with scripts/gpu_lora_kernels.py --fusion-only: 8 warps for both tile heights).
+    auto_block_n, block_r, _ = expand_config(max_rank, lora.block_m, inter)
+    block_n = max(16, min(auto_block_n // 2, 128)) if block_n is None else block_n
+    num_warps = 8 if num_warps is None else num_warps
     aligned = inter % 8 == 0 and y.stride(0) % 8 == 0 and out.stride(0) % 8 == 0
     grid = (triton.cdiv(inter, block_n), num_tiles)
     _lora_expand_silu_kernel[grid](
