@@ -33,6 +33,12 @@ FUSED_SILU = os.environ.get("LORASTREAM_LORA_FUSED_SILU", "1") != "0"
 """gate_up's expand and the SiLU in one kernel (``LoRALinear.silu_and_mul``); 0 runs them
 apart, for benchmarks. Read once, tests may assign it."""
 
+# The fused expand + SiLU runs for tiles at least this tall. On an H200 (llama-3.1-8b
+# gate_up, 32 adapters of rank 16; scripts/gpu_lora_kernels.py --fusion-only) it took
+# 250 us against 296 us for expand then SiLU on a 4096-token prefill (tiles of 32), but
+# 33.7 against 28.0 us on a 256-token decode step (tiles of 16), where the two kernels win.
+FUSED_SILU_MIN_BLOCK_M = 32
+
 # Tile heights the kernels are compiled for; the smallest that holds the longest segment.
 # Not 64: on an H200, 32-token tiles ran a 4096-token prefill as fast or faster.
 _BLOCK_MS = (16, 32)
@@ -136,9 +142,10 @@ class LoRALinear(nn.Module):
 
     def silu_and_mul(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
         """``silu(gate) * up`` of this [gate, up] layer's output, adapters applied: x [T, in]
-        -> [T, out / 2]. Where the LoRA and the model's elementwise kernels both run, one
-        launch adds the adapters' deltas and applies the activation, so the [T, out] sum is
-        never written back and read again; the result is the same, bit for bit."""
+        -> [T, out / 2]. Where the LoRA and the model's elementwise kernels both run and the
+        tiles are prefill-tall (``FUSED_SILU_MIN_BLOCK_M``), one launch adds the adapters'
+        deltas and applies the activation, so the [T, out] sum is never written back and read
+        again; the result is the same, bit for bit."""
         if len(self.out_slices) != 2 or self.out_slices[0] != self.out_slices[1]:
             raise ValueError(f"silu_and_mul needs two equal slices, got {self.out_slices}")
         if (
@@ -146,6 +153,7 @@ class LoRALinear(nn.Module):
             and self._has_deltas(lora)
             and lora is not None
             and lora.has_kernel_layout
+            and lora.block_m >= FUSED_SILU_MIN_BLOCK_M
             and use_triton(x)
             and ops.use_triton(x)
         ):

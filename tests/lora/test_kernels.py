@@ -452,11 +452,13 @@ def test_expand_silu_covers_padding_rows_of_static_metadata() -> None:
 
 
 def test_layer_silu_and_mul_takes_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``LoRALinear.silu_and_mul`` launches the fused kernel where both kernel paths run, and
-    gives what the torch paths give."""
+    """``LoRALinear.silu_and_mul`` launches the fused kernel where both kernel paths run on
+    prefill-tall tiles, and gives what the torch paths give."""
     from engine.model import ops
 
-    st = make_setup(Case(17, (8,), 4, GATE_UP_PAIR, F32, F32))
+    st = make_setup(Case(40, (8,), 2, GATE_UP_PAIR, F32, F32, "segments"))
+    decode_meta = build_lora_metadata(st.token_slots, DEVICE, block_m=16)
+    st.meta = build_lora_metadata(st.token_slots, DEVICE, block_m=layers.FUSED_SILU_MIN_BLOCK_M)
     monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
     monkeypatch.setattr(ops, "MODEL_KERNELS", "torch")
     expected = st.layer.silu_and_mul(st.x, st.meta)
@@ -473,6 +475,14 @@ def test_layer_silu_and_mul_takes_the_fused_kernel(monkeypatch: pytest.MonkeyPat
     out = st.layer.silu_and_mul(st.x, st.meta)
     assert calls == [1]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # Decode tiles (16 tall): the expand and the SiLU kernel apart, same result.
+    torch.testing.assert_close(
+        st.layer.silu_and_mul(st.x, decode_meta), expected, rtol=1e-5, atol=1e-5
+    )
+    assert calls == [1]
+    monkeypatch.setattr(layers, "FUSED_SILU", False)
+    torch.testing.assert_close(st.layer.silu_and_mul(st.x, st.meta), expected, rtol=1e-5, atol=1e-5)
+    assert calls == [1]
     with pytest.raises(ValueError, match="two equal slices"):
         make_setup(Case(3, (8,), 1, GATE_UP)).layer.silu_and_mul(st.x[:3, :48])
 
