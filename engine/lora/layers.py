@@ -13,12 +13,11 @@ on CPU too, under ``TRITON_INTERPRET=1``; ``torch`` keeps the reference on CUDA.
 
 from __future__ import annotations
 
-import array
-import bisect
 import itertools
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -176,7 +175,7 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def build_lora_metadata(
-    token_slots: list[int],
+    token_slots: Sequence[int] | np.ndarray,
     device: torch.device | str,
     *,
     block_m: int | None = None,
@@ -193,50 +192,44 @@ def build_lora_metadata(
     """
     if out is not None:
         num_tokens, max_tiles, block_m = out.token_slots.shape[0], out.max_tiles, out.block_m
-    num_tokens = len(token_slots) if num_tokens is None else num_tokens
-    if len(token_slots) > num_tokens:
-        raise ValueError(f"{len(token_slots)} tokens do not fit in {num_tokens}")
+    num_real = len(token_slots)
+    num_tokens = num_real if num_tokens is None else num_tokens
+    if num_real > num_tokens:
+        raise ValueError(f"{num_real} tokens do not fit in {num_tokens}")
 
-    # A stable sort by slot, padding tokens (slot -1) included; Timsort is linear on the runs
-    # that sequences form. Slots are then found by bisection, so the Python-level work is per
-    # slot, the per-token work in C.
-    slots_padded = token_slots + [-1] * (num_tokens - len(token_slots))
-    slot_of = slots_padded.__getitem__
-    sorted_ids = sorted(range(num_tokens), key=slot_of)
-    first = bisect.bisect_left(sorted_ids, 0, key=slot_of)  # tokens before it have no adapter
-    segments: list[tuple[int, int, int]] = []  # (slot, start in sorted_ids, length)
-    for slot in sorted(set(token_slots) - {-1}):
-        lo = bisect.bisect_left(sorted_ids, slot, lo=first, key=slot_of)
-        hi = bisect.bisect_right(sorted_ids, slot, lo=lo, key=slot_of)
-        segments.append((slot, lo, hi - lo))
-
+    # Every token, padding (slot -1) included, stably sorted by slot; the segments of equal
+    # slots are cut into tiles of block_m. All in numpy: a 8192-token prefill takes ~0.2 ms.
+    slots = np.full(num_tokens, -1, dtype=np.int64)
+    slots[:num_real] = token_slots
+    order = np.argsort(slots, kind="stable")
+    sorted_slots = slots[order]
+    change = np.flatnonzero(sorted_slots[1:] != sorted_slots[:-1]) + 1
+    seg_start = np.concatenate(([0], change)) if num_tokens else change
+    seg_len = np.diff(np.append(seg_start, num_tokens))
+    seg_slot = sorted_slots[seg_start]
     if block_m is None:
-        longest = max((n for _, _, n in segments), default=1)
+        longest = int(seg_len[seg_slot >= 0].max(initial=1))
         block_m = next((b for b in _BLOCK_MS if longest <= b), _BLOCK_MS[-1])
-    tile_slot: list[int] = []
-    tile_start: list[int] = []
-    tile_len: list[int] = []
     # Tokens without an adapter come first, as tiles of slot -1: the shrink and expand skip
     # them, kernels that also apply an activation (lora_expand_silu_and_mul) cover them.
-    for slot, start, n in [(-1, 0, first), *segments]:
-        for off in range(0, n, block_m):
-            tile_slot.append(slot)
-            tile_start.append(start + off)
-            tile_len.append(min(block_m, n - off))
-    num_tiles = len(tile_slot) if max_tiles is None else max_tiles
-    if len(tile_slot) > num_tiles:
-        raise ValueError(f"{len(tile_slot)} tiles of {block_m} tokens exceed max_tiles={num_tiles}")
+    per_seg = -(-seg_len // block_m)
+    seg_of_tile = np.repeat(np.arange(len(seg_start)), per_seg)
+    tile_off = (np.arange(len(seg_of_tile)) - (np.cumsum(per_seg) - per_seg)[seg_of_tile]) * block_m
+    num_used = len(seg_of_tile)
+    num_tiles = num_used if max_tiles is None else max_tiles
+    if num_used > num_tiles:
+        raise ValueError(f"{num_used} tiles of {block_m} tokens exceed max_tiles={num_tiles}")
 
-    tile_pad = [0] * (num_tiles - len(tile_slot))
     field = _field_size(num_tokens)
-    buf = array.array("q", token_slots)  # array + frombuffer: ~4x faster than torch.tensor(list)
-    buf.extend([-1] * (field - len(token_slots)))
-    buf.extend(sorted_ids)
-    buf.extend([0] * (field - num_tokens))
-    for row in (tile_slot, tile_start, tile_len):
-        buf.extend(row)
-        buf.extend(tile_pad)
-    host = torch.frombuffer(buf, dtype=torch.long) if buf else torch.empty(0, dtype=torch.long)
+    buf = np.zeros(2 * field + 3 * num_tiles, dtype=np.int64)
+    buf[:field] = -1
+    buf[:num_real] = token_slots
+    buf[field : field + num_tokens] = order
+    tiles = buf[2 * field :].reshape(3, num_tiles)
+    tiles[0, :num_used] = seg_slot[seg_of_tile]
+    tiles[1, :num_used] = seg_start[seg_of_tile] + tile_off
+    tiles[2, :num_used] = np.minimum(block_m, seg_len[seg_of_tile] - tile_off)
+    host = torch.from_numpy(buf)
     dev = torch.device(device)
     if out is not None:
         assert out.packed is not None
@@ -246,10 +239,12 @@ def build_lora_metadata(
     meta = _views(packed, num_tokens, num_tiles, block_m, is_static=False)
     sorted_dev = meta.sorted_token_ids
     assert sorted_dev is not None
-    # One split call makes every group's view (slicing per slot costs a call each).
-    sizes = [n for _, _, n in segments]
+    # One split call makes every adapter's group a view (slicing per slot costs a call each).
+    adapter = seg_slot >= 0
+    first = int(seg_start[adapter][0]) if adapter.any() else num_tokens
+    sizes = seg_len[adapter].tolist()
     views = sorted_dev[first:].split(sizes) if sizes else ()
-    meta.groups = [(slot, v) for (slot, _, _), v in zip(segments, views, strict=True)]
+    meta.groups = list(zip(seg_slot[adapter].tolist(), views, strict=True))
     return meta
 
 

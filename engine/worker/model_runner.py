@@ -448,7 +448,7 @@ class ModelRunner:
     def _lora_metadata(self, p: PackedInputs) -> LoRAMetadata | None:
         if p.token_slots_lora is None:
             return None
-        return lora_layers.build_lora_metadata(p.token_slots_lora.tolist(), self.device)
+        return lora_layers.build_lora_metadata(p.token_slots_lora, self.device)
 
     def _load_graph_inputs(self, p: PackedInputs, uses_lora: bool) -> torch.Tensor:
         """Copy the packed step into the graph's static buffers; returns the logits rows."""
@@ -481,7 +481,7 @@ class ModelRunner:
 
     def _copy_static_lora(self, token_slots: np.ndarray, static: LoRAMetadata) -> None:
         # One host-to-device copy into the graph's buffers (build_lora_metadata's `out=`).
-        lora_layers.build_lora_metadata(token_slots.tolist(), self.device, out=static)
+        lora_layers.build_lora_metadata(token_slots, self.device, out=static)
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
