@@ -13,6 +13,12 @@ y rows, B's rows and the split-K planes of h are all in flight together. The ran
 unrolled (``R`` is a compile-time constant) and masked at the (slot, slice) rank read from
 ``lora_ranks``: a rank-8 adapter among rank-64 ones reads 8 columns of B, and a slice the
 adapter skips (rank 0) costs one load.
+
+``lora_expand_silu_and_mul`` is the expand of a [gate, up] layer fused with the SiLU·mul
+that follows it: it reads the base output, adds both slices' deltas in registers and writes
+only the activation, covering the tokens without an adapter through their tiles of slot -1.
+The two kernels share ``_operands`` and ``_dot``, so the fused one rounds exactly as the
+expand followed by the model's SiLU kernel does.
 """
 
 from __future__ import annotations
