@@ -56,7 +56,7 @@ from broker.registry import AdapterRegistry
 from engine.errors import EngineDead, InvalidRequest, LoRAStreamError
 from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("lorastream.broker")
 
@@ -629,7 +629,7 @@ class Service:
                     _Out(job.req.id, job.req.reply_to, job, finished=True, finish_reason="length"),
                 )
                 return
-            seen_tokens = seen_text = 0
+            completion_tokens = 0  # the engine sends deltas (output_kind DELTA)
             last: RequestOutput | None = None
             # A delta the publisher had no room for. The engine stream is drained every step
             # regardless, so a slow or absent Redis costs one growing delta per request here
@@ -646,23 +646,17 @@ class Service:
                     async for out in stream:
                         last = out
                         c = out.outputs[0]
-                        delta = _Out(
-                            job.req.id,
-                            job.req.reply_to,
-                            job,
-                            c.token_ids[seen_tokens:],
-                            c.text[seen_text:],
-                        )
+                        delta = _Out(job.req.id, job.req.reply_to, job, c.token_ids, c.text)
                         if c.logprobs is not None:
-                            delta.logprobs = logprobs_to_wire(c.logprobs[seen_tokens:])
-                        seen_tokens, seen_text = len(c.token_ids), len(c.text)
+                            delta.logprobs = logprobs_to_wire(c.logprobs)
+                        completion_tokens += len(c.token_ids)
                         self._observe_latency(job, out, len(delta.token_ids))
                         if out.finished or out.error is not None:
                             delta.finished, delta.finish_reason = True, c.finish_reason or "error"
                             if out.error is not None:
                                 delta.error = (out.error.code, out.error.message, None)
                                 delta.finish_reason = "error"
-                            delta.usage = self._usage(job, out, resumed)
+                            delta.usage = self._usage(job, out, resumed, completion_tokens)
                             await self._finish(job, _merged(pending, delta))
                             return
                         if delta.token_ids or delta.text:
@@ -678,7 +672,9 @@ class Service:
                 final = _Out(
                     job.req.id, job.req.reply_to, job, finished=True, finish_reason="abort"
                 )
-                final.usage = self._usage(job, last, resumed) if last is not None else None
+                final.usage = (
+                    self._usage(job, last, resumed, completion_tokens) if last is not None else None
+                )
                 await self._finish(job, _merged(pending, final))
         except EngineDead as e:
             self._fatal = e
@@ -718,7 +714,10 @@ class Service:
         self._notify()
 
     def _engine_inputs(self, job: _Job) -> tuple[Any, SamplingParams]:
-        req, params = job.req, job.params
+        req = job.req
+        # Deltas: what the reply stream publishes, without a copy of everything so far
+        # being built for every request at every step.
+        params = dataclasses.replace(job.params, output_kind=RequestOutputKind.DELTA)
         if req.messages is not None:
             tok = self.engine.engine.tokenizer
             if getattr(tok, "chat_template", None) is None:
@@ -751,11 +750,13 @@ class Service:
         )
         return {"prompt_token_ids": base + job.resumed_tokens}, params
 
-    def _usage(self, job: _Job, out: RequestOutput, resumed: int) -> dict[str, float]:
+    def _usage(
+        self, job: _Job, out: RequestOutput, resumed: int, completion_tokens: int
+    ) -> dict[str, float]:
         m = out.metrics
         usage: dict[str, float] = {
             "prompt_tokens": len(out.prompt_token_ids) - resumed,
-            "completion_tokens": resumed + len(out.outputs[0].token_ids),
+            "completion_tokens": resumed + completion_tokens,
             "queue_ms": round(max(0.0, job.intake_time * 1000 - job.entry_ms), 3),
             "deliveries": job.deliveries,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine, PromptType
 from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.usage import UsageContext
 
 
@@ -52,7 +53,10 @@ class LLM:
         for prompt, p, lora in zip(prompts, params, loras, strict=True):
             request_id = str(self._counter)
             self._counter += 1
-            engine.add_request(request_id, prompt, p, lora_request=lora)
+            # Only final outputs are kept, so none other is built (the caller's params stay
+            # as they are).
+            final_only = dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+            engine.add_request(request_id, prompt, final_only, lora_request=lora)
             ids.append(request_id)
         final: dict[str, RequestOutput] = {}
         while engine.has_unfinished_requests():

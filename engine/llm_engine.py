@@ -298,8 +298,9 @@ class LLMEngine:
         return outputs
 
     def _process(self, batches: list[EngineCoreOutputs]) -> list[RequestOutput]:
-        # One output per request per call, built once after all batches: outputs are
-        # cumulative, so a request that advanced in several core steps needs only the last.
+        # One output per request per call, built once after all batches: a request that
+        # advanced in several core steps gets one output (cumulative, or one delta of all
+        # that is new), and FINAL_ONLY requests none until they finish.
         touched: dict[str, RequestState] = {}
         for batch in batches:
             t0 = time.perf_counter()
@@ -313,7 +314,8 @@ class LLMEngine:
             if self.stat_loggers:
                 self._record_stats(batch.stats, processed.finished, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        outputs = [self.output_processor.make_output(s) for s in touched.values()]
+        made = (self.output_processor.make_output(s) for s in touched.values())
+        outputs = [out for out in made if out is not None]
         self._front_s += time.perf_counter() - t0
         return outputs
 

@@ -16,6 +16,7 @@ from engine.core_messages import EngineCoreOutputs
 from engine.errors import LoRAStreamError
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling.detokenizer import IncrementalDetokenizer
+from engine.sampling_params import RequestOutputKind
 from engine.sequence import Request
 
 
@@ -28,7 +29,12 @@ class RequestState:
     arrival_time: float
     detokenizer: IncrementalDetokenizer
     logprobs: list[dict[int, float]] | None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     output_token_ids: list[int] = field(default_factory=list)
+    # What earlier DELTA outputs held: token ids, characters of text, logprobs entries.
+    sent_tokens: int = 0
+    sent_text: int = 0
+    sent_logprobs: int = 0
     first_token_time: float | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -64,6 +70,7 @@ class OutputProcessor:
             arrival_time=request.arrival_time,
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params),
             logprobs=[] if params.logprobs is not None else None,
+            output_kind=params.output_kind,
         )
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[RequestOutput]:
@@ -73,7 +80,9 @@ class OutputProcessor:
             state = self.states.pop(request_id, None)
             if state is not None:
                 state.finish_reason = "abort"
-                outputs.append(self.make_output(state))
+                out = self.make_output(state)
+                assert out is not None  # finished: every kind gives an output
+                outputs.append(out)
         return outputs
 
     def process_outputs(self, batch: EngineCoreOutputs) -> ProcessedOutputs:
@@ -124,13 +133,33 @@ class OutputProcessor:
                 del states[request_id]
         return result
 
-    def make_output(self, state: RequestState) -> RequestOutput:
+    def make_output(self, state: RequestState) -> RequestOutput | None:
+        """The request's output now, as its ``output_kind`` asks: None for a FINAL_ONLY
+        request that is still running."""
+        kind = state.output_kind
+        if kind == RequestOutputKind.FINAL_ONLY and not state.finished:
+            return None
+        det = state.detokenizer
+        if kind == RequestOutputKind.DELTA:
+            # Only what is new: no copy of everything so far, whatever the length.
+            text = det.text_since(state.sent_text)
+            token_ids = state.output_token_ids[state.sent_tokens :]
+            logprobs = None
+            if state.logprobs is not None:
+                logprobs = state.logprobs[state.sent_logprobs :]
+                state.sent_logprobs = len(state.logprobs)
+            state.sent_text += len(text)
+            state.sent_tokens = len(state.output_token_ids)
+        else:
+            text = det.output_text
+            token_ids = list(state.output_token_ids)
+            logprobs = list(state.logprobs) if state.logprobs is not None else None
         completion = CompletionOutput(
             index=0,
-            text=state.detokenizer.output_text,
-            token_ids=list(state.output_token_ids),
+            text=text,
+            token_ids=token_ids,
             finish_reason=state.finish_reason,
-            logprobs=list(state.logprobs) if state.logprobs is not None else None,
+            logprobs=logprobs,
             stop_reason=state.stop_reason,
         )
         metrics = {"arrival_time": state.arrival_time}

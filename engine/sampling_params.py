@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidSamplingParams
 
 _MAX_LOGPROBS = 20
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each ``RequestOutput`` of a request holds, as vLLM names it."""
+
+    CUMULATIVE = 0
+    """Everything so far: the token ids and text since the start (the default)."""
+    DELTA = 1
+    """Only what is new since the request's previous output."""
+    FINAL_ONLY = 2
+    """No output until the request finishes, then everything (``LLM.generate`` uses it)."""
 
 
 @dataclass
@@ -36,12 +48,15 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if _is_int(self.output_kind) and self.output_kind in RequestOutputKind._value2member_map_:
+            self.output_kind = RequestOutputKind(self.output_kind)  # an int off the wire
         self._check()
 
     def _fail(self, name: str, allowed: str) -> None:
@@ -82,6 +97,8 @@ class SamplingParams:
             self._fail("presence_penalty", "a number in [-2, 2]")
         if not _is_num(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
             self._fail("frequency_penalty", "a number in [-2, 2]")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            self._fail("output_kind", "a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY)")
 
     @property
     def greedy(self) -> bool:

@@ -101,6 +101,11 @@ class IncrementalDetokenizer:
         """The text returned so far: the concatenation of every delta."""
         return self._text[: self._num_sent]
 
+    def text_since(self, start: int) -> str:
+        """The returned text from character ``start`` on (``output_text[start:]`` without
+        copying what comes before)."""
+        return self._text[start : self._num_sent]
+
     @property
     def finished_by_stop_string(self) -> bool:
         return self.stop_reason is not None

@@ -32,7 +32,7 @@ from engine.errors import (
 from engine.lora.request import LoRARequest
 from engine.metrics import StatLogger, Stats
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 VOCAB = 1000
 
@@ -115,6 +115,8 @@ class _Req:
     out_ids: list[int] = field(default_factory=list)
     first_token_time: float | None = None
     error: LoRAStreamError | None = None
+    sent_ids: int = 0  # what earlier DELTA outputs held
+    sent_text: int = 0
 
 
 class FakeAsyncEngine:
@@ -301,13 +303,16 @@ class FakeAsyncEngine:
         logprobs = None
         if p.logprobs is not None:
             logprobs = [{t: -0.5} for t in r.out_ids]
+        ids = list(r.out_ids)
+        if p.output_kind == RequestOutputKind.DELTA:  # as the real engine: only what is new
+            ids, text = ids[r.sent_ids :], text[r.sent_text :]
+            logprobs = logprobs[r.sent_ids :] if logprobs is not None else None
+            r.sent_ids, r.sent_text = len(r.out_ids), r.sent_text + len(text)
         return RequestOutput(
             request_id=r.request_id,
             prompt=r.prompt,
             prompt_token_ids=r.prompt_ids,
-            outputs=[
-                CompletionOutput(0, text, list(r.out_ids), finish_reason=reason, logprobs=logprobs)
-            ],
+            outputs=[CompletionOutput(0, text, ids, finish_reason=reason, logprobs=logprobs)],
             finished=reason is not None,
             error=r.error,
             metrics=metrics,

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import AsyncLLMEngine, EngineArgs, LLMEngine, LoRARequest, SamplingParams
+from engine import (
+    AsyncLLMEngine,
+    EngineArgs,
+    LLMEngine,
+    LoRARequest,
+    RequestOutputKind,
+    SamplingParams,
+)
 from engine.errors import (
     AdapterCorrupt,
     AdapterNotFound,
@@ -18,6 +25,7 @@ from engine.errors import (
     AdapterShapeMismatch,
     AdapterUnsupported,
     InvalidRequest,
+    InvalidSamplingParams,
     PromptTooLong,
 )
 from engine.llm import LLM
@@ -167,6 +175,55 @@ def test_logprobs_hold_the_sampled_token(engine):
         assert max(lp.values()) == lp[tok]  # greedy: the sampled token is the most likely
 
 
+def collect(engine: LLMEngine) -> dict[str, list]:
+    """Every output of every request, in order."""
+    seen: dict[str, list] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).append(out)
+    return seen
+
+
+def test_output_kinds_delta_and_final_only_match_cumulative(engine):
+    """DELTA outputs add up to the CUMULATIVE ones (ids, text, logprobs, stop string cut);
+    FINAL_ONLY gives one output, the final one."""
+    params = {
+        kind: SamplingParams(
+            temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, output_kind=kind
+        )
+        for kind in RequestOutputKind
+    }
+    engine.add_request("probe", "Once upon a time", params[RequestOutputKind.CUMULATIVE])
+    text = collect(engine)["probe"][-1].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    for kind, p in params.items():
+        p.stop = [stop]
+        engine.add_request(kind.name, "Once upon a time", p)
+    seen = collect(engine)
+    full = seen["CUMULATIVE"][-1].outputs[0]
+    assert full.finish_reason == "stop"
+    assert len(seen["CUMULATIVE"]) > 2
+    deltas = [o.outputs[0] for o in seen["DELTA"]]
+    assert len(deltas) == len(seen["CUMULATIVE"])
+    assert [t for d in deltas for t in d.token_ids] == full.token_ids
+    assert "".join(d.text for d in deltas) == full.text
+    assert [lp for d in deltas for lp in d.logprobs or []] == full.logprobs
+    assert all(len(d.token_ids) == 1 for d in deltas)  # one new token per step, no more
+    assert deltas[-1].finish_reason == "stop"
+    assert deltas[-1].stop_reason == stop
+    (final,) = seen["FINAL_ONLY"]
+    assert final.finished
+    assert final.outputs[0] == full
+
+
+def test_output_kind_is_validated_and_read_from_ints():
+    assert SamplingParams(output_kind=1).output_kind is RequestOutputKind.DELTA
+    with pytest.raises(InvalidSamplingParams, match="output_kind"):
+        SamplingParams(output_kind="delta")  # type: ignore[arg-type]
+    with pytest.raises(InvalidSamplingParams, match="output_kind"):
+        SamplingParams(output_kind=7)  # type: ignore[arg-type]
+
+
 def test_abort_frees_everything(engine):
     engine.add_request("a", "Once upon a time", SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
@@ -208,6 +265,8 @@ def test_llm_generate_with_one_lora_request_per_prompt(tiny_model_dir):
     ]
     outs = llm.generate(["Once upon a time"] * 3, GREEDY, lora_request=loras)
     assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6, 6]
+    # generate asks the engine for final outputs only, on copies of the caller's params.
+    assert GREEDY.output_kind is RequestOutputKind.CUMULATIVE
     single = llm.generate("Once upon a time", GREEDY, lora_request=loras[1])
     assert single[0].outputs[0].token_ids == outs[1].outputs[0].token_ids
     assert outs[0].outputs[0].token_ids != outs[1].outputs[0].token_ids

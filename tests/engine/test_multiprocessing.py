@@ -20,7 +20,14 @@ from typing import Any
 
 import pytest
 
-from engine import AsyncLLMEngine, EngineArgs, LLMEngine, LoRARequest, SamplingParams
+from engine import (
+    AsyncLLMEngine,
+    EngineArgs,
+    LLMEngine,
+    LoRARequest,
+    RequestOutputKind,
+    SamplingParams,
+)
 from engine.core_messages import (
     AddRequest,
     CoreStats,
@@ -128,10 +135,13 @@ def assert_same_logprobs(got: RequestOutput, expected: RequestOutput) -> None:
 
 
 def test_messages_round_trip_without_pickle():
-    params = SamplingParams(temperature=0.5, stop=["x"], logprobs=2, seed=3)
+    params = SamplingParams(
+        temperature=0.5, stop=["x"], logprobs=2, seed=3, output_kind=RequestOutputKind.DELTA
+    )
     lora = LoRARequest("a", 1, "/p")
     add = AddRequest("7", [1, 2], params, lora, 2, 0, 12.5)
     assert decode(encode(add)) == add
+    assert decode(encode(add)).sampling_params.output_kind is RequestOutputKind.DELTA
     out = EngineCoreOutputs(
         ["7", "8"],
         [5, 6],
