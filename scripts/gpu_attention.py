@@ -3,7 +3,9 @@
 
 One layer of the llama-3.1-8b shape (32 query heads, 8 KV heads, head_dim 128, bf16,
 16-token pages scattered over the cache), decode batches at a few context lengths. For
-each (BLOCK_N, num_warps, num_stages) the kernel is checked against the float32 torch
+each cache layout (the engine's positions-then-heads, or heads first, where one head's page
+is 4 KB in a row) and each (BLOCK_N, num_warps, num_stages) the kernel is checked against
+the float32 torch
 reference once and timed with CUDA events (median of 50 launches); the K/V bytes it must
 read give the achieved bandwidth. Run on the device machine::
 
@@ -82,6 +84,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default="attention-out")
     p.add_argument("--cases", default="256x192,256x1024,64x2048,32x192")
+    p.add_argument(
+        "--layouts",
+        default="nhd,hnd",
+        help="cache layouts: nhd = [blocks, page, Hkv, Dh] (the engine's), hnd = heads first",
+    )
     args = p.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows: list[dict[str, Any]] = []
@@ -89,11 +96,20 @@ def main() -> None:
     scale = HEAD_DIM**-0.5
     for case in args.cases.split(","):
         num_seqs, context = (int(v) for v in case.split("x"))
-        q, cache, attn = decode_case(num_seqs, context, gen)
-        ref = paged_attention_reference(q.float(), cache.float(), attn, scale)
+        q, cache_nhd, attn = decode_case(num_seqs, context, gen)
+        ref = paged_attention_reference(q.float(), cache_nhd.float(), attn, scale)
         nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2
-        default = (attention_blocks(HEADS // KV_HEADS, 1)[2], *launch_config(1))
-        for block_n, warps, stages in itertools.product((16, 32, 64, 128), (2, 4, 8), (1, 2, 3, 4)):
+        default = ("nhd", attention_blocks(HEADS // KV_HEADS, 1)[2], *launch_config(1))
+        caches = {
+            "nhd": cache_nhd,
+            # Same values stored heads-first (each page of one head is 4 KB in a row), seen
+            # through the engine's [2, blocks, page, Hkv, Dh] view.
+            "hnd": cache_nhd.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4),
+        }
+        for layout, block_n, warps, stages in itertools.product(
+            args.layouts.split(","), (16, 32, 64, 128), (2, 4, 8), (1, 2, 3, 4)
+        ):
+            cache = caches[layout]
             run = functools.partial(
                 paged_attention_triton,
                 q,
@@ -109,14 +125,17 @@ def main() -> None:
                 err = ((run().float() - ref).abs().max() / ref.abs().max()).item()
                 ms = time_ms(run)
             except Exception as e:  # a config the compiler rejects (shared memory, ...)
-                rows.append({"case": case, "block_n": block_n, "error": str(e)[:200]})
+                rows.append(
+                    {"case": case, "layout": layout, "block_n": block_n, "error": str(e)[:200]}
+                )
                 continue
             row = {
                 "case": case,
+                "layout": layout,
                 "block_n": block_n,
                 "num_warps": warps,
                 "num_stages": stages,
-                "default": (block_n, warps, stages) == default,
+                "default": (layout, block_n, warps, stages) == default,
                 "ms": ms,
                 "tb_s": nbytes / ms / 1e9,
                 "rel_err": err,

@@ -432,8 +432,14 @@ def paged_attention_triton(
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    if q.stride(-1) != 1 or not kv_cache.is_contiguous():
-        raise ValueError("paged_attention_triton needs unit-stride q rows and a contiguous cache")
+    if (
+        q.stride(-1) != 1
+        or kv_cache.stride(-1) != 1
+        or kv_cache[0].stride() != kv_cache[1].stride()
+    ):
+        # Any layout of the cache's other dims works (the kernel takes their strides), e.g.
+        # heads before positions: scripts/gpu_attention.py times both.
+        raise ValueError("paged_attention_triton needs unit-stride q and cache rows, K and V alike")
     block_q, block_m, auto_block_n = attention_blocks(group, attn.max_query_len)
     block_n = auto_block_n if block_n is None else block_n
     warps, stages = launch_config(attn.max_query_len)

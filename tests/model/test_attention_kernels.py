@@ -170,6 +170,17 @@ def test_half_precision_matches_float32_reference(dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+def test_heads_before_positions_layout_gives_the_same_output():
+    """The kernel reads the cache through its strides: a cache stored [2, blocks, Hkv, page,
+    Dh] and viewed as [2, blocks, page, Hkv, Dh] gives the same result."""
+    b = make_batch(SMALL_CASES["mixed"], 4, 2, 16, 4, torch.float32, 3)
+    hnd = b.cache.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)
+    assert not hnd.is_contiguous()
+    assert torch.equal(hnd, b.cache)
+    ref = paged_attention_triton(b.q, b.cache, b.attn, 0.25)
+    assert torch.equal(paged_attention_triton(b.q, hnd, b.attn, 0.25), ref)
+
+
 def test_padding_sequences_leave_real_rows_and_cache_alone():
     b = make_batch([(5, 1), (9, 1)], 4, 2, 16, 4, torch.float32, 4, pad_tokens=3)
     before = b.cache.clone()
