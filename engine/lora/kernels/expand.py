@@ -372,6 +372,7 @@ def lora_expand_silu_and_mul(
     assert h.stride(1) == 2 * max_rank
     assert lora_b.is_contiguous()
     assert y.stride(1) == 1
+    assert lora_ranks.shape[1] == 2, lora_ranks.shape  # gate and up
     inter = width // 2
     out = torch.empty(num_tokens, inter, dtype=y.dtype, device=y.device)
     num_tiles = lora.tiles.shape[1]
