@@ -281,6 +281,9 @@ class ModelRunner:
 
         self.graphs: dict[int, _Graph] = {}
         self.graph_sizes: list[int] = []
+        # Per graph size, the token slots its static LoRA metadata holds now: a decode batch
+        # keeps its adapters from step to step, and then the metadata is not built again.
+        self._static_lora_slots: dict[int, tuple[str, bytes]] = {}
         if cuda and not config.enforce_eager:
             self._capture_graphs()
         logger.info(
@@ -466,7 +469,7 @@ class ModelRunner:
         if uses_lora and p.token_slots_lora is not None:
             static = self.graphs[b].lora
             assert static is not None
-            self._copy_static_lora(p.token_slots_lora, static)
+            self._copy_static_lora(p.token_slots_lora, static, b)
         return dev[3 * b : 3 * b + p.num_logits]
 
     # ------------------------------------------------------------------ CUDA graphs
@@ -479,9 +482,14 @@ class ModelRunner:
         meta: LoRAMetadata = allocate(num_tokens, self.config.lora.max_loras, self.device)
         return meta
 
-    def _copy_static_lora(self, token_slots: np.ndarray, static: LoRAMetadata) -> None:
-        # One host-to-device copy into the graph's buffers (build_lora_metadata's `out=`).
+    def _copy_static_lora(self, token_slots: np.ndarray, static: LoRAMetadata, size: int) -> None:
+        """Fill graph ``size``'s static LoRA metadata for ``token_slots``: one host-to-device
+        copy (build_lora_metadata's ``out=``), or none when it holds these slots already."""
+        key = (token_slots.dtype.str, token_slots.tobytes())
+        if self._static_lora_slots.get(size) == key:
+            return
         lora_layers.build_lora_metadata(token_slots, self.device, out=static)
+        self._static_lora_slots[size] = key
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
@@ -560,7 +568,7 @@ class ModelRunner:
         self._g_block_tables[:batch_size, :nb].copy_(torch.from_numpy(blocks))
         if g.lora is not None:
             slots_np = np.asarray(lora_slots if lora_slots is not None else [-1] * batch_size)
-            self._copy_static_lora(slots_np.astype(np.int64), g.lora)
+            self._copy_static_lora(slots_np.astype(np.int64), g.lora, batch_size)
         torch.cuda.synchronize(self.device)
 
 
