@@ -216,17 +216,7 @@ class MPClient:
             core_id = str(next(self._ids))
             self._to_core[request.request_id] = core_id
             self._from_core[core_id] = request.request_id
-        self._send(
-            AddRequest(
-                request_id=core_id,
-                prompt_token_ids=request.prompt_token_ids,
-                sampling_params=request.sampling_params,
-                lora_request=request.lora_request,
-                eos_token_id=request.eos_token_id,
-                priority=request.priority,
-                arrival_time=request.arrival_time,
-            )
-        )
+        self._send(AddRequest.of(request, core_id))
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         with self._id_lock:

@@ -20,9 +20,10 @@ from engine import errors
 from engine.errors import LoRAStreamError
 from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
+from engine.sequence import Request
 
 # Bumped when a message changes shape, so a mismatched core fails at start-up, not mid-run.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: SamplingParams.output_kind
 
 
 # ------------------------------------------------------------------------- front → core
@@ -37,6 +38,31 @@ class AddRequest:
     priority: int
     arrival_time: float
     """time.monotonic() in the front: one clock for every process of the host."""
+
+    @classmethod
+    def of(cls, request: Request, core_id: str) -> AddRequest:
+        """The message that hands ``request`` to the core under the core's id."""
+        return cls(
+            request_id=core_id,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling_params=request.sampling_params,
+            lora_request=request.lora_request,
+            eos_token_id=request.eos_token_id,
+            priority=request.priority,
+            arrival_time=request.arrival_time,
+        )
+
+    def to_request(self) -> Request:
+        """The core's ``Request`` for this message."""
+        return Request(
+            request_id=self.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            sampling_params=self.sampling_params,
+            lora_request=self.lora_request,
+            eos_token_id=self.eos_token_id,
+            priority=self.priority,
+            arrival_time=self.arrival_time,
+        )
 
 
 @dataclass

@@ -40,7 +40,6 @@ from engine.core_messages import (
     encode,
 )
 from engine.engine_core import EngineCore
-from engine.sequence import Request
 
 logger = logging.getLogger("lorastream.engine_core")
 
@@ -184,15 +183,7 @@ class EngineCoreProc:
     def _apply(self, message: Any) -> None:
         core = self.core
         if isinstance(message, AddRequest):
-            request = Request(
-                request_id=message.request_id,
-                prompt_token_ids=message.prompt_token_ids,
-                sampling_params=message.sampling_params,
-                lora_request=message.lora_request,
-                eos_token_id=message.eos_token_id,
-                priority=message.priority,
-                arrival_time=message.arrival_time,
-            )
+            request = message.to_request()
             try:
                 core.add_request(request)
             except Exception as e:  # the front checked what it could; the rest fails one request
