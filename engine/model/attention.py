@@ -432,11 +432,8 @@ def paged_attention_triton(
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    if (
-        q.stride(-1) != 1
-        or kv_cache.stride(-1) != 1
-        or kv_cache[0].stride() != kv_cache[1].stride()
-    ):
+    k_cache, v_cache = kv_cache[0], kv_cache[1]
+    if q.stride(-1) != 1 or kv_cache.stride(-1) != 1 or k_cache.stride() != v_cache.stride():
         # Any layout of the cache's other dims works (the kernel takes their strides), e.g.
         # heads before positions: scripts/gpu_attention.py times both.
         raise ValueError("paged_attention_triton needs unit-stride q and cache rows, K and V alike")
@@ -460,7 +457,6 @@ def paged_attention_triton(
         )
     else:
         part_acc = part_ml = out  # unused
-    k_cache, v_cache = kv_cache[0], kv_cache[1]
     # Decode: one program per sequence (and KV head); otherwise programs over the flattened
     # query blocks, each finding its sequence by binary search.
     decode = attn.max_query_len == 1
