@@ -504,6 +504,7 @@ class ModelRunner:
         self._g_block_tables = torch.zeros(
             bmax, self.max_blocks_per_seq, dtype=torch.int32, device=dev
         )
+        self._static_lora_slots.clear()  # new static buffers hold no slots yet
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.graph_sizes):
             lora = self._static_lora(b)  # all slots -1 until a step fills it

@@ -1,0 +1,134 @@
+"""A/B timings of the CUDA-graph decode step under the engine's benchmark switches.
+
+One engine with adapters (``bench.py``'s random-weight checkpoints) is built once; for each
+combination of switch values the decode graphs are captured again and the step of
+``--batch`` sequences at ``--context`` tokens, every sequence on its own adapter slot
+(``--adapters`` of them, cycled) or on none, is timed with CUDA events. The variants take
+turns for ``--rounds`` rounds, so drift of the machine (clocks, heat) falls on all of them;
+the report gives each variant's median over rounds and its ratio to the first variant.
+
+A switch is ``module:ATTRIBUTE=v1,v2`` naming a module-level flag the engine reads at call
+time, for example:
+
+    python3 scripts/gpu_decode_step.py --shape llama-3.1-8b \\
+        --switch engine.lora.layers:OVERLAP_SHRINK=1,0 --out $OUT/step
+
+Writes ``decode_step.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench  # the sibling script: checkpoints, engines, timing; puts the repo on sys.path
+
+
+def parse_switch(spec: str) -> tuple[Any, str, list[Any]]:
+    target, _, values = spec.partition("=")
+    module_name, _, attr = target.partition(":")
+    if not (module_name and attr and values):
+        raise SystemExit(f"--switch {spec!r}: expected module:ATTRIBUTE=v1,v2")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise SystemExit(f"--switch {spec!r}: {module_name} has no {attr}")
+    kind = type(getattr(module, attr))
+    parsed = [bool(int(v)) if kind is bool else kind(v) for v in values.split(",")]
+    return module, attr, parsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", default="llama-3.1-8b", choices=list(bench.tiny.SHAPES))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--context", type=int, default=192)
+    p.add_argument("--adapters", type=int, default=32, help="slots in use; 0: none")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--switch", action="append", default=[], help="module:ATTR=v1,v2")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=30, help="replays timed per round")
+    p.add_argument("--workdir", default="/tmp/lorastream-bench")
+    p.add_argument("--out", default="decode-step-out")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    switches = [parse_switch(s) for s in args.switch]
+    num_adapters = max(args.adapters, 1)
+    model_dir = bench.make_checkpoint(Path(args.workdir), args.shape, num_adapters, args.rank)
+    loras = [
+        bench.LoRARequest(path.name, i + 1, str(path))
+        for i, path in enumerate(bench.adapter_paths(model_dir, args.rank, num_adapters))
+    ]
+    engine_args = argparse.Namespace(
+        device="cuda",
+        max_num_seqs=args.batch,
+        input_len=args.context,
+        output_len=8,
+        max_num_batched_tokens=8192,
+        enforce_eager=False,
+        seed=0,
+        rank=args.rank,
+        num_adapters=num_adapters,
+    )
+    llm = bench.make_llm(model_dir, engine_args, num_adapters)
+    bench.warm_up(llm, loras, engine_args, max(num_adapters, 8))  # fills the slots
+    runner = llm.llm_engine.runner
+    slots = [i % args.adapters for i in range(args.batch)] if args.adapters else None
+
+    variants = list(itertools.product(*(values for _, _, values in switches)))
+    times: dict[tuple[Any, ...], list[float]] = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            for (module, attr, _), value in zip(switches, v, strict=True):
+                setattr(module, attr, value)
+            runner.graphs.clear()
+            torch.cuda.empty_cache()
+            runner._capture_graphs()
+            replay, _eager = runner.synthetic_decode(args.batch, args.context, slots)
+            times[v].append(1e3 * bench.time_cuda(replay, iters=args.iters))
+
+    names = [f"{m.__name__}.{a}" for m, a, _ in switches]
+    first = statistics.median(times[variants[0]])
+    rows: list[dict[str, Any]] = []
+    for v in variants:
+        med = statistics.median(times[v])
+        rows.append(
+            {
+                "switches": dict(zip(names, map(str, v), strict=True)),
+                "graph_step_ms_median": med,
+                "graph_step_ms_rounds": times[v],
+                "ratio_to_first": med / first,
+            }
+        )
+    result = {
+        "args": vars(args),
+        "versions": bench.versions(),
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_step.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"| {' | '.join(names)} | graph step ms (median) | rounds | vs first |")
+    print("|" + "---|" * (len(names) + 3))
+    for r in rows:
+        rounds = " ".join(f"{t:.3f}" for t in r["graph_step_ms_rounds"])
+        print(
+            f"| {' | '.join(r['switches'].values())} | {r['graph_step_ms_median']:.3f} "
+            f"| {rounds} | {r['ratio_to_first']:.3f} |"
+        )
+    bench.close_llm(llm)
+
+
+if __name__ == "__main__":
+    main()
