@@ -48,6 +48,18 @@ def parse_switch(spec: str) -> tuple[Any, str, list[Any]]:
     return module, attr, parsed
 
 
+def profile_replays(replay: Any, path: Path, n: int = 5) -> None:
+    """The kernels of ``n`` graph replays (CUPTI reports a graph's kernels one by one),
+    by total GPU time; divide by ``n`` for one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            replay()
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shape", default="llama-3.1-8b", choices=list(bench.tiny.SHAPES))
@@ -58,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--switch", action="append", default=[], help="module:ATTR=v1,v2")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=30, help="replays timed per round")
+    p.add_argument("--profile", action="store_true", help="kernel table of each variant's replays")
     p.add_argument("--workdir", default="/tmp/lorastream-bench")
     p.add_argument("--out", default="decode-step-out")
     args = p.parse_args(argv)
@@ -88,8 +101,10 @@ def main(argv: list[str] | None = None) -> None:
 
     variants = list(itertools.product(*(values for _, _, values in switches)))
     times: dict[tuple[Any, ...], list[float]] = {v: [] for v in variants}
-    for _ in range(args.rounds):
-        for v in variants:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for round_ in range(args.rounds):
+        for i, v in enumerate(variants):
             for (module, attr, _), value in zip(switches, v, strict=True):
                 setattr(module, attr, value)
             runner.graphs.clear()
@@ -97,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             runner._capture_graphs()
             replay, _eager = runner.synthetic_decode(args.batch, args.context, slots)
             times[v].append(1e3 * bench.time_cuda(replay, iters=args.iters))
+            if args.profile and round_ == 0:
+                profile_replays(replay, out / f"kernels_variant{i}.txt")
 
     names = [f"{m.__name__}.{a}" for m, a, _ in switches]
     first = statistics.median(times[variants[0]])
@@ -116,8 +133,6 @@ def main(argv: list[str] | None = None) -> None:
         "versions": bench.versions(),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "decode_step.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"| {' | '.join(names)} | graph step ms (median) | rounds | vs first |")
     print("|" + "---|" * (len(names) + 3))

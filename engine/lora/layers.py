@@ -32,11 +32,6 @@ FUSED_SILU = os.environ.get("LORASTREAM_LORA_FUSED_SILU", "1") != "0"
 """gate_up's expand and the SiLU in one kernel (``LoRALinear.silu_and_mul``); 0 runs them
 apart, for benchmarks. Read once, tests may assign it."""
 
-OVERLAP_SHRINK = os.environ.get("LORASTREAM_LORA_OVERLAP", "1") != "0"
-"""Run each layer's shrink on a side stream beside its base GEMM (``LoRALinear
-._base_and_shrink``); 0 runs them one after the other, for benchmarks. Read once, tests may
-assign it."""
-
 # The fused expand + SiLU runs for tiles at least this tall. On an H200 (llama-3.1-8b
 # gate_up, 32 adapters of rank 16; scripts/gpu_lora_kernels.py --fusion-only) it took
 # 250 us against 296 us for expand then SiLU on a 4096-token prefill (tiles of 32), but
@@ -105,8 +100,6 @@ class LoRALinear(nn.Module):
         # folded in), views of the stacked buffers.
         self.lora_a = [self.lora_a_stacked[:, i] for i in range(num_slices)]
         self.lora_b = [self.lora_b_stacked[:, lo:hi] for lo, hi in itertools.pairwise(offsets)]
-        # Made now, not on first use: that may fall inside a CUDA graph capture.
-        _side_stream(self.weight)
 
     def set_lora(self, slot: int, slice_idx: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """a: [r, in]; b: [out_slice, r] already multiplied by the adapter's scaling."""
@@ -124,21 +117,26 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
         # x: [T, in] -> y: [T, out]
-        if not self._has_deltas(lora):
-            return nn.functional.linear(x, self.weight, self.bias)
-        assert lora is not None
-        if not (lora.has_kernel_layout and use_triton(x)):
-            y = nn.functional.linear(x, self.weight, self.bias)
-            add_lora_reference(y, x, self.lora_a, self.lora_b, self.out_slices, lora)
-            return y
-        # Imported here: Triton decides at import whether to interpret kernels, and CPU-only
-        # installs need not have it.
-        from engine.lora.kernels.expand import lora_expand
+        y = nn.functional.linear(x, self.weight, self.bias)
+        if self._has_deltas(lora):
+            assert lora is not None
+            if lora.has_kernel_layout and use_triton(x):
+                # Imported here: Triton decides at import whether to interpret kernels, and
+                # CPU-only installs need not have it.
+                from engine.lora.kernels import add_lora
 
-        y, h = self._base_and_shrink(x, lora)
-        lora_expand(
-            y, h, self.lora_b_stacked, self.lora_ranks, self.slice_offsets, self.out_slices, lora
-        )
+                add_lora(
+                    y,
+                    x,
+                    self.lora_a_stacked,
+                    self.lora_b_stacked,
+                    self.lora_ranks,
+                    self.slice_offsets,
+                    self.out_slices,
+                    lora,
+                )
+            else:
+                add_lora_reference(y, x, self.lora_a, self.lora_b, self.out_slices, lora)
         return y
 
     def silu_and_mul(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
@@ -159,55 +157,15 @@ class LoRALinear(nn.Module):
             and ops.use_triton(x)
         ):
             from engine.lora.kernels.expand import lora_expand_silu_and_mul
+            from engine.lora.kernels.shrink import lora_shrink
 
-            y, h = self._base_and_shrink(x, lora)
+            y = nn.functional.linear(x, self.weight, self.bias)
+            h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
             return lora_expand_silu_and_mul(y, h, self.lora_b_stacked, self.lora_ranks, lora)
         return ops.silu_and_mul(self(x, lora))
 
-    def _base_and_shrink(
-        self, x: torch.Tensor, lora: LoRAMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The base output ``x · Wᵀ`` and the shrink's partial sums ``h`` (``lora_shrink``).
-
-        On CUDA the shrink runs on a side stream while the GEMM runs on the caller's: the
-        GEMM is compute-bound and at decode batch sizes leaves SMs free, the shrink only
-        streams A. Both streams join before this returns, in eager steps and in captured
-        graphs alike (a fork and a join in the graph). h is allocated on the caller's
-        stream, and x stays referenced until after the join, so the allocator never hands
-        either to other work while the side stream uses it."""
-        from engine.lora.kernels.shrink import lora_shrink, shrink_buffer
-
-        h = shrink_buffer(x, self.lora_a_stacked, lora)
-        side = _side_stream(x)
-        if side is None:
-            y = nn.functional.linear(x, self.weight, self.bias)
-            lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora, out=h)
-            return y, h
-        main = torch.cuda.current_stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora, out=h)
-        y = nn.functional.linear(x, self.weight, self.bias)
-        main.wait_stream(side)
-        return y, h
-
     def _has_deltas(self, lora: LoRAMetadata | None) -> bool:
         return lora is not None and not lora.empty and bool(self.lora_a)
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _side_stream(x: torch.Tensor) -> torch.cuda.Stream | None:
-    """The stream that runs shrinks beside the base GEMMs on x's device; None where they
-    run in order (CPU, or ``OVERLAP_SHRINK`` off)."""
-    if not (OVERLAP_SHRINK and x.is_cuda):
-        return None
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    stream = _SIDE_STREAMS.get(index)
-    if stream is None:
-        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return stream
 
 
 def use_triton(x: torch.Tensor) -> bool:

@@ -129,15 +129,13 @@ def lora_shrink(
     block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
-    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """h: [split_k, T, S * R] float32 partial sums (their sum is x · Aᵀ). Rows of tokens
     without an adapter, and columns of a (slot, slice) whose rank is 0, are left unwritten:
     ``lora_expand`` reads neither.
 
     ``split_k``, ``block_k``, ``num_warps`` and ``num_stages`` override the heuristic
-    (tests, tuning). ``out``, from ``shrink_buffer``, is written instead of a new tensor: a
-    caller launching the shrink on another stream allocates it on its own."""
+    (tests, tuning)."""
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
     num_tokens, k = x.shape
@@ -150,12 +148,8 @@ def lora_shrink(
     num_tiles = lora.tiles.shape[1]
     block_n, auto_block_k, auto_split = shrink_config(x, sr, k, num_tiles, lora.block_m)
     block_k = auto_block_k if block_k is None else block_k
-    if out is not None:
-        split_k = out.shape[0]
     split_k = auto_split if split_k is None else split_k
-    h = out if out is not None else x.new_empty(split_k, num_tokens, sr, dtype=torch.float32)
-    assert h.shape == (split_k, num_tokens, sr), h.shape
-    assert h.dtype == torch.float32, h.dtype
+    h = torch.empty(split_k, num_tokens, sr, dtype=torch.float32, device=x.device)
     if num_tiles == 0:
         return h
     dot_fp32 = (
@@ -192,12 +186,3 @@ def lora_shrink(
         num_warps=num_warps,
     )
     return h
-
-
-def shrink_buffer(x: torch.Tensor, lora_a: torch.Tensor, lora: LoRAMetadata) -> torch.Tensor:
-    """The uninitialised h that ``lora_shrink(x, lora_a, ..., lora, out=h)`` fills."""
-    assert lora.tiles is not None
-    _num_loras, num_slices, max_rank, k = lora_a.shape
-    sr = num_slices * max_rank
-    _, _, split_k = shrink_config(x, sr, k, lora.tiles.shape[1], lora.block_m)
-    return x.new_empty(split_k, x.shape[0], sr, dtype=torch.float32)
