@@ -3,15 +3,17 @@
 One engine with adapters (``bench.py``'s random-weight checkpoints) is built once; for each
 combination of switch values the decode graphs are captured again and the step of
 ``--batch`` sequences at ``--context`` tokens, every sequence on its own adapter slot
-(``--adapters`` of them, cycled) or on none, is timed with CUDA events. The variants take
+(``--adapters`` of them, cycled; 0: an engine without LoRA), is timed two ways: with CUDA
+events over replays queued back to back (GPU time), and from the host's launch to the
+synchronize, one replay at a time (what an engine step waits for). The variants take
 turns for ``--rounds`` rounds, so drift of the machine (clocks, heat) falls on all of them;
 the report gives each variant's median over rounds and its ratio to the first variant.
 
-A switch is ``module:ATTRIBUTE=v1,v2`` naming a module-level flag the engine reads at call
-time, for example:
+A switch is ``module:ATTRIBUTE=v1,v2`` naming a module-level flag the engine reads at call or
+capture time, for example:
 
     python3 scripts/gpu_decode_step.py --shape llama-3.1-8b \\
-        --switch engine.lora.layers:OVERLAP_SHRINK=1,0 --out $OUT/step
+        --switch engine.worker.model_runner:GRAPH_PIECES=1,0 --out $OUT/step
 
 Writes ``decode_step.json`` and prints a table.
 """
@@ -25,6 +27,7 @@ import json
 import logging
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,22 @@ def parse_switch(spec: str) -> tuple[Any, str, list[Any]]:
     kind = type(getattr(module, attr))
     parsed = [bool(int(v)) if kind is bool else kind(v) for v in values.split(",")]
     return module, attr, parsed
+
+
+def time_synced(fn: Any, iters: int) -> float:
+    """Median host seconds from launching ``fn`` to the GPU finishing it, one at a time: what
+    an engine step that waits for its tokens sees (``bench.time_cuda`` queues the replays
+    back to back, so it hides the launches)."""
+    for _ in range(3):
+        fn()
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def profile_replays(replay: Any, path: Path, n: int = 5) -> None:
@@ -94,13 +113,18 @@ def main(argv: list[str] | None = None) -> None:
         rank=args.rank,
         num_adapters=num_adapters,
     )
-    llm = bench.make_llm(model_dir, engine_args, num_adapters)
-    bench.warm_up(llm, loras, engine_args, max(num_adapters, 8))  # fills the slots
+    if args.adapters:
+        llm = bench.make_llm(model_dir, engine_args, num_adapters)
+        bench.warm_up(llm, loras, engine_args, max(num_adapters, 8))  # fills the slots
+    else:  # the base model, LoRA off
+        llm = bench.make_llm(model_dir, engine_args, None)
+        bench.warm_up(llm, [], engine_args, 8)
     runner = llm.llm_engine.runner
     slots = [i % args.adapters for i in range(args.batch)] if args.adapters else None
 
     variants = list(itertools.product(*(values for _, _, values in switches)))
     times: dict[tuple[Any, ...], list[float]] = {v: [] for v in variants}
+    synced: dict[tuple[Any, ...], list[float]] = {v: [] for v in variants}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for round_ in range(args.rounds):
@@ -112,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             runner._capture_graphs()
             replay, _eager = runner.synthetic_decode(args.batch, args.context, slots)
             times[v].append(1e3 * bench.time_cuda(replay, iters=args.iters))
+            synced[v].append(1e3 * time_synced(replay, iters=args.iters))
             if args.profile and round_ == 0:
                 profile_replays(replay, out / f"kernels_variant{i}.txt")
 
@@ -126,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
                 "graph_step_ms_median": med,
                 "graph_step_ms_rounds": times[v],
                 "ratio_to_first": med / first,
+                "synced_step_ms_median": statistics.median(synced[v]),
+                "synced_step_ms_rounds": synced[v],
             }
         )
     result = {
@@ -134,13 +161,18 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }
     (out / "decode_step.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| {' | '.join(names)} | graph step ms (median) | rounds | vs first |")
-    print("|" + "---|" * (len(names) + 3))
+    print(
+        f"| {' | '.join(names)} | graph step ms (median) | rounds | vs first "
+        "| launch + step + sync ms (median) | rounds |"
+    )
+    print("|" + "---|" * (len(names) + 5))
     for r in rows:
         rounds = " ".join(f"{t:.3f}" for t in r["graph_step_ms_rounds"])
+        rounds_synced = " ".join(f"{t:.3f}" for t in r["synced_step_ms_rounds"])
         print(
             f"| {' | '.join(r['switches'].values())} | {r['graph_step_ms_median']:.3f} "
-            f"| {rounds} | {r['ratio_to_first']:.3f} |"
+            f"| {rounds} | {r['ratio_to_first']:.3f} | {r['synced_step_ms_median']:.3f} "
+            f"| {rounds_synced} |"
         )
     bench.close_llm(llm)
 

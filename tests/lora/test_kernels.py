@@ -609,4 +609,3 @@ def test_cuda_graph_replays_across_adapter_changes() -> None:
         eager = lay(x[: len(slots)], build_lora_metadata(slots, DEVICE))
         # Not bit-identical: the eager step may split K differently (atomics).
         torch.testing.assert_close(y_static[: len(slots)], eager, rtol=2e-2, atol=2e-2)
-
