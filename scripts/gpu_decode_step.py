@@ -13,7 +13,7 @@ A switch is ``module:ATTRIBUTE=v1,v2`` naming a module-level flag the engine rea
 capture time, for example:
 
     python3 scripts/gpu_decode_step.py --shape llama-3.1-8b \\
-        --switch engine.worker.model_runner:GRAPH_PIECES=1,0 --out $OUT/step
+        --switch engine.lora.layers:FUSED_SILU=1,0 --out $OUT/step
 
 Writes ``decode_step.json`` and prints a table.
 """

@@ -23,14 +23,11 @@ slots go through a static ``LoRAMetadata`` when ``engine.lora.layers`` provides 
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -44,9 +41,6 @@ from engine.model.metadata import AttentionMetadata, ForwardBatch, LoRAMetadata
 from engine.outputs import SampleLogprobs
 from engine.sampling.sampler import Sampler, SamplingMetadata, SamplingRow
 from engine.sequence import Request
-
-if TYPE_CHECKING:
-    from torch.cuda import _POOL_HANDLE
 
 logger = logging.getLogger("lorastream.runner")
 
@@ -237,34 +231,9 @@ def _is_plain_greedy(req: Request) -> bool:
 # ----------------------------------------------------------------------------- runner
 
 
-# Layers per graph piece, from the first: a decode graph is captured as several graphs
-# replayed one after another. Launching a graph costs host time roughly per kernel (about
-# 2-3 us each on an H200: 0.8 ms for llama-3.1-8b's step, 1.8 ms with LoRA kernels), and
-# the GPU starts only once a launch returns; in pieces, the GPU runs the first layers while
-# the host launches the rest, so only the small first piece's launch is waited for. The
-# last size repeats.
-GRAPH_PIECE_LAYERS = (1, 2, 4, 8)
-GRAPH_PIECES = os.environ.get("LORASTREAM_GRAPH_PIECES", "1") != "0"
-"""0 captures each decode graph whole, for benchmarks. Read at capture; tests may assign it."""
-
-
-def graph_pieces(num_layers: int, sizes: Sequence[int]) -> list[int]:
-    """The layer indices after which a new graph piece starts: pieces of ``sizes[0]``,
-    ``sizes[1]``, ... layers, the last size repeating until ``num_layers``."""
-    cuts: list[int] = []
-    end = 0
-    for i in itertools.count():
-        end += sizes[min(i, len(sizes) - 1)]
-        if end >= num_layers:
-            break
-        cuts.append(end - 1)
-    return cuts
-
-
 @dataclass
 class _Graph:
-    graphs: list[torch.cuda.CUDAGraph]
-    """The forward's pieces, in order (``GRAPH_PIECE_LAYERS``)."""
+    graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # [B, D] output of the captured forward
     batch: ForwardBatch
     """The static inputs it reads (an eager forward of the same batch gives the same)."""
@@ -274,10 +243,6 @@ class _Graph:
     @property
     def uses_lora(self) -> bool:
         return self.lora is not None
-
-    def replay(self) -> None:
-        for g in self.graphs:
-            g.replay()
 
 
 class ModelRunner:
@@ -377,7 +342,7 @@ class ModelRunner:
             g = self.graphs[graph]
             logits_rows = self._load_graph_inputs(packed, g.uses_lora)
             t2 = time.perf_counter()
-            g.replay()
+            g.graph.replay()
             hidden = g.hidden
             self.timings.graph_steps += 1
         else:
@@ -560,8 +525,10 @@ class ModelRunner:
             )
             self.model(batch)  # warm-up: compiles kernels, sizes workspaces
             torch.cuda.synchronize(dev)
-            graphs, hidden = self._capture_pieces(batch, pool)
-            self.graphs[b] = _Graph(graphs, hidden, batch, lora)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model(batch)
+            self.graphs[b] = _Graph(graph, hidden, batch, lora)
         torch.cuda.synchronize(dev)
         logger.info(
             "captured %d decode graphs (batch sizes up to %d) in %.1f s",
@@ -569,37 +536,6 @@ class ModelRunner:
             bmax,
             time.perf_counter() - t0,
         )
-
-    def _capture_pieces(
-        self, batch: ForwardBatch, pool: _POOL_HANDLE
-    ) -> tuple[list[torch.cuda.CUDAGraph], torch.Tensor]:
-        """Capture one forward of ``batch`` as consecutive graphs, cut after the layers
-        ``graph_pieces`` names (a forward hook on each ends one capture and begins the
-        next). The tensors crossing a cut stay referenced by the forward until the next
-        piece has read them, and all pieces share ``pool``, so they replay correctly in
-        capture order, as ``_Graph.replay`` does."""
-        layers = self.model.model.layers
-        cuts = graph_pieces(len(layers), GRAPH_PIECE_LAYERS) if GRAPH_PIECES else []
-        graphs = [torch.cuda.CUDAGraph()]
-
-        def cut(*_: object) -> None:
-            graphs[-1].capture_end()
-            graphs.append(torch.cuda.CUDAGraph())
-            graphs[-1].capture_begin(pool=pool)
-
-        stream = torch.cuda.Stream(self.device)  # capture needs a stream other than the default
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        hooks = [layers[i].register_forward_hook(cut) for i in cuts]
-        try:
-            with torch.cuda.stream(stream):
-                graphs[0].capture_begin(pool=pool)
-                hidden = self.model(batch)
-                graphs[-1].capture_end()
-        finally:
-            for h in hooks:
-                h.remove()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        return graphs, hidden
 
     def synthetic_decode(
         self, batch_size: int, context_len: int, lora_slots: list[int] | None = None
@@ -616,7 +552,7 @@ class ModelRunner:
             with torch.inference_mode():
                 return self.model(g.batch)
 
-        return g.replay, eager
+        return g.graph.replay, eager
 
     def _fill_synthetic(
         self, batch_size: int, context_len: int, lora_slots: list[int] | None

@@ -13,14 +13,7 @@ import torch
 from engine.core.scheduler import ScheduledRequest
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
-from engine.worker import model_runner
-from engine.worker.model_runner import (
-    GRAPH_PIECE_LAYERS,
-    graph_batch_sizes,
-    graph_pieces,
-    pack_step,
-    padded_batch_size,
-)
+from engine.worker.model_runner import graph_batch_sizes, pack_step, padded_batch_size
 
 from .test_matches_peft import PROMPTS, lora_requests, make_engine, run_all
 
@@ -195,33 +188,3 @@ def test_changing_adapters_needs_no_recapture(tiny_model_dir: Path):
     )
     assert run_all(eager, [(f"a{i}", p, loras[0]) for i, p in enumerate(PROMPTS)]) == first
     assert run_all(eager, [(f"b{i}", p, loras[3]) for i, p in enumerate(PROMPTS)]) == second
-
-
-def test_graph_pieces_cut_after_growing_runs_of_layers():
-    assert graph_pieces(32, (1, 2, 4, 8)) == [0, 2, 6, 14, 22, 30]
-    assert graph_pieces(4, (1, 2, 4, 8)) == [0, 2]
-    assert graph_pieces(1, (1, 2)) == []
-    assert graph_pieces(5, (2,)) == [1, 3]
-
-
-@cuda_only
-def test_graph_in_pieces_equals_one_graph(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    """Decode graphs captured as several pieces replay to what one whole graph gives."""
-    jobs = [
-        (f"{lora.lora_name if lora else 'base'}-{i}", p, lora)
-        for i, p in enumerate(PROMPTS)
-        for lora in [None, *lora_requests(tiny_model_dir)]
-    ]
-    got = {}
-    for pieces in (True, False):
-        monkeypatch.setattr(model_runner, "GRAPH_PIECES", pieces)
-        engine = make_engine(tiny_model_dir, device="cuda", dtype="float32")
-        num_layers = len(engine.runner.model.model.layers)
-        assert all(
-            len(g.graphs)
-            == (len(graph_pieces(num_layers, GRAPH_PIECE_LAYERS)) + 1 if pieces else 1)
-            for g in engine.runner.graphs.values()
-        )
-        got[pieces] = run_all(engine, jobs, stagger=2)
-        assert engine.runner.timings.graph_steps > 0
-    assert got[True] == got[False]
