@@ -10,10 +10,10 @@ turns for ``--rounds`` rounds, so drift of the machine (clocks, heat) falls on a
 the report gives each variant's median over rounds and its ratio to the first variant.
 
 A switch is ``module:ATTRIBUTE=v1,v2`` naming a module-level flag the engine reads at call or
-capture time, for example:
+capture time (a tuple of ints is written ``64-2-2``), for example:
 
     python3 scripts/gpu_decode_step.py --shape llama-3.1-8b \\
-        --switch engine.lora.layers:FUSED_SILU=1,0 --out $OUT/step
+        --switch engine.model.attention:DECODE_LAUNCH=64-2-2,32-4-3 --out $OUT/step
 
 Writes ``decode_step.json`` and prints a table.
 """
@@ -47,8 +47,15 @@ def parse_switch(spec: str) -> tuple[Any, str, list[Any]]:
     if not hasattr(module, attr):
         raise SystemExit(f"--switch {spec!r}: {module_name} has no {attr}")
     kind = type(getattr(module, attr))
-    parsed = [bool(int(v)) if kind is bool else kind(v) for v in values.split(",")]
-    return module, attr, parsed
+
+    def parse(v: str) -> Any:
+        if kind is bool:
+            return bool(int(v))
+        if kind is tuple:  # written 64-2-2
+            return tuple(int(x) for x in v.split("-"))
+        return kind(v)
+
+    return module, attr, [parse(v) for v in values.split(",")]
 
 
 def time_synced(fn: Any, iters: int) -> float:

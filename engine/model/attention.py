@@ -131,17 +131,27 @@ def attention_blocks(group: int, max_query_len: int) -> tuple[int, int, int]:
     BLOCK_N context tokens per tile) for a batch whose longest query is ``max_query_len``.
 
     A decode program holds one token's ``group`` heads in 16 rows (the smallest tile
-    ``tl.dot`` takes); prefill programs hold 64 rows.
+    ``tl.dot`` takes); prefill programs hold 64 rows. Both read the context 64 tokens at a
+    time (``DECODE_LAUNCH`` says why for decode).
     """
     rows = 16 if max_query_len == 1 else 64
     rows = max(rows, next_pow2(group))
     block_q = max(1, rows // group)
-    return block_q, next_pow2(block_q * group), 32 if max_query_len == 1 else 64
+    return block_q, next_pow2(block_q * group), DECODE_LAUNCH[0] if max_query_len == 1 else 64
+
+
+# Decode steps' (BLOCK_N, num_warps, num_stages). On an H200 (llama-3.1-8b layer, 256
+# sequences, pages scattered; scripts/gpu_attention.py) 64-token tiles, 2 warps and 2
+# stages took 108.6 us at 192 tokens of context and 307 us at 1024, against 127.4 and 414 us
+# for the 32-token tiles, 4 warps and 3 stages used before. Read at each launch; benchmarks
+# may assign it.
+DECODE_LAUNCH = (64, 2, 2)
 
 
 def launch_config(max_query_len: int) -> tuple[int, int]:
     """(num_warps, num_stages) of the attention kernel."""
-    del max_query_len
+    if max_query_len == 1:
+        return DECODE_LAUNCH[1], DECODE_LAUNCH[2]
     return 4, 3
 
 
