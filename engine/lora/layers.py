@@ -32,6 +32,12 @@ FUSED_SILU = os.environ.get("LORASTREAM_LORA_FUSED_SILU", "1") != "0"
 """gate_up's expand and the SiLU in one kernel (``LoRALinear.silu_and_mul``); 0 runs them
 apart, for benchmarks. Read once, tests may assign it."""
 
+DELTA_INTO_GEMM = os.environ.get("LORASTREAM_LORA_DELTA_INTO_GEMM", "1") != "0"
+"""On the kernel path, the expand writes each token's delta and the base GEMM accumulates
+onto it (``LoRALinear.forward``); 0 adds the delta to the GEMM's output in place, for
+benchmarks. Layers with a bias always take the second way. Read at call time; tests and
+benchmarks may assign it."""
+
 # The fused expand + SiLU runs for tiles at least this tall. On an H200 (llama-3.1-8b
 # gate_up, 32 adapters of rank 16; scripts/gpu_lora_kernels.py --fusion-only) it took
 # 250 us against 296 us for expand then SiLU on a 4096-token prefill (tiles of 32), but
@@ -117,27 +123,30 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
         # x: [T, in] -> y: [T, out]
-        y = nn.functional.linear(x, self.weight, self.bias)
-        if self._has_deltas(lora):
-            assert lora is not None
-            if lora.has_kernel_layout and use_triton(x):
-                # Imported here: Triton decides at import whether to interpret kernels, and
-                # CPU-only installs need not have it.
-                from engine.lora.kernels import add_lora
+        if not self._has_deltas(lora):
+            return nn.functional.linear(x, self.weight, self.bias)
+        assert lora is not None
+        if not (lora.has_kernel_layout and use_triton(x)):
+            y = nn.functional.linear(x, self.weight, self.bias)
+            add_lora_reference(y, x, self.lora_a, self.lora_b, self.out_slices, lora)
+            return y
+        # Imported here: Triton decides at import whether to interpret kernels, and CPU-only
+        # installs need not have it.
+        from engine.lora.kernels.expand import lora_expand
+        from engine.lora.kernels.shrink import lora_shrink
 
-                add_lora(
-                    y,
-                    x,
-                    self.lora_a_stacked,
-                    self.lora_b_stacked,
-                    self.lora_ranks,
-                    self.slice_offsets,
-                    self.out_slices,
-                    lora,
-                )
-            else:
-                add_lora_reference(y, x, self.lora_a, self.lora_b, self.out_slices, lora)
-        return y
+        h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
+        b_args = (self.lora_b_stacked, self.lora_ranks, self.slice_offsets, self.out_slices)
+        if not (DELTA_INTO_GEMM and self.bias is None):
+            y = nn.functional.linear(x, self.weight)
+            lora_expand(y, h, *b_args, lora)
+            return y
+        # The expand writes the delta and the GEMM adds its product to it (beta = 1): y is
+        # written once and read once by the GEMM, instead of written by the GEMM, then read
+        # and written again by the expand.
+        y = x.new_empty(x.shape[0], self.out_features)
+        lora_expand(y, h, *b_args, lora, accumulate=False)
+        return y.addmm_(x, self.weight.t())
 
     def silu_and_mul(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
         """``silu(gate) * up`` of this [gate, up] layer's output, adapters applied: x [T, in]

@@ -281,6 +281,22 @@ def check_case(case: Case, seed: int = 0) -> None:
     no_lora = torch.tensor([s < 0 for s in st.token_slots], device=DEVICE)
     assert torch.equal(y[no_lora], st.y0[no_lora])
 
+    # accumulate=False writes the delta itself over whatever y held: 0 without an adapter.
+    y_store, y_zero = torch.full_like(st.y0, float("nan")), torch.zeros_like(st.y0)
+    expand_mod.lora_expand(
+        y_store,
+        planes,
+        lay.lora_b_stacked,
+        lay.lora_ranks,
+        lay.slice_offsets,
+        lay.out_slices,
+        meta,
+        accumulate=False,
+    )
+    lora_expand_reference(y_zero, h_ref, lay.lora_b_stacked, lay.lora_ranks, offsets, meta)
+    torch.testing.assert_close(y_store, y_zero, rtol=tol, atol=tol + TOL[case.dtype])
+    assert not y_store[no_lora].any()
+
     # Both kernels through add_lora against the float64 per-token loop.
     y = st.y0.clone()
     add_lora(
@@ -356,7 +372,13 @@ def test_weights_past_the_rank_are_never_read() -> None:
     assert torch.equal(y, clean)
 
 
-def test_layer_forward_uses_the_kernels_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("delta_into_gemm", [True, False])
+def test_layer_forward_uses_the_kernels_when_forced(
+    monkeypatch: pytest.MonkeyPatch, delta_into_gemm: bool
+) -> None:
+    """Both kernel paths of ``LoRALinear.forward`` (the GEMM accumulating onto the expand's
+    delta, or the expand adding to the GEMM's output) against the torch path."""
+    monkeypatch.setattr(layers, "DELTA_INTO_GEMM", delta_into_gemm)
     st = make_setup(Case(17, (8,), 4, QKV, F16, F16))
     base = torch.nn.functional.linear(st.x, st.layer.weight)
     monkeypatch.setattr(layers, "LORA_KERNELS", "torch")

@@ -105,6 +105,7 @@ def _lora_expand_kernel(
     ALIGNED: tl.constexpr,  # slice offsets and y's row stride are multiples of 8
     ROUND_H: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    STORE: tl.constexpr,  # write the delta (zeros without an adapter) instead of adding it
 ):
     pid_n = tl.program_id(0)
     pid_tile = tl.program_id(1)
@@ -128,21 +129,28 @@ def _lora_expand_kernel(
     if ALIGNED:  # lets y move in 16-byte vectors
         n_lo = tl.multiple_of(n_lo, 8)
         n_hi = tl.multiple_of(n_hi, 8)
-    if (length == 0) | (slot < 0):  # a padding tile, or tokens without an adapter
+    if length == 0:  # a padding tile of static metadata
         return
+    if not STORE:  # noqa: SIM102 (STORE is a compile-time constant, slot a runtime value)
+        if slot < 0:  # tokens without an adapter: y stays as it is
+            return
     # Token ids are issued before the rank is tested, so the two loads overlap.
     offs_m = tl.arange(0, BLOCK_M)
     row_ok = offs_m < length
     toks = tl.load(sorted_ids_ptr + start + offs_m, mask=row_ok, other=0)  # [BM] int64
-    rank = tl.load(ranks_ptr + slot * NUM_SLICES + s)
-    if rank == 0:
-        return
-
+    rank = tl.load(ranks_ptr + slot * NUM_SLICES + s, mask=slot >= 0, other=0)
     cols = n_lo + tl.arange(0, BLOCK_N)  # [BN]
     col_ok = cols < n_hi
     y_ptrs = y_ptr + toks[:, None] * stride_yt + cols[None, :] * stride_yn
     y_mask = row_ok[:, None] & col_ok[None, :]
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    if rank == 0:  # no adapter, or one that skips this slice
+        if STORE:
+            zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            tl.store(y_ptrs, zeros.to(y_ptr.dtype.element_ty), mask=y_mask)
+        return
+
+    if not STORE:
+        y = tl.load(y_ptrs, mask=y_mask, other=0.0)
     h_ptrs = h_ptr + toks[:, None] * (NUM_SLICES * R) + s * R
     b_ptrs = b_ptr + slot * N * R + cols[:, None] * R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -162,7 +170,10 @@ def _lora_expand_kernel(
             ROUND_H,
         )
         acc = _dot(acc, h, b, DOT_FP32)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+    if STORE:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def _interpreted_bf16(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -193,10 +204,14 @@ def lora_expand(
     out_slices: list[int],  # host copy of the slice widths (sizes the grid)
     lora: LoRAMetadata,
     *,
+    accumulate: bool = True,
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> None:
-    """``block_n`` and ``num_warps`` override the heuristic (tests, tuning)."""
+    """``accumulate=False`` writes the delta itself, in y's dtype: every row of y the
+    metadata covers, 0 where a token has no adapter or its adapter skips the slice, so y
+    may start uninitialised. ``block_n`` and ``num_warps`` override the heuristic (tests,
+    tuning)."""
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
     _num_loras, n, max_rank = lora_b.shape
@@ -239,6 +254,7 @@ def lora_expand(
         ALIGNED=aligned,
         ROUND_H=lora_b.dtype != torch.float32,
         DOT_FP32=lora_b.dtype == torch.float32 or _interpreted_bf16(y, lora_b.dtype),
+        STORE=not accumulate,
         num_warps=num_warps,
     )
 
