@@ -204,8 +204,12 @@ class StepLog:
     decode_steps: int = 0
     decode_step_s: float = 0.0
     decode_times: list[float] = field(default_factory=list)
+    gc_s: float = 0.0
+    gc_collections: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """Python's cyclic garbage collector during the run: pauses (seconds) and collections
+    per generation. A full (generation 2) collection walks every tracked object."""
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
         n = max(self.steps, 1)
         rest = self.step_s - self.schedule_s - self.execute_s - self.update_s
         times = sorted(self.decode_times)
@@ -219,6 +223,8 @@ class StepLog:
             "detokenize_and_outputs_ms": 1e3 * rest / n,
             "decode_step_ms_mean": 1e3 * self.decode_step_s / max(self.decode_steps, 1),
             "decode_step_ms_median": 1e3 * times[len(times) // 2] if times else 0.0,
+            "gc_ms_per_step": 1e3 * self.gc_s / n,
+            "gc_collections": list(self.gc_collections),
         }
 
 
@@ -263,6 +269,16 @@ def instrument(llm: LLM, on_step: Callable[[], None] | None = None) -> Iterator[
             rec.decode_times.append(dt)
         return out
 
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            rec.gc_s += time.perf_counter() - gc_start[0]
+            rec.gc_collections[info["generation"]] += 1
+
+    gc.callbacks.append(on_gc)
     eng.scheduler.schedule = timed(sched, "schedule_s")  # type: ignore[method-assign]
     eng.runner.execute_model = timed(execute, "execute_s")  # type: ignore[method-assign]
     eng.scheduler.update_from_output = timed(upd, "update_s")  # type: ignore[method-assign]
@@ -270,6 +286,7 @@ def instrument(llm: LLM, on_step: Callable[[], None] | None = None) -> Iterator[
     try:
         yield rec
     finally:
+        gc.callbacks.remove(on_gc)
         for name in ("schedule", "update_from_output"):
             eng.scheduler.__dict__.pop(name, None)
         eng.runner.__dict__.pop("execute_model", None)
@@ -829,8 +846,8 @@ def summarize(result: dict[str, Any]) -> None:
 def table(result: dict[str, Any]) -> str:
     lines = [
         "| config | prompts | output tok/s | elapsed s | decode step ms (median) | "
-        "host ms/step: schedule / execute / update / detok | graph steps |",
-        "|---|---|---|---|---|---|---|",
+        "host ms/step: schedule / execute / update / detok | graph steps | GC ms/step (full GCs) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     roof = [
         "",
@@ -849,20 +866,21 @@ def table(result: dict[str, Any]) -> str:
         elif c.startswith("HF"):
             lines.append(
                 f"| {c} (batch {r['batch']}, projected) | | {r['output_tok_s']:.0f} | "
-                f"{r['projected_elapsed_s']:.1f} | {r['decode_step_ms']:.1f} | | |"
+                f"{r['projected_elapsed_s']:.1f} | {r['decode_step_ms']:.1f} | | | |"
             )
         elif c.endswith("(multiprocessing)"):
             lines.append(
                 f"| {c} | {r['num_prompts']} | {r['output_tok_s']:.0f} | {r['elapsed_s']:.2f} | "
-                f"| (core process; see step_timings_ms in bench.json) | |"
+                f"| (core process; see step_timings_ms in bench.json) | | |"
             )
         elif c.startswith("error"):
-            lines.append(f"| {c} | | | | | {r['error'][:200]} | |")
+            lines.append(f"| {c} | | | | | {r['error'][:200]} | | |")
         else:
             lines.append(
                 f"| {c} | {r['num_prompts']} | {r['output_tok_s']:.0f} | {r['elapsed_s']:.2f} | "
                 f"{r['decode_step_ms_median']:.2f} | {r['schedule_ms']:.2f} / {r['execute_ms']:.2f} / "
-                f"{r['update_ms']:.2f} / {r['detokenize_and_outputs_ms']:.2f} | {r['graph_steps']} |"
+                f"{r['update_ms']:.2f} / {r['detokenize_and_outputs_ms']:.2f} | {r['graph_steps']} "
+                f"| {r['gc_ms_per_step']:.2f} ({r['gc_collections'][2]}) |"
             )
     targets = ["", "| target | value |", "|---|---|"] + [
         f"| {k} | {v:.3f} |" for k, v in result.get("targets", {}).items()
