@@ -1,4 +1,6 @@
-"""Expand: ``y[:, slice] += h · Bᵀ`` per token's adapter, in place, all slices in one launch.
+"""Expand: ``y[:, slice] += h · Bᵀ`` per token's adapter, in place, all slices in one launch;
+or, with ``accumulate=False``, ``y[:, slice] = h · Bᵀ`` (0 for tokens without an adapter),
+for a GEMM that then accumulates the base product onto it.
 
 Reference: ``engine.lora.kernels.reference.lora_expand_reference``.
 
