@@ -132,18 +132,19 @@ class LoRALinear(nn.Module):
             return y
         # Imported here: Triton decides at import whether to interpret kernels, and CPU-only
         # installs need not have it.
+        from engine.lora.kernels import add_lora
         from engine.lora.kernels.expand import lora_expand
         from engine.lora.kernels.shrink import lora_shrink
 
-        h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
         b_args = (self.lora_b_stacked, self.lora_ranks, self.slice_offsets, self.out_slices)
         if not (DELTA_INTO_GEMM and self.bias is None):
-            y = nn.functional.linear(x, self.weight)
-            lora_expand(y, h, *b_args, lora)
+            y = nn.functional.linear(x, self.weight, self.bias)
+            add_lora(y, x, self.lora_a_stacked, *b_args, lora)
             return y
         # The expand writes the delta and the GEMM adds its product to it (beta = 1): y is
         # written once and read once by the GEMM, instead of written by the GEMM, then read
         # and written again by the expand.
+        h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
         y = x.new_empty(x.shape[0], self.out_features)
         lora_expand(y, h, *b_args, lora, accumulate=False)
         return y.addmm_(x, self.weight.t())

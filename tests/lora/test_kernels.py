@@ -401,6 +401,24 @@ def test_layer_forward_uses_the_kernels_when_forced(
     torch.testing.assert_close(y_hand, y_torch)
 
 
+@pytest.mark.parametrize("delta_into_gemm", [True, False])
+def test_layer_bias_survives_the_kernel_path(
+    monkeypatch: pytest.MonkeyPatch, delta_into_gemm: bool
+) -> None:
+    """A layer with a bias (Qwen2's qkv) gives on the kernel path what the torch path gives,
+    whichever way the delta meets the GEMM."""
+    st = make_setup(Case(17, (8,), 4, QKV, F32, F32))
+    lay = st.layer
+    gen = torch.Generator().manual_seed(3)
+    bias = torch.randn(lay.out_features, generator=gen).to(DEVICE)
+    lay.bias = torch.nn.Parameter(bias, requires_grad=False)
+    monkeypatch.setattr(layers, "DELTA_INTO_GEMM", delta_into_gemm)
+    monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
+    want = lay(st.x, st.meta)
+    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
+    torch.testing.assert_close(lay(st.x, st.meta), want, rtol=1e-4, atol=1e-4)
+
+
 # ------------------------------------------------------------------------ expand + SiLU
 
 GATE_UP_PAIR = (40, 40)
