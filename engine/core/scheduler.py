@@ -63,6 +63,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -161,6 +162,9 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         """Both kept sorted by ``_order_key``; the last running request is the newest."""
+        self._running_loras: Counter[int] = Counter()
+        """Running requests per adapter id (not 0), kept with ``running``: the step's active
+        adapters without a pass over every running request."""
         self.num_preemptions = 0
         self._order_keys: dict[str, tuple[int, float, int]] = {}
         self._counter = itertools.count()
@@ -207,7 +211,7 @@ class Scheduler:
             if request is None:
                 continue
             if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
+                self._remove_running(request)
             else:
                 self.waiting.remove(request)
             self._finish(request, status)
@@ -246,7 +250,8 @@ class Scheduler:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(request, num_new):
-                victim = self.running.pop()
+                victim = self.running[-1]
+                self._remove_running(victim)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
@@ -302,6 +307,8 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.num_bypassed_steps = 0
             bisect.insort(self.running, request, key=self._order_key)
+            if lora_id:
+                self._running_loras[lora_id] += 1
             admitted.append(request)
             if lora_id:
                 active.add(lora_id)
@@ -328,7 +335,7 @@ class Scheduler:
                 request.first_token_time = time.monotonic()
             status = self._check_stop(request)
             if status is not None:
-                self.running.remove(request)
+                self._remove_running(request)
                 self._finish(request, status)
             changed.append(request)
         return changed
@@ -381,4 +388,16 @@ class Scheduler:
         return self._order_keys[request.request_id]
 
     def _active_lora_ids(self) -> frozenset[int]:
-        return frozenset(r.lora_int_id for r in self.running if r.lora_int_id)
+        return frozenset(self._running_loras)
+
+    def _remove_running(self, request: Request) -> None:
+        if request is self.running[-1]:  # preemption takes the newest: no search
+            self.running.pop()
+        else:
+            self.running.remove(request)
+        if lora_id := request.lora_int_id:
+            left = self._running_loras[lora_id] - 1
+            if left:
+                self._running_loras[lora_id] = left
+            else:
+                del self._running_loras[lora_id]

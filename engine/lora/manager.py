@@ -104,6 +104,8 @@ class LoRAManager:
         # Device level: written only by the step loop's thread (under _lock, as others read it).
         self._slot_ids: list[int | None] = [None] * lora_config.max_loras
         self._device_lru: OrderedDict[int, int] = OrderedDict()  # id -> slot, LRU first
+        # The last step's adapters and slots: a decode step usually repeats them.
+        self._last_activation: tuple[frozenset[int], dict[int, int]] | None = None
 
         self.num_disk_loads = 0
         self.load_time_s = 0.0
@@ -262,7 +264,17 @@ class LoRAManager:
         this step does not need. The scheduler admits at most ``max_loras`` distinct adapters
         per step, so more is a bug.
         """
-        ids = sorted({i for i in lora_ids if i})
+        step = frozenset(i for i in lora_ids if i)
+        last = self._last_activation
+        if (
+            last is not None
+            and last[0] == step
+            and all(self._slot_ids[slot] == i for i, slot in last[1].items())
+        ):
+            # The same adapters, all still in their slots: nothing to copy, the device LRU
+            # has them last already, and _step_ids still keeps them from eviction.
+            return last[1]
+        ids = sorted(step)
         if len(ids) > self.config.max_loras:
             raise RuntimeError(
                 f"a step uses {len(ids)} adapters ({ids}) but there are max_loras={self.config.max_loras} slots"
@@ -280,6 +292,7 @@ class LoRAManager:
         for i in ids:
             if i not in slots:
                 slots[i] = self._place(i, ids)
+        self._last_activation = (step, slots)
         return slots
 
     def _place(self, lora_id: int, step_ids: list[int]) -> int:

@@ -402,7 +402,7 @@ class ModelRunner:
         """Each scheduled sequence's adapter slot (-1: base model); None when LoRA is off."""
         if self.lora_manager is None:
             return None
-        active = {i for i in sched.active_lora_ids if i}
+        active = sched.active_lora_ids
         slots = self.lora_manager.activate(active) if active else {}
         return [slots[i] if (i := s.request.lora_int_id) else -1 for s in sched.scheduled]
 

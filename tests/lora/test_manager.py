@@ -152,6 +152,25 @@ def test_resident_adapter_keeps_its_slot(make_manager, adapters):
     assert m.get_stats().device_loads == 1
 
 
+def test_a_repeated_step_places_again_only_what_left_its_slot(make_manager, adapters):
+    # activate() answers a step with the previous step's adapters from its last mapping;
+    # that answer must not outlive an adapter removed (and added back) in between.
+    m, layers = make_manager(max_loras=2)
+    m.add_lora(req(adapters, 1))
+    m.add_lora(req(adapters, 2))
+    first = m.activate({1, 2})
+    assert m.activate({2, 1}) == first
+    assert m.get_stats().device_loads == 2
+    assert m.remove_lora(1)
+    assert slot_is_zero(layers, first[1])
+    m.add_lora(req(adapters, 1))
+    again = m.activate({1, 2})
+    assert m.get_stats().device_loads == 3
+    assert again[2] == first[2]
+    for i, s in again.items():
+        assert_slot_matches_peft(layers, s, adapters[i][1])
+
+
 def test_more_adapters_than_slots_is_an_error(make_manager, adapters):
     m, _ = make_manager(max_loras=2, max_cpu_loras=3)
     for i in (1, 2, 3):
