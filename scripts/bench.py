@@ -8,6 +8,9 @@ One command, one run, the same workload (random prompts of ``--input-len`` token
     ``max_loras=--max-loras``, under Punica's four patterns: ``distinct`` (request i uses
     adapter i mod N), ``uniform`` (uniformly random), ``skewed`` (Zipf, alpha 1.5) and
     ``identical`` (all the same adapter);
+(a) and (b) run in one process, two engines up side by side, their timed runs taking turns
+(``--repeats`` rounds of base, pattern 1, pattern 2, ...), so drift over the runs (the
+GPU's clocks fall as it heats up) falls on all of them alike.
 (c) lorastream with ``max_loras=1`` (uniform pattern; ``--max-loras-1-prompts`` prompts);
 (d) Hugging Face transformers + PEFT mixed-adapter ``generate(adapter_names=...)`` (uniform
     pattern) and plain transformers: timed on one batch of ``--hf-batch`` prompts for
@@ -103,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeats",
         type=int,
         default=1,
-        help="timed runs of the base model and of each pattern; rows keep the median run",
+        help="timed runs of the base model and of each pattern, taking turns; rows keep the "
+        "median run",
     )
     return p.parse_args(argv)
 
@@ -419,19 +423,11 @@ def run_lorastream(
     return row
 
 
-def run_repeated(
-    llm: LLM,
-    name: str,
-    prompts: list[list[int]],
-    adapters: list[int] | None,
-    loras: list[LoRARequest],
-    args: argparse.Namespace,
-) -> dict[str, Any]:
-    """``run_lorastream`` ``--repeats`` times: the row of the median run, with every run's
-    output tok/s. Host work per step varies from run to run (detokenizing alone took 2 to 7
-    ms per step on one H200 machine), so one run's ratio can be off by 10 %."""
-    runs = [run_lorastream(llm, name, prompts, adapters, loras, args) for _ in range(args.repeats)]
-    runs.sort(key=lambda r: r["output_tok_s"])
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The row of the median run (by output tok/s), with every run's output tok/s. Host work
+    per step varies from run to run (detokenizing alone took 2 to 7 ms per step on one H200
+    machine), so one run's ratio can be off by 10 %."""
+    runs = sorted(runs, key=lambda r: r["output_tok_s"])
     row = runs[len(runs) // 2]
     row["output_tok_s_runs"] = [r["output_tok_s"] for r in runs]
     return row
@@ -725,14 +721,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "bench.md").write_text(table(result) + "\n")
 
-    if not args.skip_base:
-        with section("base", rows):
-            bench_base(model_dir, prompts, loras, args, bw, rows, out)
-        free_memory()
-        save()
-    if patterns:
-        with section("adapters", rows):
-            bench_patterns(model_dir, prompts, loras, patterns, args, bw, rows, out, save)
+    if patterns or not args.skip_base:
+        with section("base and adapters", rows):
+            bench_side_by_side(model_dir, prompts, loras, patterns, args, bw, rows, out, save)
         free_memory()
         save()
     if args.multiprocessing:
@@ -766,26 +757,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def bench_base(
-    model_dir: Path,
-    prompts: list[list[int]],
-    loras: list[LoRARequest],
-    args: argparse.Namespace,
-    bw: float,
-    rows: list[dict[str, Any]],
-    out: Path,
-) -> None:
-    llm = make_llm(model_dir, args, None)
-    warm_up(llm, [], args, len(prompts))
-    rows.append(run_repeated(llm, "lorastream base", prompts, None, loras, args))
-    prof = out / "profile" / "decode_kernels_base.txt" if args.profile else None
-    with section("roofline base", rows):
-        if (r := roofline_row(llm, "base", args, bw, None, prof)) is not None:
-            rows.append(r)
-    close_llm(llm)
-
-
-def bench_patterns(
+def bench_side_by_side(
     model_dir: Path,
     prompts: list[list[int]],
     loras: list[LoRARequest],
@@ -796,25 +768,54 @@ def bench_patterns(
     out: Path,
     save: Callable[[], None],
 ) -> None:
-    llm = make_llm(model_dir, args, args.max_loras)
-    warm_up(llm, loras, args, len(prompts))
-    for pattern in patterns:
-        adapters = assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
-        warm_up(llm, loras, args, len(prompts), adapters, add=False)
-        rows.append(run_repeated(llm, f"lorastream {pattern}", prompts, adapters, loras, args))
+    """(a) base and (b) each pattern, ``--repeats`` timed runs each, taking turns: base,
+    pattern 1, pattern 2, ..., base, ... Two engines (one without LoRA, one with it) stay
+    up side by side, so whatever drifts over the runs (the GPU's clocks fall as it heats
+    up, host noise) falls on every configuration alike instead of on whichever runs last.
+    Each row is its configuration's median run. Then one roofline row per engine."""
+    engines: dict[str, LLM] = {}
+    try:
+        if not args.skip_base:
+            engines["base"] = make_llm(model_dir, args, None)
+            warm_up(engines["base"], [], args, len(prompts))
+        assignments: dict[str, list[int] | None] = {} if args.skip_base else {"base": None}
+        if patterns:
+            engines["lora"] = make_llm(model_dir, args, args.max_loras)
+            warm_up(engines["lora"], loras, args, len(prompts))
+            for pattern in patterns:
+                assigned = assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
+                warm_up(engines["lora"], loras, args, len(prompts), assigned, add=False)
+                assignments[pattern] = assigned
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in assignments}
+        for _ in range(args.repeats):
+            for name, adapters in assignments.items():
+                llm = engines["base" if adapters is None else "lora"]
+                runs[name].append(
+                    run_lorastream(llm, f"lorastream {name}", prompts, adapters, loras, args)
+                )
+        rows.extend(median_row(r) for r in runs.values())
         save()
-    # Roofline with every slot in use, tokens spread over them (the distinct pattern).
-    slots = [i % args.max_loras for i in range(args.max_num_seqs)]
-    prof = out / "profile" / "decode_kernels_lora.txt" if args.profile else None
-    with section("roofline adapters", rows):
-        name = f"{args.max_loras} adapters"
-        if (r := roofline_row(llm, name, args, bw, slots, prof)) is not None:
-            rows.append(r)
-    if args.profile:  # an extra, untimed run: the profiler slows the steps it records
-        with section("profile", rows):
-            adapters = assign_adapters(patterns[0], len(prompts), args.num_adapters, args.seed)
-            run_lorastream(llm, "profile", prompts, adapters, loras, args, out / "profile")
-    close_llm(llm)
+        profile_dir = out / "profile"
+        if "base" in engines:
+            prof = profile_dir / "decode_kernels_base.txt" if args.profile else None
+            with section("roofline base", rows):
+                if (r := roofline_row(engines["base"], "base", args, bw, None, prof)) is not None:
+                    rows.append(r)
+        if "lora" in engines:
+            # Every slot in use, tokens spread over them (the distinct pattern).
+            slots = [i % args.max_loras for i in range(args.max_num_seqs)]
+            prof = profile_dir / "decode_kernels_lora.txt" if args.profile else None
+            with section("roofline adapters", rows):
+                name = f"{args.max_loras} adapters"
+                if (r := roofline_row(engines["lora"], name, args, bw, slots, prof)) is not None:
+                    rows.append(r)
+            if args.profile:  # an extra, untimed run: the profiler slows the steps it records
+                with section("profile", rows):
+                    llm, first = engines["lora"], assignments[patterns[0]]
+                    run_lorastream(llm, "profile", prompts, first, loras, args, profile_dir)
+    finally:
+        for llm in engines.values():
+            close_llm(llm)
 
 
 def summarize(result: dict[str, Any]) -> None:
