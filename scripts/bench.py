@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import math
@@ -109,7 +110,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="timed runs of the base model and of each pattern, taking turns; rows keep the "
         "median run",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR=VALUE",
+        help="assign an engine setting before anything runs, e.g. "
+        "engine.lora.kernels.expand:SILU_LAUNCH=128-8-4-2",
+    )
     return p.parse_args(argv)
+
+
+def parse_switch(spec: str) -> tuple[Any, str, list[Any]]:
+    """``module:ATTRIBUTE=v1,v2`` -> (module, attribute, values): a module-level flag or
+    launch setting the engine reads at call or capture time, values parsed as its current
+    value's type (bool as 0/1, a tuple of ints written ``64-2-2``)."""
+    target, _, values = spec.partition("=")
+    module_name, _, attr = target.partition(":")
+    if not (module_name and attr and values):
+        raise SystemExit(f"{spec!r}: expected module:ATTRIBUTE=v1,v2")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise SystemExit(f"{spec!r}: {module_name} has no {attr}")
+    kind = type(getattr(module, attr))
+
+    def parse(v: str) -> Any:
+        if kind is bool:
+            return bool(int(v))
+        if kind is tuple:  # written 64-2-2
+            return tuple(int(x) for x in v.split("-"))
+        return kind(v)
+
+    return module, attr, [parse(v) for v in values.split(",")]
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -700,6 +732,11 @@ def versions() -> dict[str, str]:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for spec in args.set:
+        module, attr, values = parse_switch(spec)
+        if len(values) != 1:
+            raise SystemExit(f"--set {spec!r}: one value")
+        setattr(module, attr, values[0])
     model_dir = make_checkpoint(Path(args.workdir), args.shape, args.num_adapters, args.rank)
     loras = [
         LoRARequest(p.name, i + 1, str(p))

@@ -21,7 +21,6 @@ Writes ``decode_step.json`` and prints a table.
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import logging
@@ -36,26 +35,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench  # the sibling script: checkpoints, engines, timing; puts the repo on sys.path
-
-
-def parse_switch(spec: str) -> tuple[Any, str, list[Any]]:
-    target, _, values = spec.partition("=")
-    module_name, _, attr = target.partition(":")
-    if not (module_name and attr and values):
-        raise SystemExit(f"--switch {spec!r}: expected module:ATTRIBUTE=v1,v2")
-    module = importlib.import_module(module_name)
-    if not hasattr(module, attr):
-        raise SystemExit(f"--switch {spec!r}: {module_name} has no {attr}")
-    kind = type(getattr(module, attr))
-
-    def parse(v: str) -> Any:
-        if kind is bool:
-            return bool(int(v))
-        if kind is tuple:  # written 64-2-2
-            return tuple(int(x) for x in v.split("-"))
-        return kind(v)
-
-    return module, attr, [parse(v) for v in values.split(",")]
 
 
 def time_synced(fn: Any, iters: int) -> float:
@@ -102,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    switches = [parse_switch(s) for s in args.switch]
+    switches = [bench.parse_switch(s) for s in args.switch]
     num_adapters = max(args.adapters, 1)
     model_dir = bench.make_checkpoint(Path(args.workdir), args.shape, num_adapters, args.rank)
     loras = [
