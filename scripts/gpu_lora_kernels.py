@@ -384,16 +384,10 @@ def run_fusion(out: Path, results: dict[str, Any]) -> None:
             "expand_then_silu_us": timed([functools.partial(unfused, k, h) for k, h in pairs]),
             "fused_us": timed([functools.partial(fused, k, h) for k, h in pairs]),
         }
-        for bn, nw in itertools.product((128, 256, 512), (4, 8)):
+        for bn, nw in itertools.product((64, 128, 256, 512), (4, 8)):
             row[f"fused_bn{bn}_w{nw}_us"] = timed(
                 [functools.partial(fused, k, h, block_n=bn, num_warps=nw) for k, h in pairs]
             )
-        if not graphs:  # column blocks per program and pipeline stages (SILU_LAUNCH)
-            for bn, nw, cols, st in itertools.product((64, 128), (4, 8), (1, 2, 4, 8), (1, 2, 3)):
-                kw = {"block_n": bn, "num_warps": nw, "cols": cols, "num_stages": st}
-                row[f"fused_bn{bn}_w{nw}_c{cols}_s{st}_us"] = timed(
-                    [functools.partial(fused, k, h, **kw) for k, h in pairs]
-                )
         rows.append(row)
         print(scen, {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
         results["fusion"] = rows
