@@ -307,10 +307,9 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             request.num_bypassed_steps = 0
             bisect.insort(self.running, request, key=self._order_key)
-            if lora_id:
-                self._running_loras[lora_id] += 1
             admitted.append(request)
             if lora_id:
+                self._running_loras[lora_id] += 1
                 active.add(lora_id)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new

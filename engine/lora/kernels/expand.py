@@ -402,7 +402,7 @@ def lora_expand_silu_and_mul(
     # 64, with 8 warps. On an H200 (scripts/gpu_lora_kernels.py --fusion-only, a 4096-token
     # prefill of llama-3.1-8b's gate_up, 32 adapters of rank 16) 64 columns took 228 us
     # against 252 us for 128 and 298 us for 256; looping a program over 2 to 8 column
-    # blocks, pipelined or not, took 236-345 us.
+    # blocks, pipelined or not, took 236-482 us.
     auto_block_n, block_r, _ = expand_config(max_rank, lora.block_m, inter)
     block_n = max(16, min(auto_block_n // 2, 64)) if block_n is None else block_n
     num_warps = 8 if num_warps is None else num_warps
