@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="MODULE:ATTR=VALUE",
         help="assign an engine setting before anything runs, e.g. "
-        "engine.lora.kernels.expand:SILU_LAUNCH=128-8-4-2",
+        "engine.model.attention:DECODE_LAUNCH=64-2-2",
     )
     return p.parse_args(argv)
 
@@ -833,23 +833,22 @@ def bench_side_by_side(
         rows.extend(median_row(r) for r in runs.values())
         save()
         profile_dir = out / "profile"
-        if "base" in engines:
-            prof = profile_dir / "decode_kernels_base.txt" if args.profile else None
-            with section("roofline base", rows):
-                if (r := roofline_row(engines["base"], "base", args, bw, None, prof)) is not None:
+        # The adapters' step with every slot in use, tokens spread over them (the distinct
+        # pattern).
+        all_slots = [i % args.max_loras for i in range(args.max_num_seqs)]
+        roofs = (("base", "base", None), ("lora", f"{args.max_loras} adapters", all_slots))
+        for key, name, slots in roofs:
+            if key not in engines:
+                continue
+            prof = profile_dir / f"decode_kernels_{key}.txt" if args.profile else None
+            with section(f"roofline {name}", rows):
+                if (r := roofline_row(engines[key], name, args, bw, slots, prof)) is not None:
                     rows.append(r)
-        if "lora" in engines:
-            # Every slot in use, tokens spread over them (the distinct pattern).
-            slots = [i % args.max_loras for i in range(args.max_num_seqs)]
-            prof = profile_dir / "decode_kernels_lora.txt" if args.profile else None
-            with section("roofline adapters", rows):
-                name = f"{args.max_loras} adapters"
-                if (r := roofline_row(engines["lora"], name, args, bw, slots, prof)) is not None:
-                    rows.append(r)
-            if args.profile:  # an extra, untimed run: the profiler slows the steps it records
-                with section("profile", rows):
-                    llm, first = engines["lora"], assignments[patterns[0]]
-                    run_lorastream(llm, "profile", prompts, first, loras, args, profile_dir)
+        if args.profile and "lora" in engines:
+            # An extra, untimed run: the profiler slows the steps it records.
+            with section("profile", rows):
+                llm, first = engines["lora"], assignments[patterns[0]]
+                run_lorastream(llm, "profile", prompts, first, loras, args, profile_dir)
     finally:
         for llm in engines.values():
             close_llm(llm)
