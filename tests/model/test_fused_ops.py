@@ -7,9 +7,10 @@ small sizes; with ``LORASTREAM_TEST_CUDA=1`` on a CUDA device they are compiled,
 Where results may differ, and by how much: RoPE and the residual add use only products and
 sums that both sides round at the same points, so they must be bit-exact in every dtype.
 RMSNorm's float32 sum of squares is reduced in a different order than torch's and ``rsqrt``
-differs by an ulp between implementations; SiLU's ``exp`` is numpy's (interpreter) or
-libdevice's (GPU) rather than torch's. Those differences are a few float32 ulps
-(``F32_ULPS``); in half precision they show only where such an ulp straddles a rounding
+differs by an ulp between implementations; SiLU's ``exp`` and division are numpy's
+(interpreter) or the GPU's approximate ones rather than torch's. Those differences are a few
+float32 ulps (``F32_ULPS``; for SiLU on the GPU also about 2 * |gate| more, as the
+approximate ``exp`` rounds its argument ``-gate * log2(e)`` first); in half precision they show only where such an ulp straddles a rounding
 boundary of the dtype, so a rare element may differ (``HALF_MISMATCH_FRACTION``): by one
 ulp of the dtype, or two where a later multiply (by the weight, by ``up``) scales a one-ulp
 difference of the rounded intermediate into the next binade. Rounding at the wrong point (say, skipping the cast before the
@@ -81,19 +82,31 @@ def ordered_bits(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, -(bits + sign_bit), bits)
 
 
-def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Equal up to F32_ULPS on float32, and up to two ulps on a rare element in half types."""
+def assert_matches(
+    actual: torch.Tensor, expected: torch.Tensor, f32_ulps: torch.Tensor | int = F32_ULPS
+) -> None:
+    """Equal up to ``f32_ulps`` (per element, or one bound) on float32, and up to two ulps on
+    a rare element in half types."""
     assert actual.dtype == expected.dtype
     assert actual.shape == expected.shape
     assert torch.isfinite(expected).all()
     ulps = (ordered_bits(actual.cpu()) - ordered_bits(expected.cpu())).abs()
     if actual.dtype == F32:
-        assert int(ulps.max()) <= F32_ULPS, f"{int(ulps.max())} float32 ulps apart"
+        excess = ulps - torch.as_tensor(f32_ulps).cpu()
+        worst = int(excess.argmax())
+        assert int(excess.max()) <= 0, f"{int(ulps.flatten()[worst])} float32 ulps apart"
         return
     assert int(ulps.max()) <= 2, f"{int(ulps.max())} {actual.dtype} ulps apart"
     mismatched = int((ulps > 0).sum())
     allowed = 2 + HALF_MISMATCH_FRACTION[actual.dtype] * ulps.numel()
     assert mismatched <= allowed, f"{mismatched} of {ulps.numel()} elements differ"
+
+
+def silu_f32_ulps(gate_up: torch.Tensor) -> torch.Tensor:
+    """Float32 ulps allowed per element of SiLU-and-mul: F32_ULPS, plus 2 * |gate| for the
+    approximate exp, whose argument -gate * log2(e) is rounded (relative 2**-24) first."""
+    gate = gate_up[:, : gate_up.shape[1] // 2].float().abs()
+    return F32_ULPS + 2 * gate.ceil().long()
 
 
 def randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -156,14 +169,18 @@ def test_silu_and_mul_matches_reference(num_tokens: int, inter: int, dtype: torc
     gate_up = randn(num_tokens, 2 * inter, dtype=dtype, seed=inter, scale=2.0)
     out = silu_and_mul_triton(gate_up)
     assert out.shape == (num_tokens, inter)
-    assert_matches(out, ops.silu_and_mul_reference(gate_up))
+    assert_matches(out, ops.silu_and_mul_reference(gate_up), silu_f32_ulps(gate_up))
 
 
 def test_silu_and_mul_reads_a_strided_gate_up() -> None:
     # Rows of a wider buffer (a token stride larger than 2 * I).
     wide = randn(6, 300, dtype=BF16, seed=5, scale=3.0)
     gate_up = wide[:, :256]
-    assert_matches(silu_and_mul_triton(gate_up), ops.silu_and_mul_reference(gate_up))
+    assert_matches(
+        silu_and_mul_triton(gate_up),
+        ops.silu_and_mul_reference(gate_up),
+        silu_f32_ulps(gate_up),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -367,20 +384,22 @@ class TestRealSizesOnCuda:
         )
         return normed, residual, q, k, ops.silu_and_mul_reference(inp["gate_up"])
 
-    def check(self, got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...]) -> None:
+    def check(
+        self, got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], gate_up: torch.Tensor
+    ) -> None:
         normed, residual, q, k, act = got
         ref_normed, ref_residual, ref_q, ref_k, ref_act = ref
         assert torch.equal(residual, ref_residual)
         assert torch.equal(q, ref_q)
         assert torch.equal(k, ref_k)
         assert_matches(normed, ref_normed)
-        assert_matches(act, ref_act)
+        assert_matches(act, ref_act, silu_f32_ulps(gate_up))
 
     @pytest.mark.parametrize("dtype", DTYPES)
     def test_llama_8b_sizes_match_reference(self, dtype: torch.dtype) -> None:
         inp = self.layer_inputs(dtype, seed=0)
         ref = self.reference(inp)  # before layer_ops rotates qkv in place
-        self.check(self.layer_ops(inp), ref)
+        self.check(self.layer_ops(inp), ref, inp["gate_up"])
 
     def test_cuda_graph_replays_on_new_inputs(self) -> None:
         static = self.layer_inputs(BF16, seed=10)
@@ -396,7 +415,7 @@ class TestRealSizesOnCuda:
                 static[name].copy_(tensor)
             graph.replay()
             torch.cuda.synchronize()
-            self.check(outputs, ref)
+            self.check(outputs, ref, fresh["gate_up"])
 
     def test_token_count_compiles_no_new_kernels(self) -> None:
         def compiled_variants() -> dict[str, int]:
