@@ -309,30 +309,37 @@ def run_bench(out: Path, results: dict[str, Any], quick: bool) -> None:
         (out / "results.json").write_text(json.dumps(results, indent=1))
 
 
-def sweep_case(scen: str, lname: str, block_m: int, rng: random.Random) -> list[dict[str, Any]]:
+def sweep_case(
+    scen: str, lname: str, block_m: int, rng: random.Random, shrink: bool = True
+) -> list[dict[str, Any]]:
     c = Case.make(lname, scen, [16], 16, rng, block_m=block_m)
     h = c.shrink()
     rows: list[dict[str, Any]] = []
     key = {"scenario": scen, "layer": lname, "block_m": block_m}
     splits = (4, 8, 16, 32) if scen.startswith("decode") else (1, 2)
-    for sk, bk, ns in itertools.product(splits, (64, 128, 256), (3, 4)):
+    for sk, bk, ns in itertools.product(splits, (64, 128, 256), (3, 4)) if shrink else ():
         us = bench(lambda sk=sk, bk=bk, ns=ns: c.shrink(split_k=sk, block_k=bk, num_stages=ns))
         rows.append(
             {**key, "kernel": "shrink", "split_k": sk, "block_k": bk, "stages": ns, "us": us}
         )
-    for bn, nw in itertools.product((128, 256, 512, 1024), (4, 8)):
-        us = bench(lambda bn=bn, nw=nw: c.expand(h, block_n=bn, num_warps=nw))
-        rows.append({**key, "kernel": "expand", "block_n": bn, "num_warps": nw, "us": us})
+    # The engine's expand writes the delta for the GEMM to add onto (accumulate=False); the
+    # in-place add serves layers with a bias.
+    for bn, nw, acc in itertools.product((128, 256, 512, 1024), (4, 8), (False, True)):
+        us = bench(
+            lambda bn=bn, nw=nw, acc=acc: c.expand(h, block_n=bn, num_warps=nw, accumulate=acc)
+        )
+        kernel = "expand" if acc else "expand_store"
+        rows.append({**key, "kernel": kernel, "block_n": bn, "num_warps": nw, "us": us})
     return rows
 
 
-def run_sweep(out: Path, results: dict[str, Any]) -> None:
+def run_sweep(out: Path, results: dict[str, Any], shrink: bool = True) -> None:
     """Kernel parameters around the heuristic's choice, for the two target scenarios."""
     rng = random.Random(1)
     sweep: list[dict[str, Any]] = []
     for scen, lname in itertools.product(("decode", "prefill"), LAYERS):
         for bm in (16, 32) if scen == "decode" else (32, 64):
-            sweep += sweep_case(scen, lname, bm, rng)
+            sweep += sweep_case(scen, lname, bm, rng, shrink)
         results["sweep"] = sweep
         (out / "results.json").write_text(json.dumps(results, indent=1))
     best: dict[str, Any] = {}
@@ -418,8 +425,9 @@ def run_ncu_targets() -> None:
         print(scen, lname, "launched", flush=True)
 
 
-def host_costs(results: dict[str, Any]) -> None:
-    """Host microseconds per build_lora_metadata and per add_lora launch (no sync)."""
+def host_costs(results: dict[str, Any], profile_host: bool = False) -> None:
+    """Host microseconds per build_lora_metadata and per launch (no sync); with
+    ``profile_host``, a cProfile table of 200 eager forwards of a LoRA layer."""
     from engine.lora.layers import build_lora_metadata
 
     costs: dict[str, float] = {}
@@ -431,13 +439,38 @@ def host_costs(results: dict[str, Any]) -> None:
             build_lora_metadata(slots, torch.device(DEVICE))
         costs[f"build_metadata_{scen}_{len(slots)}_us"] = (time.perf_counter() - t0) / 50 * 1e6
     c = Case.make("qkv_proj", "decode", [16], 16, random.Random(3))
-    c.add_lora()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(100):
-        c.add_lora()
-    costs["add_lora_host_launch_us"] = (time.perf_counter() - t0) / 100 * 1e6
-    sync()
+    h = c.shrink()
+    calls: dict[str, Callable[[], object]] = {
+        "add_lora": c.add_lora,
+        "shrink": c.shrink,
+        "expand": functools.partial(c.expand, h),
+        "layer_forward": c.forward,
+        "base_linear": c.base,
+        "torch_empty": functools.partial(torch.empty, 256, 48, device=DEVICE),
+    }
+    for name, fn in calls.items():
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(100):
+            fn()
+        us = (time.perf_counter() - t0) / 100 * 1e6
+        costs["add_lora_host_launch_us" if name == "add_lora" else f"{name}_host_us"] = us
+        sync()
+    if profile_host:  # where a layer's eager forward spends its host time
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(200):
+            c.forward()
+        prof.disable()
+        sync()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        print(text.getvalue(), flush=True)
     if DEVICE == "cuda":
         # 32 calls in one CUDA graph, as a decode step of 32 layers replays them (L2 warm).
         g = torch.cuda.CUDAGraph()
@@ -519,12 +552,26 @@ def main() -> None:
     p.add_argument(
         "--ncu-targets", action="store_true", help="launch each kernel twice, for a profiler"
     )
+    p.add_argument(
+        "--sweep-only", action="store_true", help="only the sweep of the expand's parameters"
+    )
+    p.add_argument(
+        "--host-only", action="store_true", help="only the host costs, with a cProfile table"
+    )
     args = p.parse_args()
     if args.ncu_targets:
         run_ncu_targets()
         return
+    if args.host_only:
+        host_costs({}, profile_host=True)
+        return
     out = Path(os.environ.get("OUT", "artifacts/gpu_lora_kernels"))
     out.mkdir(parents=True, exist_ok=True)
+    if args.sweep_only:
+        swept: dict[str, Any] = {}
+        run_sweep(out, swept, shrink=False)
+        (out / "results.json").write_text(json.dumps(swept, indent=1))
+        return
     import triton
 
     results: dict[str, Any] = {
