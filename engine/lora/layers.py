@@ -49,7 +49,7 @@ FUSED_SILU_MIN_BLOCK_M = 32
 
 # Tile heights the kernels are compiled for; the smallest that holds the longest segment.
 # Not 64: on an H200, 32-token tiles ran a 4096-token prefill as fast or faster.
-_BLOCK_MS = (16, 32)
+BLOCK_MS = (16, 32)
 
 
 class LoRALinear(nn.Module):
@@ -223,7 +223,7 @@ def build_lora_metadata(
     seg_slot = sorted_slots[seg_start]
     if block_m is None:
         longest = int(seg_len[seg_slot >= 0].max(initial=1))
-        block_m = next((b for b in _BLOCK_MS if longest <= b), _BLOCK_MS[-1])
+        block_m = next((b for b in BLOCK_MS if longest <= b), BLOCK_MS[-1])
     # Tokens without an adapter come first, as tiles of slot -1: the shrink and expand skip
     # them, kernels that also apply an activation (lora_expand_silu_and_mul) cover them.
     per_seg = -(-seg_len // block_m)

@@ -36,6 +36,7 @@ from engine.config import EngineConfig
 from engine.core.scheduler import ScheduledRequest, SchedulerOutput
 from engine.lora import layers as lora_layers
 from engine.lora.manager import LoRAManager
+from engine.lora.warmup import warm_up_lora_kernels
 from engine.model.loader import load_model
 from engine.model.metadata import AttentionMetadata, ForwardBatch, LoRAMetadata
 from engine.outputs import SampleLogprobs
@@ -284,6 +285,8 @@ class ModelRunner:
         # Per graph size, the token slots its static LoRA metadata holds now: a decode batch
         # keeps its adapters from step to step, and then the metadata is not built again.
         self._static_lora_slots: dict[int, tuple[str, bytes]] = {}
+        if cuda and self.lora_manager is not None and lora_layers.LORA_KERNELS != "torch":
+            self._warm_up_lora()
         if cuda and not config.enforce_eager:
             self._capture_graphs()
         logger.info(
@@ -490,6 +493,23 @@ class ModelRunner:
             return
         lora_layers.build_lora_metadata(token_slots, self.device, out=static)
         self._static_lora_slots[size] = key
+
+    def _warm_up_lora(self) -> None:
+        """Compile the LoRA kernel variants of eager steps now, not in the first request
+        that needs each (``engine.lora.warmup``)."""
+        assert self.config.lora is not None
+        t0 = time.perf_counter()
+        launches = warm_up_lora_kernels(
+            self.model.lora_layers(),
+            self.config.scheduler.max_num_batched_tokens,
+            self.config.lora.max_loras,
+        )
+        torch.cuda.synchronize(self.device)
+        logger.info(
+            "compiled the LoRA kernels for %d launch shapes in %.1f s",
+            launches,
+            time.perf_counter() - t0,
+        )
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:

@@ -27,6 +27,8 @@ import triton.language as tl
 from engine.kernel_utils import next_pow2, num_sms
 from engine.model.metadata import LoRAMetadata
 
+SHRINK_BLOCK_K = 128
+
 
 # Triton compiles a variant per value class (== 1, divisible by 16) of each int argument;
 # these only index, so one variant serves them all.
@@ -101,22 +103,33 @@ def shrink_config(
     x: torch.Tensor, sr: int, k: int, num_tiles: int, block_m: int
 ) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K). BLOCK_N covers a slot's S * R rows of A (up to 64), so
-    A is read once per tile. K is split only when the tiles alone would not give every SM
-    a few programs (a decode step has about one tile per adapter); splitting a 4096-token
-    prefill was slower. Few distinct blocks: each is a compile."""
-    block_n = min(64, max(16, next_pow2(sr)))
-    block_k = 128
+    A is read once per tile. K is split only on a GPU (``split_k_for``). Few distinct
+    blocks: each is a compile."""
+    block_n = _block_n(sr)
+    block_k = SHRINK_BLOCK_K
     split_k = 1
     if x.is_cuda:
-        sms = num_sms(x.device.index or 0)
-        programs = max(1, num_tiles * triton.cdiv(sr, block_n))
-        # The largest power of two that keeps about three programs per SM: on an H200
-        # (132 SMs) 8 for a decode graph's 47 tiles, 2 for a prefill's 128.
-        want = 3 * sms // programs
-        if want >= 2:
-            max_split = max(1, k // (2 * block_k))  # keep at least 2 K steps per program
-            split_k = min(1 << (want.bit_length() - 1), max_split, 32)
+        split_k = split_k_for(sr, k, num_tiles, num_sms(x.device.index or 0))
     return block_n, block_k, split_k
+
+
+def _block_n(sr: int) -> int:
+    return min(64, max(16, next_pow2(sr)))
+
+
+def split_k_for(sr: int, k: int, num_tiles: int, sms: int) -> int:
+    """How many ways the shrink splits K over ``num_tiles`` tiles on ``sms`` multiprocessors:
+    only when the tiles alone would not give every SM a few programs (a decode step has
+    about one tile per adapter); splitting a 4096-token prefill was slower. The expand is
+    compiled per split (it adds the split planes in an unrolled loop)."""
+    programs = max(1, num_tiles * triton.cdiv(sr, _block_n(sr)))
+    # The largest power of two that keeps about three programs per SM: on an H200
+    # (132 SMs) 8 for a decode graph's 47 tiles, 2 for a prefill's 128.
+    want = 3 * sms // programs
+    if want < 2:
+        return 1
+    max_split = max(1, k // (2 * SHRINK_BLOCK_K))  # keep at least 2 K steps per program
+    return min(1 << (want.bit_length() - 1), max_split, 32)
 
 
 def lora_shrink(

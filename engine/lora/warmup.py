@@ -1,0 +1,67 @@
+"""Compiling the LoRA kernels before the first request needs them.
+
+Triton compiles a kernel variant the first time a launch needs it: per tile height (the
+metadata's ``block_m``), and for the expand per split of K (``SPLIT_K``, which the shrink
+picks from the step's tile count). The decode graphs compile their own variants when they
+are captured; steps that run eagerly (a prefill chunk, a batch above the largest graph)
+would compile theirs in the middle of serving, a stall of up to seconds per variant for
+every request in the step. ``warm_up_lora_kernels`` launches each variant once at start-up
+instead, on zero inputs, through the layers' own forward paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from engine.kernel_utils import num_sms
+from engine.lora import layers as lora_layers
+from engine.lora.layers import LoRALinear
+
+
+def tile_counts(sr: int, k: int, max_tiles: int, sms: int) -> list[int]:
+    """The smallest tile count, in 1..``max_tiles``, for each split of K the shrink may pick
+    for ``sr`` rows of A over ``k`` inputs: one launch per split compiles them all."""
+    first: dict[int, int] = {}
+    # Imported here: Triton is only needed where the kernels run.
+    from engine.lora.kernels.shrink import split_k_for
+
+    for tiles in range(1, max_tiles + 1):
+        first.setdefault(split_k_for(sr, k, tiles, sms), tiles)
+    return sorted(first.values())
+
+
+@torch.inference_mode()
+def warm_up_lora_kernels(
+    layers: Mapping[str, LoRALinear], max_num_tokens: int, max_loras: int
+) -> int:
+    """Launch every LoRA kernel variant an eager step of at most ``max_num_tokens`` tokens
+    over ``max_loras`` slots can launch, once per distinct layer shape. The layers' buffers
+    must exist (the LoRA manager creates them); slot 0 is used whatever it holds, and
+    nothing is written outside fresh outputs. Returns the number of (layer, metadata)
+    launches made."""
+    seen: set[tuple[object, ...]] = set()
+    launches = 0
+    for layer in layers.values():
+        if not layer.lora_a:
+            continue
+        a = layer.lora_a_stacked  # [L, S, R, K]
+        shape = (layer.in_features, tuple(layer.out_slices), layer.bias is not None, a.shape[2])
+        if shape in seen:
+            continue
+        seen.add(shape)
+        dev = layer.weight.device
+        sms = num_sms(dev.index or 0) if dev.type == "cuda" else 0
+        x = torch.zeros(1, layer.in_features, dtype=layer.weight.dtype, device=dev)
+        sr = a.shape[1] * a.shape[2]
+        gate_up = len(layer.out_slices) == 2 and layer.out_slices[0] == layer.out_slices[1]
+        for block_m in lora_layers.BLOCK_MS:
+            most = -(-max_num_tokens // block_m) + max_loras + 1
+            for tiles in tile_counts(sr, layer.in_features, most, sms):
+                meta = lora_layers.build_lora_metadata([0], dev, block_m=block_m, max_tiles=tiles)
+                layer(x, meta)
+                if gate_up:  # the MLP's path: the fused expand + SiLU for tall tiles
+                    layer.silu_and_mul(x, meta)
+                launches += 1
+    return launches
