@@ -28,6 +28,13 @@ from engine.kernel_utils import next_pow2, num_sms
 from engine.model.metadata import LoRAMetadata
 
 SHRINK_BLOCK_K = 128
+# (num_warps, num_stages) of a launch, and the programs per SM the split of K aims for: read
+# at call time, so benchmarks can switch them. On an H200 (scripts/gpu_decode_step.py
+# --switch ...:SHRINK_LAUNCH=4-3,8-3,2-3 --switch ...:PROGRAMS_PER_SM=3,6; 32 adapters)
+# the graph step took 10.370 ms with these, 10.339 with 2 warps (within the rounds'
+# spread), 10.421 with 8, and 10.475-10.690 ms aiming for 6 programs per SM.
+SHRINK_LAUNCH = (4, 3)
+PROGRAMS_PER_SM = 3
 
 
 # Triton compiles a variant per value class (== 1, divisible by 16) of each int argument;
@@ -125,7 +132,7 @@ def split_k_for(sr: int, k: int, num_tiles: int, sms: int) -> int:
     programs = max(1, num_tiles * triton.cdiv(sr, _block_n(sr)))
     # The largest power of two that keeps about three programs per SM: on an H200
     # (132 SMs) 8 for a decode graph's 47 tiles, 2 for a prefill's 128.
-    want = 3 * sms // programs
+    want = PROGRAMS_PER_SM * sms // programs
     if want < 2:
         return 1
     max_split = max(1, k // (2 * SHRINK_BLOCK_K))  # keep at least 2 K steps per program
@@ -140,8 +147,8 @@ def lora_shrink(
     *,
     split_k: int | None = None,
     block_k: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """h: [split_k, T, S * R] float32 partial sums (their sum is x · Aᵀ). Rows of tokens
     without an adapter, and columns of a (slot, slice) whose rank is 0, are left unwritten:
@@ -161,6 +168,8 @@ def lora_shrink(
     num_tiles = lora.tiles.shape[1]
     block_n, auto_block_k, auto_split = shrink_config(x, sr, k, num_tiles, lora.block_m)
     block_k = auto_block_k if block_k is None else block_k
+    num_warps = SHRINK_LAUNCH[0] if num_warps is None else num_warps
+    num_stages = SHRINK_LAUNCH[1] if num_stages is None else num_stages
     split_k = auto_split if split_k is None else split_k
     h = torch.empty(split_k, num_tokens, sr, dtype=torch.float32, device=x.device)
     if num_tiles == 0:
