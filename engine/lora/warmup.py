@@ -4,9 +4,10 @@ Triton compiles a kernel variant the first time a launch needs it: per tile heig
 metadata's ``block_m``), and for the expand per split of K (``SPLIT_K``, which the shrink
 picks from the step's tile count). The decode graphs compile their own variants when they
 are captured; steps that run eagerly (a prefill chunk, a batch above the largest graph)
-would compile theirs in the middle of serving, a stall of up to seconds per variant for
-every request in the step. ``warm_up_lora_kernels`` launches each variant once at start-up
-instead, on zero inputs, through the layers' own forward paths.
+would compile theirs in the middle of serving, stalling every request in the step (on an
+H200 with an empty Triton cache, llama-3.1-8b's 42 launch shapes took 18 s: about 0.4 s
+each). ``warm_up_lora_kernels`` launches each variant once at start-up instead, on zero
+inputs, through the layers' own forward paths.
 """
 
 from __future__ import annotations
