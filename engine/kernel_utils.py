@@ -7,6 +7,12 @@ import functools
 import torch
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side sizes. Not ``triton.cdiv``: that is a JIT function, and a
+    host call of it goes through Triton's dispatch (about 5 us each)."""
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1): Triton block sizes must be powers of two."""
     return 1 << max(0, n - 1).bit_length()

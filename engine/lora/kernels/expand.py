@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernel_utils import cdiv, next_pow2
 from engine.model.metadata import LoRAMetadata
 
 
@@ -193,7 +194,7 @@ def expand_config(max_rank: int, block_m: int, num_cols: int) -> tuple[int, int,
     block_n, num_warps = (512, 8) if block_m <= 16 else (256, 4)
     # B's block is BLOCK_N x BLOCK_R: at most 8K elements, so ranks above 16 take narrower
     # blocks (their timing on an H200 is still to be measured).
-    block_n = min(block_n, 8192 // block_r, max(16, triton.next_power_of_2(num_cols)))
+    block_n = min(block_n, 8192 // block_r, max(16, next_pow2(num_cols)))
     return block_n, block_r, num_warps
 
 
@@ -233,7 +234,7 @@ def lora_expand(
     for width in out_slices:
         offsets.append(offsets[-1] + width)
     aligned = all(o % 8 == 0 for o in offsets) and y.stride(0) % 8 == 0 and y.stride(1) == 1
-    grid = (sum(triton.cdiv(width, block_n) for width in out_slices), num_tiles)
+    grid = (sum(cdiv(width, block_n) for width in out_slices), num_tiles)
     _lora_expand_kernel[grid](
         h,
         lora_b,
@@ -409,7 +410,7 @@ def lora_expand_silu_and_mul(
     block_n = max(16, min(auto_block_n, cap)) if block_n is None else block_n
     num_warps = 8 if num_warps is None else num_warps
     aligned = inter % 8 == 0 and y.stride(0) % 8 == 0 and out.stride(0) % 8 == 0
-    grid = (triton.cdiv(inter, block_n), num_tiles)
+    grid = (cdiv(inter, block_n), num_tiles)
     _lora_expand_silu_kernel[grid](
         h,
         lora_b,

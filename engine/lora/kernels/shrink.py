@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.kernel_utils import next_pow2, num_sms
+from engine.kernel_utils import cdiv, next_pow2, num_sms
 from engine.model.metadata import LoRAMetadata
 
 SHRINK_BLOCK_K = 128
@@ -129,7 +129,7 @@ def split_k_for(sr: int, k: int, num_tiles: int, sms: int) -> int:
     only when the tiles alone would not give every SM a few programs (a decode step has
     about one tile per adapter); splitting a 4096-token prefill was slower. The expand is
     compiled per split (it adds the split planes in an unrolled loop)."""
-    programs = max(1, num_tiles * triton.cdiv(sr, _block_n(sr)))
+    programs = max(1, num_tiles * cdiv(sr, _block_n(sr)))
     # The largest power of two that keeps about three programs per SM: on an H200
     # (132 SMs) 8 for a decode graph's 47 tiles, 2 for a prefill's 128.
     want = PROGRAMS_PER_SM * sms // programs
@@ -181,9 +181,9 @@ def lora_shrink(
         # upcast is exact, as bf16 products fit in float32.
         or (not x.is_cuda and lora_a.dtype == torch.bfloat16)
     )
-    k_per_split = triton.cdiv(k, block_k * split_k) * block_k
+    k_per_split = cdiv(k, block_k * split_k) * block_k
     # Tiles are the slowest axis: the unused tiles of static metadata start last.
-    grid = (split_k, triton.cdiv(sr, block_n), num_tiles)
+    grid = (split_k, cdiv(sr, block_n), num_tiles)
     _lora_shrink_kernel[grid](
         x,
         lora_a,
