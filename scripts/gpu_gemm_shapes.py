@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gpu_lora_kernels import graph_us  # the same timing: one CUDA graph, rotating copies
 
 # llama-3.1-8b: (in_features, out_features) of each projection, and the vocabulary head.
 LAYERS = {
@@ -32,27 +33,6 @@ LAYERS = {
     "down_proj": (14336, 4096),
     "lm_head": (4096, 128256),
 }
-
-
-def graph_us(fns: list[Callable[[], object]], calls: int = 20) -> float:
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def time_layer(tokens: int, name: str, k: int, n: int) -> list[dict[str, object]]:
@@ -75,7 +55,7 @@ def time_layer(tokens: int, name: str, k: int, n: int) -> list[dict[str, object]
         torch.backends.cuda.preferred_blas_library(lib)
         row: dict[str, object] = {"tokens": tokens, "layer": name, "blas": lib}
         for form, fns in forms.items():
-            us = graph_us(fns)
+            us = graph_us(fns, calls=20)
             row[f"{form}_us"] = round(us, 2)
             if form != "copy_delta_only":
                 row[f"{form}_tflops"] = round(2 * tokens * k * n / us / 1e6, 1)
