@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from engine.kernel_utils import num_sms
+from engine.kernel_utils import cdiv, num_sms
 from engine.lora import layers as lora_layers
 from engine.lora.layers import LoRALinear
 
@@ -24,10 +24,10 @@ from engine.lora.layers import LoRALinear
 def tile_counts(sr: int, k: int, max_tiles: int, sms: int) -> list[int]:
     """The smallest tile count, in 1..``max_tiles``, for each split of K the shrink may pick
     for ``sr`` rows of A over ``k`` inputs: one launch per split compiles them all."""
-    first: dict[int, int] = {}
     # Imported here: Triton is only needed where the kernels run.
     from engine.lora.kernels.shrink import split_k_for
 
+    first: dict[int, int] = {}
     for tiles in range(1, max_tiles + 1):
         first.setdefault(split_k_for(sr, k, tiles, sms), tiles)
     return sorted(first.values())
@@ -58,7 +58,7 @@ def warm_up_lora_kernels(
         sr = a.shape[1] * a.shape[2]
         gate_up = len(layer.out_slices) == 2 and layer.out_slices[0] == layer.out_slices[1]
         for block_m in lora_layers.BLOCK_MS:
-            most = -(-max_num_tokens // block_m) + max_loras + 1
+            most = cdiv(max_num_tokens, block_m) + max_loras + 1  # tile capacity
             for tiles in tile_counts(sr, layer.in_features, most, sms):
                 meta = lora_layers.build_lora_metadata([0], dev, block_m=block_m, max_tiles=tiles)
                 layer(x, meta)
