@@ -48,6 +48,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -459,9 +460,11 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The row of the median run (by output tok/s), with every run's output tok/s. Host work
     per step varies from run to run (detokenizing alone took 2 to 7 ms per step on one H200
     machine), so one run's ratio can be off by 10 %."""
+    rounds = [r["output_tok_s"] for r in runs]  # in the order they ran
     runs = sorted(runs, key=lambda r: r["output_tok_s"])
     row = runs[len(runs) // 2]
     row["output_tok_s_runs"] = [r["output_tok_s"] for r in runs]
+    row["output_tok_s_rounds"] = rounds
     return row
 
 
@@ -854,6 +857,15 @@ def bench_side_by_side(
             close_llm(llm)
 
 
+def _round_ratios(row: dict[str, Any], base: dict[str, Any]) -> list[float]:
+    """Each round's tok/s over the base's in the same round (none unless both ran the same
+    number of rounds, more than one)."""
+    mine, theirs = row.get("output_tok_s_rounds", []), base.get("output_tok_s_rounds", [])
+    if len(mine) < 2 or len(mine) != len(theirs):
+        return []
+    return [m / t for m, t in zip(mine, theirs, strict=True)]
+
+
 def summarize(result: dict[str, Any]) -> None:
     """Ratios against the issue's targets."""
     by = {r["config"]: r for r in result["rows"]}
@@ -872,6 +884,13 @@ def summarize(result: dict[str, Any]) -> None:
             continue
         if base:
             targets[f"{pattern} / base (>= 0.90)"] = row["output_tok_s"] / base
+            # Side by side, round i of each configuration ran next to the others' round i:
+            # the ratio within a round leaves out what drifts between rounds.
+            paired = _round_ratios(row, by["lorastream base"])
+            if paired:
+                targets[f"{pattern} / base, median of the rounds' ratios"] = statistics.median(
+                    paired
+                )
         if peft:
             targets[f"{pattern} / HF PEFT (>= 50)"] = row["output_tok_s"] / peft
     for r in result["rows"]:
