@@ -5,8 +5,8 @@ One layer of the llama-3.1-8b shape (32 query heads, 8 KV heads, head_dim 128, b
 16-token pages scattered over the cache), decode batches at a few context lengths. For
 each cache layout (the engine's positions-then-heads, or heads first, where one head's page
 is 4 KB in a row) and each (BLOCK_N, num_warps, num_stages) the kernel is checked against
-the float32 torch reference once and timed with CUDA events (median of 50 launches); the K/V bytes it must
-read give the achieved bandwidth. Run on the device machine::
+the float32 torch reference once and timed with CUDA events (median of 50 launches); the
+K/V bytes it must read give the achieved bandwidth. Run on the device machine::
 
     PYTHONUNBUFFERED=1 python3 scripts/gpu_attention.py --out $OUT/attention
 

@@ -152,13 +152,18 @@ class LoRALinear(nn.Module):
         lora_expand(y, h, *b_args, lora, accumulate=False)
         return y.addmm_(x, self.weight.t())
 
+    @property
+    def is_gate_up(self) -> bool:
+        """Two equal slices: a [gate, up] layer, which ``silu_and_mul`` serves."""
+        return len(self.out_slices) == 2 and self.out_slices[0] == self.out_slices[1]
+
     def silu_and_mul(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
         """``silu(gate) * up`` of this [gate, up] layer's output, adapters applied: x [T, in]
         -> [T, out / 2]. Where the LoRA and the model's elementwise kernels both run and the
         tiles are prefill-tall (``FUSED_SILU_MIN_BLOCK_M``), one launch adds the adapters'
         deltas and applies the activation, so the [T, out] sum is never written back and read
         again; the result is the same, bit for bit."""
-        if len(self.out_slices) != 2 or self.out_slices[0] != self.out_slices[1]:
+        if not self.is_gate_up:
             raise ValueError(f"silu_and_mul needs two equal slices, got {self.out_slices}")
         if (
             FUSED_SILU

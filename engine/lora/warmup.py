@@ -56,13 +56,12 @@ def warm_up_lora_kernels(
         sms = num_sms(dev.index or 0) if dev.type == "cuda" else 0
         x = torch.zeros(1, layer.in_features, dtype=layer.weight.dtype, device=dev)
         sr = a.shape[1] * a.shape[2]
-        gate_up = len(layer.out_slices) == 2 and layer.out_slices[0] == layer.out_slices[1]
         for block_m in lora_layers.BLOCK_MS:
             most = cdiv(max_num_tokens, block_m) + max_loras + 1  # tile capacity
             for tiles in tile_counts(sr, layer.in_features, most, sms):
                 meta = lora_layers.build_lora_metadata([0], dev, block_m=block_m, max_tiles=tiles)
                 layer(x, meta)
-                if gate_up:  # the MLP's path: the fused expand + SiLU for tall tiles
+                if layer.is_gate_up:  # the MLP's path: the fused expand + SiLU for tall tiles
                     layer.silu_and_mul(x, meta)
                 launches += 1
     return launches
