@@ -47,6 +47,17 @@ benchmarks may assign it."""
 # 24 us against 26 us for the two.
 FUSED_SILU_MIN_BLOCK_M = 32
 
+STACK_A_MAX = 256 * 2048
+"""Steps of ``T`` tokens whose ``T * (rows of A)`` is at most this run the shrink inside the
+base GEMM: ``x · [W; A]ᵀ`` over A stored under W (``LoRALinear.create_lora_buffers``), then
+one expand; larger ones (prefill) launch the shrink kernel, which reads each adapter's A
+once per tile instead of multiplying every token by every slot's A. Read at call time;
+benchmarks may assign it (0 turns the stacked product off)."""
+
+FUSED_SILU_STACKED = True
+"""With the stacked product, gate_up's expand and the SiLU run as one kernel at any tile
+height. Read at call time; benchmarks may assign it."""
+
 # Tile heights the kernels are compiled for; the smallest that holds the longest segment.
 # Not 64: on an H200, 32-token tiles ran a 4096-token prefill as fast or faster.
 BLOCK_MS = (16, 32)
@@ -83,6 +94,10 @@ class LoRALinear(nn.Module):
         # create_lora_buffers); lora_a / lora_b are per-slice views of them.
         self.lora_a_stacked = torch.empty(0)
         self.lora_b_stacked = torch.empty(0)
+        # [W; A] and [bias; 0]: W, A and the bias are views of these where the adapters'
+        # dtype is the model's (create_lora_buffers); None otherwise.
+        self.weight_and_a: torch.Tensor | None = None
+        self.bias_and_zeros: torch.Tensor | None = None
         self.lora_ranks = torch.empty(0, dtype=torch.int32)
         self.slice_offsets = torch.empty(0, dtype=torch.int32)
         self.lora_a: list[torch.Tensor] = []
@@ -91,11 +106,25 @@ class LoRALinear(nn.Module):
     def create_lora_buffers(self, max_loras: int, max_rank: int, dtype: torch.dtype) -> None:
         dev = self.weight.device
         num_slices = len(self.out_slices)
+        n, k = self.out_features, self.in_features
+        rows_a = max_loras * num_slices * max_rank
         # A: [max_loras, S, max_rank, in]: a slot's A of every slice is one [S * max_rank, in]
-        # matrix, so the shrink kernel reads x once for all slices.
-        self.lora_a_stacked = torch.zeros(
-            max_loras, num_slices, max_rank, self.in_features, dtype=dtype, device=dev
-        )
+        # matrix, so the shrink kernel reads x once for all slices. Stored under W when the
+        # dtypes agree: one GEMM then gives x · Wᵀ and every slot's x · Aᵀ (small steps).
+        if dtype == self.weight.dtype:
+            both = torch.zeros(n + rows_a, k, dtype=dtype, device=dev)
+            both[:n].copy_(self.weight)
+            self.weight = nn.Parameter(both[:n], requires_grad=False)
+            self.weight_and_a = both
+            if self.bias is not None:
+                bias = torch.zeros(n + rows_a, dtype=self.bias.dtype, device=dev)
+                bias[:n].copy_(self.bias)
+                self.bias = nn.Parameter(bias[:n], requires_grad=False)
+                self.bias_and_zeros = bias
+            a = both[n:]
+        else:
+            a = torch.zeros(rows_a, k, dtype=dtype, device=dev)
+        self.lora_a_stacked = a.view(max_loras, num_slices, max_rank, k)
         # B: [max_loras, out, max_rank]: rows of slice i at slice_offsets[i]:slice_offsets[i+1].
         self.lora_b_stacked = torch.zeros(
             max_loras, self.out_features, max_rank, dtype=dtype, device=dev
@@ -124,8 +153,12 @@ class LoRALinear(nn.Module):
         self.lora_b_stacked[slot].zero_()
         self.lora_ranks[slot] = 0
 
-    def forward(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
-        # x: [T, in] -> y: [T, out]
+    def forward(
+        self, x: torch.Tensor, lora: LoRAMetadata | None = None, *, stack_a: bool | None = None
+    ) -> torch.Tensor:
+        """x: [T, in] -> y: [T, out], each token's adapter delta added. ``stack_a`` picks the
+        kernel path's shrink: True the stacked GEMM (``STACK_A_MAX``), False the kernel,
+        None by the step's size. y may be a view with a row stride above ``out``."""
         if not self._has_deltas(lora):
             return nn.functional.linear(x, self.weight, self.bias)
         assert lora is not None
@@ -140,6 +173,10 @@ class LoRALinear(nn.Module):
         from engine.lora.kernels.shrink import lora_shrink
 
         b_args = (self.lora_b_stacked, self.lora_ranks, self.slice_offsets, self.out_slices)
+        if self._stacks_a(x, stack_a):
+            y, h = self._stacked_product(x)
+            lora_expand(y, h, *b_args, lora, h_per_slot=True)
+            return y
         if not (DELTA_INTO_GEMM and self.bias is None):
             y = nn.functional.linear(x, self.weight, self.bias)
             add_lora(y, x, self.lora_a_stacked, *b_args, lora)
@@ -157,12 +194,16 @@ class LoRALinear(nn.Module):
         """Two equal slices: a [gate, up] layer, which ``silu_and_mul`` serves."""
         return len(self.out_slices) == 2 and self.out_slices[0] == self.out_slices[1]
 
-    def silu_and_mul(self, x: torch.Tensor, lora: LoRAMetadata | None = None) -> torch.Tensor:
+    def silu_and_mul(
+        self, x: torch.Tensor, lora: LoRAMetadata | None = None, *, stack_a: bool | None = None
+    ) -> torch.Tensor:
         """``silu(gate) * up`` of this [gate, up] layer's output, adapters applied: x [T, in]
         -> [T, out / 2]. Where the LoRA and the model's elementwise kernels both run and the
         tiles are prefill-tall (``FUSED_SILU_MIN_BLOCK_M``), one launch adds the adapters'
         deltas and applies the activation, so the [T, out] sum is never written back and read
-        again; the result is the same, bit for bit."""
+        again; the result is the same, bit for bit. With the stacked product
+        (``FUSED_SILU_STACKED``) the fused kernel runs at any tile height. ``stack_a`` as
+        for ``forward``."""
         if not self.is_gate_up:
             raise ValueError(f"silu_and_mul needs two equal slices, got {self.out_slices}")
         if (
@@ -170,17 +211,56 @@ class LoRALinear(nn.Module):
             and self._has_deltas(lora)
             and lora is not None
             and lora.has_kernel_layout
-            and lora.block_m >= FUSED_SILU_MIN_BLOCK_M
             and use_triton(x)
             and ops.use_triton(x)
         ):
             from engine.lora.kernels.expand import lora_expand_silu_and_mul
             from engine.lora.kernels.shrink import lora_shrink
 
-            y = nn.functional.linear(x, self.weight, self.bias)
-            h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
-            return lora_expand_silu_and_mul(y, h, self.lora_b_stacked, self.lora_ranks, lora)
-        return ops.silu_and_mul(self(x, lora))
+            b_args = (self.lora_b_stacked, self.lora_ranks, lora)
+            stacked = self._stacks_a(x, stack_a)
+            if stacked and FUSED_SILU_STACKED:
+                y, h = self._stacked_product(x)
+                return lora_expand_silu_and_mul(y, h, *b_args, h_per_slot=True)
+            if not stacked and lora.block_m >= FUSED_SILU_MIN_BLOCK_M:
+                y = nn.functional.linear(x, self.weight, self.bias)
+                h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
+                return lora_expand_silu_and_mul(y, h, *b_args)
+        return ops.silu_and_mul(self(x, lora, stack_a=stack_a))
+
+    @property
+    def can_stack_a(self) -> bool:
+        """A is stored under W, and W and the bias are still views of the stacked buffers (a
+        test or a loader may have replaced them since)."""
+        both, bias = self.weight_and_a, self.bias_and_zeros
+        return (
+            both is not None
+            and self.weight.data_ptr() == both.data_ptr()
+            and (
+                self.bias is None or (bias is not None and self.bias.data_ptr() == bias.data_ptr())
+            )
+        )
+
+    def _stacks_a(self, x: torch.Tensor, stack_a: bool | None) -> bool:
+        """Whether the kernel path takes the shrink from the stacked GEMM for these tokens."""
+        if stack_a is not None:
+            if stack_a and not self.can_stack_a:
+                raise ValueError("stack_a=True needs A stored under W (same dtypes)")
+            return stack_a
+        if not self.can_stack_a:
+            return False
+        rows_a = (
+            self.lora_a_stacked.shape[0]
+            * self.lora_a_stacked.shape[1]
+            * self.lora_a_stacked.shape[2]
+        )
+        return x.shape[0] * rows_a <= STACK_A_MAX
+
+    def _stacked_product(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x · [W; A]ᵀ (+ [bias; 0]) -> (y [T, out], h [T, L * S * R]), views of one output."""
+        assert self.weight_and_a is not None
+        out = nn.functional.linear(x, self.weight_and_a, self.bias_and_zeros)
+        return out[:, : self.out_features], out[:, self.out_features :]
 
     def _has_deltas(self, lora: LoRAMetadata | None) -> bool:
         return lora is not None and not lora.empty and bool(self.lora_a)

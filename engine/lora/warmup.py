@@ -7,7 +7,8 @@ are captured; steps that run eagerly (a prefill chunk, a batch above the largest
 would compile theirs in the middle of serving, stalling every request in the step (on an
 H200 with an empty Triton cache, llama-3.1-8b's 42 launch shapes took 18 s: about 0.4 s
 each). ``warm_up_lora_kernels`` launches each variant once at start-up instead, on zero
-inputs, through the layers' own forward paths.
+inputs, through the layers' own forward paths: the shrink kernel's, and the stacked GEMM's
+(``LoRALinear.forward``) where A is stored under W.
 """
 
 from __future__ import annotations
@@ -60,8 +61,14 @@ def warm_up_lora_kernels(
             most = cdiv(max_num_tokens, block_m) + max_loras + 1  # tile capacity
             for tiles in tile_counts(sr, layer.in_features, most, sms):
                 meta = lora_layers.build_lora_metadata([0], dev, block_m=block_m, max_tiles=tiles)
-                layer(x, meta)
+                # The shrink kernel's path, which large steps take.
+                layer(x, meta, stack_a=False)
                 if layer.is_gate_up:  # the MLP's path: the fused expand + SiLU for tall tiles
-                    layer.silu_and_mul(x, meta)
+                    layer.silu_and_mul(x, meta, stack_a=False)
+                launches += 1
+            if layer.can_stack_a:  # small steps: the stacked GEMM's expand, which has no split
+                layer(x, meta, stack_a=True)
+                if layer.is_gate_up:
+                    layer.silu_and_mul(x, meta, stack_a=True)
                 launches += 1
     return launches

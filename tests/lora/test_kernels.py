@@ -376,9 +376,10 @@ def test_weights_past_the_rank_are_never_read() -> None:
 def test_layer_forward_uses_the_kernels_when_forced(
     monkeypatch: pytest.MonkeyPatch, delta_into_gemm: bool
 ) -> None:
-    """Both kernel paths of ``LoRALinear.forward`` (the GEMM accumulating onto the expand's
-    delta, or the expand adding to the GEMM's output) against the torch path."""
+    """Both shrink-kernel paths of ``LoRALinear.forward`` (the GEMM accumulating onto the
+    expand's delta, or the expand adding to the GEMM's output) against the torch path."""
     monkeypatch.setattr(layers, "DELTA_INTO_GEMM", delta_into_gemm)
+    monkeypatch.setattr(layers, "STACK_A_MAX", 0)  # the stacked product: its own tests
     st = make_setup(Case(17, (8,), 4, QKV, F16, F16))
     base = torch.nn.functional.linear(st.x, st.layer.weight)
     monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
@@ -417,6 +418,77 @@ def test_layer_bias_survives_the_kernel_path(
     want = lay(st.x, st.meta)
     monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
     torch.testing.assert_close(lay(st.x, st.meta), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------- A stacked under W (small steps)
+
+STACKED_CPU_CASES = [
+    Case(1, (8,), 1, ONE, pattern="one"),
+    Case(17, (8,), 4, QKV, BF16, BF16),
+    Case(17, MIXED, 4, QKV, F16, F16, "segments"),
+    Case(9, (8,), 2, QKV, F32, F32, "none"),
+    Case(33, (16,), 1, GATE_UP, BF16, BF16, "one"),
+]
+STACKED_GPU_CASES = [
+    Case(t, r, a, s, d, d, p, in_features=k)
+    for t, p in ((1, "random"), (256, "random"), (256, "one"), (512, "segments"))
+    for r, a in (((16,), 32), (MIXED, 4))
+    for s, k in (((4096, 1024, 1024), 4096), ((4096,), 14336), ((256, 64, 64), 256))
+    for d in (BF16, F16)
+]
+
+
+def check_stacked(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stacked GEMM's path: ``x · [W; A]ᵀ`` gives the base product and every slot's h,
+    the per-slot expand reads each token's own, and the layer's output matches the shrink
+    kernel's path and the float64 per-token loop."""
+    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")  # on CPU too, interpreted
+    st = make_setup(case, seed=zlib.crc32(case.id.encode()) % 1000)
+    lay, meta = st.layer, st.meta
+    assert lay.weight_and_a is not None
+    tol = TOL[least_precise(case.dtype, case.lora_dtype)]
+    base = torch.nn.functional.linear(st.x, lay.weight)
+    y, h = lay._stacked_product(st.x)  # y: the base product by another GEMM (other rounding)
+    assert_rel(y, st.x.double() @ lay.weight.double().t(), TOL[case.dtype])
+    num_loras, num_slices, max_rank, _ = lay.lora_a_stacked.shape
+    a_rows = lay.lora_a_stacked.reshape(num_loras * num_slices * max_rank, -1)
+    h_ref = st.x.double() @ a_rows.double().t()  # every slot's x · Aᵀ
+    assert_rel(h.double(), h_ref, TOL[case.dtype])
+
+    # The per-slot expand against the reference on each token's own slice of h.
+    slots = torch.tensor(st.token_slots, device=DEVICE).clamp(min=0)
+    h_own = h.view(case.tokens, num_loras, -1)[torch.arange(case.tokens, device=DEVICE), slots]
+    y_kernel, y_ref = st.y0.clone(), st.y0.clone()
+    b_args = (lay.lora_b_stacked, lay.lora_ranks, lay.slice_offsets, lay.out_slices, meta)
+    expand_mod.lora_expand(y_kernel, h, *b_args, h_per_slot=True)
+    lora_expand_reference(
+        y_ref, h_own.float(), lay.lora_b_stacked, lay.lora_ranks, lay.slice_offsets.tolist(), meta
+    )
+    torch.testing.assert_close(y_kernel, y_ref, rtol=tol, atol=tol + TOL[case.dtype])
+
+    # The layer, both ways, against the float64 loop; y is a view into the wider output.
+    expected = per_token_delta(st) if case.tokens <= 64 else per_token_delta_batched(st)
+    stacked = lay(st.x, meta, stack_a=True)
+    apart = lay(st.x, meta, stack_a=False)
+    if case.pattern == "none":  # no adapter in the step: the base GEMM alone
+        torch.testing.assert_close(stacked, base, rtol=0, atol=0)
+    else:
+        assert stacked.stride(0) == lay.weight_and_a.shape[0]
+        assert_delta(stacked, y, expected, tol)
+        assert_delta(apart, base, expected, tol)
+
+
+@pytest.mark.parametrize("case", STACKED_CPU_CASES, ids=lambda c: c.id)
+def test_stacked_product_matches_references(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_stacked(case, monkeypatch)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", STACKED_GPU_CASES if CUDA else [], ids=lambda c: c.id)
+def test_stacked_product_matches_references_sweep(
+    case: Case, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    check_stacked(case, monkeypatch)
 
 
 # ------------------------------------------------------------------------ expand + SiLU
@@ -496,6 +568,7 @@ def test_layer_silu_and_mul_takes_the_fused_kernel(monkeypatch: pytest.MonkeyPat
     prefill-tall tiles, and gives what the torch paths give."""
     from engine.model import ops
 
+    monkeypatch.setattr(layers, "STACK_A_MAX", 0)  # the shrink kernel's path; stacked below
     st = make_setup(Case(40, (8,), 2, GATE_UP_PAIR, F32, F32, "segments"))
     decode_meta = build_lora_metadata(st.token_slots, DEVICE, block_m=16)
     st.meta = build_lora_metadata(st.token_slots, DEVICE, block_m=layers.FUSED_SILU_MIN_BLOCK_M)
@@ -520,9 +593,18 @@ def test_layer_silu_and_mul_takes_the_fused_kernel(monkeypatch: pytest.MonkeyPat
         st.layer.silu_and_mul(st.x, decode_meta), expected, rtol=1e-5, atol=1e-5
     )
     assert calls == [1]
+    # The stacked GEMM's path takes the fused kernel at decode tiles too.
+    stacked = st.layer.silu_and_mul(st.x, decode_meta, stack_a=True)
+    assert calls == [1, 1]
+    torch.testing.assert_close(stacked, expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(layers, "FUSED_SILU_STACKED", False)
+    torch.testing.assert_close(
+        st.layer.silu_and_mul(st.x, decode_meta, stack_a=True), expected, rtol=1e-5, atol=1e-5
+    )
+    assert calls == [1, 1]
     monkeypatch.setattr(layers, "FUSED_SILU", False)
     torch.testing.assert_close(st.layer.silu_and_mul(st.x, st.meta), expected, rtol=1e-5, atol=1e-5)
-    assert calls == [1]
+    assert calls == [1, 1]
     with pytest.raises(ValueError, match="two equal slices"):
         make_setup(Case(3, (8,), 1, GATE_UP)).layer.silu_and_mul(st.x[:3, :48])
 

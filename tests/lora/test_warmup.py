@@ -76,15 +76,23 @@ def test_warm_up_launches_each_layer_shape_through_its_paths(
 ) -> None:
     monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
     monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
-    launched: list[tuple[str, tuple[int, ...], int, int]] = []
+    launched: list[tuple[str, tuple[int, ...], int, int, bool]] = []
     forward, silu_and_mul = LoRALinear.forward, LoRALinear.silu_and_mul
 
     def record(kind: str, real: Step) -> Step:
-        def call(self: LoRALinear, x: torch.Tensor, lora: LoRAMetadata | None = None) -> Any:
+        def call(
+            self: LoRALinear,
+            x: torch.Tensor,
+            lora: LoRAMetadata | None = None,
+            *,
+            stack_a: bool | None = None,
+        ) -> Any:
             assert lora is not None
             assert lora.tiles is not None
-            launched.append((kind, tuple(self.out_slices), lora.block_m, lora.tiles.shape[1]))
-            return real(self, x, lora)
+            assert stack_a is not None  # the warm-up names the path
+            shape = (tuple(self.out_slices), lora.block_m, lora.tiles.shape[1])
+            launched.append((kind, *shape, stack_a))
+            return real(self, x, lora, stack_a=stack_a)
 
         return call
 
@@ -97,13 +105,19 @@ def test_warm_up_launches_each_layer_shape_through_its_paths(
     for name, layer in list(mods.items())[:4]:  # the second layer repeats the first's shapes
         key = tuple(layer.out_slices)
         sr = len(layer.out_slices) * 8
+        gate_up = name.endswith("gate_up_proj")
         for block_m in layers.BLOCK_MS:
-            for tiles in warmup.tile_counts(sr, layer.in_features, 64 // block_m + 5, sms):
-                expected.append(("forward", key, block_m, tiles))
-                if name.endswith("gate_up_proj"):
-                    expected.append(("silu_and_mul", key, block_m, tiles))
+            plan = warmup.tile_counts(sr, layer.in_features, 64 // block_m + 5, sms)
+            for tiles in plan:  # the shrink kernel's path
+                expected.append(("forward", key, block_m, tiles, False))
+                if gate_up:
+                    expected.append(("silu_and_mul", key, block_m, tiles, False))
                     if block_m < layers.FUSED_SILU_MIN_BLOCK_M:  # the expand, then the SiLU
-                        expected.append(("forward", key, block_m, tiles))
+                        expected.append(("forward", key, block_m, tiles, False))
+            # then once the stacked GEMM's, whose expand has no split (fused with the SiLU)
+            expected.append(("forward", key, block_m, plan[-1], True))
+            if gate_up:
+                expected.append(("silu_and_mul", key, block_m, plan[-1], True))
     assert launched == expected
     assert launches == sum(1 for c in expected if c[0] == "silu_and_mul" or c[1] != (128, 128))
 

@@ -87,7 +87,7 @@ def _dot(acc, h, b, DOT_FP32: tl.constexpr):
 # these only index, so one variant serves them all.
 @triton.jit(do_not_specialize=["stride_hs", "stride_tiles"])
 def _lora_expand_kernel(
-    h_ptr,  # [SPLIT_K, T, S * R] float32 partial sums
+    h_ptr,  # [SPLIT_K, T, S * R] float32 partial sums, or [T, L * S * R] (per slot)
     b_ptr,  # [L, N, R] contiguous
     y_ptr,  # [T, N], updated in place
     ranks_ptr,  # [L, S] int32
@@ -96,6 +96,8 @@ def _lora_expand_kernel(
     tiles_ptr,  # [3, G] int64: slot, start, length
     N,
     stride_hs,
+    stride_ht,
+    stride_hl,
     stride_yt,
     stride_yn,
     stride_tiles,
@@ -154,7 +156,7 @@ def _lora_expand_kernel(
 
     if not STORE:
         y = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    h_ptrs = h_ptr + toks[:, None] * (NUM_SLICES * R) + s * R
+    h_ptrs = h_ptr + toks[:, None] * stride_ht + slot * stride_hl + s * R
     b_ptrs = b_ptr + slot * N * R + cols[:, None] * R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for rb in tl.static_range((R + BLOCK_R - 1) // BLOCK_R):
@@ -185,17 +187,38 @@ def _interpreted_bf16(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return not t.is_cuda and dtype == torch.bfloat16
 
 
+# (BLOCK_N, num_warps) of the expand on decode tiles (16 tall) and of the fused expand + SiLU
+# there: read at call time, so benchmarks can switch them.
+EXPAND_DECODE_LAUNCH = (512, 8)
+SILU_DECODE_LAUNCH = (128, 8)
+
+
 def expand_config(max_rank: int, block_m: int, num_cols: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_R, num_warps) for slices ``num_cols`` wide at most. Few distinct
     blocks: each is a compile. A wide block keeps many loads in flight per program."""
     block_r = 16 if max_rank <= 16 else 64
     # Best on an H200 (llama-3.1-8b layers): 512 columns and 8 warps for decode tiles of
     # 16, 256 and 4 warps for prefill tiles of 32.
-    block_n, num_warps = (512, 8) if block_m <= 16 else (256, 4)
+    block_n, num_warps = EXPAND_DECODE_LAUNCH if block_m <= 16 else (256, 4)
     # B's block is BLOCK_N x BLOCK_R: at most 8K elements, so ranks above 16 take narrower
     # blocks (their timing on an H200 is still to be measured).
     block_n = min(block_n, 8192 // block_r, max(16, next_pow2(num_cols)))
     return block_n, block_r, num_warps
+
+
+def _h_layout(
+    h: torch.Tensor, num_tokens: int, num_loras: int, sr: int, per_slot: bool
+) -> tuple[int, int, int, int]:
+    """(split_k, plane stride, token stride, slot stride) of the expand's h: the shrink's
+    ``[split_k, T, S * R]`` planes, or ``[T, L * S * R]`` per slot."""
+    if per_slot:
+        assert h.shape == (num_tokens, num_loras * sr), (h.shape, num_tokens, num_loras, sr)
+        assert h.stride(1) == 1
+        return 1, 0, h.stride(0), sr
+    assert h.shape[1:] == (num_tokens, sr), (h.shape, num_tokens, sr)
+    assert h.stride(2) == 1
+    assert h.stride(1) == sr
+    return h.shape[0], h.stride(0), sr, 0
 
 
 def lora_expand(
@@ -208,21 +231,23 @@ def lora_expand(
     lora: LoRAMetadata,
     *,
     accumulate: bool = True,
+    h_per_slot: bool = False,
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> None:
     """``accumulate=False`` writes the delta itself, in y's dtype: every row of y the
     metadata covers, 0 where a token has no adapter or its adapter skips the slice, so y
-    may start uninitialised. ``block_n`` and ``num_warps`` override the heuristic (tests,
-    tuning)."""
+    may start uninitialised. ``h_per_slot``: h is ``[T, L * S * R]``, every slot's
+    ``x · Aᵀ`` (the columns a GEMM over A stacked under W adds), and each token reads its
+    own slot's. ``block_n`` and ``num_warps`` override the heuristic (tests, tuning)."""
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
-    _num_loras, n, max_rank = lora_b.shape
+    num_loras, n, max_rank = lora_b.shape
     num_slices = len(out_slices)
     assert y.shape[1] == n == sum(out_slices), (y.shape, lora_b.shape, out_slices)
-    assert h.shape[2] == num_slices * max_rank
-    assert h.stride(2) == 1
-    assert h.stride(1) == num_slices * max_rank
+    split_k, stride_hs, stride_ht, stride_hl = _h_layout(
+        h, y.shape[0], num_loras, num_slices * max_rank, h_per_slot
+    )
     assert lora_b.is_contiguous()
     num_tiles = lora.tiles.shape[1]
     if num_tiles == 0:
@@ -244,13 +269,15 @@ def lora_expand(
         lora.sorted_token_ids,
         lora.tiles,
         n,
-        h.stride(0),
+        stride_hs,
+        stride_ht,
+        stride_hl,
         y.stride(0),
         y.stride(1),
         lora.tiles.stride(0),
         NUM_SLICES=num_slices,
         R=max_rank,
-        SPLIT_K=h.shape[0],
+        SPLIT_K=split_k,
         BLOCK_M=lora.block_m,
         BLOCK_N=block_n,
         BLOCK_R=block_r,
@@ -271,7 +298,7 @@ _silu_mul: Any = None
 
 @triton.jit(do_not_specialize=["stride_hs", "stride_tiles"])
 def _lora_expand_silu_kernel(
-    h_ptr,  # [SPLIT_K, T, 2 * R] float32 partial sums (gate slice, then up)
+    h_ptr,  # [SPLIT_K, T, 2 * R] float32 partial sums (gate slice, then up), or per slot
     b_ptr,  # [L, 2 * inter, R] contiguous
     y_ptr,  # [T, 2 * inter] the base gate_up output, read only
     out_ptr,  # [T, inter]
@@ -280,6 +307,8 @@ def _lora_expand_silu_kernel(
     tiles_ptr,  # [3, G] int64: slot (-1: no adapter), start, length
     inter,
     stride_hs,
+    stride_ht,
+    stride_hl,
     stride_yt,
     stride_ot,
     stride_tiles,
@@ -320,7 +349,7 @@ def _lora_expand_silu_kernel(
     slot_c = tl.maximum(slot, 0)
     rank_g = tl.where(has, tl.load(ranks_ptr + slot_c * 2), 0)
     rank_u = tl.where(has, tl.load(ranks_ptr + slot_c * 2 + 1), 0)
-    h_row = h_ptr + toks[:, None] * (2 * R)
+    h_row = h_ptr + toks[:, None] * stride_ht + slot_c * stride_hl
     b_row = b_ptr + slot_c * (2 * inter) * R + cols[:, None] * R
     d_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     d_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -369,6 +398,7 @@ def lora_expand_silu_and_mul(
     lora_ranks: torch.Tensor,  # [L, 2] int32
     lora: LoRAMetadata,
     *,
+    h_per_slot: bool = False,
     block_n: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
@@ -376,6 +406,7 @@ def lora_expand_silu_and_mul(
     deltas to it, in one launch: -> out [T, I]. Bit for bit what ``lora_expand`` followed
     by ``silu_and_mul_triton`` gives, without writing the [T, 2 * I] sum back and reading it
     again. Every token gets the activation, those without an adapter too (tiles of slot -1).
+    ``h_per_slot`` as for ``lora_expand``; y may have any row stride.
     """
     global _silu_mul
     from engine.model import fused_kernels
@@ -383,12 +414,12 @@ def lora_expand_silu_and_mul(
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
     num_tokens, width = y.shape
-    _num_loras, n, max_rank = lora_b.shape
+    num_loras, n, max_rank = lora_b.shape
     assert n == width, (y.shape, lora_b.shape)
     assert width % 2 == 0, y.shape
-    assert h.shape[1:] == (num_tokens, 2 * max_rank), (h.shape, num_tokens, max_rank)
-    assert h.stride(2) == 1
-    assert h.stride(1) == 2 * max_rank
+    split_k, stride_hs, stride_ht, stride_hl = _h_layout(
+        h, num_tokens, num_loras, 2 * max_rank, h_per_slot
+    )
     assert lora_b.is_contiguous()
     assert y.stride(1) == 1
     assert lora_ranks.shape[1] == 2, lora_ranks.shape  # gate and up
@@ -406,9 +437,10 @@ def lora_expand_silu_and_mul(
     # for 64. Looping a program over 2 to 8 column blocks, pipelined or not, was slower.
     # Ranks above 16 keep 64 columns (B's block is BLOCK_N x BLOCK_R per slice).
     auto_block_n, block_r, _ = expand_config(max_rank, lora.block_m, inter)
-    cap = 128 if block_r <= 16 else 64
+    cap, auto_warps = SILU_DECODE_LAUNCH if lora.block_m <= 16 else (128, 8)
+    cap = cap if block_r <= 16 else min(cap, 64)
     block_n = max(16, min(auto_block_n, cap)) if block_n is None else block_n
-    num_warps = 8 if num_warps is None else num_warps
+    num_warps = auto_warps if num_warps is None else num_warps
     aligned = inter % 8 == 0 and y.stride(0) % 8 == 0 and out.stride(0) % 8 == 0
     grid = (cdiv(inter, block_n), num_tiles)
     _lora_expand_silu_kernel[grid](
@@ -420,12 +452,14 @@ def lora_expand_silu_and_mul(
         lora.sorted_token_ids,
         lora.tiles,
         inter,
-        h.stride(0),
+        stride_hs,
+        stride_ht,
+        stride_hl,
         y.stride(0),
         out.stride(0),
         lora.tiles.stride(0),
         R=max_rank,
-        SPLIT_K=h.shape[0],
+        SPLIT_K=split_k,
         BLOCK_M=lora.block_m,
         BLOCK_N=block_n,
         BLOCK_R=block_r,
