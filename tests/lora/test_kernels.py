@@ -473,7 +473,8 @@ def check_stacked(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     if case.pattern == "none":  # no adapter in the step: the base GEMM alone
         torch.testing.assert_close(stacked, base, rtol=0, atol=0)
     else:
-        assert stacked.stride(0) == lay.weight_and_a.shape[0]
+        if case.tokens > 1:  # a view into the wider product (one row has no row stride)
+            assert stacked.stride(0) == lay.weight_and_a.shape[0]
         assert_delta(stacked, y, expected, tol)
         assert_delta(apart, base, expected, tol)
 
