@@ -260,6 +260,13 @@ class StepLog:
             "detokenize_and_outputs_ms": 1e3 * rest / n,
             "decode_step_ms_mean": 1e3 * self.decode_step_s / max(self.decode_steps, 1),
             "decode_step_ms_median": 1e3 * times[len(times) // 2] if times else 0.0,
+            "decode_step_ms_p90": 1e3 * times[len(times) * 9 // 10] if times else 0.0,
+            # (index among the decode steps, ms) of the slowest few, slowest first: where a
+            # mean above the median comes from.
+            "decode_steps_slowest": [
+                (i, round(1e3 * t, 2))
+                for i, t in sorted(enumerate(self.decode_times), key=lambda it: -it[1])[:5]
+            ],
             "gc_ms_per_step": 1e3 * self.gc_s / n,
             "gc_collections": list(self.gc_collections),
         }
