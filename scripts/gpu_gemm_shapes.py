@@ -3,12 +3,12 @@
 prefill sizes, timed in the forms the engine could call them.
 
 For each (tokens, layer): ``F.linear(x, W)`` (the base model's call), ``y.addmm_(x, W.t())``
-onto a delta (the call with adapters, beta = 1), ``F.linear(x, [W; A])`` with every adapter
-slot's A stacked under W (``--rows-a``, the engine's product for small steps), the same two
-on a weight stored
-transposed (``x @ Wt``), each under cuBLAS and cuBLASLt. Timed with CUDA events over a
-CUDA graph of 20 calls on 4 rotating weight copies (L2-cold, no launch gaps); the median
-of 7 replays. Run on the device machine::
+onto a delta (the shrink kernel's path with adapters, beta = 1), ``F.linear(x, [W; A])``
+with every adapter slot's A stacked under W (``--rows-a`` rows per slice: the engine's
+product for small steps), and the first two on a weight stored transposed (``x @ Wt``),
+each under cuBLAS and cuBLASLt (``--blas``). Timed with CUDA events over a CUDA graph of 20
+calls on 4 rotating weight copies (L2-cold, no launch gaps); the median of 7 replays. Run on
+the device machine::
 
     PYTHONUNBUFFERED=1 python3 scripts/gpu_gemm_shapes.py --out $OUT/gemm
 

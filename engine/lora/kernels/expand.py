@@ -9,6 +9,10 @@ slice is cut into its own blocks), so each (token, output column) is written by 
 program and no atomics are needed. Tiles are the slowest axis: the unused tiles of static
 (graph) metadata sit at the end and their programs start last and exit at once.
 
+h is either the shrink kernel's split-K planes or, for small steps, the extra columns of the
+base GEMM over A stored under W (``h_per_slot``: every slot's ``x · Aᵀ``, of which each token
+reads its own slot's); the rest of the kernel is the same.
+
 Decode is bound by B and by the read-modify-write of y, so a program moves a wide block
 (``BLOCK_N`` up to 1024 columns) in one go, every load issued before the first is used: the
 y rows, B's rows and the split-K planes of h are all in flight together. The rank blocks are
