@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.lora.layers import build_lora_metadata
 from engine.model.llama import LlamaForCausalLM
 from engine.model.metadata import AttentionMetadata, ForwardBatch, LoRAMetadata
 
@@ -26,8 +27,14 @@ class SeqChunk:
 
 
 def make_forward_batch(
-    chunks: list[SeqChunk], block_size: int, device: torch.device | str = "cpu"
+    chunks: list[SeqChunk],
+    block_size: int,
+    device: torch.device | str = "cpu",
+    *,
+    lora_kernel_layout: bool = False,
 ) -> ForwardBatch:
+    """``lora_kernel_layout``: LoRA metadata as the runner builds it (tiles for the Triton
+    kernels, ``build_lora_metadata``) instead of per-adapter token groups only."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -61,7 +68,11 @@ def make_forward_batch(
         input_ids=torch.tensor(input_ids, dtype=torch.long, device=device),
         positions=torch.tensor(positions, dtype=torch.long, device=device),
         attn=attn,
-        lora=make_lora_metadata(token_lora, device),
+        lora=(
+            build_lora_metadata(token_lora, device)
+            if lora_kernel_layout
+            else make_lora_metadata(token_lora, device)
+        ),
     )
 
 
@@ -87,10 +98,17 @@ class PagedDriver:
     blocks are neither contiguous nor ascending (as they are after preemptions)."""
 
     def __init__(
-        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, seed: int = 0
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        seed: int = 0,
+        *,
+        lora_kernel_layout: bool = False,
     ) -> None:
         self.model = model
         self.block_size = block_size
+        self.lora_kernel_layout = lora_kernel_layout
         device = model.model.embed_tokens.weight.device
         self.device = device
         shape = model.kv_cache_shape(num_blocks, block_size)
@@ -119,7 +137,9 @@ class PagedDriver:
                     ids, seq.num_computed, list(seq.block_table), (lora_slots or {}).get(seq_id, -1)
                 )
             )
-        batch = make_forward_batch(chunks, self.block_size, self.device)
+        batch = make_forward_batch(
+            chunks, self.block_size, self.device, lora_kernel_layout=self.lora_kernel_layout
+        )
         logits = self.model.compute_logits(self.model(batch))  # [T, V]
         out = {}
         for (seq_id, ids), start in zip(work.items(), batch.attn.query_start_loc_cpu, strict=False):

@@ -479,6 +479,38 @@ def check_stacked(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
         assert_delta(apart, base, expected, tol)
 
 
+def test_stacked_product_keeps_the_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer with a bias (Qwen2's qkv) on the stacked path: the bias becomes a view of
+    ``[bias; 0]``, so the one GEMM adds it to y and nothing to h."""
+    gen = torch.Generator().manual_seed(5)
+    lay = LoRALinear(48, list(QKV), ["q", "k", "v"], bias=True, dtype=F32, device=DEVICE)
+    lay.weight.copy_(torch.randn(lay.weight.shape, generator=gen))
+    assert lay.bias is not None
+    lay.bias.copy_(torch.randn(lay.bias.shape, generator=gen))
+    lay.create_lora_buffers(4, 8, F32)
+    assert lay.can_stack_a
+    for slot in range(3):
+        for s, n in enumerate(QKV):
+            a, b = torch.randn(8, 48, generator=gen), torch.randn(n, 8, generator=gen)
+            lay.set_lora(slot, s, a.to(DEVICE), b.to(DEVICE))
+    x = torch.randn(9, 48, generator=gen).to(DEVICE)
+    meta = build_lora_metadata([0, 1, -1, 2, 0, 2, -1, 1, 0], DEVICE)
+    monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
+    want = lay(x, meta)
+    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
+    torch.testing.assert_close(lay(x, meta, stack_a=True), want, rtol=1e-4, atol=1e-4)
+    # Replacing the bias afterwards (as a loader might) leaves the stacked buffers stale:
+    # the layer then takes the shrink kernel's path, with the new bias.
+    lay.bias = torch.nn.Parameter(torch.zeros_like(lay.bias), requires_grad=False)
+    assert not lay.can_stack_a
+    with pytest.raises(ValueError, match="stack_a=True"):
+        lay(x, meta, stack_a=True)
+    monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
+    want_unbiased = lay(x, meta)
+    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
+    torch.testing.assert_close(lay(x, meta), want_unbiased, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("case", STACKED_CPU_CASES, ids=lambda c: c.id)
 def test_stacked_product_matches_references(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     check_stacked(case, monkeypatch)

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# The kernel-path case runs the Triton kernels on CPU tensors: interpreted (set before Triton
+# decorates them), except where a GPU run compiles them for CUDA.
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LORASTREAM_TEST_CUDA") else "1")
+
 import json
 import math
 import shutil
@@ -314,13 +320,30 @@ def load_adapter_into(model: LlamaForCausalLM, adapter_dir: Path, slot: int) -> 
         layers[layer_key].set_lora(slot, idx, a, b * scaling)
 
 
-def test_adapters_in_one_batch_match_peft(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("paths", ["torch", "kernels"])
+def test_adapters_in_one_batch_match_peft(
+    tiny_model_dir: Path, paths: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five sequences on four adapters and none, in one prefill step, against PEFT. With
+    ``kernels`` the model runs its Triton paths (interpreted on CPU): every LoRA layer takes
+    the GEMM over A stored under W, whose strided outputs feed RoPE, attention, the norms
+    and the next projections."""
     from peft import PeftModel
 
+    if paths == "kernels":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("CPU tensors need TRITON_INTERPRET=1 (on CUDA: test_matches_peft)")
+        from engine.lora import layers as lora_layers
+        from engine.model import ops
+
+        monkeypatch.setattr(lora_layers, "LORA_KERNELS", "triton")
+        monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
     adapters = sorted((tiny_model_dir / "adapters").iterdir())
     model = load_ours(tiny_model_dir)
     for layer in model.lora_layers().values():
         layer.create_lora_buffers(max_loras=len(adapters), max_rank=32, dtype=torch.float32)
+        assert layer.can_stack_a
     # Slots in reverse order, so slot != adapter index.
     slots = {a.name: len(adapters) - 1 - i for i, a in enumerate(adapters)}
     for a in adapters:
@@ -332,7 +355,8 @@ def test_adapters_in_one_batch_match_peft(tiny_model_dir: Path) -> None:
         peft.load_adapter(a, adapter_name=a.name)
     prompts = {a.name: hf.tokenizer.encode(PROMPT[: 20 + 7 * i]) for i, a in enumerate(adapters)}
     prompts["base"] = hf.tokenizer.encode(PROMPT)
-    out = PagedDriver(model, 64, BLOCK_SIZE).step(prompts, lora_slots=slots)
+    driver = PagedDriver(model, 64, BLOCK_SIZE, lora_kernel_layout=paths == "kernels")
+    out = driver.step(prompts, lora_slots=slots)
     with torch.no_grad():
         for name, ids in prompts.items():
             if name == "base":
