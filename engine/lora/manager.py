@@ -87,6 +87,12 @@ class LoRAManager:
             layer.create_lora_buffers(
                 lora_config.max_loras, lora_config.max_lora_rank, lora_config.lora_dtype
             )
+            if self.device.type == "cuda":
+                # Storing A under W moved the layer's weight into a larger buffer: give the
+                # old one back to the driver now. Left in the allocator's cache, the old
+                # weights of all layers would add up to a second copy of the model, counted
+                # as used when the runner sizes the KV cache.
+                torch.cuda.empty_cache()
 
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)

@@ -362,3 +362,34 @@ def test_check_adapter_reads_only_the_config(make_manager, adapters, tmp_path):
 def make_adapter_dir(tmp_path: Path) -> Path:
     make_adapter(tmp_path / "big", r=16, target_modules=["q_proj"])
     return tmp_path / "big"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA caching allocator")
+def test_storing_a_under_w_leaves_no_old_weights_cached() -> None:
+    """The manager moves each layer's W into the larger ``[W; A]`` buffer: the old weights
+    go back to the driver, so the KV cache (sized from the device's free memory) does not
+    lose a second copy of the model to the allocator's cache."""
+    dev = torch.device("cuda")
+    layers = {
+        f"layers.{i}.o_proj": LoRALinear(4096, [4096], ["o_proj"], dtype=torch.bfloat16, device=dev)
+        for i in range(8)
+    }
+    weights = {}
+    for key, layer in layers.items():
+        layer.weight.normal_()
+        weights[key] = layer.weight.cpu()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved(dev)
+    config = lora_config(max_loras=4, max_lora_rank=16, lora_dtype=torch.bfloat16)
+    m = LoRAManager(config, layers, dev)
+    try:
+        grown = torch.cuda.memory_reserved(dev) - before
+        old_weights = sum(w.numel() * w.element_size() for w in weights.values())  # 256 MiB
+        # A and B of 4 slots (0.5 MiB each per layer) and the allocator's 2 MiB rounding.
+        assert grown < old_weights // 2, f"{grown / 2**20:.0f} MiB more reserved"
+        for key, layer in layers.items():
+            assert layer.can_stack_a
+            assert torch.equal(layer.weight.cpu(), weights[key])
+    finally:
+        m.close()
