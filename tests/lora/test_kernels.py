@@ -479,6 +479,37 @@ def check_stacked(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
         assert_delta(apart, base, expected, tol)
 
 
+def test_stacked_product_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer takes the stacked GEMM for steps of T tokens with ``T * rows of A`` up to
+    ``STACK_A_MAX``, in layers whose A of all slots is at most ``STACK_A_MAX_BYTES``; the
+    shrink kernel otherwise. Both give the same output."""
+    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
+    st = make_setup(Case(17, (8,), 4, QKV, F32, F32))
+    lay = st.layer
+    a = lay.lora_a_stacked
+    rows, a_bytes = a.shape[0] * a.shape[1] * a.shape[2], a.numel() * a.element_size()
+    calls: list[int] = []
+    real = shrink_mod.lora_shrink
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shrink_mod, "lora_shrink", counted)
+    outputs = []
+    for max_product, max_bytes, shrinks in [
+        (17 * rows, a_bytes, 0),
+        (17 * rows - 1, a_bytes, 1),
+        (17 * rows, a_bytes - 1, 1),
+    ]:
+        monkeypatch.setattr(layers, "STACK_A_MAX", max_product)
+        monkeypatch.setattr(layers, "STACK_A_MAX_BYTES", max_bytes)
+        calls.clear()
+        outputs.append(lay(st.x, st.meta))
+        assert len(calls) == shrinks, (max_product, max_bytes)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
 def test_stacked_product_keeps_the_bias(monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer with a bias (Qwen2's qkv) on the stacked path: the bias becomes a view of
     ``[bias; 0]``, so the one GEMM adds it to y and nothing to h."""
