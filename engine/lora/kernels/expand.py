@@ -232,7 +232,7 @@ def _h_layout(
 
 def lora_expand(
     y: torch.Tensor,  # [T, N], updated in place
-    h: torch.Tensor,  # [split_k, T, S * R] float32 partial sums, from lora_shrink
+    h: torch.Tensor,  # [split_k, T, S * R] float32 partial sums (lora_shrink), or per slot
     lora_b: torch.Tensor,  # [L, N, R]
     lora_ranks: torch.Tensor,  # [L, S] int32
     slice_offsets: torch.Tensor,  # [S + 1] int32 on y's device
@@ -402,7 +402,7 @@ def _lora_expand_silu_kernel(
 
 def lora_expand_silu_and_mul(
     y: torch.Tensor,  # [T, 2 * I] base gate_up output (not written)
-    h: torch.Tensor,  # [split_k, T, 2 * R] float32 partial sums, from lora_shrink
+    h: torch.Tensor,  # [split_k, T, 2 * R] float32 partial sums (lora_shrink), or per slot
     lora_b: torch.Tensor,  # [L, 2 * I, R]
     lora_ranks: torch.Tensor,  # [L, 2] int32
     lora: LoRAMetadata,
