@@ -228,11 +228,11 @@ class LoRALinear(nn.Module):
             from engine.lora.kernels.shrink import lora_shrink
 
             b_args = (self.lora_b_stacked, self.lora_ranks, lora)
-            stacked = self._stacks_a(x, stack_a)
-            if stacked and FUSED_SILU_STACKED:
+            stack_a = self._stacks_a(x, stack_a)  # decided once: forward below takes it
+            if stack_a and FUSED_SILU_STACKED:
                 y, h = self._stacked_product(x)
                 return lora_expand_silu_and_mul(y, h, *b_args, h_per_slot=True)
-            if not stacked and lora.block_m >= FUSED_SILU_MIN_BLOCK_M:
+            if not stack_a and lora.block_m >= FUSED_SILU_MIN_BLOCK_M:
                 y = nn.functional.linear(x, self.weight, self.bias)
                 h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
                 return lora_expand_silu_and_mul(y, h, *b_args)

@@ -254,6 +254,19 @@ def written_h(st: Setup, planes: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, h, torch.zeros_like(h))
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
+    """Wrap ``module.name`` so each call appends to the returned list, then calls through."""
+    real = getattr(module, name)
+    calls: list[int] = []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def check_case(case: Case, seed: int = 0) -> None:
     st = make_setup(case, seed)
     lay, meta = st.layer, st.meta
@@ -384,15 +397,8 @@ def test_layer_forward_uses_the_kernels_when_forced(
     base = torch.nn.functional.linear(st.x, st.layer.weight)
     monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
     y_torch = st.layer(st.x, st.meta)
-    calls: list[int] = []
     monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
-    real = shrink_mod.lora_shrink
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(shrink_mod, "lora_shrink", counted)
+    calls = count_calls(monkeypatch, shrink_mod, "lora_shrink")
     y = st.layer(st.x, st.meta)
     assert calls == [1]
     assert_rel((y - base).float(), (y_torch - base).float(), 1e-2)
@@ -488,14 +494,7 @@ def test_stacked_product_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> 
     lay = st.layer
     a = lay.lora_a_stacked
     rows, a_bytes = a.shape[0] * a.shape[1] * a.shape[2], a.numel() * a.element_size()
-    calls: list[int] = []
-    real = shrink_mod.lora_shrink
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(shrink_mod, "lora_shrink", counted)
+    calls = count_calls(monkeypatch, shrink_mod, "lora_shrink")
     outputs = []
     for max_product, max_bytes, shrinks in [
         (17 * rows, a_bytes, 0),
@@ -639,14 +638,7 @@ def test_layer_silu_and_mul_takes_the_fused_kernel(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
     monkeypatch.setattr(ops, "MODEL_KERNELS", "torch")
     expected = st.layer.silu_and_mul(st.x, st.meta)
-    calls: list[int] = []
-    real = expand_mod.lora_expand_silu_and_mul
-
-    def counted(*args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(1)
-        return real(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(expand_mod, "lora_expand_silu_and_mul", counted)
+    calls = count_calls(monkeypatch, expand_mod, "lora_expand_silu_and_mul")
     monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
     monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
     out = st.layer.silu_and_mul(st.x, st.meta)
