@@ -76,6 +76,9 @@ class EngineArgs:
     """Only 1 is supported."""
     enable_chunked_prefill: bool = True
     """Split long prompts over steps so decodes keep flowing."""
+    async_scheduling: bool = False
+    """Schedule and launch each step before the previous one's tokens reach the host, so host
+    work overlaps the GPU; a request may compute one token past its stop, which is dropped."""
     enable_lora: bool = False
     """Serve LoRA adapters."""
     max_loras: int = 1
@@ -257,6 +260,7 @@ class EngineArgs:
                 max_loras=self.max_loras if self.enable_lora else 0,
                 max_lora_wait_steps=self.max_lora_wait_steps,
                 enable_chunked_prefill=self.enable_chunked_prefill,
+                async_scheduling=self.async_scheduling,
             ),
             lora=LoRAConfig(
                 max_loras=self.max_loras,
@@ -292,6 +296,7 @@ class SchedulerConfig:
     """0 when LoRA is off."""
     max_lora_wait_steps: int = 64
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,11 @@
 """``EngineCore``: the scheduler, the model runner and the adapter manager behind one step.
 
-One step is ``schedule()`` → ``execute_model()`` → ``update_from_output()``; requests come in
-as token ids and leave as token ids (``EngineCoreOutputs``). No tokenizer and no text: the
+One step is ``schedule()`` → ``launch()`` → ``wait()`` → ``update_from_output()``; requests
+come in as token ids and leave as token ids (``EngineCoreOutputs``). With
+``async_scheduling`` a step's call launches the next step before it waits for the one
+before, so the host's scheduling, input packing and output handling overlap the device (see
+``engine.core.scheduler``); each call still returns one step's tokens. The core does not run
+ahead past a step whose requests use penalties, which need every token on the host. No tokenizer and no text: the
 front (``LLMEngine`` with its ``OutputProcessor``) turns ids into ``RequestOutput``s, in the
 same process or, with ``enable_multiprocessing``, in another one (``engine.core_proc``).
 """
@@ -10,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from engine.config import EngineConfig
 from engine.core.block_manager import BlockManager
-from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.scheduler import Scheduler, SchedulerOutput, sampled_output_index
 from engine.core_messages import (
     AdapterStats,
     CoreStats,
@@ -27,7 +32,7 @@ from engine.errors import InvalidRequest, LoRAStreamError
 from engine.lora.manager import LoRAManager
 from engine.lora.request import LoRARequest
 from engine.sequence import Request, RequestStatus
-from engine.worker.model_runner import ModelRunner
+from engine.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger("lorastream.engine")
 
@@ -40,7 +45,8 @@ class CoreTimings:
 
     schedule_s: float = 0.0
     execute_s: float = 0.0
-    """``ModelRunner.execute_model``: input preparation, launch, sampling and its host sync."""
+    """``ModelRunner.launch`` and the wait for the tokens: input preparation, launch,
+    sampling and its host sync."""
     update_s: float = 0.0
     """``update_from_output`` and the outputs (token ids) of the step."""
     steps: int = 0
@@ -62,6 +68,10 @@ class EngineCore:
         # Requests that failed outside a step (a bad AddRequest in the core process):
         # reported at the start of the next step.
         self._failed: list[FailedRequest] = []
+        # Launched steps whose tokens have not been collected, oldest first (at most two).
+        self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
+        self.async_scheduling = config.scheduler.async_scheduling
+        """Read at every step, so it may change between steps (benchmarks compare both)."""
 
     # ---------------------------------------------------------------- adapters
     @property
@@ -111,7 +121,9 @@ class EngineCore:
             self._unpin(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._failed)
+        return (
+            self.scheduler.has_unfinished_requests() or bool(self._failed) or bool(self._in_flight)
+        )
 
     def get_load(self) -> EngineLoad:
         return EngineLoad(
@@ -123,7 +135,14 @@ class EngineCore:
         t0 = time.perf_counter()
         failed, self._failed = self._failed, []
         self._fail_adapter_errors(failed)
-        sched = self.scheduler.schedule()
+        queue = self._in_flight
+        sched = None
+        launch_s = 0.0  # of the host time before t1, what the runner's launches took
+        if not queue:
+            sched, launch_s = self._launch()
+        if queue and self.async_scheduling and self._can_run_ahead():
+            sched, dt = self._launch()
+            launch_s += dt
         t1 = t2 = time.perf_counter()
         num_prompt = num_gen = 0
         ids: list[str] = []
@@ -132,40 +151,67 @@ class EngineCore:
         stop_reasons: list[int | None] = []
         first_times: list[float | None] = []
         logprobs: list[dict[int, float] | None] | None = None
-        if sched.scheduled:
-            result = self.runner.execute_model(sched)
+        if queue:
+            sched, handle = queue.popleft()
+            result = handle.wait()
             t2 = time.perf_counter()
             touched = self.scheduler.update_from_output(sched, result.sampled_token_ids)
+            sampled = {}
             for s in sched.scheduled:
                 if not s.sample:
                     num_prompt += s.num_new_tokens
                 else:
                     num_gen += 1
                     num_prompt += s.num_new_tokens - 1
+                    sampled[s.request_id] = s
             for req in touched:
-                # update_from_output appends exactly one sampled token to each request it returns.
+                # update_from_output sets exactly one sampled token of each request it returns.
+                index = sampled_output_index(sampled[req.request_id])
                 ids.append(req.request_id)
-                tokens.append(req.output_token_ids[-1])
+                tokens.append(req.output_token_ids[index])
                 finish_reasons.append(req.status.finish_reason)
                 # Stop token ids only: the core never sees stop strings.
                 stop = req.stop_reason
                 stop_reasons.append(stop if isinstance(stop, int) else None)
-                first_times.append(req.first_token_time if req.num_output_tokens == 1 else None)
+                first_times.append(req.first_token_time if index == 0 else None)
                 if req.is_finished:
                     self._unpin(req)
             if result.logprobs:
                 logprobs = [result.logprobs.get(i) for i in ids]
         t3 = time.perf_counter()
+        assert sched is not None
+        schedule_s, execute_s, update_s = t1 - t0 - launch_s, t2 - t1 + launch_s, t3 - t2
         tm = self.timings
         if sched.scheduled:
-            tm.schedule_s += t1 - t0
-            tm.execute_s += t2 - t1
-            tm.update_s += t3 - t2
+            tm.schedule_s += schedule_s
+            tm.execute_s += execute_s
+            tm.update_s += update_s
             tm.steps += 1
-        stats = self._stats(sched, num_prompt, num_gen, t3 - t0, t1 - t0, t2 - t1, t3 - t2)
+        stats = self._stats(sched, num_prompt, num_gen, t3 - t0, schedule_s, execute_s, update_s)
         return EngineCoreOutputs(
             ids, tokens, finish_reasons, stop_reasons, first_times, logprobs, failed, stats
         )
+
+    def _launch(self) -> tuple[SchedulerOutput, float]:
+        """Schedule a step and launch it (when it has work) behind the steps in flight;
+        returns it and the seconds the launch took."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return sched, 0.0
+        t0 = time.perf_counter()
+        previous = self._in_flight[-1][1] if self._in_flight else None
+        handle = self.runner.launch(sched, previous)
+        self.scheduler.advance(sched)
+        self._in_flight.append((sched, handle))
+        return sched, time.perf_counter() - t0
+
+    def _can_run_ahead(self) -> bool:
+        """Whether the next step may be launched before the one in flight is collected:
+        only one step runs ahead, and not past requests whose penalties read every token."""
+        if len(self._in_flight) != 1:
+            return False
+        sched = self._in_flight[0][0]
+        return not any(s.request.sampling_params.has_penalties for s in sched.scheduled)
 
     def _fail_adapter_errors(self, failed: list[FailedRequest]) -> None:
         manager = self.runner.lora_manager

@@ -105,6 +105,15 @@ class SamplingParams:
         return self.temperature < 1e-5
 
     @property
+    def has_penalties(self) -> bool:
+        """A penalty reads the tokens generated so far."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    @property
     def top_k_enabled(self) -> bool:
         return self.top_k > 0
 

@@ -99,6 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also run base and the first pattern with enable_multiprocessing=True",
     )
     p.add_argument(
+        "--async-scheduling",
+        choices=("off", "on", "both"),
+        default="off",
+        help="the engines' async_scheduling; both: each configuration runs both ways, in "
+        "turns on the same engines (rows of the async runs end in ' async')",
+    )
+    p.add_argument(
         "--profile", action="store_true", help="torch.profiler on multi-LoRA decode steps"
     )
     p.add_argument("--workdir", default="/tmp/lorastream-bench")
@@ -276,9 +283,9 @@ class StepLog:
 def instrument(llm: LLM, on_step: Callable[[], None] | None = None) -> Iterator[StepLog]:
     eng = llm.llm_engine
     rec = StepLog()
-    sched, run, upd, step = (
+    sched, launch, upd, step = (
         eng.scheduler.schedule,
-        eng.runner.execute_model,
+        eng.runner.launch,
         eng.scheduler.update_from_output,
         eng.step,
     )
@@ -294,9 +301,14 @@ def instrument(llm: LLM, on_step: Callable[[], None] | None = None) -> Iterator[
 
         return wrapper
 
-    def execute(s: Any) -> Any:
+    def launch_step(s: Any, previous: Any = None) -> Any:
+        # With async scheduling a call launches one step and collects the one before: the
+        # call counts as a decode step when the step it launches is one. "execute" is the
+        # launch plus the wait for the tokens, as in a step without async scheduling.
         decode[0] = bool(s.scheduled) and all(x.num_new_tokens == 1 for x in s.scheduled)
-        return run(s)
+        handle = timed(launch, "execute_s")(s, previous)
+        handle.wait = timed(handle.wait, "execute_s")
+        return handle
 
     def engine_step() -> Any:
         decode[0] = False
@@ -324,7 +336,7 @@ def instrument(llm: LLM, on_step: Callable[[], None] | None = None) -> Iterator[
 
     gc.callbacks.append(on_gc)
     eng.scheduler.schedule = timed(sched, "schedule_s")  # type: ignore[method-assign]
-    eng.runner.execute_model = timed(execute, "execute_s")  # type: ignore[method-assign]
+    eng.runner.launch = launch_step  # type: ignore[method-assign]
     eng.scheduler.update_from_output = timed(upd, "update_s")  # type: ignore[method-assign]
     eng.step = engine_step  # type: ignore[method-assign]
     try:
@@ -333,7 +345,7 @@ def instrument(llm: LLM, on_step: Callable[[], None] | None = None) -> Iterator[
         gc.callbacks.remove(on_gc)
         for name in ("schedule", "update_from_output"):
             eng.scheduler.__dict__.pop(name, None)
-        eng.runner.__dict__.pop("execute_model", None)
+        eng.runner.__dict__.pop("launch", None)
         eng.__dict__.pop("step", None)
 
 
@@ -456,7 +468,8 @@ def run_lorastream(
         "graph_steps": t.graph_steps - before.graph_steps,
         "runner_prepare_ms": 1e3 * (t.prepare_s - before.prepare_s) / steps,
         "runner_forward_launch_ms": 1e3 * (t.forward_s - before.forward_s) / steps,
-        "runner_sample_and_wait_ms": 1e3 * (t.sample_s - before.sample_s) / steps,
+        "runner_sample_ms": 1e3 * (t.sample_s - before.sample_s) / steps,
+        "runner_wait_ms": 1e3 * (t.wait_s - before.wait_s) / steps,
         **rec.summary(),
     }
     log.info("%s: %.0f output tok/s (%.1f s)", name, row["output_tok_s"], elapsed)
@@ -826,6 +839,7 @@ def bench_side_by_side(
             engines["base"] = make_llm(model_dir, args, None)
             warm_up(engines["base"], [], args, len(prompts))
         assignments: dict[str, list[int] | None] = {} if args.skip_base else {"base": None}
+        modes = {"off": [False], "on": [True], "both": [False, True]}[args.async_scheduling]
         if patterns:
             engines["lora"] = make_llm(model_dir, args, args.max_loras)
             warm_up(engines["lora"], loras, args, len(prompts))
@@ -833,13 +847,18 @@ def bench_side_by_side(
                 assigned = assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
                 warm_up(engines["lora"], loras, args, len(prompts), assigned, add=False)
                 assignments[pattern] = assigned
-        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in assignments}
+        runs: dict[str, list[dict[str, Any]]] = {
+            name + (" async" if on else ""): [] for name in assignments for on in modes
+        }
         for _ in range(args.repeats):
             for name, adapters in assignments.items():
                 llm = engines["base" if adapters is None else "lora"]
-                runs[name].append(
-                    run_lorastream(llm, f"lorastream {name}", prompts, adapters, loras, args)
-                )
+                for on in modes:
+                    llm.llm_engine.core.async_scheduling = on
+                    label = name + (" async" if on else "")
+                    runs[label].append(
+                        run_lorastream(llm, f"lorastream {label}", prompts, adapters, loras, args)
+                    )
         rows.extend(median_row(r) for r in runs.values())
         save()
         profile_dir = out / "profile"
@@ -886,20 +905,24 @@ def summarize(result: dict[str, Any]) -> None:
             targets[f"{pattern} / base, multiprocessing (>= 0.90)"] = (
                 mp_row["output_tok_s"] / mp_base
             )
-        row = by.get(f"lorastream {pattern}")
-        if row is None:
-            continue
-        if base:
-            targets[f"{pattern} / base (>= 0.90)"] = row["output_tok_s"] / base
-            # Side by side, round i of each configuration ran next to the others' round i:
-            # the ratio within a round leaves out what drifts between rounds.
-            paired = _round_ratios(row, by["lorastream base"])
-            if paired:
-                targets[f"{pattern} / base, median of the rounds' ratios"] = statistics.median(
-                    paired
-                )
-        if peft:
-            targets[f"{pattern} / HF PEFT (>= 50)"] = row["output_tok_s"] / peft
+        for mode in ("", " async"):
+            row = by.get(f"lorastream {pattern}{mode}")
+            base_row = by.get(f"lorastream base{mode}")
+            if row is None:
+                continue
+            if base_row:
+                name = f"{pattern}{mode} / base{mode}"
+                targets[f"{name} (>= 0.90)"] = row["output_tok_s"] / base_row["output_tok_s"]
+                # Side by side, round i of each configuration ran next to the others' round
+                # i: the ratio within a round leaves out what drifts between rounds.
+                paired = _round_ratios(row, base_row)
+                if paired:
+                    targets[f"{name}, median of the rounds' ratios"] = statistics.median(paired)
+            if peft:
+                targets[f"{pattern}{mode} / HF PEFT (>= 50)"] = row["output_tok_s"] / peft
+    base_async = by.get("lorastream base async", {}).get("output_tok_s")
+    if base and base_async:
+        targets["base async / base"] = base_async / base
     for r in result["rows"]:
         if r["config"].startswith("roofline"):
             targets[f"{r['config']} fraction (>= 0.65)"] = r["fraction_of_roofline"]

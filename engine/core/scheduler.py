@@ -49,7 +49,18 @@ request advances one token per step (the token budget covers the running decodes
 nothing is preempted). Requests ahead of it in the queue (higher priority, or older and
 not yet ready) still go first.
 
-Stops. ``update_from_output`` appends each sampled token and checks, in this order: EOS
+Async scheduling (``async_scheduling``). The engine may schedule step N+1 while step N still
+runs on the device. ``advance(out)``, called once a step is launched, moves each request's
+``num_computed_tokens`` on and gives every request that samples a ``PLACEHOLDER`` output
+token, so the next ``schedule()`` sees it one token further (the runner feeds the token
+from the device). ``update_from_output`` then writes the real token in the placeholder's
+place and checks the stops. A request whose placeholder will end it by length (max_tokens,
+max_model_len) is not scheduled again. One stopped by EOS or a stop token may already be in
+the next launched step: that token is dropped, and the request ends where it stopped.
+Without async scheduling ``update_from_output`` advances the step itself, and no
+placeholder is ever seen.
+
+Stops. ``update_from_output`` sets each sampled token and checks, in this order: EOS
 (unless ``ignore_eos``) and ``stop_token_ids`` → ``FINISHED_STOPPED`` (neither before
 ``min_tokens`` output tokens; a stop token id becomes ``stop_reason``), then ``max_tokens``
 or ``max_model_len`` → ``FINISHED_LENGTH``. A stop token wins over length on the same
@@ -74,6 +85,9 @@ from engine.sequence import Request, RequestStatus
 
 if TYPE_CHECKING:  # engine.config imports torch; the scheduler only reads its fields
     from engine.config import SchedulerConfig
+
+PLACEHOLDER = -1
+"""An output token sampled by a launched step and not yet known on the host."""
 
 
 @dataclass
@@ -101,6 +115,8 @@ class SchedulerOutput:
     """Requests preempted this step (now waiting, to be recomputed)."""
     finished_request_ids: frozenset[str]
     """Requests finished since the previous ``schedule()``: the runner may drop their state."""
+    advanced: bool = False
+    """``Scheduler.advance`` has run for this step."""
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -116,6 +132,11 @@ class SchedulerStats:
     active_lora_ids: frozenset[int]
     num_preemptions: int
     """Total since the scheduler started."""
+
+
+def sampled_output_index(s: ScheduledRequest) -> int:
+    """Index in ``output_token_ids`` of the token step ``s`` samples."""
+    return s.start_position + s.num_new_tokens - s.request.num_prompt_tokens
 
 
 def check_prompt_fits(num_prompt: int, block_size: int, num_blocks: int) -> None:
@@ -169,6 +190,9 @@ class Scheduler:
         self._order_keys: dict[str, tuple[int, float, int]] = {}
         self._counter = itertools.count()
         self._finished_ids: set[str] = set()
+        self._final: set[str] = set()
+        """Running requests whose pending placeholder will finish them by length: nothing
+        more is scheduled for them."""
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -248,6 +272,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
+            if request.request_id in self._final:
+                i += 1
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self.block_manager.allocate_slots(request, num_new):
                 victim = self.running[-1]
@@ -317,44 +344,70 @@ class Scheduler:
             done = set(admitted)
             self.waiting = [r for r in self.waiting if r not in done]
 
+    def advance(self, scheduler_output: SchedulerOutput) -> None:
+        """The step is launched: its tokens count as computed, and each request it samples
+        gets a ``PLACEHOLDER`` output token until ``update_from_output`` brings the real one."""
+        if scheduler_output.advanced:
+            return
+        scheduler_output.advanced = True
+        for s in scheduler_output.scheduled:
+            request = s.request
+            if request.is_finished:  # aborted before the step was launched
+                continue
+            request.num_computed_tokens += s.num_new_tokens
+            if s.sample:
+                request.output_token_ids.append(PLACEHOLDER)
+                if self._length_reached(request, request.num_output_tokens):
+                    self._final.add(request.request_id)
+
     def update_from_output(
         self, scheduler_output: SchedulerOutput, sampled_token_ids: dict[str, int]
     ) -> list[Request]:
-        """Advance the scheduled requests; returns those that got a token or finished."""
+        """Set the step's sampled tokens (advancing it first if ``advance`` was not called);
+        returns the requests that got a token or finished."""
+        self.advance(scheduler_output)
         changed: list[Request] = []
         for s in scheduler_output.scheduled:
             request = s.request
-            if request.is_finished:  # aborted while the step ran
+            if not s.sample or request.is_finished:  # aborted or stopped while the step ran
                 continue
-            request.num_computed_tokens += s.num_new_tokens
-            if not s.sample:
-                continue
-            request.output_token_ids.append(sampled_token_ids[request.request_id])
+            index = sampled_output_index(s)
+            request.output_token_ids[index] = sampled_token_ids[request.request_id]
             if request.first_token_time is None:
                 request.first_token_time = time.monotonic()
-            status = self._check_stop(request)
+            status = self._check_stop(request, index)
             if status is not None:
-                self._remove_running(request)
+                # Tokens of steps launched after this one are dropped.
+                del request.output_token_ids[index + 1 :]
+                if request.status == RequestStatus.RUNNING:
+                    self._remove_running(request)
+                else:  # preempted after its step was launched
+                    self.waiting.remove(request)
                 self._finish(request, status)
             changed.append(request)
         return changed
 
     # ------------------------------------------------------------------ helpers
-    def _check_stop(self, request: Request) -> RequestStatus | None:
+    def _check_stop(self, request: Request, index: int) -> RequestStatus | None:
+        """Whether output token ``index`` (just sampled) ends the request."""
         params = request.sampling_params
-        token = request.output_token_ids[-1]
-        if request.num_output_tokens >= params.min_tokens:
+        token = request.output_token_ids[index]
+        if index + 1 >= params.min_tokens:
             if token == request.eos_token_id and not params.ignore_eos:
                 request.stop_reason = None
                 return RequestStatus.FINISHED_STOPPED
             if token in params.stop_token_ids:
                 request.stop_reason = token
                 return RequestStatus.FINISHED_STOPPED
-        if params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if request.num_tokens >= self.max_num_tokens:
+        if self._length_reached(request, index + 1):
             return RequestStatus.FINISHED_LENGTH
         return None
+
+    def _length_reached(self, request: Request, num_output: int) -> bool:
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None and num_output >= max_tokens:
+            return True
+        return request.num_prompt_tokens + num_output >= self.max_num_tokens
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
@@ -375,6 +428,7 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
+        self._final.discard(request.request_id)
         self.block_manager.free(request)
         del self.requests[request.request_id]
         del self._order_keys[request.request_id]

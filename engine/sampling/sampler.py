@@ -1,7 +1,7 @@
 """Batched sampling: penalties, greedy / temperature / top-k / top-p / min-p, per-request seeds.
 
 All rows of a step are processed together on the logits' device; the only host sync is the
-final ``.tolist()`` of the results. Order, as in vLLM and Hugging Face's logits processors:
+wait for the results (``SampledTokens.result``), which ``launch`` leaves to the caller. Order, as in vLLM and Hugging Face's logits processors:
 
 1. ``min_tokens``: EOS and ``stop_token_ids`` are banned while a row is below its minimum.
 2. Penalties on the raw logits: repetition (HF style, tokens seen in prompt + output),
@@ -135,7 +135,7 @@ class SamplingMetadata:
             min_p = f32([p.min_p for p in params])
 
         penalties = None
-        if any(_has_penalty(p) for p in params):
+        if any(p.has_penalties for p in params):
             penalties = Penalties(
                 repetition=f32([p.repetition_penalty for p in params]),
                 presence=f32([p.presence_penalty for p in params]),
@@ -148,7 +148,7 @@ class SamplingMetadata:
                     device,
                 ),
                 output_tokens=_flatten(
-                    [r.output_token_ids if _has_penalty(r.sampling_params) else [] for r in rows],
+                    [r.output_token_ids if r.sampling_params.has_penalties else [] for r in rows],
                     device,
                 ),
             )
@@ -212,11 +212,49 @@ class SamplerOutput:
     that did not ask); None when no row asked."""
 
 
+class SampledTokens:
+    """A step's sampled tokens on the device, on their way to the host.
+
+    ``token_ids`` ([N] int64 on the device) can feed the next step before the host has them;
+    ``result()`` waits for the copy and returns the ``SamplerOutput``."""
+
+    def __init__(
+        self,
+        token_ids: torch.Tensor,
+        packed: torch.Tensor | None = None,
+        num_logprobs: list[int | None] | None = None,
+    ) -> None:
+        self.token_ids = token_ids
+        # Without logprobs the ids alone travel; with them, [N, 2 + 2k] float64 rows (ids
+        # fit exactly in float64): the sampled id, the top-k ids, their logprobs.
+        self._num_logprobs = num_logprobs
+        src = token_ids if packed is None else packed
+        self._done: torch.cuda.Event | None = None
+        if src.is_cuda:
+            self._host = src.to("cpu", non_blocking=True)  # pinned: the copy runs on
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = src
+
+    def result(self) -> SamplerOutput:
+        if self._done is not None:
+            self._done.synchronize()
+        rows = self._host.tolist()
+        if self._num_logprobs is None:
+            return SamplerOutput(token_ids=rows, logprobs=None)
+        return _unpack_logprobs(rows, self._num_logprobs)
+
+
 class Sampler(nn.Module):
     """Stateless: the engine's generator travels in ``SamplingMetadata``."""
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        """Sample one token per row of ``logits`` [N, V] float32.
+        """Sample one token per row of ``logits`` [N, V] float32 and wait for the tokens."""
+        return self.launch(logits, metadata).result()
+
+    def launch(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SampledTokens:
+        """Sample one token per row of ``logits`` [N, V] float32, without waiting.
 
         Logprobs are "raw", as vLLM's default ``logprobs_mode="raw_logprobs"``: the
         log-softmax of the logits as the model produced them, before min_tokens, penalties,
@@ -247,8 +285,8 @@ class Sampler(nn.Module):
                 sampled = torch.where(md.is_greedy, logits.argmax(dim=-1), sampled)
 
         if raw_logprobs is None:
-            return SamplerOutput(token_ids=sampled.tolist(), logprobs=None)
-        return _gather_logprobs(raw_logprobs, sampled, md)
+            return SampledTokens(sampled)
+        return SampledTokens(sampled, _pack_logprobs(raw_logprobs, sampled, md), md.num_logprobs)
 
     def _sample_random(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         probs = torch.softmax(filter_logits(logits, md), dim=-1)  # [N, V]
@@ -332,21 +370,26 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def _gather_logprobs(
+def _pack_logprobs(
     raw_logprobs: torch.Tensor, sampled: torch.Tensor, md: SamplingMetadata
-) -> SamplerOutput:
+) -> torch.Tensor:
+    """[N, 2 + 2k] float64: the sampled id, the top-k ids, the sampled logprob, the top-k
+    logprobs; one transfer for everything."""
     assert md.max_num_logprobs is not None
     k = min(md.max_num_logprobs, raw_logprobs.shape[1])
     top_vals, top_ids = raw_logprobs.topk(k, dim=-1)  # [N, k]
     sampled_vals = raw_logprobs.gather(1, sampled.unsqueeze(1))  # [N, 1]
-    # One transfer for everything: ids fit exactly in float64.
-    packed = torch.cat(
+    return torch.cat(
         [sampled.unsqueeze(1).double(), top_ids.double(), sampled_vals.double(), top_vals.double()],
         dim=1,
-    ).tolist()  # [N, 2 + 2k]
+    )
+
+
+def _unpack_logprobs(packed: list[list[float]], num_logprobs: list[int | None]) -> SamplerOutput:
+    k = (len(packed[0]) - 2) // 2 if packed else 0
     token_ids: list[int] = []
     logprobs: list[dict[int, float] | None] = []
-    for row, n in zip(packed, md.num_logprobs, strict=True):
+    for row, n in zip(packed, num_logprobs, strict=True):
         token = int(row[0])
         token_ids.append(token)
         if n is None:
@@ -357,10 +400,6 @@ def _gather_logprobs(
             entry.setdefault(int(tid), val)
         logprobs.append(entry)
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
-
-
-def _has_penalty(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
 def _flatten(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

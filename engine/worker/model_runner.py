@@ -18,6 +18,13 @@ them; the padding rows of a bucket run as one-token sequences on block 0 that wr
 in fixed per-slot buffers, so a change of adapters needs no re-capture; the per-token LoRA
 slots go through a static ``LoRAMetadata`` when ``engine.lora.layers`` provides one (see
 ``_static_lora``), else graphs serve only steps without adapter tokens.
+
+Launch and wait. ``launch`` runs a step up to its sampling and returns a ``StepHandle``
+without waiting for the device; ``StepHandle.wait`` brings the tokens to the host. With
+async scheduling the engine launches the next step before waiting: a request whose last
+token is still a ``PLACEHOLDER`` takes it from the previous handle's sampled tokens, on the
+device (``pack_step``'s fills). Every copy and kernel runs on one stream, so a step never
+sees buffers the next one rewrites.
 """
 
 from __future__ import annotations
@@ -33,14 +40,14 @@ import numpy as np
 import torch
 
 from engine.config import EngineConfig
-from engine.core.scheduler import ScheduledRequest, SchedulerOutput
+from engine.core.scheduler import PLACEHOLDER, ScheduledRequest, SchedulerOutput
 from engine.lora import layers as lora_layers
 from engine.lora.manager import LoRAManager
 from engine.lora.warmup import warm_up_lora_kernels
 from engine.model.loader import load_model
 from engine.model.metadata import AttentionMetadata, ForwardBatch, LoRAMetadata
 from engine.outputs import SampleLogprobs
-from engine.sampling.sampler import Sampler, SamplingMetadata, SamplingRow
+from engine.sampling.sampler import SampledTokens, Sampler, SamplingMetadata, SamplingRow
 from engine.sequence import Request
 
 logger = logging.getLogger("lorastream.runner")
@@ -63,7 +70,9 @@ class StepTimings:
     forward_s: float = 0.0
     """Launching the model (a graph replay or eager kernels; the GPU runs on asynchronously)."""
     sample_s: float = 0.0
-    """Sampling metadata, sampling and the wait for the tokens (includes GPU time not hidden)."""
+    """Logits, sampling metadata and the sampling launch."""
+    wait_s: float = 0.0
+    """Waiting for the sampled tokens (GPU time the host work did not hide)."""
     steps: int = 0
     graph_steps: int = 0
 
@@ -72,7 +81,8 @@ class StepTimings:
         return {
             "prepare_ms": 1e3 * self.prepare_s / n,
             "forward_launch_ms": 1e3 * self.forward_s / n,
-            "sample_and_wait_ms": 1e3 * self.sample_s / n,
+            "sample_ms": 1e3 * self.sample_s / n,
+            "wait_ms": 1e3 * self.wait_s / n,
         }
 
 
@@ -98,8 +108,11 @@ class PackedInputs:
     """One step's integer inputs, laid out back to back in one int64 buffer.
 
     Layout: ``input_ids [T] | positions [T] | slot_mapping [T] | logits_rows [N] |
-    query_start_loc [B + 1] | seq_lens [B] | block_tables [B, W]``; the last three go to
-    the device as int32, each starting at a multiple of 4 elements (gaps unused). Rows past ``num_real_seqs`` are padding (see the module docstring).
+    query_start_loc [B + 1] | seq_lens [B] | block_tables [B, W] | fill_rows [F] |
+    fill_sources [F]``; query starts, lengths and tables go to the device as int32, each
+    starting at a multiple of 4 elements (gaps unused). The fills are the token rows whose
+    id is a ``PLACEHOLDER`` and, for each, its row in the previous step's sampled tokens.
+    Rows past ``num_real_seqs`` are padding (see the module docstring).
     """
 
     num_tokens: int
@@ -112,6 +125,8 @@ class PackedInputs:
     total: int
     """Elements of the buffer used."""
     max_seq_len: int
+    fills_offset: int
+    num_fills: int
     query_start_loc: np.ndarray = field(repr=False)
     seq_lens: np.ndarray = field(repr=False)
     token_slots_lora: np.ndarray | None = field(default=None, repr=False)
@@ -143,12 +158,15 @@ def pack_step(
     block_size: int,
     num_seqs: int | None = None,
     seq_lora_slots: list[int] | None = None,
+    previous_rows: dict[str, int] | None = None,
 ) -> PackedInputs:
     """Pack the step's inputs into ``out`` (int64, large enough); see ``PackedInputs``.
 
     ``num_seqs`` > ``len(scheduled)`` pads the batch to a graph bucket with one-token
     sequences (token 0 at position 0, KV slot -1, block table of zeros, context length 1).
     ``seq_lora_slots`` gives each real sequence's adapter slot (-1: none).
+    ``previous_rows``: each request's row in the previous step's sampled tokens, where a
+    ``PLACEHOLDER`` token is taken from.
     """
     n = len(scheduled)
     b = num_seqs if num_seqs is not None else n
@@ -201,6 +219,18 @@ def pack_step(
         per_seq = np.full(b, -1, dtype=np.int64)
         per_seq[:n] = seq_lora_slots
         lora = per_seq[rows]
+    end = o_bt + b * width
+    holes = np.flatnonzero(ids[:t_real] == PLACEHOLDER)
+    if len(holes):
+        ids[holes] = 0
+        owners = [scheduled[r].request_id for r in rows[holes]]
+        if previous_rows is None or any(rid not in previous_rows for rid in owners):
+            raise ValueError(
+                f"placeholder tokens of {owners} are not among the previous step's samples"
+            )
+        sources = [previous_rows[rid] for rid in owners]
+        out[end : end + len(holes)] = holes
+        out[end + len(holes) : end + 2 * len(holes)] = sources
     return PackedInputs(
         num_tokens=t,
         num_seqs=b,
@@ -208,11 +238,13 @@ def pack_step(
         num_real_tokens=t_real,
         width=width,
         num_logits=nl,
-        total=o_bt + b * width,
+        total=end + 2 * len(holes),
         max_seq_len=int(seq_lens.max()) if b else 0,
         query_start_loc=qsl,
         seq_lens=seq_lens.copy(),
         token_slots_lora=lora,
+        num_fills=len(holes),
+        fills_offset=end,
     )
 
 
@@ -222,14 +254,51 @@ def _is_plain_greedy(req: Request) -> bool:
     return (
         p.greedy
         and p.logprobs is None
-        and p.repetition_penalty == 1.0
-        and p.presence_penalty == 0.0
-        and p.frequency_penalty == 0.0
+        and not p.has_penalties
         and len(req.output_token_ids) >= p.min_tokens
     )
 
 
+def _fill_tokens(
+    ids: torch.Tensor, dev: torch.Tensor, p: PackedInputs, fills: torch.Tensor | None
+) -> None:
+    """Write the previous step's sampled tokens into the rows of ``ids`` that were
+    placeholders (``dev``: the packed step on the device)."""
+    if not p.num_fills:
+        return
+    assert fills is not None
+    o, f = p.fills_offset, p.num_fills
+    ids.index_copy_(0, dev[o : o + f], fills.index_select(0, dev[o + f : o + 2 * f]))
+
+
 # ----------------------------------------------------------------------------- runner
+
+
+class StepHandle:
+    """A launched step: its sampled tokens, on the device and on their way to the host."""
+
+    def __init__(
+        self, requests: list[Request], tokens: SampledTokens | None, timings: StepTimings
+    ) -> None:
+        self.requests = requests
+        """The requests that sample, in the order of the sampled rows."""
+        self.tokens = tokens
+        self.rows = {r.request_id: i for i, r in enumerate(requests)}
+        self._timings = timings
+
+    def wait(self) -> RunnerOutput:
+        if self.tokens is None:
+            return RunnerOutput({}, {})
+        t0 = time.perf_counter()
+        out = self.tokens.result()
+        self._timings.wait_s += time.perf_counter() - t0
+        ids = dict(zip(self.rows, out.token_ids, strict=True))
+        logprobs: dict[str, dict[int, float]] = {}
+        if out.logprobs is not None:
+            for rid, lp in zip(self.rows, out.logprobs, strict=True):
+                if lp is not None:
+                    logprobs[rid] = lp
+        return RunnerOutput(ids, logprobs)
 
 
 @dataclass
@@ -272,7 +341,7 @@ class ModelRunner:
         self.max_num_seqs = sched.max_num_seqs
         self.max_blocks_per_seq = math.ceil(config.max_model_len / self.block_size)
         cuda = self.device.type == "cuda"
-        cap = 4 * sched.max_num_batched_tokens + 3 * sched.max_num_seqs + 12
+        cap = 4 * sched.max_num_batched_tokens + 5 * sched.max_num_seqs + 12
         cap += sched.max_num_seqs * self.max_blocks_per_seq
         self._stage = torch.empty(cap, dtype=torch.int64, pin_memory=cuda)
         self._stage_np: np.ndarray = self._stage.numpy()
@@ -328,8 +397,14 @@ class ModelRunner:
         return int(num)
 
     # ------------------------------------------------------------------ step
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step and wait for its tokens."""
+        return self.launch(sched).wait()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, previous: StepHandle | None = None) -> StepHandle:
+        """Run one step up to its sampling, without waiting for the device. ``previous``:
+        the step launched before, whose sampled tokens fill this one's placeholders."""
         t0 = time.perf_counter()
         scheduled = sched.scheduled
         seq_lora = self._lora_slots(sched)
@@ -340,21 +415,27 @@ class ModelRunner:
             self.block_size,
             num_seqs=graph,
             seq_lora_slots=seq_lora,
+            previous_rows=previous.rows if previous is not None else None,
         )
+        fills = None
+        if packed.num_fills:
+            assert previous is not None
+            assert previous.tokens is not None
+            fills = previous.tokens.token_ids
         if graph is not None:
             g = self.graphs[graph]
-            logits_rows = self._load_graph_inputs(packed, g.uses_lora)
+            logits_rows = self._load_graph_inputs(packed, g.uses_lora, fills)
             t2 = time.perf_counter()
             g.graph.replay()
             hidden = g.hidden
             self.timings.graph_steps += 1
         else:
-            batch, logits_rows = self._eager_inputs(packed)
+            batch, logits_rows = self._eager_inputs(packed, fills)
             t2 = time.perf_counter()
             hidden = self.model(batch)  # [T, D]
         t3 = time.perf_counter()
         sample_reqs = [s.request for s in scheduled if s.sample]
-        out = RunnerOutput({}, {})
+        tokens = None
         if sample_reqs:
             if packed.num_logits == packed.num_seqs == packed.num_tokens:
                 selected = hidden  # decode without padding: every row samples
@@ -363,24 +444,23 @@ class ModelRunner:
             else:
                 selected = hidden.index_select(0, logits_rows)
             logits = self.model.compute_logits(selected)  # [N, V] float32
-            out = self._sample(logits, sample_reqs)
+            tokens = self._sample(logits, sample_reqs)
         t4 = time.perf_counter()
         tm = self.timings
         tm.prepare_s += t2 - t0
         tm.forward_s += t3 - t2
         tm.sample_s += t4 - t3
         tm.steps += 1
-        return out
+        return StepHandle(sample_reqs, tokens, self.timings)
 
     def _stage_np_ready(self) -> np.ndarray:
         if self._copied is not None:
             self._copied.synchronize()  # the previous copy out of the staging buffer is done
         return self._stage_np
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> RunnerOutput:
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> SampledTokens:
         if all(_is_plain_greedy(r) for r in reqs):
-            ids = logits.argmax(dim=-1).tolist()  # the only host sync of the step
-            return RunnerOutput({r.request_id: t for r, t in zip(reqs, ids, strict=True)}, {})
+            return SampledTokens(logits.argmax(dim=-1))
         rows = [
             SamplingRow(
                 sampling_params=r.sampling_params,
@@ -391,14 +471,7 @@ class ModelRunner:
             for r in reqs
         ]
         meta = SamplingMetadata.build(rows, self.vocab_size, self.device, self.generator)
-        out = self.sampler(logits, meta)
-        tokens = {r.request_id: t for r, t in zip(reqs, out.token_ids, strict=True)}
-        logprobs: dict[str, dict[int, float]] = {}
-        if out.logprobs is not None:
-            for r, lp in zip(reqs, out.logprobs, strict=True):
-                if lp is not None:
-                    logprobs[r.request_id] = lp
-        return RunnerOutput(tokens, logprobs)
+        return self.sampler.launch(logits, meta)
 
     # ------------------------------------------------------------------ inputs
     def _lora_slots(self, sched: SchedulerOutput) -> list[int] | None:
@@ -422,7 +495,9 @@ class ModelRunner:
             return None  # no static LoRA metadata: adapter tokens run eagerly
         return size
 
-    def _eager_inputs(self, p: PackedInputs) -> tuple[ForwardBatch, torch.Tensor]:
+    def _eager_inputs(
+        self, p: PackedInputs, fills: torch.Tensor | None
+    ) -> tuple[ForwardBatch, torch.Tensor]:
         host = self._stage[: p.total]
         if self._scratch is not None:
             dev = self._scratch[: p.total]
@@ -432,7 +507,8 @@ class ModelRunner:
         else:
             dev = host.clone()  # the staging buffer is rewritten next step
         t, nl, b, w = p.num_tokens, p.num_logits, p.num_seqs, p.width
-        i32 = dev[p.int32_offset :].to(torch.int32)
+        _fill_tokens(dev[:t], dev, p, fills)
+        i32 = dev[p.int32_offset : p.fills_offset].to(torch.int32)
         attn = AttentionMetadata(
             slot_mapping=dev[2 * t : 3 * t],
             query_start_loc=i32[: b + 1],
@@ -456,7 +532,9 @@ class ModelRunner:
             return None
         return lora_layers.build_lora_metadata(p.token_slots_lora, self.device)
 
-    def _load_graph_inputs(self, p: PackedInputs, uses_lora: bool) -> torch.Tensor:
+    def _load_graph_inputs(
+        self, p: PackedInputs, uses_lora: bool, fills: torch.Tensor | None
+    ) -> torch.Tensor:
         """Copy the packed step into the graph's static buffers; returns the logits rows."""
         assert self._scratch is not None
         assert self._copied is not None
@@ -466,9 +544,10 @@ class ModelRunner:
         b, w, o = p.num_seqs, p.width, p.int32_offset
         # ids | positions | slots are contiguous [3, B] in both buffers.
         self._g_tokens[:, :b].copy_(dev[: 3 * b].view(3, b))
+        _fill_tokens(self._g_tokens[0], dev, p, fills)
         lens, bt = o + p.seq_lens_offset, o + p.block_tables_offset
         self._g_seq_lens[:b].copy_(dev[lens : lens + b])
-        self._g_block_tables[:b, :w].copy_(dev[bt:].view(b, w))
+        self._g_block_tables[:b, :w].copy_(dev[bt : bt + b * w].view(b, w))
         if uses_lora and p.token_slots_lora is not None:
             static = self.graphs[b].lora
             assert static is not None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from engine.config import SchedulerConfig
 from engine.core.block_manager import BlockManager
-from engine.core.scheduler import Scheduler, SchedulerOutput
+from engine.core.scheduler import PLACEHOLDER, Scheduler, SchedulerOutput
 from engine.errors import PromptTooLong
 from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
@@ -88,12 +89,20 @@ class FakeRunner:
     def _slot(self, req: Request, pos: int) -> int:
         return req.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+    def execute(
+        self, out: SchedulerOutput, previous: dict[str, int] | None = None
+    ) -> dict[str, int]:
+        """``previous``: the tokens sampled by the step launched before this one, which a
+        ``PLACEHOLDER`` stands for (as the runner fills them on the device)."""
         sampled: dict[str, int] = {}
         for s in out.scheduled:
             req = s.request
             end = s.start_position + s.num_new_tokens
             tokens = req.token_ids_slice(s.start_position, end)
+            if PLACEHOLDER in tokens:
+                assert tokens.index(PLACEHOLDER) == len(tokens) - 1, "placeholder not last"
+                assert previous is not None
+                tokens[-1] = previous[req.request_id]
             for pos, tok in zip(range(s.start_position, end), tokens, strict=True):
                 self.kv[self._slot(req, pos)] = (req.request_id, pos, tok)
             if s.sample:
@@ -114,6 +123,8 @@ def _reference_output(req: Request, max_len: int) -> list[int]:
     while True:
         out.append(_next_token(tokens))
         tokens.append(out[-1])
+        if out[-1] in req.sampling_params.stop_token_ids:
+            return out
         if len(out) >= max_tokens or len(tokens) >= max_len:
             return out
 
@@ -129,6 +140,44 @@ def _step(
     if check:
         _check_blocks(sched)
     return out, changed
+
+
+InFlight = deque[tuple[SchedulerOutput, dict[str, int]]]
+
+
+def _pipelined_step(
+    sched: Scheduler,
+    runner: FakeRunner,
+    in_flight: InFlight,
+    check: bool = False,
+    launched: list[SchedulerOutput] | None = None,
+) -> list[Request]:
+    """One engine step with async scheduling: launch a step (two when none is in flight)
+    before collecting the oldest, as ``EngineCore.step`` does. Launched steps are appended
+    to ``launched``."""
+
+    def launch() -> None:
+        out = sched.schedule()
+        if check:
+            _check_schedule(sched, out)
+        if out.scheduled:
+            sampled = runner.execute(out, in_flight[-1][1] if in_flight else None)
+            sched.advance(out)
+            in_flight.append((out, sampled))
+            if launched is not None:
+                launched.append(out)
+
+    if not in_flight:
+        launch()
+    if len(in_flight) == 1:
+        launch()
+    if not in_flight:
+        return []
+    out, sampled = in_flight.popleft()
+    changed = sched.update_from_output(out, sampled)
+    if check:
+        _check_blocks(sched)
+    return changed
 
 
 def _ids(out: SchedulerOutput) -> list[str]:
@@ -629,6 +678,81 @@ def test_first_token_time_is_set_on_the_first_sample() -> None:
     assert req.first_token_time is not None
 
 
+# ---------------------------------------------------------------- async scheduling
+def _run_pipelined(sched: Scheduler, runner: FakeRunner) -> list[SchedulerOutput]:
+    """Step with async scheduling until everything finishes; returns the launched steps."""
+    in_flight: InFlight = deque()
+    launched: list[SchedulerOutput] = []
+    while sched.has_unfinished_requests() or in_flight:
+        _pipelined_step(sched, runner, in_flight, check=True, launched=launched)
+    return launched
+
+
+def test_next_step_is_scheduled_on_a_placeholder_of_the_running_one() -> None:
+    sched = _scheduler()
+    runner = FakeRunner(4)
+    req = _request("r", num_prompt=4, max_tokens=3)
+    sched.add_request(req)
+    first = sched.schedule()
+    sampled = runner.execute(first)
+    sched.advance(first)
+    assert req.output_token_ids == [PLACEHOLDER]
+    second = sched.schedule()  # before the first step's token is known
+    assert [(s.start_position, s.num_new_tokens, s.sample) for s in second.scheduled] == [
+        (4, 1, True)
+    ]
+    sampled2 = runner.execute(second, sampled)
+    sched.advance(second)
+    assert sched.update_from_output(first, sampled) == [req]
+    assert req.output_token_ids == [sampled["r"], PLACEHOLDER]
+    sched.update_from_output(second, sampled2)
+    assert req.output_token_ids == [sampled["r"], sampled2["r"]]
+    assert req.output_token_ids == _reference_output(req, 64)[:2]
+
+
+def test_request_ending_by_length_is_not_scheduled_past_its_last_token() -> None:
+    sched = _scheduler()
+    runner = FakeRunner(4)
+    req = _request("r", num_prompt=5, max_tokens=3)
+    sched.add_request(req)
+    launched = _run_pipelined(sched, runner)
+    # 5 prompt tokens, then one token per sample but the last: 7 computed, never an 8th.
+    assert sum(s.num_new_tokens for o in launched for s in o.scheduled) == 5 + 3 - 1
+    assert req.status == RequestStatus.FINISHED_LENGTH
+    assert req.output_token_ids == _reference_output(req, 64)
+
+
+def test_stop_token_found_a_step_late_drops_the_token_computed_after_it() -> None:
+    sched = _scheduler()
+    runner = FakeRunner(4)
+    probe = _request("p", num_prompt=4, max_tokens=3)
+    stop = _reference_output(probe, 64)[1]  # the second token this prompt generates
+    req = _request("p", num_prompt=4, max_tokens=10, stop_token_ids=[stop])
+    sched.add_request(req)
+    launched = _run_pipelined(sched, runner)
+    # The step after the stop token was launched before it was known...
+    assert sum(s.num_new_tokens for o in launched for s in o.scheduled) == 4 + 2
+    # ...and what it computed is not part of the output.
+    assert req.output_token_ids == _reference_output(probe, 64)[:2]
+    assert (req.status, req.stop_reason) == (RequestStatus.FINISHED_STOPPED, stop)
+    assert sched.block_manager.num_used_blocks == 0
+
+
+def test_request_aborted_with_a_step_in_flight_gets_no_more_tokens() -> None:
+    sched = _scheduler()
+    runner = FakeRunner(4)
+    req = _request("r", max_tokens=10)
+    sched.add_request(req)
+    in_flight: InFlight = deque()
+    _pipelined_step(sched, runner, in_flight)
+    assert len(in_flight) == 1
+    sched.abort_requests("r")
+    out, sampled = in_flight.popleft()
+    assert sched.update_from_output(out, sampled) == []
+    assert req.status == RequestStatus.FINISHED_ABORTED
+    assert sched.block_manager.num_used_blocks == 0
+
+
 # ---------------------------------------------------------------- admission errors
 def test_prompt_of_max_model_len_is_rejected() -> None:
     sched = _scheduler(max_model_len=16)
@@ -659,11 +783,13 @@ def test_stats_report_queue_sizes_usage_adapters_and_preemptions() -> None:
 
 
 # ---------------------------------------------------------------- randomized simulation
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("seed", range(30))
-def test_invariants_hold_and_outputs_match_on_random_workloads(seed: int) -> None:
-    """Random limits, arrivals, adapters that load late, priorities and aborts; invariants
-    are checked on every step, everything finishes, and every output equals what the fake
-    model generates alone (chunking and preemption change nothing)."""
+def test_invariants_hold_and_outputs_match_on_random_workloads(seed: int, pipelined: bool) -> None:
+    """Random limits, arrivals, adapters that load late, priorities, stop tokens and aborts;
+    invariants are checked on every step, everything finishes, and every output equals what
+    the fake model generates alone (chunking, preemption and, with async scheduling, steps
+    launched before the previous one's tokens are known change nothing)."""
     rng = random.Random(seed)
     block_size = rng.choice([1, 2, 4, 8])
     max_model_len = rng.choice([16, 32, 48])
@@ -684,6 +810,7 @@ def test_invariants_hold_and_outputs_match_on_random_workloads(seed: int) -> Non
         enable_chunked_prefill=chunked,
     )
     runner = FakeRunner(block_size)
+    in_flight: InFlight = deque()
     finished: list[Request] = []
     num_arrival_steps = 60
     for step in range(3000):
@@ -695,6 +822,7 @@ def test_invariants_hold_and_outputs_match_on_random_workloads(seed: int) -> Non
                     max_tokens=rng.randint(1, 12),
                     lora_id=rng.randint(0, num_lora_ids),
                     priority=rng.choice([0, 0, 0, 1, -1]),
+                    stop_token_ids=rng.sample(range(100, 150), rng.choice([0, 0, 5])),
                 )
                 try:
                     sched.add_request(req)
@@ -708,16 +836,23 @@ def test_invariants_hold_and_outputs_match_on_random_workloads(seed: int) -> Non
                 assert aborted[0].status == RequestStatus.FINISHED_ABORTED
         for i in ready:
             ready[i] = ready[i] or rng.random() < 0.1
-        _, changed = _step(sched, runner, check=True)
+        if pipelined:
+            changed = _pipelined_step(sched, runner, in_flight, check=True)
+        else:
+            _, changed = _step(sched, runner, check=True)
         finished += [r for r in changed if r.is_finished]
-        if step >= num_arrival_steps and not sched.has_unfinished_requests():
+        if step >= num_arrival_steps and not (sched.has_unfinished_requests() or in_flight):
             break
     assert not sched.has_unfinished_requests(), "requests left behind (deadlock or starvation)"
     assert sched.block_manager.num_free_blocks == sched.block_manager.num_blocks
     assert finished
     for req in finished:
-        assert req.status == RequestStatus.FINISHED_LENGTH
-        assert req.output_token_ids == _reference_output(req, sched.max_num_tokens)
+        expected = _reference_output(req, sched.max_num_tokens)
+        assert req.output_token_ids == expected
+        stopped = expected[-1] in req.sampling_params.stop_token_ids
+        assert req.status == (
+            RequestStatus.FINISHED_STOPPED if stopped else RequestStatus.FINISHED_LENGTH
+        )
 
 
 def test_scheduler_and_block_manager_do_not_import_torch() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.core.scheduler import ScheduledRequest
+from engine.core.scheduler import PLACEHOLDER, ScheduledRequest
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 from engine.worker.model_runner import graph_batch_sizes, pack_step, padded_batch_size
@@ -105,6 +105,35 @@ def test_pack_step_matches_per_token_loop(decode, pad_to):
     assert p.max_seq_len == max(ref["seq_lens"])
 
 
+@pytest.mark.parametrize("pad_to", [None, 13])
+def test_pack_step_lists_placeholder_tokens_with_their_previous_rows(pad_to):
+    """With async scheduling a decode's input token may still be on the device: its row is
+    listed with the row of the previous step's samples that holds it."""
+    rng = random.Random(5)
+    scheduled = [scheduled_request(rng, 4, decode=True) for _ in range(9)]
+    pending = [1, 4, 8]
+    for i in pending:
+        scheduled[i].request.output_token_ids.append(PLACEHOLDER)
+        scheduled[i].start_position += 1
+        table = scheduled[i].request.block_table
+        table += [200 + i] * (-(-scheduled[i].request.num_tokens // 4) - len(table))
+    previous = {scheduled[i].request_id: row for row, i in zip([6, 0, 3], pending, strict=True)}
+    previous["elsewhere"] = 1
+    buf = np.full(10_000, -7, dtype=np.int64)
+    p = pack_step(buf, scheduled, 4, num_seqs=pad_to, previous_rows=previous)
+    assert p.num_fills == 3
+    o, f = p.fills_offset, p.num_fills
+    assert buf[o : o + f].tolist() == pending  # one token per sequence: token row = sequence
+    assert buf[o + f : o + 2 * f].tolist() == [6, 0, 3]
+    assert p.total == o + 2 * f
+    assert buf[pending].tolist() == [0, 0, 0]  # no -1 reaches the embedding
+    assert (buf[: p.num_real_tokens] >= 0).all()
+    with pytest.raises(ValueError, match="placeholder tokens"):
+        pack_step(buf, scheduled, 4, num_seqs=pad_to, previous_rows={"elsewhere": 0})
+    with pytest.raises(ValueError, match="placeholder tokens"):
+        pack_step(buf, scheduled, 4, num_seqs=pad_to)
+
+
 def test_pack_step_refuses_a_bucket_too_small():
     rng = random.Random(0)
     scheduled = [scheduled_request(rng, 4, True) for _ in range(5)]
@@ -188,3 +217,29 @@ def test_changing_adapters_needs_no_recapture(tiny_model_dir: Path):
     )
     assert run_all(eager, [(f"a{i}", p, loras[0]) for i, p in enumerate(PROMPTS)]) == first
     assert run_all(eager, [(f"b{i}", p, loras[3]) for i, p in enumerate(PROMPTS)]) == second
+
+
+@cuda_only
+def test_async_scheduling_with_graphs_equals_sync(tiny_model_dir: Path):
+    """Steps launched before the previous one's tokens reach the host take those tokens on
+    the device, through the graphs' static inputs as through eager steps."""
+    jobs = [
+        (f"{lora.lora_name if lora else 'base'}-{i}", p, lora)
+        for i, p in enumerate(PROMPTS)
+        for lora in [None, *lora_requests(tiny_model_dir)]
+    ]
+    got = {}
+    for on in (False, True):
+        engine = make_engine(tiny_model_dir, device="cuda", dtype="float32", async_scheduling=on)
+        launch = engine.runner.launch
+        ahead: list[bool] = []
+
+        def spy(sched, previous=None, launch=launch, ahead=ahead):
+            ahead.append(previous is not None)
+            return launch(sched, previous)
+
+        engine.runner.launch = spy
+        got[on] = run_all(engine, jobs, stagger=2)
+        assert engine.runner.timings.graph_steps > 0
+        assert any(ahead) == on
+    assert got[False] == got[True]

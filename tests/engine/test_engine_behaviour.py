@@ -39,9 +39,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir: Path) -> LLMEngine:
-    return make_engine(tiny_model_dir, max_loras=2, max_cpu_loras=3, max_lora_rank=32)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def engine(tiny_model_dir: Path, request: pytest.FixtureRequest) -> LLMEngine:
+    return make_engine(
+        tiny_model_dir,
+        max_loras=2,
+        max_cpu_loras=3,
+        max_lora_rank=32,
+        async_scheduling=request.param,
+    )
 
 
 def drain(engine: LLMEngine) -> dict[str, object]:
@@ -173,6 +179,37 @@ def test_logprobs_hold_the_sampled_token(engine):
     for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
         assert tok in lp
         assert max(lp.values()) == lp[tok]  # greedy: the sampled token is the most likely
+
+
+def test_repetition_penalty_among_plain_requests_matches_transformers(engine, tiny_model_dir):
+    """A penalty reads every generated token, so with async scheduling the engine does not
+    run ahead of a step that holds one; the plain requests beside it still may."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    prompts = {"pen": "Once upon a time", "a": "The quick brown fox", "b": "In the beginning"}
+    # Below 1 the penalty favours seen tokens: this prompt then repeats its last token.
+    penalty = {"pen": 0.5, "a": 1.0, "b": 1.0}
+    for rid, prompt in prompts.items():
+        params = SamplingParams(
+            temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=penalty[rid]
+        )
+        engine.add_request(rid, prompt, params)
+    got = {rid: out.outputs[0].token_ids for rid, out in drain(engine).items()}
+    for rid, prompt in prompts.items():
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = model.generate(
+                ids,
+                do_sample=False,
+                max_new_tokens=10,
+                min_new_tokens=10,
+                repetition_penalty=penalty[rid],
+                pad_token_id=tok.eos_token_id,
+            )
+        assert got[rid] == ref[0, ids.shape[1] :].tolist(), rid
+    assert got["pen"] != got["a"]
 
 
 def collect(engine: LLMEngine) -> dict[str, list]:

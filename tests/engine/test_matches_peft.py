@@ -60,6 +60,13 @@ def reference(tiny_model_dir: Path) -> Reference:
     return Reference(tiny_model_dir)
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def async_scheduling(request: pytest.FixtureRequest) -> bool:
+    """Each engine test runs with steps collected before the next is scheduled, and with
+    the next step launched before the previous one's tokens reach the host."""
+    return bool(request.param)
+
+
 def make_engine(model_dir: Path, **kwargs) -> LLMEngine:
     defaults = {
         "model": str(model_dir),
@@ -99,17 +106,27 @@ def run_all(engine: LLMEngine, jobs: list[tuple[str, str, LoRARequest | None]], 
     return results
 
 
-def test_base_model_matches_transformers(tiny_model_dir, reference):
-    engine = make_engine(tiny_model_dir, enable_lora=False)
+def test_base_model_matches_transformers(tiny_model_dir, reference, async_scheduling):
+    engine = make_engine(tiny_model_dir, enable_lora=False, async_scheduling=async_scheduling)
+    launch = engine.runner.launch
+    ran_ahead: list[bool] = []
+
+    def spy(sched, previous=None):
+        ran_ahead.append(previous is not None)
+        return launch(sched, previous)
+
+    engine.runner.launch = spy
     got = run_all(engine, [(str(i), p, None) for i, p in enumerate(PROMPTS)])
     for i, p in enumerate(PROMPTS):
         assert got[str(i)] == reference.greedy(p, None)
+    # With async scheduling every step after the first was launched behind another.
+    assert ran_ahead == [False] + [async_scheduling] * (len(ran_ahead) - 1)
 
 
-def test_each_adapter_matches_peft(tiny_model_dir, reference):
+def test_each_adapter_matches_peft(tiny_model_dir, reference, async_scheduling):
     loras = lora_requests(tiny_model_dir)
     assert len(loras) >= 4
-    engine = make_engine(tiny_model_dir)
+    engine = make_engine(tiny_model_dir, async_scheduling=async_scheduling)
     for lora in loras:
         got = run_all(engine, [(f"{lora.lora_name}-{i}", p, lora) for i, p in enumerate(PROMPTS)])
         for i, p in enumerate(PROMPTS):
@@ -138,10 +155,16 @@ def check(got, jobs, reference):
         assert got[rid] == reference.greedy(prompt, lora.lora_name if lora else None), rid
 
 
-def test_mixed_adapters_with_swaps_and_disk_reloads(tiny_model_dir, reference):
+def test_mixed_adapters_with_swaps_and_disk_reloads(tiny_model_dir, reference, async_scheduling):
     # Two sequences at a time, a new request every 8 steps: adapters take turns in the two
     # device slots, and an adapter comes back after the host cache (2 entries) dropped it.
-    engine = make_engine(tiny_model_dir, max_loras=2, max_cpu_loras=2, max_num_seqs=2)
+    engine = make_engine(
+        tiny_model_dir,
+        max_loras=2,
+        max_cpu_loras=2,
+        max_num_seqs=2,
+        async_scheduling=async_scheduling,
+    )
     jobs = mixed_jobs(tiny_model_dir)
     got = run_all(engine, jobs, stagger=8)
     check(got, jobs, reference)
@@ -150,9 +173,15 @@ def test_mixed_adapters_with_swaps_and_disk_reloads(tiny_model_dir, reference):
     assert stats.disk_loads > len(lora_requests(tiny_model_dir))  # host cache evicted and reloaded
 
 
-def test_preemption_gives_identical_output(tiny_model_dir, reference):
+def test_preemption_gives_identical_output(tiny_model_dir, reference, async_scheduling):
     # 8 blocks of 8 tokens: only two or three of the ~25-token sequences fit at once.
-    engine = make_engine(tiny_model_dir, block_size=8, num_gpu_blocks_override=8, max_num_seqs=8)
+    engine = make_engine(
+        tiny_model_dir,
+        block_size=8,
+        num_gpu_blocks_override=8,
+        max_num_seqs=8,
+        async_scheduling=async_scheduling,
+    )
     jobs = mixed_jobs(tiny_model_dir)
     preemptions = []
     engine.stat_loggers.append(
@@ -163,8 +192,13 @@ def test_preemption_gives_identical_output(tiny_model_dir, reference):
     assert sum(preemptions) > 0
 
 
-def test_chunked_prefill_gives_identical_output(tiny_model_dir, reference):
-    engine = make_engine(tiny_model_dir, max_num_batched_tokens=5, max_num_seqs=4)
+def test_chunked_prefill_gives_identical_output(tiny_model_dir, reference, async_scheduling):
+    engine = make_engine(
+        tiny_model_dir,
+        max_num_batched_tokens=5,
+        max_num_seqs=4,
+        async_scheduling=async_scheduling,
+    )
     jobs = mixed_jobs(tiny_model_dir)
     got = run_all(engine, jobs, stagger=3)
     check(got, jobs, reference)
