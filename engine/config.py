@@ -76,9 +76,10 @@ class EngineArgs:
     """Only 1 is supported."""
     enable_chunked_prefill: bool = True
     """Split long prompts over steps so decodes keep flowing."""
-    async_scheduling: bool = False
+    async_scheduling: bool = True
     """Schedule and launch each step before the previous one's tokens reach the host, so host
-    work overlaps the GPU; a request may compute one token past its stop, which is dropped."""
+    work overlaps the GPU; a request may compute one token past its stop, which is dropped.
+    --no-async-scheduling turns it off."""
     enable_lora: bool = False
     """Serve LoRA adapters."""
     max_loras: int = 1

@@ -90,6 +90,7 @@ def test_cli_flags_use_vllm_names():
             "a=/x",
             "b=/y",
             "--no-enable-chunked-prefill",
+            "--no-async-scheduling",
         ]
     )
     args = EngineArgs.from_cli_args(ns)
@@ -103,6 +104,8 @@ def test_cli_flags_use_vllm_names():
     assert args.fully_sharded_loras is True
     assert args.max_num_seqs == 64
     assert args.enable_chunked_prefill is False
+    assert args.async_scheduling is False
+    assert EngineArgs(model="m").async_scheduling is True
     assert [m.name for m in args.lora_modules] == ["a", "b"]
 
 
