@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import gzip
 import importlib
 import json
 import logging
@@ -48,6 +49,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -101,9 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--async-scheduling",
         choices=("off", "on", "both"),
-        default="off",
-        help="the engines' async_scheduling; both: each configuration runs both ways, in "
-        "turns on the same engines (rows of the async runs end in ' async')",
+        default="on",
+        help="the engines' async_scheduling (on: the engine's default); both: each "
+        "configuration runs both ways, in turns on the same engines, and the rows of the "
+        "async runs end in ' async' (the profile, if any, is of an async run)",
     )
     p.add_argument(
         "--profile", action="store_true", help="torch.profiler on multi-LoRA decode steps"
@@ -508,6 +511,12 @@ def _profiler(out_dir: Path | None) -> Iterator[Callable[[], None] | None]:
         for key in ("cuda_time_total", "cpu_time_total"):
             table = p.key_averages().table(sort_by=key, row_limit=25)
             (out_dir / f"profile_{key.split('_')[0]}.txt").write_text(table)
+        # The timeline (chrome://tracing, Perfetto): where the GPU waits for the host.
+        trace = out_dir / "trace.json"
+        p.export_chrome_trace(str(trace))
+        with trace.open("rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
 
     with profile(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
@@ -847,17 +856,22 @@ def bench_side_by_side(
                 assigned = assign_adapters(pattern, len(prompts), args.num_adapters, args.seed)
                 warm_up(engines["lora"], loras, args, len(prompts), assigned, add=False)
                 assignments[pattern] = assigned
+
+        def label(name: str, on: bool) -> str:
+            return name + (" async" if on and len(modes) > 1 else "")
+
         runs: dict[str, list[dict[str, Any]]] = {
-            name + (" async" if on else ""): [] for name in assignments for on in modes
+            label(name, on): [] for name in assignments for on in modes
         }
         for _ in range(args.repeats):
             for name, adapters in assignments.items():
                 llm = engines["base" if adapters is None else "lora"]
                 for on in modes:
                     llm.llm_engine.core.async_scheduling = on
-                    label = name + (" async" if on else "")
-                    runs[label].append(
-                        run_lorastream(llm, f"lorastream {label}", prompts, adapters, loras, args)
+                    runs[label(name, on)].append(
+                        run_lorastream(
+                            llm, f"lorastream {label(name, on)}", prompts, adapters, loras, args
+                        )
                     )
         rows.extend(median_row(r) for r in runs.values())
         save()
