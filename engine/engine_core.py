@@ -1,13 +1,15 @@
 """``EngineCore``: the scheduler, the model runner and the adapter manager behind one step.
 
 One step is ``schedule()`` → ``launch()`` → ``wait()`` → ``update_from_output()``; requests
-come in as token ids and leave as token ids (``EngineCoreOutputs``). With
-``async_scheduling`` a step's call launches the next step before it waits for the one
-before, so the host's scheduling, input packing and output handling overlap the device (see
-``engine.core.scheduler``); each call still returns one step's tokens. The core does not run
-ahead past a step whose requests use penalties, which need every token on the host. No tokenizer and no text: the
-front (``LLMEngine`` with its ``OutputProcessor``) turns ids into ``RequestOutput``s, in the
-same process or, with ``enable_multiprocessing``, in another one (``engine.core_proc``).
+come in as token ids and leave as token ids (``EngineCoreOutputs``). No tokenizer and no
+text: the front (``LLMEngine`` with its ``OutputProcessor``) turns ids into
+``RequestOutput``s, in the same process or, with ``enable_multiprocessing``, in another one
+(``engine.core_proc``).
+
+With ``async_scheduling`` each ``step()`` launches the next step before it waits for the one
+in flight, so the host's scheduling, input packing and output handling overlap the device
+(see ``engine.core.scheduler``); each call still returns one step's tokens. The core does
+not run ahead of a step whose requests use penalties, which read every token on the host.
 """
 
 from __future__ import annotations

@@ -352,7 +352,7 @@ class Scheduler:
         scheduler_output.advanced = True
         for s in scheduler_output.scheduled:
             request = s.request
-            if request.is_finished:  # aborted before the step was launched
+            if request.is_finished:  # aborted while the step ran (advanced at its update)
                 continue
             request.num_computed_tokens += s.num_new_tokens
             if s.sample:

@@ -1,7 +1,8 @@
 """Batched sampling: penalties, greedy / temperature / top-k / top-p / min-p, per-request seeds.
 
 All rows of a step are processed together on the logits' device; the only host sync is the
-wait for the results (``SampledTokens.result``), which ``launch`` leaves to the caller. Order, as in vLLM and Hugging Face's logits processors:
+wait for the results (``SampledTokens.result``), which ``launch`` leaves to the caller.
+Order, as in vLLM and Hugging Face's logits processors:
 
 1. ``min_tokens``: EOS and ``stop_token_ids`` are banned while a row is below its minimum.
 2. Penalties on the raw logits: repetition (HF style, tokens seen in prompt + output),
@@ -231,7 +232,8 @@ class SampledTokens:
         src = token_ids if packed is None else packed
         self._done: torch.cuda.Event | None = None
         if src.is_cuda:
-            self._host = src.to("cpu", non_blocking=True)  # pinned: the copy runs on
+            # Into pinned memory, so the copy runs behind the sampling without a wait here.
+            self._host = src.to("cpu", non_blocking=True)
             self._done = torch.cuda.Event()
             self._done.record()
         else:

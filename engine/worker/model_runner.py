@@ -280,10 +280,9 @@ class StepHandle:
     def __init__(
         self, requests: list[Request], tokens: SampledTokens | None, timings: StepTimings
     ) -> None:
-        self.requests = requests
-        """The requests that sample, in the order of the sampled rows."""
         self.tokens = tokens
         self.rows = {r.request_id: i for i, r in enumerate(requests)}
+        """Each sampling request's row in ``tokens``."""
         self._timings = timings
 
     def wait(self) -> RunnerOutput:
