@@ -119,7 +119,7 @@ class SamplingMetadata:
         greedy = [p.greedy for p in params]
 
         def f32(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return _to_device(torch.tensor(values, dtype=torch.float32), device)
 
         top_k = top_p = min_p = None
         max_top_k = 0
@@ -128,7 +128,7 @@ class SamplingMetadata:
                 1 if g else min(p.top_k, vocab_size) if p.top_k_enabled else vocab_size
                 for p, g in zip(params, greedy, strict=True)
             ]
-            top_k = torch.tensor(ks, dtype=torch.int64, device=device)
+            top_k = _to_device(torch.tensor(ks, dtype=torch.int64), device)
             max_top_k = max(ks)
         if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy, strict=True)):
             top_p = f32([p.top_p for p in params])
@@ -169,8 +169,8 @@ class SamplingMetadata:
         banned = None
         if ban_rows:
             banned = (
-                torch.tensor(ban_rows, dtype=torch.int64, device=device),
-                torch.tensor(ban_ids, dtype=torch.int64, device=device),
+                _to_device(torch.tensor(ban_rows, dtype=torch.int64), device),
+                _to_device(torch.tensor(ban_ids, dtype=torch.int64), device),
             )
 
         generators: dict[int, torch.Generator] = {}
@@ -187,7 +187,7 @@ class SamplingMetadata:
             temperature=f32(
                 [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)]
             ),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+            is_greedy=_to_device(torch.tensor(greedy, dtype=torch.bool), device),
             all_greedy=all(greedy),
             all_random=not any(greedy),
             top_k=top_k,
@@ -411,7 +411,16 @@ def _flatten(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor,
     # numpy reads a long list of ints about ten times faster than torch.tensor does.
     ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
     rows = np.repeat(np.arange(len(seqs), dtype=np.int64), lengths)
-    return torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)
+    return _to_device(torch.from_numpy(rows), device), _to_device(torch.from_numpy(ids), device)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the host) on ``device`` without waiting for the device: a copy from pageable
+    memory would first wait for every kernel queued on the stream, among them the step still
+    running under async scheduling. Pinned memory lets the copy queue behind them."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _row_seed(seed: int, position: int) -> int:

@@ -243,3 +243,38 @@ def test_async_scheduling_with_graphs_equals_sync(tiny_model_dir: Path):
         assert engine.runner.timings.graph_steps > 0
         assert any(ahead) == on
     assert got[False] == got[True]
+
+
+@cuda_only
+def test_async_launches_never_wait_for_the_device(tiny_model_dir: Path):
+    """Once its adapters are in their slots, launching a step (packing, copies, graph or
+    eager forward, sampling of every kind) must not wait for the steps still in flight:
+    CUDA's sync debug mode turns any such wait into an error."""
+    engine = make_engine(tiny_model_dir, device="cuda", dtype="float32", async_scheduling=True)
+    loras = lora_requests(tiny_model_dir)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_p=0.8, seed=5, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.7, top_k=4, logprobs=2, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.0, min_tokens=3, max_tokens=12),
+    ]
+    for i, (p, prompt) in enumerate(zip(params, PROMPTS * 2, strict=False)):
+        engine.add_request(f"r{i}", prompt, p, lora_request=loras[i % len(loras)])
+    for _ in range(3):  # prefill, adapters loaded into their slots
+        engine.step()
+    launch = engine.runner.launch
+
+    def strict(sched, previous=None):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(sched, previous)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    engine.runner.launch = strict
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    assert steps >= 8
+    assert engine.runner.timings.graph_steps > 0

@@ -301,3 +301,38 @@ def test_greedy_logprobs_of_sampled_token_is_the_max() -> None:
 def test_build_rejects_an_empty_batch() -> None:
     with pytest.raises(ValueError, match="at least one row"):
         SamplingMetadata.build([], V, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on CUDA")
+def test_sampling_launches_without_waiting_for_the_device() -> None:
+    """With async scheduling the previous step still runs when the next one samples: building
+    the metadata and launching the sampler must queue behind it, never wait for it (a copy
+    from pageable memory would). The same rows on the CPU give the same greedy tokens."""
+    rows = [
+        _row(SamplingParams(temperature=0.0)),
+        _row(SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=3)),
+        _row(SamplingParams(temperature=1.0, min_p=0.1, logprobs=2)),
+        _row(
+            SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5),
+            outputs=[4, 4],
+        ),
+        _row(SamplingParams(temperature=0.7, min_tokens=3, stop_token_ids=[9]), eos_token_id=2),
+    ]
+    logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(0))
+    dev = logits.cuda()
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):  # a queue of work the sampling must not wait for
+        busy = busy @ busy.T / 4096
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        md = SamplingMetadata.build(rows, V, "cuda", gen)
+        pending = Sampler().launch(dev, md)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = pending.result()
+    expected = _sample(logits, rows)
+    assert got.token_ids[0] == expected.token_ids[0]
+    assert got.token_ids[3] == expected.token_ids[3]
+    assert got.logprobs is not None
+    assert set(got.logprobs[2]) >= {got.token_ids[2]}
