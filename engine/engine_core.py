@@ -8,8 +8,7 @@ text: the front (``LLMEngine`` with its ``OutputProcessor``) turns ids into
 
 With ``async_scheduling`` each ``step()`` launches the next step before it waits for the one
 in flight, so the host's scheduling, input packing and output handling overlap the device
-(see ``engine.core.scheduler``); each call still returns one step's tokens. The core does
-not run ahead of a step whose requests use penalties, which read every token on the host.
+(see ``engine.core.scheduler``); each call still returns one step's tokens.
 """
 
 from __future__ import annotations
@@ -209,11 +208,8 @@ class EngineCore:
 
     def _can_run_ahead(self) -> bool:
         """Whether the next step may be launched before the one in flight is collected:
-        only one step runs ahead, and not past requests whose penalties read every token."""
-        if len(self._in_flight) != 1:
-            return False
-        sched = self._in_flight[0][0]
-        return not any(s.request.sampling_params.has_penalties for s in sched.scheduled)
+        one step runs ahead at most."""
+        return len(self._in_flight) == 1
 
     def _fail_adapter_errors(self, failed: list[FailedRequest]) -> None:
         manager = self.runner.lora_manager

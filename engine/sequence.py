@@ -13,6 +13,10 @@ from engine.errors import LoRAStreamError
 from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
 
+PLACEHOLDER = -1
+"""An output token sampled by a launched step and not yet known on the host (async
+scheduling; see ``engine.core.scheduler``)."""
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"

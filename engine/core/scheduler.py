@@ -81,13 +81,10 @@ from typing import TYPE_CHECKING
 
 from engine.core.block_manager import BlockManager
 from engine.errors import InvalidRequest, PromptTooLong
-from engine.sequence import Request, RequestStatus
+from engine.sequence import PLACEHOLDER, Request, RequestStatus
 
 if TYPE_CHECKING:  # engine.config imports torch; the scheduler only reads its fields
     from engine.config import SchedulerConfig
-
-PLACEHOLDER = -1
-"""An output token sampled by a launched step and not yet known on the host."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from engine.sampling_params import SamplingParams
+from engine.sequence import PLACEHOLDER
 
 _MASK64 = (1 << 64) - 1
 
@@ -39,6 +40,9 @@ class SamplingRow:
     """Tokens generated so far; its length is the output position that seeds a seeded row."""
     eos_token_id: int | None = None
     """Banned, with ``stop_token_ids``, until ``min_tokens`` outputs exist (unless ``ignore_eos``)."""
+    pending_row: int | None = None
+    """With async scheduling: the row of ``SamplingMetadata.build``'s ``pending_tokens`` that
+    holds this row's last output token while that is still a ``PLACEHOLDER``."""
 
     @property
     def output_position(self) -> int:
@@ -110,8 +114,13 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device | str,
         generator: torch.Generator | None = None,
+        pending_tokens: torch.Tensor | None = None,
     ) -> SamplingMetadata:
-        """Turn the step's rows into tensors, once per step. Loops over rows, never the vocab."""
+        """Turn the step's rows into tensors, once per step. Loops over rows, never the vocab.
+
+        ``pending_tokens``: the previous step's sampled tokens, still on the device, where
+        the rows' ``PLACEHOLDER`` output tokens are (``SamplingRow.pending_row``); penalties
+        read them there."""
         if not rows:
             raise ValueError("SamplingMetadata.build needs at least one row")
         device = torch.device(device)
@@ -148,9 +157,10 @@ class SamplingMetadata:
                     ],
                     device,
                 ),
-                output_tokens=_flatten(
-                    [r.output_token_ids if r.sampling_params.has_penalties else [] for r in rows],
+                output_tokens=_output_tokens(
+                    [r if r.sampling_params.has_penalties else None for r in rows],
                     device,
+                    pending_tokens,
                 ),
             )
 
@@ -412,6 +422,32 @@ def _flatten(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor,
     ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
     rows = np.repeat(np.arange(len(seqs), dtype=np.int64), lengths)
     return _to_device(torch.from_numpy(rows), device), _to_device(torch.from_numpy(ids), device)
+
+
+def _output_tokens(
+    rows: list[SamplingRow | None], device: torch.device, pending: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_flatten`` of the rows' output tokens (None: a row without penalties), with each
+    ``PLACEHOLDER`` replaced on the device by its token in ``pending``. Only a row's last
+    token can be one: the previous step's."""
+    seqs = [r.output_token_ids if r is not None else [] for r in rows]
+    ends = list(itertools.accumulate(len(s) for s in seqs))  # one past each row's entries
+    holes = [
+        (end - 1, r)
+        for r, end in zip(rows, ends, strict=True)
+        if r is not None and r.output_token_ids and r.output_token_ids[-1] == PLACEHOLDER
+    ]
+    if sum(s.count(PLACEHOLDER) for s in seqs) != len(holes):
+        raise ValueError("a placeholder output token before a row's last")
+    where, ids = _flatten(seqs, device)
+    if not holes:
+        return where, ids
+    sources = [r.pending_row for _, r in holes]
+    if pending is None or None in sources:
+        raise ValueError("output tokens hold placeholders but not where their tokens are")
+    at = _to_device(torch.tensor([k for k, _ in holes], dtype=torch.int64), device)
+    src = _to_device(torch.tensor(sources, dtype=torch.int64), device)
+    return where, ids.index_copy(0, at, pending.index_select(0, src))
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -443,7 +443,7 @@ class ModelRunner:
             else:
                 selected = hidden.index_select(0, logits_rows)
             logits = self.model.compute_logits(selected)  # [N, V] float32
-            tokens = self._sample(logits, sample_reqs)
+            tokens = self._sample(logits, sample_reqs, previous)
         t4 = time.perf_counter()
         tm = self.timings
         tm.prepare_s += t2 - t0
@@ -457,19 +457,26 @@ class ModelRunner:
             self._copied.synchronize()  # the previous copy out of the staging buffer is done
         return self._stage_np
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> SampledTokens:
+    def _sample(
+        self, logits: torch.Tensor, reqs: list[Request], previous: StepHandle | None
+    ) -> SampledTokens:
         if all(_is_plain_greedy(r) for r in reqs):
             return SampledTokens(logits.argmax(dim=-1))
+        pending = previous.rows if previous is not None else {}
         rows = [
             SamplingRow(
                 sampling_params=r.sampling_params,
                 prompt_token_ids=r.prompt_token_ids,
                 output_token_ids=r.output_token_ids,
                 eos_token_id=r.eos_token_id,
+                pending_row=pending.get(r.request_id),
             )
             for r in reqs
         ]
-        meta = SamplingMetadata.build(rows, self.vocab_size, self.device, self.generator)
+        tokens = previous.tokens.token_ids if previous and previous.tokens else None
+        meta = SamplingMetadata.build(
+            rows, self.vocab_size, self.device, self.generator, pending_tokens=tokens
+        )
         return self.sampler.launch(logits, meta)
 
     # ------------------------------------------------------------------ inputs

@@ -181,9 +181,11 @@ def test_logprobs_hold_the_sampled_token(engine):
         assert max(lp.values()) == lp[tok]  # greedy: the sampled token is the most likely
 
 
-def test_repetition_penalty_among_plain_requests_matches_transformers(engine, tiny_model_dir):
-    """A penalty reads every generated token, so with async scheduling the engine does not
-    run ahead of a step that holds one; the plain requests beside it still may."""
+def test_repetition_penalty_among_plain_requests_matches_transformers(
+    engine, tiny_model_dir, monkeypatch
+):
+    """A penalty reads every generated token. With async scheduling the engine still runs
+    ahead: the token in flight reaches the penalty on the device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -191,12 +193,23 @@ def test_repetition_penalty_among_plain_requests_matches_transformers(engine, ti
     prompts = {"pen": "Once upon a time", "a": "The quick brown fox", "b": "In the beginning"}
     # Below 1 the penalty favours seen tokens: this prompt then repeats its last token.
     penalty = {"pen": 0.5, "a": 1.0, "b": 1.0}
+    from engine.sampling.sampler import SamplingMetadata
+
+    build = SamplingMetadata.build
+    filled: list[bool] = []  # per build: did a penalised row take its last token in flight?
+
+    def spy(rows, *args, **kwargs):
+        filled.append(any(r.pending_row is not None for r in rows))
+        return build(rows, *args, **kwargs)
+
+    monkeypatch.setattr(SamplingMetadata, "build", spy)
     for rid, prompt in prompts.items():
         params = SamplingParams(
             temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=penalty[rid]
         )
         engine.add_request(rid, prompt, params)
     got = {rid: out.outputs[0].token_ids for rid, out in drain(engine).items()}
+    assert any(filled) == engine.core.async_scheduling
     for rid, prompt in prompts.items():
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():

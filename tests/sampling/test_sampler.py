@@ -26,6 +26,7 @@ from engine.sampling.sampler import (
     filter_logits,
 )
 from engine.sampling_params import SamplingParams
+from engine.sequence import PLACEHOLDER
 
 V = 64
 
@@ -296,6 +297,30 @@ def test_greedy_logprobs_of_sampled_token_is_the_max() -> None:
         assert lp == {
             out.token_ids[i]: pytest.approx(float(torch.log_softmax(logits[i], -1).max()))
         }
+
+
+def test_penalties_take_a_placeholder_token_from_the_pending_samples() -> None:
+    """With async scheduling a row's last output token may still be on the device: the
+    penalties read it from the previous step's samples and equal those of the known token."""
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.4)
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(1))
+    known = [_row(params, outputs=[4, 9, 7]), _row(params, outputs=[5]), _row(params)]
+    pending = [
+        _row(params, outputs=[4, 9, PLACEHOLDER], pending_row=2),
+        _row(params, outputs=[PLACEHOLDER], pending_row=0),
+        _row(params),
+    ]
+    samples = torch.tensor([5, 11, 7])  # the previous step's tokens, rows 2 and 0 used
+    a = SamplingMetadata.build(known, V, "cpu")
+    b = SamplingMetadata.build(pending, V, "cpu", pending_tokens=samples)
+    assert a.penalties is not None
+    assert b.penalties is not None
+    assert torch.equal(apply_penalties(logits, a.penalties), apply_penalties(logits, b.penalties))
+    with pytest.raises(ValueError, match="not where their tokens are"):
+        SamplingMetadata.build(pending, V, "cpu")
+    early = [_row(params, outputs=[PLACEHOLDER, 3], pending_row=0)]
+    with pytest.raises(ValueError, match="before a row's last"):
+        SamplingMetadata.build(early, V, "cpu", pending_tokens=samples)
 
 
 def test_build_rejects_an_empty_batch() -> None:
