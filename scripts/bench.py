@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-steps", type=int, default=8, help="new tokens in the timed HF decode")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="lorastream's requests sample at this temperature (0: greedy, the default)",
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="with --temperature above 0")
+    p.add_argument(
         "--multiprocessing",
         action="store_true",
         help="also run base and the first pattern with enable_multiprocessing=True",
@@ -406,7 +413,7 @@ def run_multiprocess(
             else None
         )
         warm_up(llm, loras if pattern else [], args, len(prompts), adapters)
-        params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        params = sampling_params(args, args.output_len)
         reqs = [loras[a] for a in adapters] if adapters is not None else None
         before = llm.llm_engine.get_step_timings()
         t0 = time.perf_counter()
@@ -446,7 +453,7 @@ def run_lorastream(
     args: argparse.Namespace,
     profile_dir: Path | None = None,
 ) -> dict[str, Any]:
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    params = sampling_params(args, args.output_len)
     reqs = [loras[a] for a in adapters] if adapters is not None else None
     inputs: list[Any] = [{"prompt_token_ids": p} for p in prompts]
     runner = llm.llm_engine.runner
@@ -526,6 +533,17 @@ def _profiler(out_dir: Path | None) -> Iterator[Callable[[], None] | None]:
         yield p.step
 
 
+def sampling_params(args: argparse.Namespace, max_tokens: int) -> SamplingParams:
+    """Every lorastream request's: ``max_tokens`` exactly (``ignore_eos``), greedy unless
+    ``--temperature`` says otherwise."""
+    return SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p if args.temperature > 0 else 1.0,
+        max_tokens=max_tokens,
+        ignore_eos=True,
+    )
+
+
 def warm_up(
     llm: LLM,
     loras: list[LoRARequest],
@@ -543,7 +561,7 @@ def warm_up(
     for lora in loras if add else []:
         llm.llm_engine.add_lora(lora)
     prompts = make_prompts(n, args.input_len, seed=12345)
-    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    params = sampling_params(args, 3)
     if adapters is None and loras:
         adapters = [i % len(loras) for i in range(n)]
     reqs = [loras[a] for a in adapters[:n]] if adapters is not None and loras else None

@@ -1,0 +1,36 @@
+"""``scripts/bench.py`` runs end to end on the CPU (its dry run): every configuration of the
+side-by-side comparison, with and without async scheduling, gets a row. No timing is
+checked here; the GPU numbers are in BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_dry_run_gives_a_row_per_configuration_and_mode(tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench.py"),
+        *("--device", "cpu", "--shape", "tiny", "--num-prompts", "4", "--input-len", "8"),
+        *("--output-len", "4", "--num-adapters", "2", "--rank", "4", "--max-loras", "2"),
+        *("--max-num-seqs", "4", "--patterns", "distinct", "--skip-max-loras-1", "--skip-hf"),
+        *("--async-scheduling", "both", "--temperature", "0.8", "--top-p", "0.9"),
+        *("--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert not [c for c in rows if c.startswith("error")], rows
+    for name in ("base", "base async", "distinct", "distinct async"):
+        row = rows[f"lorastream {name}"]
+        # The bench itself asserts every request made exactly --output-len tokens.
+        assert row["output_tok_s"] > 0
+        assert row["steps"] > 0
+    assert "distinct async / base async (>= 0.90)" in result["targets"]
+    assert "| lorastream distinct async |" in (tmp_path / "out" / "bench.md").read_text()
