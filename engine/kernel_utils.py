@@ -1,4 +1,5 @@
-"""Launch-size helpers the Triton kernels share (attention, LoRA, fused model ops)."""
+"""Helpers the Triton kernels and their callers share: launch sizes (attention, LoRA, fused
+model ops), and host memory that a copy to the device can leave behind without waiting."""
 
 from __future__ import annotations
 
@@ -22,3 +23,12 @@ def next_pow2(n: int) -> int:
 def num_sms(device_index: int) -> int:
     """Streaming multiprocessors of a CUDA device (cached: the query is not free)."""
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the host) in pinned memory when ``device`` is CUDA, else ``t`` itself.
+
+    A copy to the device from pageable memory first waits for everything queued on the
+    stream (under async scheduling, the step still running); from pinned memory it queues
+    behind it and the host goes on."""
+    return t.pin_memory() if device.type == "cuda" else t

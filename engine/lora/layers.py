@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.kernel_utils import pinned
 from engine.lora.kernels.reference import add_lora_reference
 from engine.model import ops
 from engine.model.metadata import LoRAMetadata
@@ -341,9 +342,9 @@ def build_lora_metadata(
     dev = torch.device(device)
     if out is not None:
         assert out.packed is not None
-        out.packed.copy_(_pinned(host, dev), non_blocking=True)
+        out.packed.copy_(pinned(host, dev), non_blocking=True)
         return out
-    packed = _pinned(host, dev).to(dev, non_blocking=True)
+    packed = pinned(host, dev).to(dev, non_blocking=True)
     meta = _views(packed, num_tokens, num_tiles, block_m, is_static=False)
     sorted_dev = meta.sorted_token_ids
     assert sorted_dev is not None
@@ -392,8 +393,3 @@ def _views(
         is_static=is_static,
         packed=packed,
     )
-
-
-def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # Pinned memory lets the copy run asynchronously, so building metadata never waits.
-    return t.pin_memory() if device.type == "cuda" else t

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.kernel_utils import pinned
 from engine.sampling_params import SamplingParams
 from engine.sequence import PLACEHOLDER
 
@@ -451,12 +452,8 @@ def _output_tokens(
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` (on the host) on ``device`` without waiting for the device: a copy from pageable
-    memory would first wait for every kernel queued on the stream, among them the step still
-    running under async scheduling. Pinned memory lets the copy queue behind them."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    """``t`` (on the host) on ``device``, without waiting for the step in flight."""
+    return pinned(t, device).to(device, non_blocking=True)
 
 
 def _row_seed(seed: int, position: int) -> int:
