@@ -11,9 +11,9 @@ Two LRU caches:
 
 Pinning: ``pin``/``unpin`` count the requests that need an adapter (meant to be called at
 admission and when the request finishes). A pinned adapter is never evicted from host
-memory, nor is one that the current step uses. When every host entry is pinned, a further
-load waits in the queue, without reading anything, until ``unpin`` (or a step that no longer
-uses an adapter) frees an entry, so host memory holds at most ``max_cpu_loras`` adapters
+memory, nor, while ``activate`` copies a step's adapters in, is one of that step's. When every
+host entry is pinned, a further load waits in the queue, without reading anything, until
+``unpin`` (or the end of an activation) frees an entry, so host memory holds at most ``max_cpu_loras`` adapters
 (one more only if a synchronous ``add_lora`` races a background load). Without pins an
 adapter may be evicted before its requests run; ``is_ready`` then queues a reload for any
 adapter it has seen requested, so nothing waits forever, at the cost of a second disk read.
@@ -104,7 +104,7 @@ class LoRAManager:
         self._failed: set[int] = set()  # not reloaded on demand until request_load asks again
         self._errors: list[tuple[int, AdapterError]] = []
         self._pins: Counter[int] = Counter()
-        self._step_ids: frozenset[int] = frozenset()  # in use by the current step
+        self._step_ids: frozenset[int] = frozenset()  # the step activate is copying in
         self._gen: Counter[int] = Counter()  # bumped by remove_lora: drops loads queued before
         self._closed = False
         # Device level: written only by the step loop's thread (under _lock, as others read it).
@@ -222,7 +222,7 @@ class LoRAManager:
         if len(self._host) >= self.config.max_cpu_loras and self._evictable_locked() is None:
             raise AdapterError(
                 f"adapter {lora_request.lora_path}: host memory holds max_cpu_loras="
-                f"{self.config.max_cpu_loras} adapters, all pinned by requests or in use by this step"
+                f"{self.config.max_cpu_loras} adapters, all pinned by requests or being copied to the device"
             )
 
     def remove_lora(self, lora_int_id: int) -> bool:
@@ -277,8 +277,8 @@ class LoRAManager:
             and last[0] == step
             and all(self._slot_ids[slot] == i for i, slot in last[1].items())
         ):
-            # The same adapters, all still in their slots: nothing to copy, the device LRU
-            # has them last already, and _step_ids still keeps them from eviction.
+            # The same adapters, all still in their slots: nothing to copy, and the device
+            # LRU has them last already.
             return last[1]
         ids = sorted(step)
         if len(ids) > self.config.max_loras:
@@ -294,10 +294,17 @@ class LoRAManager:
                 if i in self._device_lru:
                     self._device_lru.move_to_end(i)
                     slots[i] = self._device_lru[i]
-            self._cond.notify_all()  # adapters of the previous step may be evictable now
-        for i in ids:
-            if i not in slots:
-                slots[i] = self._place(i, ids)
+        try:
+            for i in ids:
+                if i not in slots:
+                    slots[i] = self._place(i, ids)
+        finally:
+            # The step's host entries are protected only while they are copied in. Kept
+            # longer, they could hold every entry after the step, and a load waiting for one
+            # would wait for a step that never comes: one whose requests need that load.
+            with self._cond:
+                self._step_ids = frozenset()
+                self._cond.notify_all()
         self._last_activation = (step, slots)
         return slots
 
@@ -376,7 +383,7 @@ class LoRAManager:
         self._cond.notify_all()
 
     def _evictable_locked(self) -> int | None:
-        """The least recently used host entry that is neither pinned nor in this step."""
+        """The least recently used host entry neither pinned nor being copied in."""
         return next(
             (i for i in self._host if i not in self._pins and i not in self._step_ids), None
         )
@@ -442,7 +449,7 @@ class LoRAManager:
             if len(self._host) < self.config.max_cpu_loras or self._evict_one_locked():
                 self._queue.popleft()
                 return request, gen
-            # Every entry is pinned or used by this step: wait, reading nothing, until
+            # Every entry is pinned or being copied in: wait, reading nothing, until
             # unpin / activate / remove_lora frees one (they notify).
             self._cond.wait()
 
