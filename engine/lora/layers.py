@@ -157,12 +157,14 @@ class LoRALinear(nn.Module):
         self.lora_b[slice_idx][slot].zero_()
         self.lora_a[slice_idx][slot, :r].copy_(a, non_blocking=True)
         self.lora_b[slice_idx][slot, :, :r].copy_(b, non_blocking=True)
-        self.lora_ranks[slot, slice_idx] = r
+        # fill_ passes r to a kernel; item assignment would copy it from pageable host memory
+        # and so wait for the steps in flight (an adapter can be loaded while they run).
+        self.lora_ranks[slot, slice_idx].fill_(r)
 
     def clear_lora(self, slot: int) -> None:
         self.lora_a_stacked[slot].zero_()
         self.lora_b_stacked[slot].zero_()
-        self.lora_ranks[slot] = 0
+        self.lora_ranks[slot].zero_()
 
     def forward(
         self, x: torch.Tensor, lora: LoRAMetadata | None = None, *, stack_a: bool | None = None

@@ -247,21 +247,27 @@ def test_async_scheduling_with_graphs_equals_sync(tiny_model_dir: Path):
 
 @cuda_only
 def test_async_launches_never_wait_for_the_device(tiny_model_dir: Path):
-    """Once its adapters are in their slots, launching a step (packing, copies, graph or
-    eager forward, sampling of every kind) must not wait for the steps still in flight:
-    CUDA's sync debug mode turns any such wait into an error."""
-    engine = make_engine(tiny_model_dir, device="cuda", dtype="float32", async_scheduling=True)
+    """Launching a step (adapters copied into their slots, packing, copies, graph or eager
+    forward, sampling of every kind) must not wait for the steps still in flight: CUDA's
+    sync debug mode turns any such wait into an error. Two slots for four adapters, so
+    adapters are swapped in while earlier steps run."""
+    engine = make_engine(
+        tiny_model_dir, device="cuda", dtype="float32", async_scheduling=True, max_loras=2
+    )
     loras = lora_requests(tiny_model_dir)
+    assert len(loras) > 2
     params = [
         SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
         SamplingParams(temperature=0.9, top_p=0.8, seed=5, max_tokens=12, ignore_eos=True),
         SamplingParams(temperature=0.7, top_k=4, logprobs=2, max_tokens=12, ignore_eos=True),
         SamplingParams(temperature=0.0, min_tokens=3, max_tokens=12),
     ]
-    for i, (p, prompt) in enumerate(zip(params, PROMPTS * 2, strict=False)):
+    jobs = list(zip(params * 2, PROMPTS * 4, strict=False))
+    for i, (p, prompt) in enumerate(jobs):
         engine.add_request(f"r{i}", prompt, p, lora_request=loras[i % len(loras)])
-    for _ in range(3):  # prefill, adapters loaded into their slots
-        engine.step()
+    engine.step()  # the first prefill: graphs and kernels already built, adapters read
+    manager = engine.runner.lora_manager
+    loads = manager.num_device_loads
     launch = engine.runner.launch
 
     def strict(sched, previous=None):
@@ -277,4 +283,5 @@ def test_async_launches_never_wait_for_the_device(tiny_model_dir: Path):
         engine.step()
         steps += 1
     assert steps >= 8
+    assert manager.num_device_loads >= loads + 2  # slots were refilled under strict launches
     assert engine.runner.timings.graph_steps > 0
