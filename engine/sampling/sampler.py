@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from engine.kernel_utils import pinned
+from engine.sampling import top_p as top_p_mod
 from engine.sampling_params import SamplingParams
 from engine.sequence import PLACEHOLDER
 
@@ -85,6 +86,9 @@ class SamplingMetadata:
     """[N] int64 in [1, V]; V where top-k is off (1 on greedy rows, which never use it)."""
     max_top_k: int
     """max(top_k) on the host, so top-k alone needs no full sort; 0 when top_k is None."""
+    max_top_k_on: int
+    """max(top_k) over the random rows with top-k on (0 when none): with top-p, whether the
+    k-th lies among ``top_p.TOP_P_CANDIDATES``."""
     top_p: torch.Tensor | None
     """[N] float32; 1.0 where top-p is off."""
     min_p: torch.Tensor | None
@@ -132,7 +136,7 @@ class SamplingMetadata:
             return _to_device(torch.tensor(values, dtype=torch.float32), device)
 
         top_k = top_p = min_p = None
-        max_top_k = 0
+        max_top_k = max_top_k_on = 0
         if any(p.top_k_enabled and not g for p, g in zip(params, greedy, strict=True)):
             ks = [
                 1 if g else min(p.top_k, vocab_size) if p.top_k_enabled else vocab_size
@@ -140,6 +144,11 @@ class SamplingMetadata:
             ]
             top_k = _to_device(torch.tensor(ks, dtype=torch.int64), device)
             max_top_k = max(ks)
+            max_top_k_on = max(
+                min(p.top_k, vocab_size)
+                for p, g in zip(params, greedy, strict=True)
+                if p.top_k_enabled and not g
+            )
         if any(p.top_p < 1.0 and not g for p, g in zip(params, greedy, strict=True)):
             top_p = f32([p.top_p for p in params])
         if any(p.min_p > 0.0 and not g for p, g in zip(params, greedy, strict=True)):
@@ -203,6 +212,7 @@ class SamplingMetadata:
             all_random=not any(greedy),
             top_k=top_k,
             max_top_k=max_top_k,
+            max_top_k_on=max_top_k_on,
             top_p=top_p,
             min_p=min_p,
             penalties=penalties,
@@ -285,8 +295,9 @@ class Sampler(nn.Module):
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
 
         if md.banned_token_ids is not None:
-            rows, ids = md.banned_token_ids
-            logits[rows, ids] = float("-inf")
+            # index_put_ of a device scalar: item assignment would copy -inf from pageable
+            # host memory, and so wait for the steps in flight.
+            logits.index_put_(md.banned_token_ids, logits.new_full((), float("-inf")))
         if md.penalties is not None:
             logits = apply_penalties(logits, md.penalties)
 
@@ -326,7 +337,7 @@ def apply_penalties(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
         (out_rows, out_ids), torch.ones_like(out_ids, dtype=logits.dtype), accumulate=True
     )
     seen = counts > 0  # [N, V]
-    seen[pen.prompt_tokens] = True
+    seen.index_put_(pen.prompt_tokens, seen.new_ones(()))  # no host scalar: no wait
 
     rep = pen.repetition.unsqueeze(1)  # [N, 1]
     penalised = torch.where(logits > 0, logits / rep, logits * rep)
@@ -340,7 +351,10 @@ def filter_logits(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     Removed tokens are -inf."""
     logits = logits / md.temperature.unsqueeze(1)  # [N, V]
     if md.top_p is not None:
-        logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
+        if md.max_top_k_on <= top_p_mod.TOP_P_CANDIDATES:
+            logits = top_p_mod.apply_top_k_top_p(logits, md.top_k, md.top_p)
+        else:  # a k-th beyond the candidates
+            logits = apply_top_k_top_p_sorted(logits, md.top_k, md.top_p)
     elif md.top_k is not None:
         logits = apply_top_k(logits, md.top_k, md.max_top_k)
     if md.min_p is not None:
@@ -355,10 +369,11 @@ def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> to
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def apply_top_k_top_p(
+def apply_top_k_top_p_sorted(
     logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor
 ) -> torch.Tensor:
-    """Mask to -inf what top-k, then top-p (on the top-k renormalised distribution), remove.
+    """Mask to -inf what top-k, then top-p (on the top-k renormalised distribution), remove,
+    by a full sort of the rows: for a k beyond ``top_p.TOP_P_CANDIDATES``.
 
     Ties at the k-th value are all kept; top-p keeps the smallest set of most likely tokens
     whose mass reaches p (always at least one), as Hugging Face's warpers do.
