@@ -44,6 +44,9 @@ LAYERS = {
 }
 
 
+SMEM_BYTES = 220 * 1024  # of the H200's 227 KiB per block, some left for the compiler
+
+
 @triton.jit
 def _mm(
     a_desc,
@@ -83,15 +86,19 @@ def _mm(
 
 
 def configs(n: int, m: int) -> list[dict[str, int]]:
-    tiles = [(64, 128, 128), (128, 128, 64), (128, 256, 64), (64, 256, 64), (128, 128, 128)]
+    tiles = [
+        (64, 128, 128), (128, 128, 64), (128, 256, 64), (256, 128, 64), (64, 256, 64),
+        (128, 128, 128),
+    ]  # fmt: skip
     if m <= 64:
         tiles = [(64, 128, 128), (64, 256, 64), (64, 64, 128)]
     out = []
     for (bm, bn, bk), ws, persistent in itertools.product(tiles, (0, 1), (1, 0)):
-        smem_stage = (bm + bn) * bk * 2
-        stages = max(2, min(5, (200 * 1024) // smem_stage))
         warps = 8 if bm * bn >= 128 * 256 else 4
         for split in (1, 2, 4) if n <= 8192 else (1,):
+            # Shared memory: the pipeline's stages of A and B tiles, and the output tile.
+            epilogue = bm * bn * (2 if split == 1 else 4)
+            stages = max(2, min(5, (SMEM_BYTES - epilogue) // ((bm + bn) * bk * 2)))
             cfg = {"BM": bm, "BN": bn, "BK": bk, "split": split, "persistent": persistent}
             out.append({**cfg, "ws": ws, "stages": stages, "warps": warps, "group": 8})
     return out
