@@ -55,7 +55,7 @@ from broker.redis_conn import REDIS_ERRORS, Backoff
 from broker.registry import AdapterRegistry
 from engine.errors import EngineDead, InvalidRequest, LoRAStreamError
 from engine.lora.request import LoRARequest
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, ResumedOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("lorastream.broker")
@@ -96,6 +96,7 @@ class EngineClient(Protocol):
         request_id: str,
         lora_request: LoRARequest | None = None,
         priority: int = 0,
+        resumed: ResumedOutput | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -174,6 +175,8 @@ class _Job:
     """Owned by the publisher: the seq of the next event."""
     resumed_tokens: list[int] = field(default_factory=list)
     """Tokens a previous run published; the engine continues after them."""
+    resumed_text: str = ""
+    """The text a previous run published (the detokenizer continues it)."""
     restart: bool = False
     """The next event carries ``restart``: the client drops what it had for this id."""
     scope: anyio.CancelScope | None = None
@@ -564,8 +567,11 @@ class Service:
         job.next_seq = len(past)
         for e in past:
             if isinstance(e, TokenEvent) and e.restart:
-                job.resumed_tokens = []  # the client dropped what came before this event
+                # The client dropped what came before this event.
+                job.resumed_tokens, job.resumed_text = [], ""
             job.resumed_tokens += e.token_ids
+            if isinstance(e, TokenEvent):
+                job.resumed_text += e.text
         if job.resumed_tokens:
             logger.info(
                 "resuming %s after %d published token(s) (delivery %d)",
@@ -640,7 +646,12 @@ class Service:
                 if job.abort_requested:
                     scope.cancel()
                 stream = self.engine.generate(
-                    prompt, params, job.req.id, lora_request=job.lora, priority=job.req.priority
+                    prompt,
+                    params,
+                    job.req.id,
+                    lora_request=job.lora,
+                    priority=job.req.priority,
+                    resumed=ResumedOutput(resumed, job.resumed_text) if resumed else None,
                 )
                 async with contextlib.aclosing(stream):  # type: ignore[type-var]
                     async for out in stream:

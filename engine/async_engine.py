@@ -26,7 +26,7 @@ from engine.errors import EngineDead, InvalidRequest
 from engine.llm_engine import LLMEngine, PromptType
 from engine.lora.request import LoRARequest
 from engine.metrics import StatLogger
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, ResumedOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 from engine.usage import UsageContext
@@ -87,14 +87,21 @@ class AsyncLLMEngine:
         request_id: str,
         lora_request: LoRARequest | None = None,
         priority: int = 0,
+        resumed: ResumedOutput | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield a RequestOutput per step until the request finishes. Leaving early aborts it."""
+        """Yield a RequestOutput per step until the request finishes. Leaving early aborts it.
+        ``resumed``: the prompt ends with an earlier run's output (``ResumedOutput``)."""
         if self._dead is not None:
             raise EngineDead(f"the engine loop died: {self._dead!r}")
         if request_id in self._streams:
             raise InvalidRequest(f"request_id {request_id!r} is already running")
         request = self.engine.make_request(
-            request_id, prompt, sampling_params, lora_request=lora_request, priority=priority
+            request_id,
+            prompt,
+            sampling_params,
+            lora_request=lora_request,
+            priority=priority,
+            resumed=resumed,
         )
         send, receive = anyio.create_memory_object_stream[RequestOutput | BaseException](math.inf)
         self._streams[request_id] = send

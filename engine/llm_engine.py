@@ -29,7 +29,7 @@ from engine.errors import AdapterError, EngineDead, InvalidRequest, PromptTooLon
 from engine.lora.request import LoRARequest
 from engine.metrics import LoggingStatLogger, StatLogger, Stats
 from engine.output_processor import OutputProcessor, RequestState
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, ResumedOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 from engine.usage import UsageContext
@@ -169,10 +169,11 @@ class LLMEngine:
         arrival_time: float | None = None,
         lora_request: LoRARequest | None = None,
         priority: int = 0,
+        resumed: ResumedOutput | None = None,
     ) -> None:
         """Validate and queue a request. Raises ``InvalidRequest`` / ``AdapterError`` naming what is wrong."""
         request = self.make_request(
-            request_id, prompt, params, arrival_time, lora_request, priority
+            request_id, prompt, params, arrival_time, lora_request, priority, resumed
         )
         self.admit(request)
 
@@ -184,8 +185,11 @@ class LLMEngine:
         arrival_time: float | None = None,
         lora_request: LoRARequest | None = None,
         priority: int = 0,
+        resumed: ResumedOutput | None = None,
     ) -> Request:
-        """Everything in add_request that does not touch the scheduler (safe off the step thread)."""
+        """Everything in add_request that does not touch the scheduler (safe off the step thread).
+
+        ``resumed``: the prompt ends with an earlier run's output (``ResumedOutput``)."""
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequest(
                 f"request_id={request_id!r} is invalid: must be a non-empty string"
@@ -204,6 +208,15 @@ class LLMEngine:
                 f"prompt has {len(token_ids)} tokens; max_model_len is {max_len}, "
                 "which leaves no room for any output token"
             )
+        if resumed is not None and not (
+            isinstance(resumed, ResumedOutput)
+            and 0 < resumed.num_tokens < len(token_ids)
+            and isinstance(resumed.text, str)
+        ):
+            raise InvalidRequest(
+                f"resumed={resumed!r} is invalid: num_tokens must be in [1, {len(token_ids)}) "
+                "(the earlier output ends the prompt) and text a string"
+            )
         if lora_request is not None:
             self._require_lora()
             self.engine_core.check_adapter(lora_request)
@@ -221,6 +234,7 @@ class LLMEngine:
             prompt=text,
             eos_token_id=self.eos_token_id,
             priority=priority,
+            resumed=resumed,
         )
         if arrival_time is not None:
             request.arrival_time = arrival_time

@@ -68,7 +68,9 @@ class OutputProcessor:
             prompt_token_ids=request.prompt_token_ids,
             lora_name=request.lora_request.lora_name if request.lora_request else None,
             arrival_time=request.arrival_time,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, params, request.resumed
+            ),
             logprobs=[] if params.logprobs is not None else None,
             output_kind=params.output_kind,
         )

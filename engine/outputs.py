@@ -10,6 +10,22 @@ from engine.errors import LoRAStreamError
 SampleLogprobs = list[dict[int, float]]
 
 
+@dataclass(frozen=True)
+class ResumedOutput:
+    """A request run again after an earlier run's output reached the client in part (the
+    Redis service, after a worker died): the prompt ends with the earlier run's
+    ``num_tokens`` output tokens, of which the client holds ``text``.
+
+    The new run's text continues the earlier one's: it starts with what the earlier run held
+    back (a possible start of a stop string, an incomplete character), and a stop string
+    that begins before the resume point and ends after it is found. Its outputs hold only
+    the new run's tokens and text.
+    """
+
+    num_tokens: int
+    text: str
+
+
 @dataclass
 class CompletionOutput:
     index: int

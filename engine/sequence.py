@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from engine.errors import LoRAStreamError
 from engine.lora.request import LoRARequest
+from engine.outputs import ResumedOutput
 from engine.sampling_params import SamplingParams
 
 PLACEHOLDER = -1
@@ -68,6 +69,8 @@ class Request:
     # Steps this request waited at the head of the queue while later requests were admitted.
     num_bypassed_steps: int = 0
     first_token_time: float | None = None
+    # Front only (the core never sees it): the prompt's tail is an earlier run's output.
+    resumed: ResumedOutput | None = None
 
     @property
     def lora_int_id(self) -> int:

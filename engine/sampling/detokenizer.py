@@ -16,6 +16,11 @@ things are held back from the deltas while the request runs:
 When the request finishes (a stop string fires, or the caller says ``finished=True``)
 everything left is released.
 
+A resumed request (``ResumedOutput``: the prompt ends with an earlier run's output, of which
+the client holds some text) replays the earlier output through the stream first, as that
+run did, then continues: the text the earlier run held back is released now, and a stop
+string across the resume point is found. Only the new run's text is returned.
+
 A request that wants its final output only (``RequestOutputKind.FINAL_ONLY``) and has no
 stop strings needs no text before it finishes, so its tokens are only collected and decoded
 at the end in one call: ``decode(context + ids)`` past ``decode(context)``, ten times less
@@ -34,6 +39,7 @@ from typing import Any, Protocol
 
 import tokenizers.decoders
 
+from engine.outputs import ResumedOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
 # tokenizers >= 0.21; older versions take the pure-Python path.
@@ -83,7 +89,11 @@ class IncrementalDetokenizer:
     """Turns one request's output tokens into text deltas and watches for stop strings."""
 
     def __init__(
-        self, tokenizer: Any, prompt_token_ids: list[int], sampling_params: SamplingParams
+        self,
+        tokenizer: Any,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        resumed: ResumedOutput | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = sampling_params.skip_special_tokens
@@ -96,28 +106,53 @@ class IncrementalDetokenizer:
 
         self._text = ""  # decoded so far, cut at a stop string; the tail may be unsent
         self._num_sent = 0  # chars of _text already returned as deltas
+        self._start = 0  # chars of _text an earlier run sent (a resumed request)
         # Ids fed to the stream, and how many of them have produced their text so far.
         self._decoded_ids: list[int] = []
         self._num_emitted_ids = 0
-        self._context = self._prompt_context(prompt_token_ids)
+        earlier = prompt_token_ids[-resumed.num_tokens :] if resumed is not None else []
+        self._context = self._prompt_context(
+            prompt_token_ids[: len(prompt_token_ids) - len(earlier)]
+        )
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend = backend if backend is not None and _DecodeStream is not None else None
         self._stream: _Stream = self._new_stream(self._context)
         # Final output only and no stop strings: ids wait here, undecoded, until the end.
-        self._defer = sampling_params.output_kind == RequestOutputKind.FINAL_ONLY and not self.stop
+        self._defer = (
+            sampling_params.output_kind == RequestOutputKind.FINAL_ONLY
+            and not self.stop
+            and resumed is None
+        )
         self._deferred: list[int] = []
+        if resumed is not None:
+            self._replay(earlier, resumed.text)
+
+    def _replay(self, ids: list[int], sent: str) -> None:
+        """Decode an earlier run's output ``ids`` as that run did; the client holds ``sent``."""
+        for token_id in ids:
+            self._decoded_ids.append(token_id)
+            piece = self._step(token_id)
+            if piece is not None:
+                self._text += piece
+                self._num_emitted_ids = len(self._decoded_ids)
+        if not self._text.startswith(sent):
+            # Not the text this tokenizer makes of those ids: continue after what the client
+            # holds (what the earlier run held back cannot be rebuilt).
+            self._text = sent
+            self._num_emitted_ids = len(self._decoded_ids)
+        self._start = self._num_sent = len(sent)
 
     @property
     def output_text(self) -> str:
         """The text returned so far: the concatenation of every delta."""
         self._catch_up()
-        return self._text[: self._num_sent]
+        return self._text[self._start : self._num_sent]
 
     def text_since(self, start: int) -> str:
         """The returned text from character ``start`` on (``output_text[start:]`` without
         copying what comes before)."""
         self._catch_up()
-        return self._text[start : self._num_sent]
+        return self._text[self._start + start : self._num_sent]
 
     @property
     def finished_by_stop_string(self) -> bool:

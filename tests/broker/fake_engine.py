@@ -151,6 +151,7 @@ class FakeAsyncEngine:
         request_id: str,
         lora_request: LoRARequest | None = None,
         priority: int = 0,
+        resumed: Any = None,
     ) -> AsyncIterator[RequestOutput]:
         if self._dead is not None:
             raise EngineDead(f"the engine loop died: {self._dead!r}")

@@ -30,6 +30,7 @@ from engine.errors import (
 )
 from engine.llm import LLM
 from engine.metrics import Stats
+from engine.outputs import ResumedOutput
 
 from .test_matches_peft import adapter_dirs, make_engine
 
@@ -131,6 +132,9 @@ def test_bad_requests_are_refused_with_named_errors(engine):
         engine.add_request("kind", 42, GREEDY)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1)
+    for bad in (ResumedOutput(0, ""), ResumedOutput(3, ""), ResumedOutput(1, None)):  # type: ignore[arg-type]
+        with pytest.raises(InvalidRequest, match="resumed"):
+            engine.add_request("resumed", {"prompt_token_ids": [1, 2, 3]}, GREEDY, resumed=bad)
     engine.add_request("dup", "hi", GREEDY)
     with pytest.raises(InvalidRequest, match="already"):
         engine.add_request("dup", "hi", GREEDY)

@@ -9,6 +9,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from engine.outputs import ResumedOutput
 from engine.sampling.detokenizer import IncrementalDetokenizer
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
@@ -277,3 +278,56 @@ def test_final_only_text_read_before_the_end_is_the_streamed_text(tokenizer: Any
         for i, token_id in enumerate(ids[cut:], start=cut):
             det.update([token_id], finished=i == len(ids) - 1)
         assert det.output_text == text
+
+
+@pytest.mark.parametrize("stop", [[], ["ld 日本"], ["STOP"], ["🙂 S"]], ids=str)
+def test_resumed_at_any_token_the_client_gets_the_uninterrupted_text(
+    tokenizer: Any, stop: list[str]
+) -> None:
+    """A run that dies after k tokens and a run resumed from them (the client holding the
+    first run's text) give the client what one run gives: the text ``tokenizer.decode``
+    makes, cut before the first stop string, even one across the resume point."""
+    text = "héllo wörld 日本語 🙂 STOP and more"
+    ids = _encode(tokenizer, text)
+    prompt = _encode(tokenizer, "the end")
+    full = _hf(tokenizer).decode(ids)
+    cut = min((full.find(s) for s in stop if s in full), default=len(full))
+    stopped = cut < len(full)
+    for k in range(1, len(ids)):
+        first = IncrementalDetokenizer(tokenizer, prompt, SamplingParams(stop=stop))
+        for token_id in ids[:k]:
+            first.update([token_id])
+        if first.finished:  # stopped before the split: nothing to resume
+            assert first.output_text == full[:cut]
+            continue
+        sent = first.output_text
+        resumed = ResumedOutput(num_tokens=k, text=sent)
+        second = IncrementalDetokenizer(
+            tokenizer, prompt + ids[:k], SamplingParams(stop=stop), resumed
+        )
+        deltas = []
+        for i, token_id in enumerate(ids[k:], start=k):
+            deltas.append(second.update([token_id], finished=i == len(ids) - 1))
+            if second.finished:
+                break
+        assert "".join(deltas) == second.output_text, k
+        assert sent + second.output_text == full[:cut], k
+        assert second.finished_by_stop_string is stopped, k
+        assert second.output_token_ids == ids[k : k + len(deltas)], k
+
+
+def test_resumed_text_the_tokenizer_would_not_make_is_continued(
+    fast: PreTrainedTokenizerFast,
+) -> None:
+    """The client holds text these ids do not decode to (another tokenizer, a bad record):
+    the new text follows it, and a stop string across the point is still found."""
+    ids = _encode(fast, "hello world")
+    more = _encode(fast, "P and more")
+    resumed = ResumedOutput(num_tokens=len(ids), text="xyz STO")
+    det = IncrementalDetokenizer(fast, [*_encode(fast, "the"), *ids], SamplingParams(), resumed)
+    assert det.update(more, finished=True) == "P and more"
+    det = IncrementalDetokenizer(
+        fast, [*_encode(fast, "the"), *ids], SamplingParams(stop=["STOP"]), resumed
+    )
+    assert det.update(more) == ""
+    assert det.stop_reason == "STOP"
