@@ -5,11 +5,20 @@ SUBSCRIBE to the reply channel (confirmed) before the XADD, take events in ``seq
 drop duplicates, fill a gap from the result stream ``{prefix}:out:{id}``, honour ``restart``,
 raise a named exception on an error event, and abort the request when the caller stops
 listening (early exit, timeout, cancellation). ``Client`` is the same on a background loop.
+
+All requests of one ``AsyncClient`` share one reply channel and so one pub/sub connection
+(``_Replies``): a task reads it and hands each event to its request by id. A thousand
+concurrent streams take one Redis connection for their replies, not a thousand. When that
+connection drops, redis-py reconnects and subscribes again, and every open request reads
+what it missed from its result stream.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import math
 import uuid
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +28,7 @@ from typing import Any, Self
 import anyio
 import anyio.from_thread
 import redis.asyncio as aioredis
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from broker import producer
 from broker.protocol import (
@@ -27,11 +37,16 @@ from broker.protocol import (
     GenerateRequest,
     TokenEvent,
     decode_event,
-    default_reply_to,
 )
 from broker.redis_conn import RedisSettings, connect
 
 DEFAULT_TIMEOUT_S = 60.0
+
+logger = logging.getLogger("lorastream.sdk")
+
+RESYNC = None
+"""Put on every open request's queue after the reply connection came back: read the result
+stream for what the channel lost meanwhile."""
 
 
 # ----------------------------------------------------------------------------- errors
@@ -208,8 +223,10 @@ class AsyncClient:
         self.first_event_timeout_s = first_event_timeout_s
         self._owns_redis = redis is None
         self.redis = redis or connect(RedisSettings(str(redis_url), ca_file=ca_file))
+        self._replies = _Replies(self.redis, f"{prefix}:tokens:client-{uuid.uuid4().hex}")
 
     async def aclose(self) -> None:
+        await self._replies.aclose()
         if self._owns_redis:
             await self.redis.aclose()
 
@@ -246,7 +263,7 @@ class AsyncClient:
         rid = request_id or f"sdk-{uuid.uuid4().hex}"
         request = GenerateRequest(
             id=rid,
-            reply_to=default_reply_to(self.prefix, rid),
+            reply_to=self._replies.channel,
             prompt=prompt,
             prompt_token_ids=list(prompt_token_ids) if prompt_token_ids is not None else None,
             messages=[dict(m) for m in messages] if messages is not None else None,
@@ -281,19 +298,12 @@ class AsyncClient:
         self, request: GenerateRequest, timeout_s: float, first_event_timeout_s: float
     ) -> AsyncGenerator[TokenEvent, None]:
         rid = request.id
-        pubsub = self.redis.pubsub()
         finished = False
         started = False
+        # Routed before the XADD, on a subscription already confirmed: an event published
+        # before the subscription is live would only be in the result stream.
+        replies = await self._replies.open(rid)
         try:
-            await pubsub.subscribe(request.reply_to)
-            # Wait for the confirmation: SUBSCRIBE and XADD travel on two connections, and
-            # an event published before the subscription is live would only be in the
-            # result stream.
-            with anyio.fail_after(10):
-                while True:
-                    msg = await pubsub.get_message(timeout=1.0)
-                    if msg is not None and msg.get("type") == "subscribe":
-                        break
             await producer.submit(self.redis, self.prefix, request.to_wire())
             follower = _Follower(self.redis, self.prefix, rid)
             deadline = anyio.current_time() + timeout_s
@@ -309,12 +319,16 @@ class AsyncClient:
                         request_id=rid,
                         started=started,
                     )
-                msg = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=min(1.0, limit - now)
-                )
-                if msg is None or msg.get("type") != "message":
+                item: Event | None = RESYNC
+                with anyio.move_on_after(min(1.0, limit - now)) as waited:
+                    try:
+                        item = await replies.receive()
+                    except anyio.EndOfStream:
+                        raise ClientError("the client was closed", request_id=rid) from None
+                if waited.cancelled_caught:
                     continue
-                for event in await follower.take(msg["data"]):
+                taken = await (follower.resync() if item is RESYNC else follower.take(item))
+                for event in taken:
                     started = True
                     if isinstance(event, ErrorEvent):
                         finished = True
@@ -330,8 +344,8 @@ class AsyncClient:
                 if not finished:
                     with contextlib.suppress(Exception):
                         await producer.abort(self.redis, self.prefix, rid)
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                self._replies.close(rid)
+                replies.close()
 
 
 class _Follower:
@@ -345,8 +359,12 @@ class _Follower:
         self.last = -1
         self._restarts: set[int] = set()
 
-    async def take(self, raw: bytes) -> list[Event]:
-        event = decode_event(raw)
+    async def resync(self) -> list[Event]:
+        """What the result stream holds past the last event taken (the channel was down)."""
+        replayed = await producer.replay(self.redis, self.prefix, self.request_id, self.last)
+        return self._order(replayed) if replayed else []
+
+    async def take(self, event: Event) -> list[Event]:
         if self._is_new_restart(event):
             # The worker ran the request again from the start; its seq may go back to 0.
             self.last = event.seq - 1
@@ -356,6 +374,9 @@ class _Follower:
         if event.seq > self.last + 1:
             replayed = await producer.replay(self.redis, self.prefix, self.request_id, self.last)
             pending = [e for e in replayed if e.seq < event.seq] + [event]
+        return self._order(pending)
+
+    def _order(self, pending: list[Event]) -> list[Event]:
         out: list[Event] = []
         for e in sorted(pending, key=lambda e: e.seq):
             if self._is_new_restart(e) and e.seq <= self.last:
@@ -376,6 +397,93 @@ class _Follower:
 
     def _is_new_restart(self, event: Event) -> bool:
         return isinstance(event, TokenEvent) and event.restart and event.seq not in self._restarts
+
+
+class _Replies:
+    """One client's reply channel: one pub/sub connection for all its requests.
+
+    ``open`` subscribes on first use (confirmed) and starts the reader task, which hands
+    each event to the queue of its request id; events of requests no longer open are
+    dropped. After a connection error redis-py reconnects and subscribes again; when the
+    new subscription is confirmed the reader puts ``RESYNC`` on every open queue."""
+
+    def __init__(self, redis: aioredis.Redis, channel: str) -> None:
+        self.redis = redis
+        self.channel = channel
+        self._routes: dict[str, MemoryObjectSendStream[Event | None]] = {}
+        self._pubsub: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._lock = anyio.Lock()
+
+    async def open(self, request_id: str) -> MemoryObjectReceiveStream[Event | None]:
+        async with self._lock:
+            if self._pubsub is None:
+                pubsub = self.redis.pubsub()
+                try:
+                    await pubsub.subscribe(self.channel)
+                    with anyio.fail_after(10):
+                        while True:
+                            msg = await pubsub.get_message(timeout=1.0)
+                            if msg is not None and msg.get("type") == "subscribe":
+                                break
+                except BaseException:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                    raise
+                self._pubsub = pubsub
+                self._reader = asyncio.get_running_loop().create_task(self._read(pubsub))
+        send, receive = anyio.create_memory_object_stream[Event | None](math.inf)
+        self._routes[request_id] = send
+        return receive
+
+    def close(self, request_id: str) -> None:
+        send = self._routes.pop(request_id, None)
+        if send is not None:
+            send.close()
+
+    async def aclose(self) -> None:
+        for request_id in list(self._routes):
+            self.close(request_id)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def _read(self, pubsub: Any) -> None:
+        failing = False
+        while True:
+            try:
+                msg = await pubsub.get_message(timeout=1.0)
+            except Exception as e:  # a lost connection, mostly: read again after a pause
+                if not failing:
+                    logger.warning("reply channel %s: %s: %s", self.channel, type(e).__name__, e)
+                failing = True
+                await asyncio.sleep(0.2)
+                continue
+            failing = False
+            if msg is not None and msg.get("type") == "subscribe":
+                # open() took the first confirmation, so this one follows a reconnect (which
+                # redis-py may make inside get_message): the channel is live again, and what
+                # it lost meanwhile is in the result streams.
+                logger.info("reply channel %s: subscribed again", self.channel)
+                for send in list(self._routes.values()):
+                    send.send_nowait(RESYNC)
+                continue
+            if msg is None or msg.get("type") != "message":
+                continue
+            try:
+                event = decode_event(msg["data"])
+            except Exception as e:  # not an event of ours: nothing to route it to
+                logger.warning("reply channel %s: undecodable message (%s)", self.channel, e)
+                continue
+            send_to = self._routes.get(event.id)
+            if send_to is not None:
+                send_to.send_nowait(event)
 
 
 # ----------------------------------------------------------------------------- sync client

@@ -213,3 +213,66 @@ def test_sync_client_streams_and_aborts(redis_server: RedisServer) -> None:
             portal.call(lambda: eventually(lambda: len(engine.aborted) == 1, timeout_s=5))
         portal.call(stop.set)
         future.result(timeout=10)
+
+
+async def test_concurrent_requests_share_one_reply_subscription(
+    redis_server: RedisServer, client: aioredis.Redis, sdk: AsyncClient
+) -> None:
+    """Twenty streams at once through one client: one channel on the server, one pub/sub
+    connection, and each stream gets exactly its own tokens."""
+    engine = fake_engine(step_delay_s=0.02)
+    tok = FakeTokenizer()
+    seen_channels: list[int] = []
+    pubsub_clients: list[int] = []
+
+    async with running_service(redis_server.url, engine=engine):
+        before = sum("P" in c["flags"] for c in await client.client_list())
+        results: dict[int, list[int]] = {}
+
+        async def one(i: int) -> None:
+            done = await sdk.complete(f"prompt {i}", max_tokens=12)
+            results[i] = done.token_ids
+
+        async def watch() -> None:
+            while len(results) < 20:
+                seen_channels.append(len(await client.pubsub_channels(f"{PREFIX}:tokens:*")))
+                clients = await client.client_list()
+                pubsub_clients.append(sum("P" in c["flags"] for c in clients) - before)
+                await anyio.sleep(0.05)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(one, i)
+            tg.start_soon(watch)
+    assert max(seen_channels) == 1
+    assert max(pubsub_clients) == 1
+    for i in range(20):
+        assert results[i] == expected_tokens(tok.encode(f"prompt {i}"), 12)
+
+
+async def test_a_lost_reply_connection_is_made_up_from_the_result_stream(
+    client: aioredis.Redis, sdk: AsyncClient
+) -> None:
+    """The reply connection is killed after the first event, and the rest (the final one
+    included) is published while it is down: the stream still ends, complete and in order."""
+    worker = HandWorker(client)
+    first_seen = anyio.Event()
+
+    async def play() -> None:
+        req = await worker.next_request()
+        events = [ev(req.id, i, "abcde"[i], final=i == 4) for i in range(5)]
+        await worker.store(req.id, *events)
+        await worker.publish(req, events[0])
+        await first_seen.wait()
+        await client.client_kill_filter(_type="pubsub")
+        await worker.publish(req, *events[1:])
+
+    got: list[TokenEvent] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(play)
+        with anyio.fail_after(8):
+            async for event in sdk.generate("hi", timeout_s=6):
+                got.append(event)
+                first_seen.set()
+    assert [e.seq for e in got] == [0, 1, 2, 3, 4]
+    assert "".join(e.text for e in got) == "abcde"
