@@ -17,24 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench import time_cuda  # scripts/ is on the path when this runs
 
 from engine.sampling.sampler import Sampler, SamplingMetadata, SamplingRow, apply_top_k_top_p_sorted
 from engine.sampling.top_p import apply_top_k_top_p
 from engine.sampling_params import SamplingParams
 
 
-def gpu_ms(fn: Callable[[], Any], iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+def gpu_ms(fn: Callable[[], Any]) -> float:
+    return 1e3 * time_cuda(fn)
 
 
 def main() -> None:

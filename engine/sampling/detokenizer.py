@@ -129,12 +129,7 @@ class IncrementalDetokenizer:
 
     def _replay(self, ids: list[int], sent: str) -> None:
         """Decode an earlier run's output ``ids`` as that run did; the client holds ``sent``."""
-        for token_id in ids:
-            self._decoded_ids.append(token_id)
-            piece = self._step(token_id)
-            if piece is not None:
-                self._text += piece
-                self._num_emitted_ids = len(self._decoded_ids)
+        self._decode(ids)
         if not self._text.startswith(sent):
             # Not the text this tokenizer makes of those ids: continue after what the client
             # holds (what the earlier run held back cannot be rebuilt).
@@ -189,16 +184,20 @@ class IncrementalDetokenizer:
     def _feed(self, ids: list[int], finished: bool) -> str:
         """Stream ``ids`` into the text; the delta that can be shown now."""
         start = len(self._text)
+        self._decode(ids)
+        if finished:
+            self._text += self._flush_pending()
+        self._check_stop_strings(start)
+        return self._release(finished)
+
+    def _decode(self, ids: list[int]) -> None:
+        """Step ``ids`` through the stream, appending the text they complete."""
         for token_id in ids:
             self._decoded_ids.append(token_id)
             piece = self._step(token_id)
             if piece is not None:
                 self._text += piece
                 self._num_emitted_ids = len(self._decoded_ids)
-        if finished:
-            self._text += self._flush_pending()
-        self._check_stop_strings(start)
-        return self._release(finished)
 
     def _decode_at_once(self) -> bool:
         """All deferred ids decoded in one call, as the text they add to the context; False
