@@ -17,6 +17,7 @@ _EXPORTS = {
     "LoRARequest": "engine.lora.request",
     "CompletionOutput": "engine.outputs",
     "RequestOutput": "engine.outputs",
+    "ResumedOutput": "engine.outputs",
     "RequestOutputKind": "engine.sampling_params",
     "SamplingParams": "engine.sampling_params",
     "UsageContext": "engine.usage",
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from engine.llm import LLM
     from engine.llm_engine import LLMEngine
     from engine.lora.request import LoRARequest
-    from engine.outputs import CompletionOutput, RequestOutput
+    from engine.outputs import CompletionOutput, RequestOutput, ResumedOutput
     from engine.sampling_params import RequestOutputKind, SamplingParams
     from engine.usage import UsageContext
 
@@ -49,6 +50,7 @@ __all__ = [
     "LoRARequest",
     "RequestOutput",
     "RequestOutputKind",
+    "ResumedOutput",
     "SamplingParams",
     "UsageContext",
 ]
