@@ -10,7 +10,8 @@ whose tokens above it hold less than ``p`` of the mass. So:
 2. the candidates' cumulative mass gives the edge of every row whose candidates reach
    ``p``: a trained model's rows, which put their mass on few tokens;
 3. the other rows (a flat distribution) find their edge by a search over the float32 values
-   of the row (``_edge_kernel``: each pass weighs ``PIVOTS`` thresholds at once), run on the device without a host sync. Off CUDA the sort finds it instead.
+   of the row (``_edge_kernel``: each pass weighs ``PIVOTS`` thresholds at once), run on
+   the device without a host sync. Off CUDA the sort finds it instead.
 
 The kept set is the one Hugging Face's ``TopPLogitsWarper`` keeps (the smallest set of most
 likely tokens whose mass reaches ``p``, at least one), except at an exact tie at the edge:
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 
 TOP_P_CANDIDATES = 1024
 """Largest logits per row whose mass decides the edge without the search. ``topk`` of 1024
-over 256 x 128 256 float32 logits took 0.52 ms on an H200; tests set it small to exercise
-the search."""
+over 256 x 128 256 float32 logits took 0.52 ms on an H200; tests set it small so that rows
+need the fallback."""
 
 PIVOTS = 8
 """Thresholds weighed per pass of the search (a power of two, for ``tl.arange``): the
