@@ -472,7 +472,7 @@ class _Replies:
                 # it lost meanwhile is in the result streams.
                 logger.info("reply channel %s: subscribed again", self.channel)
                 for send in list(self._routes.values()):
-                    send.send_nowait(RESYNC)
+                    self._put(send, RESYNC)
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
@@ -483,7 +483,13 @@ class _Replies:
                 continue
             send_to = self._routes.get(event.id)
             if send_to is not None:
-                send_to.send_nowait(event)
+                self._put(send_to, event)
+
+    @staticmethod
+    def _put(send: MemoryObjectSendStream[Event | None], item: Event | None) -> None:
+        # The request may have stopped listening since: the reader must go on regardless.
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            send.send_nowait(item)
 
 
 # ----------------------------------------------------------------------------- sync client
