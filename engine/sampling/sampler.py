@@ -26,6 +26,7 @@ from torch import nn
 
 from engine.kernel_utils import pinned
 from engine.sampling import top_p as top_p_mod
+from engine.sampling.noise import seeded_exponential_
 from engine.sampling_params import SamplingParams
 from engine.sequence import PLACEHOLDER
 
@@ -98,7 +99,10 @@ class SamplingMetadata:
     banned_token_ids: tuple[torch.Tensor, torch.Tensor] | None
     """(row indices [B], token ids [B]) set to -inf: ``min_tokens`` not reached yet."""
     generators: dict[int, torch.Generator]
-    """Row index -> private generator, for seeded random rows only."""
+    """Row index -> private generator, for seeded random rows off CUDA."""
+    seeded: tuple[torch.Tensor, torch.Tensor] | None
+    """(rows [S], seeds [S]) int64 of the seeded random rows on CUDA: one launch draws
+    their noise (``engine.sampling.noise``)."""
     generator: torch.Generator | None
     """The engine's generator for unseeded random rows; None means torch's default one."""
     any_unseeded_random: bool
@@ -194,11 +198,22 @@ class SamplingMetadata:
             )
 
         generators: dict[int, torch.Generator] = {}
+        seeded_rows: list[int] = []
+        seeds: list[int] = []
         for i, (p, g) in enumerate(zip(params, greedy, strict=True)):
             if p.seed is not None and not g:
-                gen = torch.Generator(device=device)
-                gen.manual_seed(_row_seed(p.seed, rows[i].output_position))
-                generators[i] = gen
+                seed = _row_seed(p.seed, rows[i].output_position)
+                if device.type == "cuda":
+                    seeded_rows.append(i)
+                    seeds.append(seed)
+                else:
+                    generators[i] = torch.Generator(device=device).manual_seed(seed)
+        seeded = None
+        if seeded_rows:
+            seeded = (
+                _to_device(torch.tensor(seeded_rows, dtype=torch.int64), device),
+                _to_device(torch.tensor(seeds, dtype=torch.int64), device),
+            )
 
         num_logprobs = [p.logprobs for p in params]
         asked = [n for n in num_logprobs if n is not None]
@@ -218,8 +233,9 @@ class SamplingMetadata:
             penalties=penalties,
             banned_token_ids=banned,
             generators=generators,
+            seeded=seeded,
             generator=generator,
-            any_unseeded_random=len(generators) < len(rows) - sum(greedy),
+            any_unseeded_random=len(generators) + len(seeded_rows) < len(rows) - sum(greedy),
             num_logprobs=num_logprobs,
             max_num_logprobs=max(asked) if asked else None,
         )
@@ -321,6 +337,8 @@ class Sampler(nn.Module):
             q.exponential_(generator=md.generator)
         for row, gen in md.generators.items():
             q[row].exponential_(generator=gen)
+        if md.seeded is not None:
+            seeded_exponential_(q, *md.seeded)
         # A zero draw would turn a banned token's 0 / 0 into NaN, which argmax would pick.
         q.clamp_(min=torch.finfo(q.dtype).tiny)
         return probs.div_(q).argmax(dim=-1)  # [N]

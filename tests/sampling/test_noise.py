@@ -1,0 +1,60 @@
+"""The seeded rows' noise kernel (``engine.sampling.noise``): Exp(1) by its CDF, one stream
+per seed, other rows untouched. On CPU under ``TRITON_INTERPRET=1`` (set here before Triton
+is imported), with ``LORASTREAM_TEST_CUDA=1`` compiled on the GPU."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LORASTREAM_TEST_CUDA") else "1")
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from engine.sampling import noise
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET or not CUDA else "cuda"
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not (INTERPRET or CUDA),
+    reason="the kernel needs triton, and a CUDA device or the interpreter",
+)
+if noise._jit.cache_info().currsize:  # decorated earlier with another interpreter setting
+    noise._jit.cache_clear()
+
+
+def _fill(n: int, v: int, rows: list[int], seeds: list[int]) -> torch.Tensor:
+    q = torch.full((n, v), -1.0, device=DEVICE)
+    noise.seeded_exponential_(
+        q,
+        torch.tensor(rows, dtype=torch.int64, device=DEVICE),
+        torch.tensor(seeds, dtype=torch.int64, device=DEVICE),
+    )
+    return q.cpu()
+
+
+def test_seeded_rows_get_exponential_noise_and_the_rest_is_untouched() -> None:
+    v = 3000  # not a multiple of the block
+    q = _fill(5, v, rows=[3, 0], seeds=[2**62 + 12345, 7])
+    assert (q[[1, 2, 4]] == -1.0).all()
+    for row in (0, 3):
+        x = q[row].double()
+        assert (x >= 0).all()
+        assert x.isfinite().all()
+        # Against Exp(1)'s CDF 1 - e^-t at its quartiles (3000 draws: sd of a fraction 0.008).
+        for t in (math.log(4 / 3), math.log(2), math.log(4)):
+            assert abs((x <= t).double().mean().item() - (1 - math.exp(-t))) < 0.04, (row, t)
+        assert abs(x.mean().item() - 1.0) < 0.08
+
+
+def test_one_stream_per_seed_whatever_the_row() -> None:
+    a = _fill(4, 600, rows=[1, 2], seeds=[11, 22])
+    b = _fill(3, 600, rows=[0], seeds=[22])
+    assert torch.equal(a[2], b[0])  # the same seed draws the same noise in any row
+    assert not torch.equal(a[1], a[2])
+    c = _fill(3, 600, rows=[0], seeds=[23])
+    assert (c[0] != b[0]).float().mean() > 0.99
