@@ -1,30 +1,18 @@
 """The seeded rows' noise kernel (``engine.sampling.noise``): Exp(1) by its CDF, one stream
-per seed, other rows untouched. On CPU under ``TRITON_INTERPRET=1`` (set here before Triton
-is imported), with ``LORASTREAM_TEST_CUDA=1`` compiled on the GPU."""
+per seed, other rows untouched; run where ``tests.sampling.triton_mode`` says."""
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LORASTREAM_TEST_CUDA") else "1")
-
-import importlib.util
 import math
 
-import pytest
 import torch
 
-from engine.sampling import noise
+from tests.sampling.triton_mode import DEVICE, fresh, needs_triton
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET or not CUDA else "cuda"
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or not (INTERPRET or CUDA),
-    reason="the kernel needs triton, and a CUDA device or the interpreter",
-)
-if noise._jit.cache_info().currsize:  # decorated earlier with another interpreter setting
-    noise._jit.cache_clear()
+from engine.sampling import noise  # isort: skip (after triton_mode sets the interpreter)
+
+pytestmark = needs_triton
+fresh(noise._jit)
 
 
 def _fill(n: int, v: int, rows: list[int], seeds: list[int]) -> torch.Tensor:

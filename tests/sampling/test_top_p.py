@@ -1,33 +1,20 @@
 """Top-p without a sort (``engine.sampling.top_p``) against the full sort and Hugging Face.
 
-The edge search is a Triton kernel: on CPU it runs under ``TRITON_INTERPRET=1`` (set here
-before Triton is imported), with ``LORASTREAM_TEST_CUDA=1`` compiled on the GPU.
+The edge search is a Triton kernel, run where ``tests.sampling.triton_mode`` says.
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LORASTREAM_TEST_CUDA") else "1")
-
-import importlib.util
 
 import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from engine.sampling import top_p
-from engine.sampling.sampler import apply_top_k_top_p_sorted
+from tests.sampling.triton_mode import DEVICE, fresh, needs_triton
 
-CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cpu" if INTERPRET or not CUDA else "cuda"
-needs_triton = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or not (INTERPRET or CUDA),
-    reason="the search kernel needs triton, and a CUDA device or the interpreter",
-)
-if top_p._jit.cache_info().currsize:  # decorated earlier with another interpreter setting
-    top_p._jit.cache_clear()
+from engine.sampling import top_p  # isort: skip (after triton_mode sets the interpreter)
+from engine.sampling.sampler import apply_top_k_top_p_sorted  # isort: skip
+
+fresh(top_p._jit)
 
 
 def _rows(gen: torch.Generator, n: int, v: int) -> torch.Tensor:
