@@ -15,7 +15,7 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 from engine.worker.model_runner import graph_batch_sizes, pack_step, padded_batch_size
 
-from .test_matches_peft import PROMPTS, lora_requests, make_engine, run_all
+from .test_matches_peft import PROMPTS, lora_requests, make_engine, mixed_jobs, run_all
 
 CUDA = torch.cuda.is_available()
 
@@ -182,11 +182,7 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device"
 @cuda_only
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graph_replay_equals_eager(tiny_model_dir: Path, dtype: str):
-    jobs = [
-        (f"{lora.lora_name if lora else 'base'}-{i}", p, lora)
-        for i, p in enumerate(PROMPTS)
-        for lora in [None, *lora_requests(tiny_model_dir)]
-    ]
+    jobs = mixed_jobs(tiny_model_dir)
     got = {}
     for eager in (True, False):
         engine = make_engine(tiny_model_dir, device="cuda", dtype=dtype, enforce_eager=eager)
@@ -223,11 +219,7 @@ def test_changing_adapters_needs_no_recapture(tiny_model_dir: Path):
 def test_async_scheduling_with_graphs_equals_sync(tiny_model_dir: Path):
     """Steps launched before the previous one's tokens reach the host take those tokens on
     the device, through the graphs' static inputs as through eager steps."""
-    jobs = [
-        (f"{lora.lora_name if lora else 'base'}-{i}", p, lora)
-        for i, p in enumerate(PROMPTS)
-        for lora in [None, *lora_requests(tiny_model_dir)]
-    ]
+    jobs = mixed_jobs(tiny_model_dir)
     got = {}
     for on in (False, True):
         engine = make_engine(tiny_model_dir, device="cuda", dtype="float32", async_scheduling=on)
