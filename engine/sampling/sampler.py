@@ -450,12 +450,17 @@ def _unpack_logprobs(packed: list[list[float]], num_logprobs: list[int | None]) 
 
 def _flatten(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(row index, token id) pairs of ``seqs``, both [sum of lengths] int64 on ``device``."""
+    rows, ids = _flat_arrays(seqs)
+    return _to_device(torch.from_numpy(rows), device), _to_device(torch.from_numpy(ids), device)
+
+
+def _flat_arrays(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = [len(s) for s in seqs]
     total = sum(lengths)
     # numpy reads a long list of ints about ten times faster than torch.tensor does.
     ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
     rows = np.repeat(np.arange(len(seqs), dtype=np.int64), lengths)
-    return _to_device(torch.from_numpy(rows), device), _to_device(torch.from_numpy(ids), device)
+    return rows, ids
 
 
 def _output_tokens(
@@ -465,21 +470,20 @@ def _output_tokens(
     ``PLACEHOLDER`` replaced on the device by its token in ``pending``. Only a row's last
     token can be one: the previous step's."""
     seqs = [r.output_token_ids if r is not None else [] for r in rows]
-    ends = list(itertools.accumulate(len(s) for s in seqs))  # one past each row's entries
-    holes = [
-        (end - 1, r)
-        for r, end in zip(rows, ends, strict=True)
-        if r is not None and r.output_token_ids and r.output_token_ids[-1] == PLACEHOLDER
-    ]
-    if sum(s.count(PLACEHOLDER) for s in seqs) != len(holes):
-        raise ValueError("a placeholder output token before a row's last")
-    where, ids = _flatten(seqs, device)
-    if not holes:
+    where_np, ids_np = _flat_arrays(seqs)
+    where = _to_device(torch.from_numpy(where_np), device)
+    ids = _to_device(torch.from_numpy(ids_np), device)
+    at_np = np.flatnonzero(ids_np == PLACEHOLDER)  # positions in the flat list
+    if not at_np.size:
         return where, ids
-    sources = [r.pending_row for _, r in holes]
+    holes = where_np[at_np]  # their rows
+    ends = np.cumsum([len(s) for s in seqs]) - 1  # each row's last position
+    if not np.array_equal(ends[holes], at_np):
+        raise ValueError("a placeholder output token before a row's last")
+    sources = [r.pending_row for h in holes.tolist() if (r := rows[h]) is not None]
     if pending is None or None in sources:
         raise ValueError("output tokens hold placeholders but not where their tokens are")
-    at = _to_device(torch.tensor([k for k, _ in holes], dtype=torch.int64), device)
+    at = _to_device(torch.from_numpy(at_np.astype(np.int64)), device)
     src = _to_device(torch.tensor(sources, dtype=torch.int64), device)
     return where, ids.index_copy(0, at, pending.index_select(0, src))
 
