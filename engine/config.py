@@ -16,6 +16,12 @@ from typing import Any
 
 import torch
 
+MIXED_GRAPH_TOKENS = 1024
+"""Default ``max_cudagraph_capture_size``. Eager steps cost the host about the same whatever
+their size (kernel launches), so graphs pay off until a step's GPU time outgrows that cost.
+On an H200 (llama-3.1-8b, 32 adapters, 256 sequences) an eager step took 18-32 ms of host
+time, about what the GPU needs for a 1024-token step."""
+
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DTYPES = {
@@ -72,6 +78,8 @@ class EngineArgs:
     """KV-cache size on cpu, in GiB (on cuda gpu_memory_utilization decides)."""
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
+    max_cudagraph_capture_size: int | None = None
+    """Largest step, in tokens, that mixes prompts with decodes and still replays a CUDA graph (vLLM's compilation_config.max_cudagraph_capture_size); larger mixed steps run eagerly. Default min(1024, max_num_batched_tokens); 0 captures graphs for decode-only steps alone, which get one for every batch size up to max_num_seqs either way."""
     tensor_parallel_size: int = 1
     """Only 1 is supported."""
     enable_chunked_prefill: bool = True
@@ -133,6 +141,10 @@ class EngineArgs:
             bad("max_num_batched_tokens", "must be an integer >= 1 or None")
         if not _is_int(self.max_num_seqs) or self.max_num_seqs < 1:
             bad("max_num_seqs", "must be an integer >= 1")
+        if self.max_cudagraph_capture_size is not None and (
+            not _is_int(self.max_cudagraph_capture_size) or self.max_cudagraph_capture_size < 0
+        ):
+            bad("max_cudagraph_capture_size", "must be an integer >= 0 or None")
         if (
             self.max_num_batched_tokens is not None
             and self.max_num_batched_tokens < self.max_num_seqs
@@ -276,6 +288,12 @@ class EngineArgs:
             if self.enable_lora
             else None,
             enforce_eager=self.enforce_eager,
+            max_cudagraph_capture_size=min(
+                budget,
+                MIXED_GRAPH_TOKENS
+                if self.max_cudagraph_capture_size is None
+                else self.max_cudagraph_capture_size,
+            ),
             log_stats=not self.disable_log_stats,
         )
 
@@ -326,6 +344,8 @@ class EngineConfig:
     lora: LoRAConfig | None
     enforce_eager: bool
     log_stats: bool
+    max_cudagraph_capture_size: int = 0
+    """Largest mixed prefill + decode step (tokens) with a CUDA graph; 0: none."""
 
 
 def _is_int(v: object) -> bool:
@@ -359,6 +379,7 @@ def _cli_type(name: str) -> Any:
         "max_num_batched_tokens",
         "num_gpu_blocks_override",
         "max_cpu_loras",
+        "max_cudagraph_capture_size",
     ):
         return int
     if name in ("gpu_memory_utilization", "kv_cache_space_gb"):

@@ -82,6 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument(
+        "--output-len-range",
+        default=None,
+        metavar="LO,HI",
+        help="each request's output length drawn uniformly from LO..HI (seeded) instead of "
+        "--output-len, with more prompts than --max-num-seqs: requests end at different "
+        "steps and waiting ones take their place, so most steps mix prefill and decode, as "
+        "in a server with steady arrivals",
+    )
     p.add_argument("--num-adapters", type=int, default=32)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-loras", type=int, default=32)
@@ -369,7 +378,7 @@ def make_llm(
         "dtype": "bfloat16",
         "device": args.device,
         "max_num_seqs": args.max_num_seqs,
-        "max_model_len": args.input_len + args.output_len,
+        "max_model_len": args.input_len + max_output_len(args),
         "max_num_batched_tokens": max(args.max_num_batched_tokens, args.max_num_seqs),
         "enforce_eager": args.enforce_eager,
         "gpu_memory_utilization": 0.85,
@@ -413,7 +422,7 @@ def run_multiprocess(
             else None
         )
         warm_up(llm, loras if pattern else [], args, len(prompts), adapters)
-        params = sampling_params(args, args.output_len)
+        params = request_params(args, len(prompts))
         reqs = [loras[a] for a in adapters] if adapters is not None else None
         before = llm.llm_engine.get_step_timings()
         t0 = time.perf_counter()
@@ -423,7 +432,7 @@ def run_multiprocess(
     finally:
         close_llm(llm)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert n_out == len(prompts) * args.output_len, "a request stopped early"
+    assert n_out == sum(p.max_tokens for p in params), "a request stopped early"
     name = f"lorastream {pattern or 'base'} (multiprocessing)"
     row = {
         "config": name,
@@ -453,7 +462,7 @@ def run_lorastream(
     args: argparse.Namespace,
     profile_dir: Path | None = None,
 ) -> dict[str, Any]:
-    params = sampling_params(args, args.output_len)
+    params = request_params(args, len(prompts))
     reqs = [loras[a] for a in adapters] if adapters is not None else None
     inputs: list[Any] = [{"prompt_token_ids": p} for p in prompts]
     runner = llm.llm_engine.runner
@@ -465,7 +474,7 @@ def run_lorastream(
         _sync()
         elapsed = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert n_out == len(prompts) * args.output_len, "a request stopped early"
+    assert n_out == sum(p.max_tokens for p in params), "a request stopped early"
     t = runner.timings
     steps = max(t.steps - before.steps, 1)
     row: dict[str, Any] = {
@@ -476,6 +485,7 @@ def run_lorastream(
         "total_tok_s": (n_out + sum(map(len, prompts))) / elapsed,
         "distinct_adapters": len(set(adapters)) if adapters is not None else 0,
         "graph_steps": t.graph_steps - before.graph_steps,
+        "mixed_graph_steps": t.mixed_graph_steps - before.mixed_graph_steps,
         "runner_prepare_ms": 1e3 * (t.prepare_s - before.prepare_s) / steps,
         "runner_forward_launch_ms": 1e3 * (t.forward_s - before.forward_s) / steps,
         "runner_sample_ms": 1e3 * (t.sample_s - before.sample_s) / steps,
@@ -542,6 +552,34 @@ def sampling_params(args: argparse.Namespace, max_tokens: int) -> SamplingParams
         max_tokens=max_tokens,
         ignore_eos=True,
     )
+
+
+def output_lens(args: argparse.Namespace, n: int) -> list[int]:
+    """Each request's output length: ``--output-len``, or drawn from ``--output-len-range``
+    (the same draw in every run, so base and adapters get the same workload)."""
+    if args.output_len_range is None:
+        return [args.output_len] * n
+    lo, hi = parse_range(args.output_len_range)
+    rng = random.Random(args.seed + 1)
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+def parse_range(spec: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--output-len-range {spec!r}: expected LO,HI") from None
+    if not 1 <= lo <= hi:
+        raise SystemExit(f"--output-len-range {spec!r}: needs 1 <= LO <= HI")
+    return lo, hi
+
+
+def max_output_len(args: argparse.Namespace) -> int:
+    return parse_range(args.output_len_range)[1] if args.output_len_range else args.output_len
+
+
+def request_params(args: argparse.Namespace, n: int) -> list[SamplingParams]:
+    return [sampling_params(args, k) for k in output_lens(args, n)]
 
 
 def warm_up(
@@ -964,7 +1002,7 @@ def summarize(result: dict[str, Any]) -> None:
 def table(result: dict[str, Any]) -> str:
     lines = [
         "| config | prompts | output tok/s | elapsed s | decode step ms (median) | "
-        "host ms/step: schedule / execute / update / detok | graph steps | GC ms/step (full GCs) |",
+        "host ms/step: schedule / execute / update / detok | graph steps (mixed) / steps | GC ms/step (full GCs) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     roof = [
@@ -998,6 +1036,7 @@ def table(result: dict[str, Any]) -> str:
                 f"| {c} | {r['num_prompts']} | {r['output_tok_s']:.0f} | {r['elapsed_s']:.2f} | "
                 f"{r['decode_step_ms_median']:.2f} | {r['schedule_ms']:.2f} / {r['execute_ms']:.2f} / "
                 f"{r['update_ms']:.2f} / {r['detokenize_and_outputs_ms']:.2f} | {r['graph_steps']} "
+                f"({r.get('mixed_graph_steps', 0)}) / {r['steps']} "
                 f"| {r['gc_ms_per_step']:.2f} ({r['gc_collections'][2]}) |"
             )
     targets = ["", "| target | value |", "|---|---|"] + [

@@ -8,16 +8,26 @@ lengths, block tables, the rows to sample) are packed with numpy into one preall
 of the attention metadata is cast there. The per-token work is vectorized; the Python loop
 runs once per sequence.
 
-CUDA graphs. Unless ``enforce_eager``, decode-only steps (every sequence has one new token)
-replay a graph captured at start for the smallest batch-size bucket that holds them
-(``graph_batch_sizes``). The graph reads its inputs from static device buffers: token ids,
-positions and KV slots ``[max_num_seqs]``, query starts (fixed, 0..B), context lengths and
-block tables ``[max_num_seqs, max_blocks_per_seq]``. A step copies its packed inputs into
-them; the padding rows of a bucket run as one-token sequences on block 0 that write no KV
-(slot -1) and use no adapter (slot -1), and their outputs are dropped. Adapter weights sit
-in fixed per-slot buffers, so a change of adapters needs no re-capture; the per-token LoRA
-slots go through a static ``LoRAMetadata`` when ``engine.lora.layers`` provides one (see
-``_static_lora``), else graphs serve only steps without adapter tokens.
+CUDA graphs. Unless ``enforce_eager``, steps replay graphs captured at start:
+
+- decode-only steps (every sequence has one new token), in the graph of the smallest
+  batch-size bucket that holds them (``graph_batch_sizes``, up to ``max_num_seqs``); the
+  padding rows of a bucket run as one-token sequences;
+- steps that mix prompt chunks with decodes, of up to ``max_cudagraph_capture_size`` tokens,
+  in the graph of the smallest token-count bucket that holds them (``mixed_graph_sizes``).
+  Those graphs always have ``max_num_seqs + 1`` sequences: the step's own, then one that
+  holds the padding tokens, then empty ones. Attention finds each token's sequence on the
+  device (``engine.model.attention``), so one graph serves every split of its tokens into
+  sequences. Without them, a server whose requests arrive while others decode (nearly every
+  step mixes then) would launch every kernel from Python each step.
+
+The graphs read their inputs from static device buffers: token ids, positions and KV slots,
+query starts (fixed 0..B for decode graphs), context lengths and block tables. A step copies
+its packed inputs into them. Padding tokens write no KV (slot -1), use no adapter (slot -1),
+read block 0 and their outputs are dropped. Adapter weights sit in fixed per-slot buffers,
+so a change of adapters needs no re-capture; the per-token LoRA slots go through a static
+``LoRAMetadata`` when ``engine.lora.layers`` provides one (see ``_static_lora``), else
+graphs serve only steps without adapter tokens.
 
 Launch and wait. ``launch`` runs a step up to its sampling and returns a ``StepHandle``
 without waiting for the device; ``StepHandle.wait`` brings the tokens to the host. With
@@ -30,11 +40,13 @@ sees buffers the next one rewrites.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +87,9 @@ class StepTimings:
     """Waiting for the sampled tokens (GPU time the host work did not hide)."""
     steps: int = 0
     graph_steps: int = 0
+    """Steps that replayed a graph, mixed ones included."""
+    mixed_graph_steps: int = 0
+    """Steps mixing prefill and decode that replayed a graph."""
 
     def per_step_ms(self) -> dict[str, float]:
         n = max(self.steps, 1)
@@ -97,8 +112,18 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [*sizes, max_num_seqs]
 
 
+def mixed_graph_sizes(max_tokens: int) -> list[int]:
+    """Token-count buckets that get a graph for steps mixing prefill and decode: every 16
+    up to 256, every 32 up to 512, every 64 beyond, and ``max_tokens`` itself (always the
+    last). None below 2 tokens, the smallest step that can mix."""
+    if max_tokens < 2:
+        return []
+    steps = itertools.chain(range(16, 257, 16), range(288, 513, 32), range(576, max_tokens, 64))
+    return [*(s for s in steps if s < max_tokens), max_tokens]
+
+
 def padded_batch_size(num_seqs: int, sizes: list[int]) -> int | None:
-    """The smallest bucket that holds ``num_seqs`` sequences; None if none does."""
+    """The smallest bucket that holds ``num_seqs`` sequences (or tokens); None if none does."""
     i = bisect.bisect_left(sizes, num_seqs)
     return sizes[i] if i < len(sizes) else None
 
@@ -159,11 +184,15 @@ def pack_step(
     num_seqs: int | None = None,
     seq_lora_slots: list[int] | None = None,
     previous_rows: dict[str, int] | None = None,
+    num_tokens: int | None = None,
 ) -> PackedInputs:
     """Pack the step's inputs into ``out`` (int64, large enough); see ``PackedInputs``.
 
     ``num_seqs`` > ``len(scheduled)`` pads the batch to a graph bucket with one-token
     sequences (token 0 at position 0, KV slot -1, block table of zeros, context length 1).
+    With ``num_tokens`` (a mixed-step graph's bucket) the padding sequences are empty instead,
+    except the first, which holds the tokens up to ``num_tokens`` (token 0 at positions 0, 1,
+    ..., KV slot -1, block table of zeros).
     ``seq_lora_slots`` gives each real sequence's adapter slot (-1: none).
     ``previous_rows``: each request's row in the previous step's sampled tokens, where a
     ``PLACEHOLDER`` token is taken from.
@@ -176,6 +205,15 @@ def pack_step(
     counts = np.ones(b, dtype=np.int64)
     starts[:n] = [s.start_position for s in scheduled]
     counts[:n] = [s.num_new_tokens for s in scheduled]
+    if num_tokens is not None:
+        counts[n:] = 0
+        pad = num_tokens - int(counts[:n].sum())
+        if pad < 0:
+            raise ValueError(f"num_tokens={num_tokens} is below the {num_tokens - pad} scheduled")
+        if pad and b == n:
+            raise ValueError(f"num_seqs={b} leaves no padding sequence for {pad} tokens")
+        if pad:
+            counts[n] = pad
     tables = [s.request.block_table for s in scheduled]
     width = max((len(t) for t in tables), default=1)
 
@@ -203,7 +241,12 @@ def pack_step(
     # Per token: its sequence row, position and KV slot, without a per-token Python loop.
     rows = np.repeat(np.arange(b), counts)
     np.add(np.arange(t) - qsl[rows], starts[rows], out=pos)
-    np.add(bt[rows, pos // block_size] * block_size, pos % block_size, out=slots)
+    real_pos = pos[:t_real]
+    np.add(
+        bt[rows[:t_real], real_pos // block_size] * block_size,
+        real_pos % block_size,
+        out=slots[:t_real],
+    )
     slots[t_real:] = -1
     ids[t_real:] = 0
     if n:
@@ -303,11 +346,14 @@ class StepHandle:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    hidden: torch.Tensor  # [B, D] output of the captured forward
+    hidden: torch.Tensor  # [T, D] output of the captured forward
     batch: ForwardBatch
     """The static inputs it reads (an eager forward of the same batch gives the same)."""
     lora: LoRAMetadata | None
     """Static LoRA buffers the graph reads; None: captured without adapters."""
+    mixed: bool = False
+    """Captured for steps mixing prefill and decode (``max_num_seqs + 1`` sequences over
+    ``hidden.shape[0]`` tokens) rather than for one token per sequence."""
 
     @property
     def uses_lora(self) -> bool:
@@ -350,21 +396,24 @@ class ModelRunner:
 
         self.graphs: dict[int, _Graph] = {}
         self.graph_sizes: list[int] = []
-        # Per graph size, the token slots its static LoRA metadata holds now: a decode batch
+        self.mixed_graphs: dict[int, _Graph] = {}
+        self.mixed_sizes: list[int] = []
+        # Per graph, the token slots its static LoRA metadata holds now: a decode batch
         # keeps its adapters from step to step, and then the metadata is not built again.
-        self._static_lora_slots: dict[int, tuple[str, bytes]] = {}
+        self._static_lora_slots: dict[object, tuple[str, bytes]] = {}
         if cuda and self.lora_manager is not None and lora_layers.LORA_KERNELS != "torch":
             self._warm_up_lora()
         if cuda and not config.enforce_eager:
             self._capture_graphs()
         logger.info(
-            "model %s on %s (%s): %d KV blocks of %d tokens; %d decode graphs",
+            "model %s on %s (%s): %d KV blocks of %d tokens; %d decode graphs, %d mixed-step",
             config.model,
             self.device,
             config.dtype,
             self.num_blocks,
             self.block_size,
             len(self.graphs),
+            len(self.mixed_graphs),
         )
 
     def _determine_num_blocks(self) -> int:
@@ -412,9 +461,10 @@ class ModelRunner:
             self._stage_np_ready(),
             scheduled,
             self.block_size,
-            num_seqs=graph,
+            num_seqs=graph.batch.attn.seq_lens.shape[0] if graph is not None else None,
             seq_lora_slots=seq_lora,
             previous_rows=previous.rows if previous is not None else None,
+            num_tokens=graph.hidden.shape[0] if graph is not None and graph.mixed else None,
         )
         fills = None
         if packed.num_fills:
@@ -422,12 +472,12 @@ class ModelRunner:
             assert previous.tokens is not None
             fills = previous.tokens.token_ids
         if graph is not None:
-            g = self.graphs[graph]
-            logits_rows = self._load_graph_inputs(packed, g.uses_lora, fills)
+            logits_rows = self._load_graph_inputs(packed, graph, fills)
             t2 = time.perf_counter()
-            g.graph.replay()
-            hidden = g.hidden
+            graph.graph.replay()
+            hidden = graph.hidden
             self.timings.graph_steps += 1
+            self.timings.mixed_graph_steps += graph.mixed
         else:
             batch, logits_rows = self._eager_inputs(packed, fills)
             t2 = time.perf_counter()
@@ -490,16 +540,22 @@ class ModelRunner:
 
     def _pick_graph(
         self, scheduled: list[ScheduledRequest], seq_lora: list[int] | None
-    ) -> int | None:
-        """The bucket whose graph runs this step, or None for eager."""
-        if not self.graphs or any(s.num_new_tokens != 1 for s in scheduled):
+    ) -> _Graph | None:
+        """The graph that runs this step, or None for eager."""
+        if not scheduled or len(scheduled) > self.max_num_seqs:
             return None
-        size = padded_batch_size(len(scheduled), self.graph_sizes)
-        if size is None:
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        if num_tokens == len(scheduled):  # decode only
+            size = padded_batch_size(num_tokens, self.graph_sizes)
+            graph = self.graphs.get(size) if size is not None else None
+        else:
+            size = padded_batch_size(num_tokens, self.mixed_sizes)
+            graph = self.mixed_graphs.get(size) if size is not None else None
+        if graph is None:
             return None
-        if not self.graphs[size].uses_lora and seq_lora and max(seq_lora) >= 0:
+        if not graph.uses_lora and seq_lora and max(seq_lora) >= 0:
             return None  # no static LoRA metadata: adapter tokens run eagerly
-        return size
+        return graph
 
     def _eager_inputs(
         self, p: PackedInputs, fills: torch.Tensor | None
@@ -539,7 +595,7 @@ class ModelRunner:
         return lora_layers.build_lora_metadata(p.token_slots_lora, self.device)
 
     def _load_graph_inputs(
-        self, p: PackedInputs, uses_lora: bool, fills: torch.Tensor | None
+        self, p: PackedInputs, graph: _Graph, fills: torch.Tensor | None
     ) -> torch.Tensor:
         """Copy the packed step into the graph's static buffers; returns the logits rows."""
         assert self._scratch is not None
@@ -547,18 +603,18 @@ class ModelRunner:
         dev = self._scratch[: p.total]
         dev.copy_(self._stage[: p.total], non_blocking=True)
         self._copied.record()
-        b, w, o = p.num_seqs, p.width, p.int32_offset
-        # ids | positions | slots are contiguous [3, B] in both buffers.
-        self._g_tokens[:, :b].copy_(dev[: 3 * b].view(3, b))
+        t, b, w, o = p.num_tokens, p.num_seqs, p.width, p.int32_offset
+        # ids | positions | slots are contiguous [3, T] in both buffers.
+        self._g_tokens[:, :t].copy_(dev[: 3 * t].view(3, t))
         _fill_tokens(self._g_tokens[0], dev, p, fills)
+        if graph.mixed:  # decode graphs' query starts are fixed
+            self._m_qsl.copy_(dev[o : o + b + 1])
         lens, bt = o + p.seq_lens_offset, o + p.block_tables_offset
         self._g_seq_lens[:b].copy_(dev[lens : lens + b])
         self._g_block_tables[:b, :w].copy_(dev[bt : bt + b * w].view(b, w))
-        if uses_lora and p.token_slots_lora is not None:
-            static = self.graphs[b].lora
-            assert static is not None
-            self._copy_static_lora(p.token_slots_lora, static, b)
-        return dev[3 * b : 3 * b + p.num_logits]
+        if graph.lora is not None and p.token_slots_lora is not None:
+            self._copy_static_lora(p.token_slots_lora, graph.lora, (graph.mixed, t))
+        return dev[3 * t : 3 * t + p.num_logits]
 
     # ------------------------------------------------------------------ CUDA graphs
     def _static_lora(self, num_tokens: int) -> LoRAMetadata | None:
@@ -570,14 +626,17 @@ class ModelRunner:
         meta: LoRAMetadata = allocate(num_tokens, self.config.lora.max_loras, self.device)
         return meta
 
-    def _copy_static_lora(self, token_slots: np.ndarray, static: LoRAMetadata, size: int) -> None:
-        """Fill graph ``size``'s static LoRA metadata for ``token_slots``: one host-to-device
-        copy (build_lora_metadata's ``out=``), or none when it holds these slots already."""
+    def _copy_static_lora(
+        self, token_slots: np.ndarray, static: LoRAMetadata, graph_key: object
+    ) -> None:
+        """Fill the static LoRA metadata of the graph ``graph_key`` names for
+        ``token_slots``: one host-to-device copy (build_lora_metadata's ``out=``), or none
+        when it holds these slots already."""
         key = (token_slots.dtype.str, token_slots.tobytes())
-        if self._static_lora_slots.get(size) == key:
+        if self._static_lora_slots.get(graph_key) == key:
             return
         lora_layers.build_lora_metadata(token_slots, self.device, out=static)
-        self._static_lora_slots[size] = key
+        self._static_lora_slots[graph_key] = key
 
     def _warm_up_lora(self) -> None:
         """Compile the LoRA kernel variants of eager steps now, not in the first request
@@ -601,16 +660,44 @@ class ModelRunner:
         t0 = time.perf_counter()
         bmax, dev = self.max_num_seqs, self.device
         self.graph_sizes = graph_batch_sizes(bmax)
-        # rows: token ids, positions, KV slots (static, [3, max_num_seqs] int64)
-        self._g_tokens = torch.zeros(3, bmax, dtype=torch.int64, device=dev)
+        self.mixed_sizes = mixed_graph_sizes(self.config.max_cudagraph_capture_size)
+        tmax = max([bmax, *self.mixed_sizes])
+        seqs = bmax + 1  # a mixed graph's: the step's, one of padding tokens, empty ones
+        # rows: token ids, positions, KV slots (static, [3, tmax] int64)
+        self._g_tokens = torch.zeros(3, tmax, dtype=torch.int64, device=dev)
         self._g_tokens[2].fill_(-1)
         self._g_qsl = torch.arange(bmax + 1, dtype=torch.int32, device=dev)
-        self._g_seq_lens = torch.ones(bmax, dtype=torch.int32, device=dev)
-        self._g_block_tables = torch.zeros(
-            bmax, self.max_blocks_per_seq, dtype=torch.int32, device=dev
-        )
+        self._m_qsl = torch.zeros(seqs + 1, dtype=torch.int32, device=dev)
+        self._g_seq_lens = torch.ones(seqs, dtype=torch.int32, device=dev)
+        # Wide enough for a capture's one sequence of all tmax tokens.
+        width = max(self.max_blocks_per_seq, -(-tmax // self.block_size))
+        self._g_block_tables = torch.zeros(seqs, width, dtype=torch.int32, device=dev)
         self._static_lora_slots.clear()  # new static buffers hold no slots yet
         pool = torch.cuda.graph_pool_handle()
+        # Largest first, mixed before decode: later graphs reuse the pool's blocks.
+        for t in reversed(self.mixed_sizes):
+            # Captured with one sequence of all t tokens writing no KV, then empty ones.
+            self._m_qsl.fill_(t)
+            self._m_qsl[0] = 0
+            self._g_seq_lens.zero_()
+            self._g_seq_lens[0] = t
+            batch = ForwardBatch(
+                input_ids=self._g_tokens[0, :t],
+                positions=self._g_tokens[1, :t],
+                attn=AttentionMetadata(
+                    slot_mapping=self._g_tokens[2, :t],
+                    query_start_loc=self._m_qsl,
+                    seq_lens=self._g_seq_lens,
+                    block_tables=self._g_block_tables,
+                    query_start_loc_cpu=[0] + [t] * seqs,
+                    seq_lens_cpu=[t] + [0] * (seqs - 1),
+                    max_query_len=t,  # > 1: attention's prefill layout, whatever the step
+                    max_seq_len=width * self.block_size,
+                ),
+                lora=self._static_lora(t),
+            )
+            self.mixed_graphs[t] = self._capture(batch, pool, mixed=True)
+        self._g_seq_lens.fill_(1)
         for b in reversed(self.graph_sizes):
             lora = self._static_lora(b)  # all slots -1 until a step fills it
             batch = ForwardBatch(
@@ -628,19 +715,25 @@ class ModelRunner:
                 ),
                 lora=lora,
             )
-            self.model(batch)  # warm-up: compiles kernels, sizes workspaces
-            torch.cuda.synchronize(dev)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model(batch)
-            self.graphs[b] = _Graph(graph, hidden, batch, lora)
+            self.graphs[b] = self._capture(batch, pool)
         torch.cuda.synchronize(dev)
         logger.info(
-            "captured %d decode graphs (batch sizes up to %d) in %.1f s",
+            "captured %d decode graphs (batch sizes up to %d) and %d mixed-step graphs "
+            "(up to %d tokens) in %.1f s",
             len(self.graphs),
             bmax,
+            len(self.mixed_graphs),
+            self.mixed_sizes[-1] if self.mixed_sizes else 0,
             time.perf_counter() - t0,
         )
+
+    def _capture(self, batch: ForwardBatch, pool: Any, *, mixed: bool = False) -> _Graph:
+        self.model(batch)  # warm-up: compiles kernels, sizes workspaces
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            hidden = self.model(batch)
+        return _Graph(graph, hidden, batch, batch.lora, mixed=mixed)
 
     def synthetic_decode(
         self, batch_size: int, context_len: int, lora_slots: list[int] | None = None
@@ -674,7 +767,7 @@ class ModelRunner:
         self._g_block_tables[:batch_size, :nb].copy_(torch.from_numpy(blocks))
         if g.lora is not None:
             slots_np = np.asarray(lora_slots if lora_slots is not None else [-1] * batch_size)
-            self._copy_static_lora(slots_np.astype(np.int64), g.lora, batch_size)
+            self._copy_static_lora(slots_np.astype(np.int64), g.lora, (False, batch_size))
         torch.cuda.synchronize(self.device)
 
 
@@ -685,6 +778,7 @@ __all__ = [
     "SampleLogprobs",
     "StepTimings",
     "graph_batch_sizes",
+    "mixed_graph_sizes",
     "pack_step",
     "padded_batch_size",
 ]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -34,3 +36,34 @@ def test_bench_dry_run_gives_a_row_per_configuration_and_mode(tmp_path):
         assert row["steps"] > 0
     assert "distinct async / base async (>= 0.90)" in result["targets"]
     assert "| lorastream distinct async |" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_bench_dry_run_with_steady_arrivals(tmp_path):
+    """``--output-len-range`` with more prompts than ``--max-num-seqs``: requests end at
+    different steps and waiting ones join running decodes; the bench asserts that each made
+    its own drawn length, and base and adapters get the same lengths."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench.py"),
+        *("--device", "cpu", "--shape", "tiny", "--num-prompts", "12", "--input-len", "8"),
+        *("--output-len-range", "2,9", "--num-adapters", "2", "--rank", "4"),
+        *("--max-loras", "2", "--max-num-seqs", "4", "--patterns", "distinct"),
+        *("--skip-max-loras-1", "--skip-hf"),
+        *("--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {
+        r["config"]: r for r in json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
+    }
+    assert not [c for c in rows if c.startswith("error")], rows
+    base, distinct = rows["lorastream base"], rows["lorastream distinct"]
+    assert base["output_tok_s"] * base["elapsed_s"] == pytest.approx(
+        distinct["output_tok_s"] * distinct["elapsed_s"]
+    )
+    assert base["steps"] > 9  # the 4 slots were refilled as requests ended
+    bad = subprocess.run(
+        [*cmd[:2], "--device", "cpu", "--output-len-range", "9,2"], capture_output=True, text=True
+    )
+    assert bad.returncode != 0
+    assert "--output-len-range '9,2'" in bad.stderr

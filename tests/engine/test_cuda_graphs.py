@@ -1,5 +1,6 @@
-"""Decode CUDA graphs: bucket choice and input packing on CPU; on a CUDA device, graph
-replay gives what eager execution gives."""
+"""CUDA graphs of decode-only and of mixed prefill + decode steps: bucket choice, input
+packing and the padded layouts on CPU; on a CUDA device, graph replay gives what eager
+execution gives."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ import torch
 from engine.core.scheduler import PLACEHOLDER, ScheduledRequest
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
-from engine.worker.model_runner import graph_batch_sizes, pack_step, padded_batch_size
+from engine.worker.model_runner import (
+    graph_batch_sizes,
+    mixed_graph_sizes,
+    pack_step,
+    padded_batch_size,
+)
 
 from .test_matches_peft import PROMPTS, lora_requests, make_engine, mixed_jobs, run_all
 
@@ -31,6 +37,21 @@ def test_buckets_cover_every_batch_size_up_to_max_num_seqs():
             assert n <= b <= max(n + 7, 2 * n)
         assert padded_batch_size(max_num_seqs + 1, sizes) is None
     assert graph_batch_sizes(256)[:6] == [1, 2, 4, 8, 16, 24]
+
+
+def test_mixed_buckets_cover_every_token_count_up_to_the_capture_size():
+    for max_tokens in (2, 15, 16, 100, 300, 512, 1000, 1024, 8192):
+        sizes = mixed_graph_sizes(max_tokens)
+        assert sizes == sorted(set(sizes))
+        assert sizes[-1] == max_tokens
+        for t in range(2, max_tokens + 1):
+            size = padded_batch_size(t, sizes)
+            assert size is not None
+            # Padding is at most 1/8 of the bucket above 256 tokens, 15 tokens below.
+            assert t <= size <= max(t + 15, t * 9 // 8 + 1)
+        assert padded_batch_size(max_tokens + 1, sizes) is None
+    assert mixed_graph_sizes(1) == mixed_graph_sizes(0) == []
+    assert mixed_graph_sizes(1024)[:3] == [16, 32, 48]
 
 
 def scheduled_request(rng: random.Random, block_size: int, decode: bool) -> ScheduledRequest:
@@ -134,6 +155,87 @@ def test_pack_step_lists_placeholder_tokens_with_their_previous_rows(pad_to):
         pack_step(buf, scheduled, 4, num_seqs=pad_to)
 
 
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("pad", [0, 61])
+def test_pack_step_pads_a_mixed_graph_with_one_sequence_then_empty_ones(decode, pad):
+    """A mixed-step graph's layout: the step's sequences as packed without padding, one
+    sequence of ``pad`` padding tokens (more than any block table here covers), then
+    sequences with no tokens and no context."""
+    rng = random.Random(7 + pad)
+    block_size = 4
+    scheduled = [scheduled_request(rng, block_size, decode) for _ in range(9)]
+    lora = [rng.choice([-1, 0, 1]) for _ in scheduled]
+    real = sum(s.num_new_tokens for s in scheduled)
+    buf = np.full(10_000, -7, dtype=np.int64)
+    p = pack_step(
+        buf, scheduled, block_size, num_seqs=14, seq_lora_slots=lora, num_tokens=real + pad
+    )
+    ref = reference_inputs(scheduled, block_size)
+    t, n, b = p.num_tokens, p.num_real_tokens, p.num_seqs
+    assert (t, n, b, p.num_real_seqs) == (real + pad, real, 14, 9)
+    assert buf[:n].tolist() == ref["ids"]
+    assert buf[t : t + n].tolist() == ref["pos"]
+    assert buf[2 * t : 2 * t + n].tolist() == ref["slots"]
+    assert buf[3 * t : 3 * t + p.num_logits].tolist() == ref["rows"]
+    assert buf[n:t].tolist() == [0] * pad
+    assert buf[t + n : 2 * t].tolist() == list(range(pad))
+    assert buf[2 * t + n : 3 * t].tolist() == [-1] * pad
+    o = p.int32_offset
+    qsl = buf[o : o + b + 1].tolist()
+    seq_lens = buf[o + p.seq_lens_offset : o + p.seq_lens_offset + b].tolist()
+    assert qsl == ref["qsl"] + [real + pad] * 5
+    assert seq_lens == ref["seq_lens"] + [pad] + [0] * 4
+    tables = buf[o + p.block_tables_offset : p.total].reshape(b, p.width)
+    assert not tables[9:].any()
+    assert p.token_slots_lora is not None
+    per_token = [lo for s, lo in zip(scheduled, lora, strict=True) for _ in range(s.num_new_tokens)]
+    assert p.token_slots_lora.tolist() == per_token + [-1] * pad
+    with pytest.raises(ValueError, match="num_tokens"):
+        pack_step(buf, scheduled, block_size, num_seqs=14, num_tokens=real - 1)
+    with pytest.raises(ValueError, match="no padding sequence"):
+        pack_step(buf, scheduled, block_size, num_seqs=9, num_tokens=real + 1)
+
+
+def test_padded_mixed_step_gives_the_unpadded_rows(tiny_model_dir: Path):
+    """The model (on CPU, adapters on) computes the real rows of a step packed in a mixed
+    graph's layout as it does unpadded, and the padding writes no KV."""
+    engine = make_engine(tiny_model_dir, max_num_seqs=8)
+    runner = engine.runner
+    loras = lora_requests(tiny_model_dir)[:3]
+    for lora in loras:
+        engine.add_lora(lora)
+    assert runner.lora_manager is not None
+    slots = runner.lora_manager.activate([lo.lora_int_id for lo in loras])
+    rng = random.Random(3)
+    bs = runner.block_size
+    free = iter(rng.sample(range(1, runner.num_blocks), 40))
+    scheduled = []
+    for i, (cached, new) in enumerate([(12, 1), (0, 23), (20, 5), (33, 1), (0, 2)]):
+        req = Request(
+            request_id=f"r{i}",
+            prompt_token_ids=[rng.randrange(10, 900) for _ in range(cached + new)],
+            sampling_params=SamplingParams(),
+        )
+        req.block_table = [next(free) for _ in range(-(-(cached + new) // bs))]
+        scheduled.append(ScheduledRequest(req, cached, new, sample=True))
+    seq_lora = [slots[loras[i % 3].lora_int_id] if i != 3 else -1 for i in range(5)]
+    real = sum(s.num_new_tokens for s in scheduled)
+
+    def forward(**pad) -> torch.Tensor:
+        p = pack_step(runner._stage_np, scheduled, bs, seq_lora_slots=seq_lora, **pad)
+        batch, _ = runner._eager_inputs(p, None)
+        with torch.inference_mode():
+            return runner.model(batch)
+
+    plain = forward()
+    cache = [c.clone() for c in runner.kv_caches]
+    padded = forward(num_seqs=runner.max_num_seqs + 1, num_tokens=real + 19)
+    assert padded.shape[0] == real + 19
+    torch.testing.assert_close(padded[:real], plain, rtol=1e-5, atol=1e-5)
+    for before, after in zip(cache, runner.kv_caches, strict=True):
+        assert torch.equal(before, after)
+
+
 def test_pack_step_refuses_a_bucket_too_small():
     rng = random.Random(0)
     scheduled = [scheduled_request(rng, 4, True) for _ in range(5)]
@@ -189,7 +291,10 @@ def test_graph_replay_equals_eager(tiny_model_dir: Path, dtype: str):
         got[eager] = run_all(engine, jobs, stagger=2)
         if not eager:
             assert engine.runner.graphs
-            assert engine.runner.timings.graph_steps > 0
+            assert engine.runner.mixed_graphs
+            # Staggered arrivals: prompts join running decodes, in mixed-step graphs.
+            assert engine.runner.timings.mixed_graph_steps > 0
+            assert engine.runner.timings.graph_steps > engine.runner.timings.mixed_graph_steps
     if dtype == "float32":
         assert got[True] == got[False]
     else:  # batch shapes differ (padding), so bf16 matmuls may round differently
@@ -198,6 +303,21 @@ def test_graph_replay_equals_eager(tiny_model_dir: Path, dtype: str):
         )
         total = sum(len(v) for v in got[True].values())
         assert same >= 0.9 * total
+
+
+@cuda_only
+def test_mixed_step_graphs_can_be_turned_off(tiny_model_dir: Path):
+    jobs = mixed_jobs(tiny_model_dir)
+    engine = make_engine(
+        tiny_model_dir, device="cuda", dtype="float32", max_cudagraph_capture_size=0
+    )
+    got = run_all(engine, jobs, stagger=2)
+    assert engine.runner.graphs
+    assert not engine.runner.mixed_graphs
+    assert engine.runner.timings.mixed_graph_steps == 0
+    assert engine.runner.timings.graph_steps > 0
+    eager = make_engine(tiny_model_dir, device="cuda", dtype="float32", enforce_eager=True)
+    assert run_all(eager, jobs, stagger=2) == got
 
 
 @cuda_only

@@ -40,6 +40,8 @@ def test_defaults_match_vllm():
         ("num_gpu_blocks_override", 0, ">= 1"),
         ("max_num_batched_tokens", 8, ">= max_num_seqs (256)"),
         ("lora_target_modules", ["lm_head"], "q_proj"),
+        ("max_cudagraph_capture_size", -1, ">= 0"),
+        ("max_cudagraph_capture_size", 1.5, ">= 0"),
     ],
 )
 def test_bad_value_names_field_value_and_allowed(field, value, allowed):
@@ -91,6 +93,8 @@ def test_cli_flags_use_vllm_names():
             "b=/y",
             "--no-enable-chunked-prefill",
             "--no-async-scheduling",
+            "--max-cudagraph-capture-size",
+            "512",
         ]
     )
     args = EngineArgs.from_cli_args(ns)
@@ -105,6 +109,7 @@ def test_cli_flags_use_vllm_names():
     assert args.max_num_seqs == 64
     assert args.enable_chunked_prefill is False
     assert args.async_scheduling is False
+    assert args.max_cudagraph_capture_size == 512
     assert EngineArgs(model="m").async_scheduling is True
     assert [m.name for m in args.lora_modules] == ["a", "b"]
 
@@ -114,3 +119,14 @@ def test_cli_rejects_bad_value_with_field_name():
     ns = parser.parse_args(["--model", "m", "--max-loras", "4", "--max-cpu-loras", "2"])
     with pytest.raises(ValueError, match="max_cpu_loras"):
         EngineArgs.from_cli_args(ns)
+
+
+def test_mixed_step_graphs_default_to_1024_tokens_within_the_step_budget(tiny_model_dir):
+    def resolved(**kw):
+        return EngineArgs(model=str(tiny_model_dir), device="cpu", **kw).create_engine_config()
+
+    assert resolved(max_num_batched_tokens=8192).max_cudagraph_capture_size == 1024
+    assert resolved(max_num_batched_tokens=300).max_cudagraph_capture_size == 300
+    assert resolved(max_cudagraph_capture_size=0).max_cudagraph_capture_size == 0
+    config = resolved(max_num_batched_tokens=4096, max_cudagraph_capture_size=2048)
+    assert config.max_cudagraph_capture_size == 2048

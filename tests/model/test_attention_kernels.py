@@ -54,10 +54,14 @@ def make_batch(
     dtype: torch.dtype,
     seed: int,
     pad_tokens: int = 0,
+    mixed_pad: tuple[int, int] | None = None,
 ) -> Batch:
     """seqs: (cached tokens, new tokens) per sequence; blocks are handed out shuffled so
     block tables are not contiguous. ``pad_tokens`` adds padding sequences as the CUDA-graph
-    runner does (one query, seq_len 1, slot -1, block table of zeros)."""
+    runner does for decode graphs (one query, seq_len 1, slot -1, block table of zeros);
+    ``mixed_pad=(tokens, empty)`` pads as it does for mixed-step graphs: one sequence of
+    ``tokens`` queries (seq_len as many, slot -1, block table of zeros), then ``empty``
+    sequences without queries or context."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     need = [-(-(c + n) // block_size) for c, n in seqs]
@@ -81,6 +85,13 @@ def make_batch(
         qsl.append(qsl[-1] + 1)
         seq_lens.append(1)
         tables.append([0])
+    if mixed_pad is not None:
+        tokens, empty = mixed_pad
+        slots += [-1] * tokens
+        qsl += [qsl[-1] + tokens] + [qsl[-1] + tokens] * empty
+        seq_lens += [tokens] + [0] * empty
+        tables += [[0] * -(-tokens // block_size)] + [[0]] * empty
+        max_blocks = max(max_blocks, len(tables[-empty - 1]))
     t = qsl[-1]
     q = torch.randn(t, num_heads, head_dim, generator=gen)
     k = torch.randn(t, num_kv_heads, head_dim, generator=gen)
@@ -197,6 +208,30 @@ def test_padding_sequences_leave_real_rows_and_cache_alone():
     ref = paged_attention_reference(b.q[:2], b.cache, _first(b.attn, 2), 0.25)
     out = paged_attention_triton(b.q, b.cache, b.attn, 0.25)
     assert rel_err(out[:2], ref) < TOL[torch.float32]
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("case", ["decode", "prefill", "mixed"])
+def test_mixed_graph_padding_leaves_real_rows_alone(case):
+    """The layout of a mixed-step CUDA graph: the step's sequences, one sequence of padding
+    tokens, empty ones; attention in its prefill layout whatever the step (decode steps
+    included). The real rows are the reference's, and nothing is written for padding."""
+    seqs = SMALL_CASES[case]
+    n = len(seqs)
+    b = make_batch(seqs, 4, 2, 16, 4, torch.float32, 5, mixed_pad=(7, 5))
+    assert b.attn.num_seqs == n + 6
+    b.attn.max_query_len = 2 * b.q.shape[0]  # as captured: above 1 whatever the step
+    real = sum(new for _, new in seqs)
+    before = b.cache.clone()
+    store_kv_triton(b.cache, b.k, b.v, b.attn.slot_mapping)
+    ref_cache = before.clone()
+    store_kv_reference(ref_cache, b.k[:real], b.v[:real], b.attn.slot_mapping[:real])
+    assert torch.equal(b.cache, ref_cache)
+    first = _first(b.attn, n)
+    first.max_query_len = max(new for _, new in seqs)
+    ref = paged_attention_reference(b.q[:real], b.cache, first, 0.25)
+    out = paged_attention_triton(b.q, b.cache, b.attn, 0.25)
+    assert rel_err(out[:real], ref) < TOL[torch.float32]
     assert torch.isfinite(out).all()
 
 
