@@ -105,6 +105,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-steps", type=int, default=8, help="new tokens in the timed HF decode")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument(
+        "--max-cudagraph-capture-size",
+        type=int,
+        default=None,
+        help="the engines' max_cudagraph_capture_size (default: the engine's); 0: steps that "
+        "mix prefill and decode run eagerly",
+    )
+    p.add_argument(
         "--temperature",
         type=float,
         default=0.0,
@@ -381,6 +388,7 @@ def make_llm(
         "max_model_len": args.input_len + max_output_len(args),
         "max_num_batched_tokens": max(args.max_num_batched_tokens, args.max_num_seqs),
         "enforce_eager": args.enforce_eager,
+        "max_cudagraph_capture_size": args.max_cudagraph_capture_size,
         "gpu_memory_utilization": 0.85,
         "seed": args.seed,
     }
