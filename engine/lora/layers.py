@@ -66,6 +66,11 @@ in every llama-3.1-8b layer (down_proj: 14 MiB), while 32 slots of rank 64 (up t
 would make a step with one small adapter read all of them. Read at call time."""
 
 FUSED_SILU_STACKED = True
+
+FUSED_QKV_ROPE = os.environ.get("LORASTREAM_LORA_FUSED_ROPE", "1") != "0"
+"""With the stacked product, the q/k/v layer's expand, RoPE and the KV-cache write run as
+one kernel (``engine.lora.kernels.qkv``); 0 runs the three apart, for benchmarks. Read at
+call time; tests and benchmarks may assign it."""
 """With the stacked product, gate_up's expand and the SiLU run as one kernel at any tile
 height. Read at call time; benchmarks may assign it."""
 
@@ -240,6 +245,18 @@ class LoRALinear(nn.Module):
                 h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
                 return lora_expand_silu_and_mul(y, h, *b_args)
         return ops.silu_and_mul(self(x, lora, stack_a=stack_a))
+
+    def stacked_lora_product(
+        self, x: torch.Tensor, lora: LoRAMetadata | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``x · [W; A]ᵀ`` as ``(y [T, out], h [T, L * S * R])`` when these tokens take the
+        kernel path's stacked product with adapters (``forward`` would then expand h into
+        y); None otherwise. For callers that fuse the expand with what follows it."""
+        if not (self._has_deltas(lora) and lora is not None and lora.has_kernel_layout):
+            return None
+        if not (use_triton(x) and self._stacks_a(x, None)):
+            return None
+        return self._stacked_product(x)
 
     @property
     def can_stack_a(self) -> bool:

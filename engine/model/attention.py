@@ -582,11 +582,19 @@ class PagedAttention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata
     ) -> torch.Tensor:
         # q: [T, H, Dh]; k, v: [T, Hkv, Dh] -> [T, H * Dh]
+        store_kv(self.cache(), k, v, attn.slot_mapping)
+        return self.attend(q, attn)
+
+    def attend(self, q: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """Attention alone, for a step whose K/V something else already wrote into the
+        cache: q [T, H, Dh] -> [T, H * Dh]."""
+        out = paged_attention(q, self.cache(), attn, self.scale, self.sliding_window)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def cache(self) -> torch.Tensor:
         if self.kv_cache is None:
             raise RuntimeError("no KV cache bound: call bind_kv_caches() before running the model")
-        store_kv(self.kv_cache, k, v, attn.slot_mapping)
-        out = paged_attention(q, self.kv_cache, attn, self.scale, self.sliding_window)
-        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+        return self.kv_cache
 
 
 __all__: list[str] = [

@@ -45,6 +45,7 @@ tl: Any = None
 libdevice: Any = None
 _to: Any = None
 _rotate: Any = None
+_rotate_pair: Any = None
 _silu_mul: Any = None
 
 # Widest row one program normalizes; wider rows raise (no Llama-family model is near it).
@@ -206,12 +207,19 @@ def _rotate_fn(
     dtype = base.dtype.element_ty
     x1 = tl.load(p1, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(p2, mask=ok, other=0.0).to(tl.float32)
+    o1, o2 = _rotate_pair(x1, x2, cos1, cos2, sin1, sin2, dtype, INTERPRET)
+    tl.store(p1, o1, mask=ok)
+    tl.store(p2, o2, mask=ok)
+
+
+def _rotate_pair_fn(x1, x2, cos1, cos2, sin1, sin2, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    # The halves (x1, x2) of rows in dtype (as float32) and cos/sin (rounded to dtype, as
+    # float32) -> the rotated halves in dtype: every product and sum rounded as torch's ops.
     a1 = _to(x1 * cos1, dtype, INTERPRET).to(tl.float32)
     b1 = _to(-x2 * sin1, dtype, INTERPRET).to(tl.float32)
     a2 = _to(x2 * cos2, dtype, INTERPRET).to(tl.float32)
     b2 = _to(x1 * sin2, dtype, INTERPRET).to(tl.float32)
-    tl.store(p1, _to(a1 + b1, dtype, INTERPRET), mask=ok)
-    tl.store(p2, _to(a2 + b2, dtype, INTERPRET), mask=ok)
+    return _to(a1 + b1, dtype, INTERPRET), _to(a2 + b2, dtype, INTERPRET)
 
 
 @functools.cache
@@ -227,6 +235,7 @@ def _jit() -> dict[str, Any]:
     globals()["libdevice"] = triton_libdevice
     # Helpers the kernels call by name.
     globals()["_to"] = triton.jit(_to_fn)
+    globals()["_rotate_pair"] = triton.jit(_rotate_pair_fn)
     globals()["_rotate"] = triton.jit(_rotate_fn)
     globals()["_silu_mul"] = triton.jit(_silu_mul_fn if EXACT_SILU else _silu_mul_fast_fn)
     rms_norm = triton.jit(_rms_norm_kernel)
@@ -234,8 +243,11 @@ def _jit() -> dict[str, Any]:
         "rms_norm": rms_norm,
         "silu_and_mul": triton.jit(_silu_and_mul_kernel),
         "rotary": triton.jit(_rotary_kernel),
-        # The activation alone, for kernels elsewhere that end in it (the LoRA expand).
+        # The activation alone, for kernels elsewhere that end in it (the LoRA expand), and
+        # RoPE's arithmetic and rounding, for the LoRA expand of q/k/v.
         "silu_mul": _silu_mul,
+        "rotate_pair": _rotate_pair,
+        "to": _to,
         "interpret": isinstance(rms_norm, InterpretedFunction),
         "no_fma": _NO_FMA,
     }

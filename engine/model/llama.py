@@ -21,7 +21,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.errors import AdapterUnsupported, UnsupportedModel
+from engine.lora import layers as lora_layers
 from engine.lora.layers import LoRALinear
+from engine.model import ops
 from engine.model.attention import PagedAttention
 from engine.model.metadata import ForwardBatch, LoRAMetadata
 from engine.model.ops import apply_rotary, fused_add_rms_norm, rms_norm
@@ -205,6 +207,9 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         # x: [T, D] -> [T, D]
         t = x.shape[0]
+        q = self._fused_qkv_rope(x, batch, rope)
+        if q is not None:  # K/V already in the cache
+            return self.o_proj(self.attn.attend(q, batch.attn), batch.lora)
         qkv = self.qkv_proj(x, batch.lora)  # [T, (H + 2 * Hkv) * Dh]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # Rotated in place inside qkv on the Triton path: no copies of q and k.
@@ -212,6 +217,61 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         o = self.attn(q, k, v, batch.attn)  # [T, H * Dh]
         return self.o_proj(o, batch.lora)
+
+    def _fused_qkv_rope(
+        self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor | None:
+        """q [T, H, Dh], rotated, with K/V written into the cache, where the adapters' expand,
+        RoPE and the cache write run as one kernel (``lora_layers.FUSED_QKV_ROPE``, the
+        stacked product, the model's Triton kernels); None where they run apart."""
+        if not (lora_layers.FUSED_QKV_ROPE and ops.use_triton(x)):
+            return None
+        stacked = self.qkv_proj.stacked_lora_product(x, batch.lora)
+        if stacked is None:
+            return None
+        from engine.lora.kernels.qkv import lora_expand_qkv_rope
+
+        assert batch.lora is not None
+        y, h = stacked
+        proj = self.qkv_proj
+        lora_expand_qkv_rope(
+            y,
+            h,
+            proj.lora_b_stacked,
+            proj.lora_ranks,
+            batch.lora,
+            *rope,
+            self.attn.cache(),
+            batch.attn.slot_mapping,
+            self.num_heads,
+            h_per_slot=True,
+        )
+        return y[:, : self.q_size].view(x.shape[0], self.num_heads, self.head_dim)
+
+    @torch.inference_mode()
+    def warm_up_fused_qkv_rope(self) -> int:
+        """Compile the fused expand + RoPE + cache write for every tile height an eager step
+        can use (graphs compile theirs at capture), on zero inputs that write no KV.
+        Returns the launches made: none where this layer never takes that path."""
+        proj = self.qkv_proj
+        if not (lora_layers.FUSED_QKV_ROPE and proj.can_stack_a and proj.lora_a):
+            return 0
+        x = torch.zeros(1, proj.in_features, dtype=proj.weight.dtype, device=proj.weight.device)
+        if not (lora_layers.use_triton(x) and ops.use_triton(x)):
+            return 0
+        from engine.lora.kernels.qkv import lora_expand_qkv_rope
+
+        y, h = proj._stacked_product(x)
+        cos = torch.zeros(1, self.head_dim, dtype=x.dtype, device=x.device)
+        nowhere = torch.full((1,), -1, dtype=torch.long, device=x.device)
+        b_args = (proj.lora_b_stacked, proj.lora_ranks)
+        for block_m in lora_layers.BLOCK_MS:
+            meta = lora_layers.build_lora_metadata([0], x.device, block_m=block_m)
+            cache = self.attn.cache()
+            lora_expand_qkv_rope(
+                y, h, *b_args, meta, cos, cos, cache, nowhere, self.num_heads, h_per_slot=True
+            )
+        return len(lora_layers.BLOCK_MS)
 
 
 class LlamaMLP(nn.Module):
@@ -302,6 +362,13 @@ class LlamaForCausalLM(nn.Module):
         """
         max_pos = int(getattr(self.config, "max_position_embeddings", 2048))
         self.inv_freq = rope_inv_freq(self.head_dim, self.rope, max_pos).to(device)  # [Dh / 2]
+
+    def warm_up_lora_fusions(self) -> int:
+        """Compile the LoRA kernels fused with the attention block's own work (layers
+        share shapes: the first one's launches serve all). Returns the launches made."""
+        first = self.model.layers[0]
+        assert isinstance(first, LlamaDecoderLayer)
+        return first.self_attn.warm_up_fused_qkv_rope()
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -648,6 +648,7 @@ class ModelRunner:
             self.config.scheduler.max_num_batched_tokens,
             self.config.lora.max_loras,
         )
+        launches += self.model.warm_up_lora_fusions()
         torch.cuda.synchronize(self.device)
         logger.info(
             "compiled the LoRA kernels for %d launch shapes in %.1f s",
