@@ -388,7 +388,8 @@ def make_llm(
         "max_model_len": args.input_len + max_output_len(args),
         "max_num_batched_tokens": max(args.max_num_batched_tokens, args.max_num_seqs),
         "enforce_eager": args.enforce_eager,
-        "max_cudagraph_capture_size": args.max_cudagraph_capture_size,
+        # Other scripts build their own namespaces (gpu_decode_step.py): engine defaults.
+        "max_cudagraph_capture_size": getattr(args, "max_cudagraph_capture_size", None),
         "gpu_memory_utilization": 0.85,
         "seed": args.seed,
     }
@@ -583,7 +584,8 @@ def parse_range(spec: str) -> tuple[int, int]:
 
 
 def max_output_len(args: argparse.Namespace) -> int:
-    return parse_range(args.output_len_range)[1] if args.output_len_range else args.output_len
+    spec = getattr(args, "output_len_range", None)  # absent in other scripts' namespaces
+    return parse_range(spec)[1] if spec else args.output_len
 
 
 def request_params(args: argparse.Namespace, n: int) -> list[SamplingParams]:

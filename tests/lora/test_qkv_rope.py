@@ -44,6 +44,12 @@ from .test_kernels import (
     shrink_mod,
 )
 
+# The model-level tests below run the tiny model on CPU through the kernels: interpreter only
+# (on CUDA the engine's tests take the same path).
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need TRITON_INTERPRET=1"
+)
+
 if not CUDA and not isinstance(qkv_mod._lora_qkv_rope_kernel, InterpretedFunction):
     # Imported before TRITON_INTERPRET was set (by another test module), or its expand
     # helpers reloaded since (test_kernels): decorate again.
@@ -190,6 +196,7 @@ def test_refuses_layouts_it_cannot_rotate() -> None:
         )
 
 
+@needs_interpreter
 def test_attention_layer_takes_the_fused_kernel(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,6 +238,7 @@ def test_attention_layer_takes_the_fused_kernel(
         torch.testing.assert_close(fused[name], apart[name], rtol=1e-5, atol=1e-5)
 
 
+@needs_interpreter
 def test_warm_up_compiles_each_tile_height_and_writes_no_kv(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
