@@ -67,10 +67,13 @@ would make a step with one small adapter read all of them. Read at call time."""
 
 FUSED_SILU_STACKED = True
 
-FUSED_QKV_ROPE = os.environ.get("LORASTREAM_LORA_FUSED_ROPE", "1") != "0"
-"""With the stacked product, the q/k/v layer's expand, RoPE and the KV-cache write run as
-one kernel (``engine.lora.kernels.qkv``); 0 runs the three apart, for benchmarks. Read at
-call time; tests and benchmarks may assign it."""
+FUSED_QKV_ROPE = os.environ.get("LORASTREAM_LORA_FUSED_ROPE", "0") == "1"
+"""1: with the stacked product, the q/k/v layer's expand, RoPE and the KV-cache write run as
+one kernel (``engine.lora.kernels.qkv``) instead of three. Off by default until it is timed
+on a GPU: it is tested against the three kernels in Triton's interpreter and compiled for
+sm_90, but no device time was left to time it (``scripts/gpu_decode_step.py --switch
+engine.lora.layers:FUSED_QKV_ROPE=0,1``). Read at call time; tests and benchmarks may
+assign it."""
 """With the stacked product, gate_up's expand and the SiLU run as one kernel at any tile
 height. Read at call time; benchmarks may assign it."""
 

@@ -213,6 +213,7 @@ def test_attention_layer_takes_the_fused_kernel(
 
     monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
     monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
+    monkeypatch.setattr(layers, "FUSED_QKV_ROPE", True)
     adapters = sorted((tiny_model_dir / "adapters").iterdir())
 
     def logits() -> dict[str, torch.Tensor]:
@@ -246,6 +247,7 @@ def test_warm_up_compiles_each_tile_height_and_writes_no_kv(
 
     monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
     monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
+    monkeypatch.setattr(layers, "FUSED_QKV_ROPE", True)
     model = load_ours(tiny_model_dir)
     for layer in model.lora_layers().values():
         layer.create_lora_buffers(2, max_rank=8, dtype=torch.float32)

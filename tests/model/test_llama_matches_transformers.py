@@ -320,7 +320,7 @@ def load_adapter_into(model: LlamaForCausalLM, adapter_dir: Path, slot: int) -> 
         layers[layer_key].set_lora(slot, idx, a, b * scaling)
 
 
-@pytest.mark.parametrize("paths", ["torch", "kernels"])
+@pytest.mark.parametrize("paths", ["torch", "kernels", "kernels+fused_rope"])
 def test_adapters_in_one_batch_match_peft(
     tiny_model_dir: Path, paths: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -330,7 +330,7 @@ def test_adapters_in_one_batch_match_peft(
     and the next projections."""
     from peft import PeftModel
 
-    if paths == "kernels":
+    if paths.startswith("kernels"):
         pytest.importorskip("triton")
         if os.environ.get("TRITON_INTERPRET") != "1":
             pytest.skip("CPU tensors need TRITON_INTERPRET=1 (on CUDA: test_matches_peft)")
@@ -339,6 +339,8 @@ def test_adapters_in_one_batch_match_peft(
 
         monkeypatch.setattr(lora_layers, "LORA_KERNELS", "triton")
         monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
+        # q/k/v's expand, RoPE and the cache write as one kernel (engine.lora.kernels.qkv)
+        monkeypatch.setattr(lora_layers, "FUSED_QKV_ROPE", paths.endswith("fused_rope"))
     adapters = sorted((tiny_model_dir / "adapters").iterdir())
     model = load_ours(tiny_model_dir)
     for layer in model.lora_layers().values():
@@ -355,7 +357,7 @@ def test_adapters_in_one_batch_match_peft(
         peft.load_adapter(a, adapter_name=a.name)
     prompts = {a.name: hf.tokenizer.encode(PROMPT[: 20 + 7 * i]) for i, a in enumerate(adapters)}
     prompts["base"] = hf.tokenizer.encode(PROMPT)
-    driver = PagedDriver(model, 64, BLOCK_SIZE, lora_kernel_layout=paths == "kernels")
+    driver = PagedDriver(model, 64, BLOCK_SIZE, lora_kernel_layout=paths != "torch")
     out = driver.step(prompts, lora_slots=slots)
     with torch.no_grad():
         for name, ids in prompts.items():
