@@ -17,10 +17,11 @@ from typing import Any
 import torch
 
 MIXED_GRAPH_TOKENS = 1024
-"""Default ``max_cudagraph_capture_size``. Eager steps cost the host about the same whatever
-their size (kernel launches), so graphs pay off until a step's GPU time outgrows that cost.
-On an H200 (llama-3.1-8b, 32 adapters, 256 sequences) an eager step took 18-32 ms of host
-time, about what the GPU needs for a 1024-token step."""
+"""Default ``max_cudagraph_capture_size``. An eager step costs the host about the same
+whatever its size (the kernel launches): on H200 machines with llama-3.1-8b, a 256-token
+step took 11.5-27 ms eagerly without adapters and 19-40 ms with 32 of them, against 8.5-10 ms
+as a graph (bench.py's roofline rows, five runs). A step's GPU time grows with its tokens and, past about a
+thousand, covers those launches (an estimate from the matrix products' rate)."""
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -79,7 +80,7 @@ class EngineArgs:
     enforce_eager: bool = False
     """Never capture CUDA graphs."""
     max_cudagraph_capture_size: int | None = None
-    """Largest step, in tokens, that mixes prompts with decodes and still replays a CUDA graph (vLLM's compilation_config.max_cudagraph_capture_size); larger mixed steps run eagerly. Default min(1024, max_num_batched_tokens); 0 captures graphs for decode-only steps alone, which get one for every batch size up to max_num_seqs either way."""
+    """Largest step, in tokens, that mixes prompts with decodes and still replays a CUDA graph (vLLM's compilation_config.max_cudagraph_capture_size); larger mixed steps run eagerly. Default 1024; capped at max_num_batched_tokens; 0 captures graphs for decode-only steps alone, which get one for every batch size up to max_num_seqs either way."""
     tensor_parallel_size: int = 1
     """Only 1 is supported."""
     enable_chunked_prefill: bool = True
