@@ -66,6 +66,8 @@ in every llama-3.1-8b layer (down_proj: 14 MiB), while 32 slots of rank 64 (up t
 would make a step with one small adapter read all of them. Read at call time."""
 
 FUSED_SILU_STACKED = True
+"""With the stacked product, gate_up's expand and the SiLU run as one kernel at any tile
+height. Read at call time; benchmarks may assign it."""
 
 FUSED_QKV_ROPE = os.environ.get("LORASTREAM_LORA_FUSED_ROPE", "0") == "1"
 """1: with the stacked product, the q/k/v layer's expand, RoPE and the KV-cache write run as
@@ -74,8 +76,6 @@ on a GPU: it is tested against the three kernels in Triton's interpreter and com
 sm_90, but no device time was left to time it (``scripts/gpu_decode_step.py --switch
 engine.lora.layers:FUSED_QKV_ROPE=0,1``). Read at call time; tests and benchmarks may
 assign it."""
-"""With the stacked product, gate_up's expand and the SiLU run as one kernel at any tile
-height. Read at call time; benchmarks may assign it."""
 
 # Tile heights the kernels are compiled for; the smallest that holds the longest segment.
 # Not 64: on an H200, 32-token tiles ran a 4096-token prefill as fast or faster.

@@ -254,24 +254,27 @@ class LlamaAttention(nn.Module):
         can use (graphs compile theirs at capture), on zero inputs that write no KV.
         Returns the launches made: none where this layer never takes that path."""
         proj = self.qkv_proj
-        if not (lora_layers.FUSED_QKV_ROPE and proj.can_stack_a and proj.lora_a):
-            return 0
         x = torch.zeros(1, proj.in_features, dtype=proj.weight.dtype, device=proj.weight.device)
-        if not (lora_layers.use_triton(x) and ops.use_triton(x)):
+        if not (lora_layers.FUSED_QKV_ROPE and ops.use_triton(x)):
             return 0
         from engine.lora.kernels.qkv import lora_expand_qkv_rope
 
-        y, h = proj._stacked_product(x)
         cos = torch.zeros(1, self.head_dim, dtype=x.dtype, device=x.device)
         nowhere = torch.full((1,), -1, dtype=torch.long, device=x.device)
         b_args = (proj.lora_b_stacked, proj.lora_ranks)
+        launches = 0
         for block_m in lora_layers.BLOCK_MS:
             meta = lora_layers.build_lora_metadata([0], x.device, block_m=block_m)
+            stacked = proj.stacked_lora_product(x, meta)
+            if stacked is None:
+                continue
+            y, h = stacked
             cache = self.attn.cache()
             lora_expand_qkv_rope(
                 y, h, *b_args, meta, cos, cos, cache, nowhere, self.num_heads, h_per_slot=True
             )
-        return len(lora_layers.BLOCK_MS)
+            launches += 1
+        return launches
 
 
 class LlamaMLP(nn.Module):
