@@ -126,10 +126,11 @@ def test_pack_step_matches_per_token_loop(decode, pad_to):
     assert p.max_seq_len == max(ref["seq_lens"])
 
 
-@pytest.mark.parametrize("pad_to", [None, 13])
-def test_pack_step_lists_placeholder_tokens_with_their_previous_rows(pad_to):
+@pytest.mark.parametrize(("pad_to", "num_tokens"), [(None, None), (13, None), (13, 20)])
+def test_pack_step_lists_placeholder_tokens_with_their_previous_rows(pad_to, num_tokens):
     """With async scheduling a decode's input token may still be on the device: its row is
-    listed with the row of the previous step's samples that holds it."""
+    listed with the row of the previous step's samples that holds it (in a mixed-step
+    graph's layout too: ``num_tokens``)."""
     rng = random.Random(5)
     scheduled = [scheduled_request(rng, 4, decode=True) for _ in range(9)]
     pending = [1, 4, 8]
@@ -141,8 +142,9 @@ def test_pack_step_lists_placeholder_tokens_with_their_previous_rows(pad_to):
     previous = {scheduled[i].request_id: row for row, i in zip([6, 0, 3], pending, strict=True)}
     previous["elsewhere"] = 1
     buf = np.full(10_000, -7, dtype=np.int64)
-    p = pack_step(buf, scheduled, 4, num_seqs=pad_to, previous_rows=previous)
+    p = pack_step(buf, scheduled, 4, num_seqs=pad_to, previous_rows=previous, num_tokens=num_tokens)
     assert p.num_fills == 3
+    assert p.num_tokens == (num_tokens or pad_to or 9)
     o, f = p.fills_offset, p.num_fills
     assert buf[o : o + f].tolist() == pending  # one token per sequence: token row = sequence
     assert buf[o + f : o + 2 * f].tolist() == [6, 0, 3]
