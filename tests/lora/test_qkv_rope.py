@@ -70,6 +70,8 @@ CPU_CASES = [
     heads_case((6, 2, 24), 9, (1, 8, 16, 64), 4, dtype=BF16, lora_dtype=BF16),
     heads_case((2, 1, 32), 5, (8,), 2, dtype=F16, lora_dtype=F16, pattern="none"),
     heads_case((4, 4, 16), 12, (4,), 1, dtype=F32, lora_dtype=BF16, pattern="one"),
+    # llama-3.1-8b's heads: the column blocks the GPU runs (4 heads, 64-wide halves).
+    heads_case((32, 8, 128), 24, (1, 8, 16, 64), 4, dtype=F16, lora_dtype=F16, in_features=64),
 ]
 GPU_CASES = [
     heads_case((32, 8, 128), t, r, a, dtype=d, lora_dtype=d, pattern=p, in_features=512)
@@ -138,8 +140,9 @@ def check(case: Case, heads: tuple[int, int, int], *, per_slot: bool = False, pa
     qkv_mod.lora_expand_qkv_rope(
         y, h, *b_args, meta, cos, sin, cache, slots, num_heads, h_per_slot=per_slot
     )
-    # Products summed in another column order where the blocks differ: a few ulps at most.
-    close = {"rtol": 4 * ULP[case.dtype], "atol": 1e-6}
+    # Products summed in another column order where the blocks differ: a few ulps of the
+    # operands (values near 1) at most, also where RoPE's difference cancels most of them.
+    close = {"rtol": 4 * ULP[case.dtype], "atol": 4 * ULP[case.dtype]}
     torch.testing.assert_close(y[:, :q_size], y_ref[:, :q_size], **close)
     torch.testing.assert_close(cache, cache_ref, **close)
     assert torch.equal(y[:, q_size:], y0[:, q_size:])  # k and v went to the cache only
