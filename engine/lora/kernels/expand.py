@@ -40,6 +40,26 @@ from engine.model.metadata import LoRAMetadata
 
 
 @triton.jit
+def _rank_block(rank, rb: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rank block ``rb``: its columns r [BR], ``r < rank``, and the columns to load."""
+    # Loads run to the rank rounded up to 8 (16 bytes of a bf16 row, inside the sector that
+    # is fetched anyway), so they stay vectors; what lies past the rank (stale weights,
+    # unwritten h) is zeroed by the callers, never used.
+    rank_ld = tl.multiple_of(tl.cdiv(rank, 8) * 8, 8) if R % 8 == 0 else rank
+    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    return r, r < rank, r < rank_ld
+
+
+@triton.jit
+def _b_block(b_ptrs, rank, rb: tl.constexpr, col_ok, R: tl.constexpr, BLOCK_R: tl.constexpr):
+    """B [BN, BR] of rank block ``rb`` at ``b_ptrs`` ([BN, 1]: the slot's B rows of these
+    columns), zero past the rank."""
+    r, r_ok, r_ld = _rank_block(rank, rb, R, BLOCK_R)
+    b = tl.load(b_ptrs + r[None, :], mask=col_ok[:, None] & r_ld[None, :], other=0.0)
+    return tl.where(r_ok[None, :], b, tl.zeros_like(b))
+
+
+@triton.jit
 def _operands(
     h_ptrs,  # [BM, 1]: each token's h row at this slice
     b_ptrs,  # [BN, 1]: the slot's B rows of these columns
@@ -56,14 +76,8 @@ def _operands(
 ):
     """Rank block ``rb`` of one slice for a tile: (h [BM, BR], B [BN, BR]), zero past the
     rank, h summed over the split-K planes and rounded as it enters the product."""
-    # Loads run to the rank rounded up to 8 (16 bytes of a bf16 row, inside the sector that
-    # is fetched anyway), so they stay vectors; what lies past the rank (stale weights,
-    # unwritten h) is zeroed below, never used.
-    rank_ld = tl.multiple_of(tl.cdiv(rank, 8) * 8, 8) if R % 8 == 0 else rank
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
-    r_ok = r < rank
-    r_ld = r < rank_ld
-    b = tl.load(b_ptrs + r[None, :], mask=col_ok[:, None] & r_ld[None, :], other=0.0)
+    r, r_ok, r_ld = _rank_block(rank, rb, R, BLOCK_R)
+    b = _b_block(b_ptrs, rank, rb, col_ok, R, BLOCK_R)
     # The split-K planes are added in order, so the sum does not depend on timing.
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for sk in tl.static_range(SPLIT_K):
@@ -73,7 +87,6 @@ def _operands(
             other=0.0,
         )
     h = tl.where(r_ok[None, :], h, 0.0)
-    b = tl.where(r_ok[None, :], b, tl.zeros_like(b))
     if ROUND_H:  # a 16-bit B: h enters the product in B's dtype, as on tensor cores
         h = h.to(b.dtype)
     return h, b

@@ -29,6 +29,7 @@ import triton.language as tl
 from engine.kernel_utils import cdiv, next_pow2
 from engine.lora.kernels.expand import (
     EXPAND_DECODE_LAUNCH,
+    _b_block,
     _dot,
     _h_layout,
     _interpreted_bf16,
@@ -134,20 +135,7 @@ def _lora_qkv_rope_kernel(
             BLOCK_R,
             ROUND_H,
         )
-        _, b2 = _operands(
-            h_row,
-            b_row + cols2[:, None] * R,
-            rank,
-            rb,
-            row_ok,
-            col_ok,
-            stride_hs,
-            R,
-            SPLIT_K,
-            BLOCK_M,
-            BLOCK_R,
-            ROUND_H,
-        )
+        b2 = _b_block(b_row + cols2[:, None] * R, rank, rb, col_ok, R, BLOCK_R)  # same h
         acc1 = _dot(acc1, h1, b1, DOT_FP32)
         acc2 = _dot(acc2, h1, b2, DOT_FP32)
     dtype = y_ptr.dtype.element_ty
