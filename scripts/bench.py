@@ -554,10 +554,11 @@ def _profiler(out_dir: Path | None) -> Iterator[Callable[[], None] | None]:
 
 def sampling_params(args: argparse.Namespace, max_tokens: int) -> SamplingParams:
     """Every lorastream request's: ``max_tokens`` exactly (``ignore_eos``), greedy unless
-    ``--temperature`` says otherwise."""
+    ``--temperature`` says otherwise (other scripts' namespaces may lack it: greedy)."""
+    temperature = getattr(args, "temperature", 0.0)
     return SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p if args.temperature > 0 else 1.0,
+        temperature=temperature,
+        top_p=getattr(args, "top_p", 1.0) if temperature > 0 else 1.0,
         max_tokens=max_tokens,
         ignore_eos=True,
     )
