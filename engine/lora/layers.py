@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -77,13 +76,6 @@ turns it off. On an H200 (llama-3.1-8b, 32 slots of rank 16, 256 sequences at 19
 the one launch took 7.9 us a layer against 10.6 us for the three, and the graph step 10.02 ms
 against 10.09 ms (``scripts/gpu_decode_step.py --switch
 engine.lora.layers:FUSED_QKV_ROPE=0,1``). Read at call time; tests and benchmarks may
-assign it."""
-
-FUSED_EXPAND_NORM = os.environ.get("LORASTREAM_LORA_FUSED_NORM", "1") == "1"
-"""With the stacked product, a one-slice layer (o_proj, down_proj) leaves its expand to the
-residual add and RMSNorm after it, which run with it as one kernel
-(``engine.lora.kernels.norm``, ``LoRALinear.forward_deferred``);
-``LORASTREAM_LORA_FUSED_NORM=0`` turns it off. Read at call time; tests and benchmarks may
 assign it."""
 
 # Tile heights the kernels are compiled for; the smallest that holds the longest segment.
@@ -219,19 +211,6 @@ class LoRALinear(nn.Module):
         lora_expand(y, h, *b_args, lora, accumulate=False)
         return y.addmm_(x, self.weight.t())
 
-    def forward_deferred(
-        self, x: torch.Tensor, lora: LoRAMetadata | None = None
-    ) -> torch.Tensor | DeferredDelta:
-        """``forward``, except where a one-slice layer's stacked product would be expanded
-        and the model's kernels run Triton (``FUSED_EXPAND_NORM``): then the product, with
-        the expand left to the add + RMSNorm that follows (``DeferredDelta``)."""
-        if FUSED_EXPAND_NORM and len(self.out_slices) == 1 and ops.use_triton(x):
-            stacked = self.stacked_lora_product(x, lora)
-            if stacked is not None:
-                assert lora is not None
-                return DeferredDelta(*stacked, self, lora)
-        return self(x, lora)
-
     @property
     def is_gate_up(self) -> bool:
         """Two equal slices: a [gate, up] layer, which ``silu_and_mul`` serves."""
@@ -318,38 +297,6 @@ class LoRALinear(nn.Module):
 
     def _has_deltas(self, lora: LoRAMetadata | None) -> bool:
         return lora is not None and not lora.empty and bool(self.lora_a)
-
-
-@dataclass
-class DeferredDelta:
-    """A one-slice layer's output whose adapters' deltas are still to be added: the stacked
-    product ``x · [W; A]ᵀ`` split into ``y`` [T, out] and ``h`` [T, L * R]. The RMSNorm after
-    the layer adds them with the residual (``add_rms_norm``); anything else takes ``y``
-    with them added (``resolve``)."""
-
-    y: torch.Tensor
-    h: torch.Tensor
-    layer: LoRALinear
-    lora: LoRAMetadata
-
-    def add_rms_norm(
-        self, residual: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``s = residual + y + delta``, then ``(weight * rms_norm(s), s)``, in one launch."""
-        from engine.lora.kernels.norm import lora_expand_add_rms_norm
-
-        layer = self.layer
-        b_args = (layer.lora_b_stacked, layer.lora_ranks, self.lora)
-        return lora_expand_add_rms_norm(self.y, self.h, *b_args, residual, weight, eps)
-
-    def resolve(self) -> torch.Tensor:
-        """``y`` with the deltas added in place: what ``LoRALinear.forward`` returns."""
-        from engine.lora.kernels.expand import lora_expand
-
-        layer = self.layer
-        b_args = (layer.lora_b_stacked, layer.lora_ranks, layer.slice_offsets, layer.out_slices)
-        lora_expand(self.y, self.h, *b_args, self.lora, h_per_slot=True)
-        return self.y
 
 
 def use_triton(x: torch.Tensor) -> bool:

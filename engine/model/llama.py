@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from engine.errors import AdapterUnsupported, UnsupportedModel
 from engine.lora import layers as lora_layers
-from engine.lora.layers import DeferredDelta, LoRALinear
+from engine.lora.layers import LoRALinear
 from engine.model import ops
 from engine.model.attention import PagedAttention
 from engine.model.metadata import ForwardBatch, LoRAMetadata
@@ -150,16 +150,10 @@ class RMSNorm(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor | DeferredDelta, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, D] -> (normed [T, D], residual stream [T, D]). Without a residual,
         # x itself is the stream; with one, the stream is x + residual (in the model dtype).
-        # A projection's output whose adapters' deltas are still to be added is added here,
-        # in the same kernel as the residual and the norm.
-        if isinstance(x, DeferredDelta):
-            if residual is not None:
-                return x.add_rms_norm(residual, self.weight, self.eps)
-            x = x.resolve()
         if residual is None:
             return rms_norm(x, self.weight, self.eps), x
         return fused_add_rms_norm(x, residual, self.weight, self.eps)
@@ -210,20 +204,19 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor | DeferredDelta:
-        # x: [T, D] -> [T, D], or o_proj's output with its adapters' deltas left to the
-        # norm after it (LoRALinear.forward_deferred)
+    ) -> torch.Tensor:
+        # x: [T, D] -> [T, D]
         t = x.shape[0]
         q = self._fused_qkv_rope(x, batch, rope)
         if q is not None:  # K/V already in the cache
-            return self.o_proj.forward_deferred(self.attn.attend(q, batch.attn), batch.lora)
+            return self.o_proj(self.attn.attend(q, batch.attn), batch.lora)
         qkv = self.qkv_proj(x, batch.lora)  # [T, (H + 2 * Hkv) * Dh]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # Rotated in place inside qkv on the Triton path: no copies of q and k.
         q, k = apply_rotary(q, k, *rope)  # [T, H, Dh], [T, Hkv, Dh]
         v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         o = self.attn(q, k, v, batch.attn)  # [T, H * Dh]
-        return self.o_proj.forward_deferred(o, batch.lora)
+        return self.o_proj(o, batch.lora)
 
     def _fused_qkv_rope(
         self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
@@ -294,11 +287,10 @@ class LlamaMLP(nn.Module):
         )
         self.down_proj = LoRALinear(i, [d], ["down_proj"], bias=bias, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, lora: LoRAMetadata | None) -> torch.Tensor | DeferredDelta:
-        # x: [T, D] -> [T, D], or down_proj's output with its adapters' deltas left to the
-        # norm after it
+    def forward(self, x: torch.Tensor, lora: LoRAMetadata | None) -> torch.Tensor:
+        # x: [T, D] -> [T, D]
         act = self.gate_up_proj.silu_and_mul(x, lora)  # [T, I]
-        return self.down_proj.forward_deferred(act, lora)
+        return self.down_proj(act, lora)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -312,35 +304,18 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor | DeferredDelta,
+        x: torch.Tensor,
         residual: torch.Tensor | None,
         batch: ForwardBatch,
         rope: tuple[torch.Tensor, torch.Tensor],
-    ) -> tuple[torch.Tensor | DeferredDelta, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         # x, residual: [T, D] -> (MLP output [T, D], residual stream [T, D]). The residual add
         # of each sublayer is fused into the next norm (the next layer's input_layernorm or
-        # the final norm); it is `x + residual` in the model dtype, as HF's. So is the
-        # adapters' expand of o_proj and down_proj, where it is deferred (DeferredDelta).
+        # the final norm); it is `x + residual` in the model dtype, as HF's.
         h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, batch, rope)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h, batch.lora), residual
-
-    @torch.inference_mode()
-    def warm_up_fused_norm(self) -> int:
-        """Compile the expand fused with the residual add and RMSNorm for eager steps
-        (graphs compile it at capture): one token on slot 0, zero inputs. o_proj and
-        down_proj give it the same shapes. Returns the launches made: none where this layer
-        never takes that path."""
-        proj = self.self_attn.o_proj
-        w = proj.weight
-        x = torch.zeros(1, proj.in_features, dtype=w.dtype, device=w.device)
-        meta = lora_layers.build_lora_metadata([0], w.device)
-        out = proj.forward_deferred(x, meta)
-        if not isinstance(out, DeferredDelta):
-            return 0
-        self.post_attention_layernorm(out, torch.zeros_like(out.y))
-        return 1
 
 
 class LlamaModel(nn.Module):
@@ -355,7 +330,7 @@ class LlamaModel(nn.Module):
         )
 
     def forward(self, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x: torch.Tensor | DeferredDelta = self.embed_tokens(batch.input_ids)  # [T, D]
+        x = self.embed_tokens(batch.input_ids)  # [T, D]
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, batch, rope)
@@ -392,11 +367,11 @@ class LlamaForCausalLM(nn.Module):
         self.inv_freq = rope_inv_freq(self.head_dim, self.rope, max_pos).to(device)  # [Dh / 2]
 
     def warm_up_lora_fusions(self) -> int:
-        """Compile the LoRA kernels fused with the model's own work (layers share shapes:
-        the first one's launches serve all). Returns the launches made."""
+        """Compile the LoRA kernels fused with the attention block's own work (layers
+        share shapes: the first one's launches serve all). Returns the launches made."""
         first = self.model.layers[0]
         assert isinstance(first, LlamaDecoderLayer)
-        return first.self_attn.warm_up_fused_qkv_rope() + first.warm_up_fused_norm()
+        return first.self_attn.warm_up_fused_qkv_rope()
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -250,7 +250,6 @@ def test_warm_up_compiles_each_tile_height_and_writes_no_kv(
     monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
     monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
     monkeypatch.setattr(layers, "FUSED_QKV_ROPE", True)
-    monkeypatch.setattr(layers, "FUSED_EXPAND_NORM", False)  # its warm-up: test_expand_norm
     model = load_ours(tiny_model_dir)
     for layer in model.lora_layers().values():
         layer.create_lora_buffers(2, max_rank=8, dtype=torch.float32)

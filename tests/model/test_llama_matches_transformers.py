@@ -320,7 +320,7 @@ def load_adapter_into(model: LlamaForCausalLM, adapter_dir: Path, slot: int) -> 
         layers[layer_key].set_lora(slot, idx, a, b * scaling)
 
 
-@pytest.mark.parametrize("paths", ["torch", "kernels", "kernels+fused"])
+@pytest.mark.parametrize("paths", ["torch", "kernels", "kernels+fused_rope"])
 def test_adapters_in_one_batch_match_peft(
     tiny_model_dir: Path, paths: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -339,11 +339,8 @@ def test_adapters_in_one_batch_match_peft(
 
         monkeypatch.setattr(lora_layers, "LORA_KERNELS", "triton")
         monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
-        # q/k/v's expand, RoPE and the cache write as one kernel (engine.lora.kernels.qkv);
-        # o_proj's and down_proj's expand with the add + RMSNorm after them (.norm)
-        fused = paths.endswith("fused")
-        monkeypatch.setattr(lora_layers, "FUSED_QKV_ROPE", fused)
-        monkeypatch.setattr(lora_layers, "FUSED_EXPAND_NORM", fused)
+        # q/k/v's expand, RoPE and the cache write as one kernel (engine.lora.kernels.qkv)
+        monkeypatch.setattr(lora_layers, "FUSED_QKV_ROPE", paths.endswith("fused_rope"))
     adapters = sorted((tiny_model_dir / "adapters").iterdir())
     model = load_ours(tiny_model_dir)
     for layer in model.lora_layers().values():
