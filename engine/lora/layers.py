@@ -69,7 +69,7 @@ FUSED_SILU_STACKED = True
 """With the stacked product, gate_up's expand and the SiLU run as one kernel at any tile
 height. Read at call time; benchmarks may assign it."""
 
-FUSED_QKV_ROPE = os.environ.get("LORASTREAM_LORA_FUSED_ROPE", "1") == "1"
+FUSED_QKV_ROPE = os.environ.get("LORASTREAM_LORA_FUSED_ROPE", "1") != "0"
 """With the stacked product, the q/k/v layer's expand, RoPE and the KV-cache write run as
 one kernel (``engine.lora.kernels.qkv``) instead of three; ``LORASTREAM_LORA_FUSED_ROPE=0``
 turns it off. On an H200 (llama-3.1-8b, 32 slots of rank 16, 256 sequences at 192 tokens)
