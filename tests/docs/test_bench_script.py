@@ -4,6 +4,7 @@ checked here; the GPU numbers are in BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -67,3 +68,16 @@ def test_bench_dry_run_with_steady_arrivals(tmp_path):
     )
     assert bad.returncode != 0
     assert "--output-len-range '9,2'" in bad.stderr
+
+
+def test_sampling_params_are_greedy_for_options_without_sampling(monkeypatch):
+    """``scripts/gpu_decode_step.py`` hands ``bench.warm_up`` its own options, which have no
+    ``--temperature`` or ``--top-p``: its requests are greedy."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench
+
+    greedy = bench.sampling_params(argparse.Namespace(), 7)
+    assert (greedy.temperature, greedy.top_p, greedy.max_tokens) == (0.0, 1.0, 7)
+    assert greedy.ignore_eos
+    sampled = bench.sampling_params(argparse.Namespace(temperature=0.8, top_p=0.9), 3)
+    assert (sampled.temperature, sampled.top_p) == (0.8, 0.9)
