@@ -19,9 +19,10 @@ import torch
 MIXED_GRAPH_TOKENS = 1024
 """Default ``max_cudagraph_capture_size``. An eager step costs the host about the same
 whatever its size (the kernel launches): on H200 machines with llama-3.1-8b, a 256-token
-step took 11.5-27 ms eagerly without adapters and 19-40 ms with 32 of them, against 8.5-10 ms
-as a graph (bench.py's roofline rows, five runs). A step's GPU time grows with its tokens and, past about a
-thousand, covers those launches (an estimate from the matrix products' rate)."""
+step took 11.5-27 ms eagerly without adapters and 19-40 ms with 32 of them, against
+8.5-10 ms as a graph (bench.py's roofline rows, five runs). A step's GPU time grows with its
+tokens and, past about a thousand, covers those launches (an estimate from the matrix
+products' rate)."""
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

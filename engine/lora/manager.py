@@ -11,12 +11,13 @@ Two LRU caches:
 
 Pinning: ``pin``/``unpin`` count the requests that need an adapter (meant to be called at
 admission and when the request finishes). A pinned adapter is never evicted from host
-memory, nor, while ``activate`` copies a step's adapters in, is one of that step's. When every
-host entry is pinned, a further load waits in the queue, without reading anything, until
-``unpin`` (or the end of an activation) frees an entry, so host memory holds at most ``max_cpu_loras`` adapters
-(one more only if a synchronous ``add_lora`` races a background load). Without pins an
-adapter may be evicted before its requests run; ``is_ready`` then queues a reload for any
-adapter it has seen requested, so nothing waits forever, at the cost of a second disk read.
+memory, nor, while ``activate`` copies a step's adapters in, is one of that step's. When
+every host entry is pinned, a further load waits in the queue, without reading anything,
+until ``unpin`` (or the end of an activation) frees an entry, so host memory holds at most
+``max_cpu_loras`` adapters (one more only if a synchronous ``add_lora`` races a background
+load). Without pins an adapter may be evicted before its requests run; ``is_ready`` then
+queues a reload for any adapter it has seen requested, so nothing waits forever, at the
+cost of a second disk read.
 
 Threads: the loader thread only reads files and builds host tensors. Device buffers are only
 touched by ``activate`` and ``remove_lora``, which must run on the step loop's thread. One

@@ -5,6 +5,7 @@ execution gives."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,30 +27,30 @@ from .test_matches_peft import PROMPTS, lora_requests, make_engine, mixed_jobs, 
 CUDA = torch.cuda.is_available()
 
 
+def assert_buckets_cover(sizes: list[int], lo: int, hi: int, most: Callable[[int], int]) -> None:
+    """Sorted, distinct buckets ending at ``hi``; every count from ``lo`` to ``hi`` gets one
+    of at most ``most(count)``, and a count above ``hi`` none."""
+    assert sizes == sorted(set(sizes))
+    assert sizes[-1] == hi
+    for n in range(lo, hi + 1):
+        b = padded_batch_size(n, sizes)
+        assert b is not None
+        assert n <= b <= most(n)
+    assert padded_batch_size(hi + 1, sizes) is None
+
+
 def test_buckets_cover_every_batch_size_up_to_max_num_seqs():
     for max_num_seqs in (1, 3, 8, 17, 64, 256, 300):
         sizes = graph_batch_sizes(max_num_seqs)
-        assert sizes == sorted(set(sizes))
-        assert sizes[-1] == max_num_seqs
-        for n in range(1, max_num_seqs + 1):
-            b = padded_batch_size(n, sizes)
-            assert b is not None
-            assert n <= b <= max(n + 7, 2 * n)
-        assert padded_batch_size(max_num_seqs + 1, sizes) is None
+        assert_buckets_cover(sizes, 1, max_num_seqs, lambda n: max(n + 7, 2 * n))
     assert graph_batch_sizes(256)[:6] == [1, 2, 4, 8, 16, 24]
 
 
 def test_mixed_buckets_cover_every_token_count_up_to_the_capture_size():
     for max_tokens in (2, 15, 16, 100, 300, 512, 1000, 1024, 8192):
         sizes = mixed_graph_sizes(max_tokens)
-        assert sizes == sorted(set(sizes))
-        assert sizes[-1] == max_tokens
-        for t in range(2, max_tokens + 1):
-            size = padded_batch_size(t, sizes)
-            assert size is not None
-            # Padding is at most 1/8 of the bucket above 256 tokens, 15 tokens below.
-            assert t <= size <= max(t + 15, t * 9 // 8 + 1)
-        assert padded_batch_size(max_tokens + 1, sizes) is None
+        # Padding is at most 1/8 of the bucket above 256 tokens, 15 tokens below.
+        assert_buckets_cover(sizes, 2, max_tokens, lambda t: max(t + 15, t * 9 // 8 + 1))
     assert mixed_graph_sizes(1) == mixed_graph_sizes(0) == []
     assert mixed_graph_sizes(1024)[:3] == [16, 32, 48]
 
