@@ -105,6 +105,11 @@ class BrokerMetrics:
         self.claimed = Counter(
             "lorastream_entries_claimed", "Entries taken over from idle consumers", registry=r
         )
+        self.entries_lost = Counter(
+            "lorastream_entries_lost",
+            "Running entries found taken over by another worker (their runs stopped here)",
+            registry=r,
+        )
         self.redis_errors = Counter(
             "lorastream_redis_errors", "Redis errors, by operation", ["op"], registry=r
         )

@@ -1,21 +1,30 @@
-"""Wire protocol v1: typed messages, one codec, validation errors that name the field.
+"""Wire protocol v1: typed messages, one schema, validation errors that name the field.
 
 Requests arrive as stream entries whose field ``data`` holds a msgpack map or ``json`` a JSON
 object of the same shape; events and control messages are msgpack maps (control messages may
 also be JSON so that redis-cli can send them). Nothing on the wire is pickle. docs/protocol.md
 is the reference for producers and clients; keep the two in step.
+
+Everything a producer writes is untrusted. It is parsed once, here, by msgspec Structs that
+declare the wire format: the raw size is checked before anything is decoded, decoding builds
+only the declared fields (an unknown key or a huge nested value is refused or skipped without
+building Python objects for it), strings are valid UTF-8, integers fit the ranges the engine
+takes in-process and across its process boundary, booleans are booleans. msgspec rather than
+pydantic: it decodes msgpack and JSON straight into the typed Structs in one C pass, so there
+is no intermediate ``dict`` of arbitrary values to bound, and its errors carry the field's path.
+Past ``decode_entry`` every value is typed and valid; nothing later re-checks a field.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final
+from typing import Annotated, Any, ClassVar, Final
 
 import msgpack
+import msgspec
 
 from engine.errors import InvalidRequest, InvalidSamplingParams, LoRAStreamError
 from engine.sampling_params import SamplingParams
@@ -24,23 +33,8 @@ VERSION: Final = 1
 MAX_ID_LEN: Final = 256
 MAX_CHANNEL_LEN: Final = 512
 FINISH_REASONS: Final = ("stop", "length", "abort", "error")
-
-# Wire keys of ``params``: every SamplingParams field (vLLM's names).
-PARAM_KEYS: Final = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-_REQUEST_KEYS: Final = frozenset(
-    {
-        "v",
-        "id",
-        "prompt",
-        "prompt_token_ids",
-        "messages",
-        "adapter",
-        "params",
-        "reply_to",
-        "priority",
-    }
-)
-_MESSAGE_KEYS: Final = frozenset({"role", "content", "name"})
+INT64_MAX: Final = 2**63 - 1
+MAX_TOKEN_ID: Final = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------- errors
@@ -68,19 +62,42 @@ class InvalidField(InvalidRequest):
         self.field = field_name
 
 
+class InvalidParam(InvalidSamplingParams):
+    """A ``params`` value of the wrong type or out of the range the engine takes."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
 class DuplicateRequest(InvalidRequest):
     """A request with this id is already running on this worker."""
 
     code = "duplicate_request"
 
 
+class Expired(LoRAStreamError):
+    """The request's ``deadline`` (or ``ttl_ms``) passed before it finished."""
+
+    code = "expired"
+
+
 class MaxDeliveriesExceeded(LoRAStreamError):
     code = "max_deliveries_exceeded"
 
 
+def untrusted(value: object, limit: int = 200) -> str:
+    """Text from the wire made safe for a log line or an error message: control characters,
+    newlines and lone surrogates escaped (``repr``), at most ``limit`` characters."""
+    text = repr(value) if not isinstance(value, str) else repr(value)[1:-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # ----------------------------------------------------------------------------- codec
 class Codec:
-    """The one codec: msgpack for everything we write; JSON accepted where producers write."""
+    """msgpack for everything we write. ``unpack`` is for trusted bytes (tests, our own
+    events); untrusted requests go through ``decode_entry`` and control messages through
+    ``AbortRequest.decode``."""
 
     @staticmethod
     def pack(obj: dict[str, Any]) -> bytes:
@@ -91,9 +108,15 @@ class Codec:
         """Decode a ``data`` (msgpack) or ``json`` payload; raises BadPayload naming which."""
         try:
             if kind == "json":
-                return json.loads(raw)
+                return msgspec.json.decode(raw)
             return msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException, TypeError, RecursionError) as e:
+        except (
+            ValueError,
+            msgpack.UnpackException,
+            msgspec.DecodeError,
+            TypeError,
+            RecursionError,
+        ) as e:
             what = "a JSON object" if kind == "json" else "a msgpack map"
             raise BadPayload(f"field {kind!r} is not {what}: {e}") from None
 
@@ -101,6 +124,92 @@ class Codec:
     def unpack_any(raw: bytes) -> Any:
         """msgpack or JSON: a msgpack map never starts with '{' (0x7b is a positive fixint)."""
         return Codec.unpack(raw, kind="json" if raw[:1] == b"{" else "data")
+
+
+# ----------------------------------------------------------------------------- schema
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=INT64_MAX)]
+NonNegInt64 = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LEN)]
+Channel = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CHANNEL_LEN)]
+UNSET: Final = msgspec.UNSET
+
+
+class WireMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    role: str
+    content: str
+    name: str | msgspec.UnsetType = UNSET
+
+
+class WireParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
+    """``params``: SamplingParams' fields by vLLM's names. Types and ranges are checked here;
+    defaults and the rules between fields are SamplingParams' own (an unset field takes
+    SamplingParams' default). ``output_kind`` is not on the wire: the worker streams deltas."""
+
+    n: Int64 | msgspec.UnsetType = UNSET
+    temperature: float | msgspec.UnsetType = UNSET
+    top_p: float | msgspec.UnsetType = UNSET
+    top_k: Int64 | msgspec.UnsetType = UNSET
+    min_p: float | msgspec.UnsetType = UNSET
+    seed: Int64 | msgspec.UnsetType | None = UNSET
+    max_tokens: Int64 | msgspec.UnsetType | None = UNSET
+    min_tokens: Int64 | msgspec.UnsetType = UNSET
+    stop: str | list[str] | msgspec.UnsetType | None = UNSET
+    stop_token_ids: list[TokenId] | msgspec.UnsetType | None = UNSET
+    ignore_eos: bool | msgspec.UnsetType = UNSET
+    include_stop_str_in_output: bool | msgspec.UnsetType = UNSET
+    logprobs: Int64 | msgspec.UnsetType | None = UNSET
+    repetition_penalty: float | msgspec.UnsetType = UNSET
+    presence_penalty: float | msgspec.UnsetType = UNSET
+    frequency_penalty: float | msgspec.UnsetType = UNSET
+    skip_special_tokens: bool | msgspec.UnsetType = UNSET
+
+    def given(self) -> dict[str, Any]:
+        """The fields the producer set."""
+        return {
+            name: getattr(self, name)
+            for name in self.__struct_fields__
+            if getattr(self, name) is not UNSET
+        }
+
+
+WIRE_PARAMS_EXCLUDED: Final = frozenset({"output_kind"})
+"""SamplingParams fields that are not on the wire (tests check every other one is)."""
+
+
+class WireRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The request map, as docs/protocol.md declares it."""
+
+    v: int
+    id: Name
+    prompt: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    prompt_token_ids: Annotated[list[TokenId], msgspec.Meta(min_length=1)] | None = None
+    messages: Annotated[list[WireMessage], msgspec.Meta(min_length=1)] | None = None
+    adapter: Name | None = None
+    params: WireParams | None = None
+    reply_to: Channel | None = None
+    priority: Int64 = 0
+    deadline: NonNegInt64 | None = None
+    """Epoch milliseconds after which the request is not worth running (``expired``)."""
+    ttl_ms: Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)] | None = None
+    """Like ``deadline``, counted from the entry's XADD time (the Redis server's clock)."""
+
+
+class _Envelope(msgspec.Struct):
+    """What is read of a payload before it is validated: the version, and where to send an
+    error. Every other key is skipped without being built."""
+
+    v: msgspec.Raw = msgspec.Raw()
+    id: msgspec.Raw = msgspec.Raw()
+    reply_to: msgspec.Raw = msgspec.Raw()
+
+
+_DECODERS: Final[dict[str, tuple[Any, Any, Callable[..., Any]]]] = {
+    "data": (msgspec.msgpack.Decoder(WireRequest), msgspec.msgpack.Decoder(_Envelope),
+             msgspec.msgpack.decode),
+    "json": (msgspec.json.Decoder(WireRequest), msgspec.json.Decoder(_Envelope),
+             msgspec.json.decode),
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- requests
@@ -116,6 +225,8 @@ class GenerateRequest:
     adapter: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     priority: int = 0
+    deadline_ms: int | None = None
+    """Absolute epoch ms (``deadline``, or the entry's time + ``ttl_ms``, the earlier)."""
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.params)
@@ -130,101 +241,157 @@ class GenerateRequest:
             out["params"] = self.params
         if self.priority:
             out["priority"] = self.priority
+        if self.deadline_ms is not None:
+            out["deadline"] = self.deadline_ms
         return out
 
     @classmethod
-    def from_wire(cls, obj: Any, *, prefix: str) -> GenerateRequest:
-        """Validate a decoded payload. Raises InvalidField / UnsupportedVersion /
-        InvalidSamplingParams naming the field; the caller finds the reply address
-        with ``reply_address`` so even a bad request gets its error event."""
-        if not isinstance(obj, dict):
-            raise InvalidField("<payload>", f"must be a map, got {type(obj).__name__}")
-        unknown = sorted(str(k) for k in obj if k not in _REQUEST_KEYS)
-        if unknown:
-            raise InvalidField(unknown[0], f"unknown field(s) {', '.join(map(repr, unknown))}")
-        if "v" not in obj:
-            raise InvalidField("v", f"missing (this worker speaks v={VERSION})")
-        if obj["v"] != VERSION or isinstance(obj["v"], bool):
-            raise UnsupportedVersion(
-                f"v={obj['v']!r} is not supported: this worker speaks v={VERSION}"
-            )
-        request_id = _check_id(obj.get("id"))
-        prompts = [k for k in ("prompt", "prompt_token_ids", "messages") if obj.get(k) is not None]
+    def decode(
+        cls, raw: bytes, *, kind: str = "data", prefix: str, entry_ms: int | None = None
+    ) -> GenerateRequest:
+        """Parse and validate a payload. Raises BadPayload / UnsupportedVersion / InvalidField /
+        InvalidSamplingParams naming the field; ``reply_address`` finds where to send it."""
+        full, envelope, _ = _DECODERS[kind]
+        try:
+            head = envelope.decode(raw)
+        except msgspec.ValidationError as e:  # (a DecodeError too: caught first)
+            raise InvalidField("<payload>", f"must be a map ({untrusted(str(e))})") from None
+        except (msgspec.DecodeError, RecursionError) as e:
+            what = "a JSON object" if kind == "json" else "a msgpack map"
+            raise BadPayload(f"field {kind!r} is not {what}: {untrusted(str(e))}") from None
+        _check_version(head.v, kind)
+        try:
+            wire = full.decode(raw)
+        except msgspec.ValidationError as e:
+            raise _field_error(str(e)) from None
+        except (msgspec.DecodeError, RecursionError) as e:
+            raise BadPayload(f"field {kind!r} is malformed: {untrusted(str(e))}") from None
+        return cls._from_struct(wire, prefix=prefix, entry_ms=entry_ms)
+
+    @classmethod
+    def from_wire(cls, obj: Any, *, prefix: str, entry_ms: int | None = None) -> GenerateRequest:
+        """Validate an already decoded map (tests, in-process producers): the same schema."""
+        try:
+            raw = msgpack.packb(obj, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise BadPayload(f"the payload cannot be encoded: {untrusted(str(e))}") from None
+        return cls.decode(raw, prefix=prefix, entry_ms=entry_ms)
+
+    @classmethod
+    def _from_struct(
+        cls, wire: WireRequest, *, prefix: str, entry_ms: int | None
+    ) -> GenerateRequest:
+        request_id = _check_id(wire.id)
+        prompts = [
+            k for k in ("prompt", "prompt_token_ids", "messages") if getattr(wire, k) is not None
+        ]
         if len(prompts) != 1:
             raise InvalidField(
                 "prompt",
                 "exactly one of prompt, prompt_token_ids, messages is required"
                 + (f" (got {', '.join(prompts)})" if prompts else ""),
             )
-        prompt = obj.get("prompt")
-        if prompt is not None and (not isinstance(prompt, str) or not prompt):
-            raise InvalidField("prompt", "must be a non-empty string")
-        token_ids = obj.get("prompt_token_ids")
-        if token_ids is not None:
-            if not isinstance(token_ids, list) or not token_ids:
-                raise InvalidField("prompt_token_ids", "must be a non-empty list of integers")
-            if not all(_is_int(t) and t >= 0 for t in token_ids):
-                raise InvalidField("prompt_token_ids", "must hold integers >= 0")
-        messages = obj.get("messages")
-        if messages is not None:
-            messages = _check_messages(messages)
-        adapter = obj.get("adapter")
-        if adapter is not None and (
-            not isinstance(adapter, str) or not 0 < len(adapter) <= MAX_ID_LEN
-        ):
-            raise InvalidField("adapter", f"must be null or a string of 1..{MAX_ID_LEN} characters")
-        params = obj.get("params", {})
-        if params is None:
-            params = {}
-        if not isinstance(params, dict):
-            raise InvalidField("params", "must be a map")
-        bad_keys = sorted(str(k) for k in params if k not in PARAM_KEYS)
-        if bad_keys:
-            raise InvalidField(
-                "params." + bad_keys[0],
-                f"unknown sampling parameter(s) {', '.join(map(repr, bad_keys))}",
-            )
-        priority = obj.get("priority", 0)
-        if not _is_int(priority):
-            raise InvalidField("priority", "must be an integer")
-        req = cls(
+        params = wire.params.given() if wire.params is not None else {}
+        try:
+            SamplingParams(**params)
+        except InvalidSamplingParams as e:
+            raise InvalidSamplingParams(e.message) from None
+        deadline = wire.deadline
+        if wire.ttl_ms is not None and entry_ms is not None:
+            by_ttl = min(entry_ms + wire.ttl_ms, INT64_MAX)
+            deadline = by_ttl if deadline is None else min(deadline, by_ttl)
+        messages = None
+        if wire.messages is not None:
+            messages = [
+                {
+                    k: getattr(m, k)
+                    for k in ("role", "content", "name")
+                    if getattr(m, k) is not UNSET
+                }
+                for m in wire.messages
+            ]
+        return cls(
             id=request_id,
-            reply_to=_check_reply_to(obj.get("reply_to"), request_id, prefix),
-            prompt=prompt,
-            prompt_token_ids=token_ids,
+            reply_to=wire.reply_to
+            if wire.reply_to is not None
+            else default_reply_to(prefix, request_id),
+            prompt=wire.prompt,
+            prompt_token_ids=wire.prompt_token_ids,
             messages=messages,
-            adapter=adapter,
-            params=dict(params),
-            priority=priority,
+            adapter=wire.adapter,
+            params=params,
+            priority=wire.priority,
+            deadline_ms=deadline,
         )
-        _check_params(req.params)
-        return req
 
 
-def reply_address(obj: Any, *, prefix: str) -> tuple[str, str] | None:
+def _check_version(raw_v: msgspec.Raw, kind: str) -> None:
+    if not raw_v:
+        raise InvalidField("v", f"missing (this worker speaks v={VERSION})")
+    _, _, loose = _DECODERS[kind]
+    try:
+        v = loose(raw_v, type=int)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        v = None
+    if v != VERSION:
+        raise UnsupportedVersion(
+            f"v={untrusted(bytes(raw_v), 40)} is not supported: this worker speaks v={VERSION}"
+        )
+
+
+# "Expected `int`, got `str` - at `$.params.max_tokens`"
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<key>.*)`$", re.DOTALL)
+_MISSING = re.compile(r"^Object missing required field `(?P<key>[^`]*)`$")
+
+
+def _field_error(message: str) -> InvalidRequest:
+    """msgspec's validation message as our error, naming the field by its wire path."""
+    m = _AT.match(message)
+    assert m is not None  # the pattern matches any string
+    what, path = m.group("what"), (m.group("path") or "").lstrip(".")
+    unknown = _UNKNOWN.match(what)
+    missing = _MISSING.match(what)
+    if unknown:
+        key = untrusted(unknown.group("key"), 80)
+        name = f"{path}.{key}" if path else key
+        detail = "unknown sampling parameter" if path == "params" else "unknown field"
+        return InvalidField(name, detail)
+    if missing:
+        name = f"{path}.{missing.group('key')}" if path else missing.group("key")
+        return InvalidField(name, "missing")
+    what = what[:1].lower() + what[1:]
+    if path.startswith("params."):
+        return InvalidParam(path, what)
+    return InvalidField(path or "<payload>", what)
+
+
+def reply_address(raw: bytes, *, kind: str = "data", prefix: str) -> tuple[str, str] | None:
     """(id, reply channel) of a payload that may be invalid, or None when it has no usable id.
 
-    A bad ``reply_to`` falls back to the default channel: that is where a client that did not
-    set one listens, and an invalid one cannot be published to anyway."""
-    if not isinstance(obj, dict):
+    Only ``id`` and ``reply_to`` are decoded. A bad ``reply_to`` falls back to the default
+    channel: that is where a client that did not set one listens, and an invalid one cannot
+    be published to anyway. Never raises."""
+    _, envelope, loose = _DECODERS.get(kind, _DECODERS["data"])
+    try:
+        head = envelope.decode(raw)
+        request_id = _check_id(loose(head.id, type=Name)) if head.id else None
+    except Exception:
+        return None
+    if request_id is None:
         return None
     try:
-        request_id = _check_id(obj.get("id"))
-    except InvalidField:
-        return None
-    try:
-        return request_id, _check_reply_to(obj.get("reply_to"), request_id, prefix)
-    except InvalidField:
-        return request_id, default_reply_to(prefix, request_id)
+        reply_to = loose(head.reply_to, type=Channel) if head.reply_to else None
+    except Exception:
+        reply_to = None
+    return request_id, reply_to or default_reply_to(prefix, request_id)
 
 
 def default_reply_to(prefix: str, request_id: str) -> str:
     return f"{prefix}:tokens:{request_id}"
 
 
-def _check_id(value: Any) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LEN:
-        raise InvalidField("id", f"must be a string of 1..{MAX_ID_LEN} characters")
+def _check_id(value: str) -> str:
     # The id is part of key and channel names: no whitespace, control characters or glob
     # metacharacters, so pattern subscriptions and redis-cli stay unambiguous.
     if any(c.isspace() or not c.isprintable() or c in "*?[]" for c in value):
@@ -232,53 +399,62 @@ def _check_id(value: Any) -> str:
     return value
 
 
-def _check_reply_to(value: Any, request_id: str, prefix: str) -> str:
-    if value is None:
-        return default_reply_to(prefix, request_id)
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_CHANNEL_LEN:
-        raise InvalidField("reply_to", f"must be a string of 1..{MAX_CHANNEL_LEN} characters")
-    return value
+@dataclass(frozen=True)
+class DecodedEntry:
+    """One stream entry after ``decode_entry``: a request, or the error to answer with."""
+
+    request: GenerateRequest | None
+    error: LoRAStreamError | None
+    address: tuple[str, str] | None
+    """(id, reply channel) when the payload has a usable id, even if it is otherwise bad."""
+    kind: str | None = None
+    """The payload's field, ``data`` or ``json``, when there is exactly one."""
 
 
-def _check_params(params: dict[str, Any]) -> None:
-    """SamplingParams validates values and names the field; a value of a type it does not
-    expect at all (``stop: 5``) raises a bare TypeError, found here one key at a time."""
+def decode_entry(
+    fields: Any, *, prefix: str, max_payload_bytes: int, entry_ms: int | None = None
+) -> DecodedEntry:
+    """Decode and validate one stream entry's fields. Never raises: whatever the entry holds,
+    the caller gets a request or the error that ends it."""
     try:
-        SamplingParams(**params)
-    except InvalidSamplingParams:
-        raise
-    except (TypeError, ValueError) as e:
-        for key, value in params.items():
-            try:
-                SamplingParams(**{key: value})
-            except (TypeError, ValueError):
-                raise InvalidSamplingParams(
-                    f"SamplingParams.{key}={value!r:.100} is invalid: {e}"
-                ) from None
-        raise InvalidSamplingParams(f"params are invalid together: {e}") from None
+        return _decode_entry(fields, prefix, max_payload_bytes, entry_ms)
+    except Exception as e:  # a bug here must end this entry alone, never the worker
+        return DecodedEntry(
+            None, BadPayload(f"the entry could not be decoded: {type(e).__name__}"), None
+        )
 
 
-def _check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise InvalidField("messages", "must be a non-empty list of {role, content} maps")
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise InvalidField(where, "must be a map with role and content")
-        unknown = sorted(str(k) for k in m if k not in _MESSAGE_KEYS)
-        if unknown:
-            raise InvalidField(f"{where}.{unknown[0]}", "unknown field")
-        for key in ("role", "content"):
-            if not isinstance(m.get(key), str):
-                raise InvalidField(f"{where}.{key}", "must be a string")
-    return [dict(m) for m in messages]
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _decode_entry(
+    fields: Any, prefix: str, max_payload_bytes: int, entry_ms: int | None
+) -> DecodedEntry:
+    if not isinstance(fields, dict):
+        return DecodedEntry(None, BadPayload("the entry has no fields"), None)
+    kinds = [k for k in ("data", "json") if k.encode() in fields]
+    if len(kinds) != 1:
+        what = "both data and json" if kinds else "no field data (msgpack) or json"
+        return DecodedEntry(None, BadPayload(f"the entry has {what}"), None)
+    kind = kinds[0]
+    raw = fields[kind.encode()]
+    if not isinstance(raw, bytes):
+        return DecodedEntry(None, BadPayload(f"field {kind!r} is not bytes"), None, kind)
+    address = reply_address(raw, kind=kind, prefix=prefix)
+    if len(raw) > max_payload_bytes:
+        err = PayloadTooLarge(f"payload is {len(raw)} bytes; max is {max_payload_bytes}")
+        return DecodedEntry(None, err, address, kind)
+    try:
+        request = GenerateRequest.decode(raw, kind=kind, prefix=prefix, entry_ms=entry_ms)
+    except LoRAStreamError as e:
+        return DecodedEntry(None, e, address, kind)
+    return DecodedEntry(request, None, (request.id, request.reply_to), kind)
 
 
 # ----------------------------------------------------------------------------- control
+class _WireAbort(msgspec.Struct):
+    v: msgspec.Raw = msgspec.Raw()
+    op: str | None = None
+    id: Name | None = None
+
+
 @dataclass(frozen=True)
 class AbortRequest:
     """PUBLISH {prefix}:control {v: 1, op: "abort", id}."""
@@ -290,16 +466,26 @@ class AbortRequest:
         return {"v": VERSION, "op": self.op, "id": self.id}
 
     @classmethod
+    def decode(cls, raw: bytes) -> AbortRequest:
+        """msgpack or JSON (a msgpack map never starts with '{'); raises a LoRAStreamError."""
+        kind = "json" if raw[:1] == b"{" else "data"
+        decoder = msgspec.json.decode if kind == "json" else msgspec.msgpack.decode
+        try:
+            msg = decoder(raw, type=_WireAbort)
+        except msgspec.ValidationError as e:  # (a DecodeError too: caught first)
+            raise _field_error(str(e)) from None
+        except (msgspec.DecodeError, RecursionError) as e:
+            raise BadPayload(f"control message is not a map: {untrusted(str(e))}") from None
+        _check_version(msg.v, kind)
+        if msg.op != cls.op:
+            raise InvalidField("op", f"unknown op {untrusted(msg.op, 40)} (known: abort)")
+        if msg.id is None:
+            raise InvalidField("id", "missing")
+        return cls(id=_check_id(msg.id))
+
+    @classmethod
     def from_wire(cls, obj: Any) -> AbortRequest:
-        if not isinstance(obj, dict):
-            raise InvalidField("<payload>", "must be a map")
-        if obj.get("v") != VERSION:
-            raise UnsupportedVersion(
-                f"v={obj.get('v')!r} is not supported: this worker speaks v={VERSION}"
-            )
-        if obj.get("op") != cls.op:
-            raise InvalidField("op", f"unknown op {obj.get('op')!r} (known: abort)")
-        return cls(id=_check_id(obj.get("id")))
+        return cls.decode(msgpack.packb(obj, use_bin_type=True))
 
 
 # ----------------------------------------------------------------------------- events
@@ -391,40 +577,69 @@ def encode_event(event: Event) -> bytes:
     return Codec.pack(event.to_wire())
 
 
+class _WireError(msgspec.Struct):
+    code: str = "internal_error"
+    message: str = ""
+    field: str | None = None
+
+
+class _WireEvent(msgspec.Struct):
+    """An event as a client reads it; keys added by later versions are skipped."""
+
+    v: int
+    id: str
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    token_ids: list[int] = []
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    usage: dict[str, float] | None = None
+    logprobs: list[list[list[float]]] | None = None
+    restart: bool = False
+    error: _WireError | None = None
+
+
+_EVENT_DECODER: Final = msgspec.msgpack.Decoder(_WireEvent)
+
+
 def decode_event(raw: bytes) -> Event:
-    """For clients and tests: the inverse of ``encode_event``."""
-    obj = Codec.unpack(raw)
-    if not isinstance(obj, dict) or obj.get("v") != VERSION:
-        raise UnsupportedVersion(f"not a v{VERSION} event: {obj!r:.200}")
-    if obj.get("error") is not None:
-        err = obj["error"]
+    """For clients and tests: the inverse of ``encode_event``. Anyone who can PUBLISH may
+    write to a reply channel, so a malformed event raises BadPayload / UnsupportedVersion
+    (the reader skips it) and never anything else."""
+    try:
+        obj = _EVENT_DECODER.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+        raise BadPayload(f"not a v{VERSION} event: {untrusted(str(e))}") from None
+    if obj.v != VERSION:
+        raise UnsupportedVersion(f"not a v{VERSION} event: v={obj.v}")
+    if obj.error is not None:
         return ErrorEvent(
-            id=obj["id"],
-            seq=obj["seq"],
-            code=err.get("code", "internal_error"),
-            message=err.get("message", ""),
-            token_ids=list(obj.get("token_ids") or []),
-            text=obj.get("text") or "",
-            usage=obj.get("usage"),
-            field=err.get("field"),
+            id=obj.id,
+            seq=obj.seq,
+            code=obj.error.code,
+            message=obj.error.message,
+            token_ids=obj.token_ids,
+            text=obj.text,
+            usage=obj.usage,
+            field=obj.error.field,
         )
     return TokenEvent(
-        id=obj["id"],
-        seq=obj["seq"],
-        token_ids=list(obj["token_ids"]),
-        text=obj["text"],
-        finished=bool(obj["finished"]),
-        finish_reason=obj.get("finish_reason"),
-        usage=obj.get("usage"),
-        logprobs=obj.get("logprobs"),
-        restart=bool(obj.get("restart", False)),
+        id=obj.id,
+        seq=obj.seq,
+        token_ids=obj.token_ids,
+        text=obj.text,
+        finished=obj.finished,
+        finish_reason=obj.finish_reason,
+        usage=obj.usage,
+        logprobs=obj.logprobs,
+        restart=obj.restart,
     )
 
 
 def error_field(err: BaseException) -> str | None:
     """The wire field an error is about: InvalidField names it; the engine's sampling
     parameter errors name theirs as ``SamplingParams.<name>=...``."""
-    if isinstance(err, InvalidField):
+    if isinstance(err, InvalidField | InvalidParam):
         return err.field
     if isinstance(err, InvalidSamplingParams):
         m = re.match(r"SamplingParams\.(\w+)=", err.message)

@@ -71,6 +71,28 @@ class AsyncLLMEngine:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
+    @property
+    def max_model_len(self) -> int:
+        return int(self.engine.config.max_model_len)
+
+    @property
+    def max_num_seqs(self) -> int:
+        return int(self.engine.config.scheduler.max_num_seqs)
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a prompt string, as ``generate`` tokenizes it."""
+        return self.engine.tokenize(text)[1]
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation under the model's chat template, with the generation
+        prompt. The rendered text already holds the template's special tokens (``{{
+        bos_token }}``), so none are added again, as vLLM does."""
+        tok = self.engine.tokenizer
+        if getattr(tok, "chat_template", None) is None:
+            raise InvalidRequest("messages: the model has no chat template; send prompt instead")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tok.encode(text, add_special_tokens=False))
+
     def free_capacity(self) -> int:
         """How many more requests the engine can admit now without queueing them in memory:
         free sequence slots, and none while the KV cache is nearly full and requests wait."""

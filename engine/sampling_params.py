@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidSamplingParams
@@ -118,9 +119,16 @@ class SamplingParams:
         return self.top_k > 0
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    # int64: what the engine core's msgpack pipe and the sampler's tensors carry, so a value
+    # is accepted in-process exactly when it is accepted with the core in its own process.
+    return isinstance(v, int) and not isinstance(v, bool) and _INT64_MIN <= v <= _INT64_MAX
 
 
 def _is_num(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and v == v  # rejects NaN
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return _is_int(v)

@@ -141,6 +141,21 @@ class FakeAsyncEngine:
         self.loads = 0
 
     # ----------------------------------------------------------------- interface
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.engine.config.max_num_seqs
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.engine.tokenizer.encode(text))
+
+    def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        tok = self.engine.tokenizer
+        return list(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True)))
+
     def free_capacity(self) -> int:
         return max(0, self.engine.config.max_num_seqs - len(self._streams))
 

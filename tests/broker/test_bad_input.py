@@ -61,8 +61,8 @@ NO_REPLY: list[tuple[dict[str, Any], str]] = [
     ({"data": pack({"v": 1, "prompt": "no id"})}, "invalid_request"),
     ({"data": pack({"v": 1, "id": "has space", "prompt": "a"})}, "invalid_request"),
     ({"other": b"x"}, "bad_payload"),
-    ({"json": "[" * 100_000}, "bad_payload"),
-    ({"data": b"\x91" * 100_000}, "bad_payload"),
+    ({"json": '{"x": ' + "[" * 3000}, "bad_payload"),  # deep, under --max-payload-bytes
+    ({"data": b"\x81\xa1x" + b"\x91" * 3000}, "bad_payload"),
     ({"data": pack(good("both")), "json": json.dumps(good("both"))}, "bad_payload"),
 ]
 

@@ -47,7 +47,7 @@ def test_request_round_trips_through_msgpack_and_json() -> None:
         ({"prompt": None}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt_token_ids": [1]}, "prompt"),
-        ({"prompt": None, "prompt_token_ids": [1, True]}, "prompt_token_ids"),
+        ({"prompt": None, "prompt_token_ids": [1, True]}, "prompt_token_ids[1]"),
         ({"prompt": None, "prompt_token_ids": []}, "prompt_token_ids"),
         ({"prompt": None, "messages": [{"role": "user", "content": 1}]}, "messages[0].content"),
         ({"prompt": None, "messages": [{"role": "user", "content": "a", "x": 1}]}, "messages[0].x"),
@@ -79,8 +79,8 @@ def test_version_is_required_and_checked() -> None:
 def test_sampling_params_are_validated_by_the_engine_and_named() -> None:
     with pytest.raises(InvalidSamplingParams, match="top_p"):
         GenerateRequest.from_wire(request(params={"top_p": 2}), prefix="p")
-    # A value of a type SamplingParams does not even expect is named too.
-    with pytest.raises(InvalidSamplingParams, match=r"SamplingParams\.stop=") as info:
+    # A value of a type SamplingParams does not even expect is named by the schema.
+    with pytest.raises(InvalidSamplingParams, match=r"^params\.stop: expected `str") as info:
         GenerateRequest.from_wire(request(params={"max_tokens": 3, "stop": 5}), prefix="p")
     assert error_field(info.value) == "params.stop"
 
@@ -93,11 +93,18 @@ def test_undecodable_payloads_are_bad_payload() -> None:
 
 
 def test_reply_address_is_found_even_in_a_bad_request() -> None:
-    assert reply_address({"id": "a", "prompt": 5}, prefix="p") == ("a", "p:tokens:a")
-    assert reply_address({"id": "a", "reply_to": "mine"}, prefix="p") == ("a", "mine")
-    assert reply_address({"id": "a", "reply_to": 7}, prefix="p") == ("a", "p:tokens:a")
-    assert reply_address({"prompt": "x"}, prefix="p") is None
-    assert reply_address([1], prefix="p") is None
+    def address(obj: Any) -> tuple[str, str] | None:
+        return reply_address(Codec.pack(obj), prefix="p")
+
+    assert address({"id": "a", "prompt": 5}) == ("a", "p:tokens:a")
+    assert address({"id": "a", "reply_to": "mine"}) == ("a", "mine")
+    assert address({"id": "a", "reply_to": 7}) == ("a", "p:tokens:a")
+    assert address({"prompt": "x"}) is None
+    assert address([1]) is None  # type: ignore[arg-type]
+    assert reply_address(b'{"id": "a", "x": [[[]]]}', kind="json", prefix="p") == (
+        "a",
+        "p:tokens:a",
+    )
 
 
 def test_events_round_trip_and_are_plain_msgpack_maps() -> None:

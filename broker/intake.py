@@ -1,0 +1,412 @@
+"""Intake: stream entries in, jobs out, and every entry that cannot run ended on its own.
+
+Three sources, as much as the engine can take now (``COUNT`` = free capacity):
+
+* new entries, ``XREADGROUP >`` (their first delivery);
+* our own pending entries after a restart (``XPENDING`` under our consumer name), and
+* entries of dead consumers idle past ``--claim-idle-ms`` (``XAUTOCLAIM … JUSTID``).
+
+The last two are redeliveries. Their delivery count is checked and raised by the ``begin``
+script before anything of them is decoded, so an entry that kills the process in a way no
+``except`` can catch goes to the dead-letter stream after ``--max-deliveries`` instead of
+crashing workers forever. Such an entry takes down whatever ran beside it, which is counted
+too; so an entry on its *last* delivery runs while no other last delivery runs here (the
+others wait, pending), and the one that crashes again is the one that goes to the
+dead-letter stream, alone.
+
+Each entry is handled in isolation: decoding (``broker.protocol.decode_entry``), its
+deadline, its adapter, its history. Whatever one entry raises ends that entry alone, with an
+error event where it has a usable reply address, else a dead letter, and it is acked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import redis
+import redis.asyncio as aioredis
+
+from broker.jobs import Job, Jobs, next_seq, plan_resume
+from broker.metrics import BrokerMetrics
+from broker.ownership import Begun, Ownership
+from broker.protocol import (
+    DecodedEntry,
+    DuplicateRequest,
+    Event,
+    Expired,
+    MaxDeliveriesExceeded,
+    decode_entry,
+    decode_event,
+    error_field,
+    reply_address,
+    untrusted,
+)
+from broker.publisher import Out, Publisher, dlq_fields
+from broker.redis_conn import REDIS_ERRORS, Backoff
+from broker.registry import AdapterRegistry
+from engine.errors import LoRAStreamError
+from engine.lora.request import LoRARequest
+
+logger = logging.getLogger("lorastream.broker")
+
+
+@dataclass(frozen=True)
+class IntakeSettings:
+    prefix: str
+    stream: str
+    group: str
+    consumer: str
+    block_ms: int
+    claim_idle_ms: int
+    max_deliveries: int
+    max_payload_bytes: int
+    result_streams: bool
+
+    def out_key(self, request_id: str) -> str:
+        return f"{self.prefix}:out:{request_id}"
+
+
+@dataclass
+class _Entry:
+    entry_id: str
+    fields: Any
+    deliveries: int
+    decoded: DecodedEntry | None = None
+
+
+class Intake:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: IntakeSettings,
+        *,
+        ownership: Ownership,
+        jobs: Jobs,
+        publisher: Publisher,
+        registry: AdapterRegistry,
+        metrics: BrokerMetrics,
+        capacity: Callable[[], int],
+        start_job: Callable[[Job], None],
+        aborted: Callable[[str], bool],
+    ) -> None:
+        self.redis = client
+        self.s = settings
+        self.ownership = ownership
+        self.jobs = jobs
+        self.publisher = publisher
+        self.registry = registry
+        self.metrics = metrics
+        self._capacity = capacity
+        self._start_job = start_job
+        self._aborted = aborted
+        self._waiting: dict[str, None] = {}
+        """Our pending entries on their last delivery, waiting for the one running to end."""
+        self.ready = anyio.Event()
+
+    async def run(self, draining: anyio.Event, changed: Callable[[float], Any]) -> None:
+        """Read until ``draining`` is set. ``changed(timeout)`` waits for capacity to free."""
+        backoff = Backoff()
+        own_cursor: str | None = "-"  # our own pending entries first, then new ones
+        claim_every = self.s.claim_idle_ms / 2000
+        next_claim = 0.0
+        group_ok = False
+        while not draining.is_set():
+            try:
+                if not group_ok:
+                    await self._ensure_group()
+                    group_ok = True
+                    self.ready.set()
+                cap = self._capacity()
+                if cap == 0:
+                    # KV pressure changes without a notification: poll it too.
+                    await changed(0.05)
+                    continue
+                now = time.monotonic()
+                if self._waiting and not self.jobs.last_chance_running:
+                    await self._begin(list(self._waiting)[:cap])
+                elif own_cursor is not None:
+                    ids, own_cursor = await self._own_pending(own_cursor, cap)
+                    await self._begin(ids)
+                elif now >= next_claim:
+                    next_claim = now + claim_every
+                    await self._autoclaim()
+                else:
+                    block = max(1, min(self.s.block_ms, int((next_claim - now) * 1000)))
+                    await self._read_new(cap, block)
+                backoff.reset()
+            except redis.ResponseError as e:
+                if "NOGROUP" in str(e):
+                    logger.warning("consumer group is gone (Redis restarted empty?): recreating it")
+                    group_ok = False
+                    continue
+                await self._redis_error(e, backoff, draining)
+            except REDIS_ERRORS as e:
+                await self._redis_error(e, backoff, draining)
+
+    async def _redis_error(
+        self, err: BaseException, backoff: Backoff, draining: anyio.Event
+    ) -> None:
+        self.metrics.redis_errors.labels("intake").inc()
+        delay = backoff.next_delay()
+        # Loud on the first failure and every ~30 s of an outage, not on every retry.
+        log = logger.warning if backoff.failures % 15 == 1 else logger.debug
+        log("redis intake failed (%s: %s); retrying in %.2fs", type(err).__name__, err, delay)
+        with anyio.move_on_after(delay):
+            await draining.wait()
+
+    async def _ensure_group(self) -> None:
+        """Create the group at 0, so entries a producer added before any worker are served
+        (and after a Redis restart without persistence, whatever arrived since)."""
+        try:
+            await self.redis.xgroup_create(self.s.stream, self.s.group, id="0", mkstream=True)
+            logger.info("created consumer group %s on %s", self.s.group, self.s.stream)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        # Listed by XINFO CONSUMERS from the start, not from the first entry it reads.
+        await self.redis.xgroup_createconsumer(self.s.stream, self.s.group, self.s.consumer)
+
+    # ------------------------------------------------------------------ sources
+    async def _read_new(self, count: int, block_ms: int) -> None:
+        reply: Any = await self.redis.xreadgroup(
+            self.s.group, self.s.consumer, {self.s.stream: ">"}, count=count, block=block_ms
+        )
+        if not reply:
+            return
+        # RESP2: [[stream, [(id, fields), ...]]]
+        entries = [_Entry(_s(eid), fields, 1) for eid, fields in reply[0][1]]
+        await self._admit(entries)
+
+    async def _own_pending(self, cursor: str, count: int) -> tuple[list[str], str | None]:
+        """Ids of our pending entries from ``cursor`` on that we are not running (without
+        counting a delivery: that is ``begin``'s job), and the next cursor (None at the end)."""
+        rows: Any = await self.redis.xpending_range(
+            self.s.stream, self.s.group, min=cursor, max="+", count=count,
+            consumername=self.s.consumer,
+        )  # fmt: skip
+        ids = [_s(r["message_id"]) for r in rows]
+        after = "(" + ids[-1] if len(ids) == count else None
+        return [i for i in ids if i not in self.jobs.by_entry], after
+
+    async def _autoclaim(self) -> None:
+        cursor = "0-0"
+        while True:
+            cap = self._capacity()
+            if cap == 0:
+                return
+            cursor, claimed = await self.ownership.claim_idle(cursor, cap, self.s.claim_idle_ms)
+            ids = [x for x in claimed if x not in self.jobs.by_entry]
+            if ids:
+                self.metrics.claimed.inc(len(ids))
+                logger.info("took over %d idle entr(ies)", len(ids))
+                await self._begin(ids)
+            if cursor == "0-0":
+                return
+
+    async def _begin(self, entry_ids: Sequence[str]) -> None:
+        """Start a redelivery of entries pending under us: count it first, decode after."""
+        begun = await self.ownership.begin(
+            entry_ids,
+            max_deliveries=self.s.max_deliveries,
+            allow_last=not self.jobs.last_chance_running,
+        )
+        runs: list[_Entry] = []
+        for b in begun:
+            self._waiting.pop(b.entry_id, None)
+            if b.status == "run":
+                runs.append(_Entry(b.entry_id, b.fields, b.deliveries))
+            elif b.status == "wait":
+                self._waiting[b.entry_id] = None
+            elif b.status == "dead":
+                await self._dead_letter_over_limit(b)
+        await self._admit(runs)
+
+    async def _dead_letter_over_limit(self, b: Begun) -> None:
+        """Dead-letter and ack first, decode after: if decoding is what kills workers, the
+        entry is out of the stream before it can do it again. Then tell its client."""
+        err = MaxDeliveriesExceeded(
+            f"entry {b.entry_id} was delivered {b.deliveries} times (max {self.s.max_deliveries})"
+        )
+        logger.warning("entry %s dead-lettered: %s", b.entry_id, err.message)
+        dlq = dlq_fields(
+            b.entry_id, b.fields, err.code, err.message, self.s.consumer, self.s.max_payload_bytes
+        )
+        await self.publisher.write([Out(None, None, b.entry_id, ack=True, dlq=dlq)])
+        address = _address(b.fields, self.s.prefix)
+        if address is None:
+            return
+        history = await self._histories([address[0]])
+        out = Out(address[0], address[1], b.entry_id, finished=True, finish_reason="error",
+                  error=(err.code, err.message, None), seq=next_seq(history.get(address[0], [])),
+                  fenced=False)  # fmt: skip
+        await self.publisher.send(out)
+
+    # ------------------------------------------------------------------ admission
+    async def _admit(self, entries: list[_Entry]) -> None:
+        """Decode, check and start a batch. Redis round trips per batch, not per entry: one
+        pipeline of XRANGE for redelivered entries' histories, one HMGET for adapters."""
+        entries = [e for e in entries if e.entry_id not in self.jobs.by_entry]
+        if not entries:
+            return
+        for e in entries:
+            e.decoded = decode_entry(
+                e.fields, prefix=self.s.prefix, max_payload_bytes=self.s.max_payload_bytes,
+                entry_ms=_entry_ms(e.entry_id),
+            )  # fmt: skip
+        redelivered = [
+            e.decoded.address[0]
+            for e in entries
+            if e.deliveries > 1 and e.decoded is not None and e.decoded.address is not None
+        ]
+        history = await self._histories(redelivered)
+        adapters = {
+            e.decoded.request.adapter
+            for e in entries
+            if e.decoded is not None and e.decoded.request is not None and e.decoded.request.adapter
+        }
+        loras: dict[str, LoRARequest | LoRAStreamError] = {}
+        if adapters:
+            try:
+                loras.update(await self.registry.resolve_many(self.redis, adapters))
+            except REDIS_ERRORS:
+                raise  # the batch stays pending under us; reclaimed after --claim-idle-ms
+            except Exception as e:
+                logger.exception("adapter lookup failed")
+                loras = {
+                    a: LoRAStreamError(f"adapter lookup failed: {type(e).__name__}")
+                    for a in adapters
+                }
+        for entry in entries:
+            try:
+                await self._admit_one(entry, history, loras)
+            except REDIS_ERRORS:
+                raise
+            except Exception as exc:  # a bug must end this entry alone, never the worker
+                logger.exception("entry %s could not be admitted", entry.entry_id)
+                err = LoRAStreamError(f"internal error: {type(exc).__name__}")
+                await self._reject(entry, err, 0, dead_letter=True)
+
+    async def _admit_one(
+        self,
+        e: _Entry,
+        history: dict[str, list[Event]],
+        loras: dict[str, LoRARequest | LoRAStreamError],
+    ) -> None:
+        d = e.decoded
+        assert d is not None
+        rid = d.address[0] if d.address else None
+        past = history.get(rid, []) if rid is not None else []
+        seq = next_seq(past)
+        if d.request is None:
+            err = d.error or LoRAStreamError("undecodable entry")
+            # No reply address: nobody to tell, so the entry is kept in the dead-letter stream.
+            await self._reject(e, err, seq, dead_letter=d.address is None)
+            return
+        req = d.request
+        if req.id in self.jobs.by_request:
+            # Its reply channel belongs to the running request: do not write there.
+            dup = DuplicateRequest(f"request id {req.id!r} is already running on this worker")
+            await self._reject(e, dup, 0, dead_letter=True, tell=False)
+            return
+        if past and past[-1].finished:
+            # Published in full by a worker that died before its XACK.
+            await self.publisher.send(Out(None, None, e.entry_id, ack=True))
+            return
+        if req.deadline_ms is not None and req.deadline_ms <= time.time() * 1000:
+            err = Expired(
+                f"the request's deadline ({req.deadline_ms} ms since the epoch) passed before it ran"
+            )
+            await self._reject(e, err, seq, dead_letter=False)
+            return
+        lora = loras.get(req.adapter) if req.adapter else None
+        if isinstance(lora, LoRAStreamError):
+            await self._reject(e, lora, seq, dead_letter=False)
+            return
+        job = Job(
+            entry_id=e.entry_id,
+            req=req,
+            params=req.sampling_params(),
+            deliveries=e.deliveries,
+            entry_ms=_entry_ms(e.entry_id),
+            intake_time=time.time(),
+            lora=lora,
+            last_chance=e.deliveries > 1 and e.deliveries >= self.s.max_deliveries,
+        )
+        if e.deliveries > 1:
+            plan_resume(job, past, result_streams=self.s.result_streams)
+        if self._aborted(req.id):
+            job.abort_requested = True
+        self.jobs.add(job)
+        self._start_job(job)
+
+    async def _reject(
+        self,
+        e: _Entry,
+        err: LoRAStreamError,
+        seq: int,
+        *,
+        dead_letter: bool,
+        tell: bool = True,
+    ) -> None:
+        d = e.decoded
+        address = d.address if d is not None and tell else None
+        logger.warning(
+            "entry %s rejected (%s): %s", e.entry_id, err.code, untrusted(err.message, 500)
+        )
+        out = Out(address[0] if address else None, address[1] if address else None, e.entry_id,
+                  seq=seq, ack=True)  # fmt: skip
+        if address is not None:
+            out.finished, out.finish_reason = True, "error"
+            out.error = (err.code, err.message, error_field(err))
+        if dead_letter:
+            out.dlq = dlq_fields(
+                e.entry_id, e.fields, err.code, err.message, self.s.consumer,
+                self.s.max_payload_bytes,
+            )  # fmt: skip
+        await self.publisher.send(out)
+
+    async def _histories(self, request_ids: Sequence[str]) -> dict[str, list[Event]]:
+        """The events already in each request's result stream (one pipeline)."""
+        if not self.s.result_streams or not request_ids:
+            return {}
+        ids = list(dict.fromkeys(request_ids))
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in ids:
+            pipe.xrange(self.s.out_key(rid))
+        history: dict[str, list[Event]] = {}
+        for rid, entries in zip(ids, await pipe.execute(), strict=True):
+            events: list[Event] = []
+            for _, f in entries:
+                with contextlib.suppress(LoRAStreamError, KeyError, TypeError):
+                    events.append(decode_event(f[b"data"]))
+            history[rid] = events
+        return history
+
+
+def _address(fields: Any, prefix: str) -> tuple[str, str] | None:
+    if not isinstance(fields, dict):
+        return None
+    for kind in ("data", "json"):
+        raw = fields.get(kind.encode())
+        if isinstance(raw, bytes):
+            return reply_address(raw, kind=kind, prefix=prefix)
+    return None
+
+
+def _entry_ms(entry_id: str) -> int:
+    with contextlib.suppress(ValueError):
+        return int(entry_id.split("-", 1)[0])
+    return 0
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+__all__ = ["Intake", "IntakeSettings"]

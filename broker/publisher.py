@@ -1,0 +1,254 @@
+"""The publisher: everything the worker writes to Redis, a batch per engine step.
+
+Jobs and intake queue ``Out`` records on one bounded memory stream; the publisher takes all
+that is queued (every job woken by the same engine step), merges the deltas of each request
+into one event, and writes the batch with one call of the fenced publish script
+(``broker.ownership``): events on the reply channels and result streams, acks, dead
+letters, only for entries still ours. Entries found lost are reported to the jobs, which
+stop them. A batch is retried until Redis takes it (Redis down: events are late, never
+dropped); the script makes a retried batch write nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from broker.metrics import BrokerMetrics
+from broker.ownership import Ownership, WriteOp
+from broker.protocol import ErrorEvent, Event, TokenEvent, encode_event, untrusted
+from broker.redis_conn import REDIS_ERRORS, Backoff
+
+if TYPE_CHECKING:
+    from broker.jobs import Job
+
+logger = logging.getLogger("lorastream.broker")
+
+
+@dataclass(eq=False)
+class Out:
+    """What the publisher writes for one entry: an event (merged per request per batch), an
+    ack, a dead letter."""
+
+    request_id: str | None
+    reply_to: str | None
+    entry_id: str
+    job: Job | None = None
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[list[list[float]]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None
+    error: tuple[str, str, str | None] | None = None
+    """(code, message, field)."""
+    usage: dict[str, float] | None = None
+    seq: int = 0
+    """For events without a job (bad input, dead letters); jobs number their own."""
+    ack: bool = False
+    dlq: dict[str, str | bytes] | None = None
+    fenced: bool = True
+
+    @property
+    def has_event(self) -> bool:
+        return self.request_id is not None and self.reply_to is not None
+
+    def merge(self, later: Out) -> None:
+        """Coalesce a later delta of the same request (when Redis was slower than the engine)."""
+        self.token_ids = self.token_ids + later.token_ids
+        self.text += later.text
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        self.finished, self.finish_reason = later.finished, later.finish_reason
+        self.error, self.usage, self.ack = later.error, later.usage, later.ack
+
+    def event(self, seq: int, restart: bool) -> Event:
+        assert self.request_id is not None
+        if self.error is not None:
+            code, message, field_name = self.error
+            return ErrorEvent(
+                id=self.request_id, seq=seq, code=code, message=message,
+                token_ids=self.token_ids, text=self.text, usage=self.usage, field=field_name,
+            )  # fmt: skip
+        return TokenEvent(
+            id=self.request_id, seq=seq, token_ids=self.token_ids, text=self.text,
+            finished=self.finished, finish_reason=self.finish_reason, usage=self.usage,
+            logprobs=self.logprobs, restart=restart,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    result_ttl_s: int
+    result_maxlen: int
+    dlq_maxlen: int
+    batch: int
+    prefix: str
+
+    def out_key(self, request_id: str) -> str:
+        return f"{self.prefix}:out:{request_id}"
+
+
+class Publisher:
+    def __init__(
+        self,
+        ownership: Ownership,
+        settings: PublishSettings,
+        metrics: BrokerMetrics,
+        *,
+        capacity: int,
+        on_lost: Callable[[Sequence[str]], None],
+        on_written: Callable[[Out], None],
+    ) -> None:
+        self.ownership = ownership
+        self.settings = settings
+        self.metrics = metrics
+        self._send: MemoryObjectSendStream[Out]
+        self._receive: MemoryObjectReceiveStream[Out]
+        self._send, self._receive = anyio.create_memory_object_stream[Out](capacity)
+        self._on_lost = on_lost
+        self._on_written = on_written
+        self.done = anyio.Event()
+
+    async def send(self, out: Out) -> None:
+        await self._send.send(out)
+
+    def offer(self, out: Out) -> bool:
+        """Queue ``out`` if there is room now; False leaves it to the caller to merge on."""
+        try:
+            self._send.send_nowait(out)
+        except anyio.WouldBlock:
+            return False
+        return True
+
+    def close(self) -> None:
+        """No more sends: ``run`` writes what is queued, then returns."""
+        self._send.close()
+
+    async def run(self) -> None:
+        try:
+            async with self._receive:
+                while True:
+                    try:
+                        first = await self._receive.receive()
+                    except anyio.EndOfStream:
+                        return
+                    # Let every job woken by the same engine step queue its delta: one
+                    # script call per step, never a round trip per token.
+                    await anyio.lowlevel.checkpoint()
+                    batch = [first]
+                    while len(batch) < self.settings.batch:
+                        try:
+                            batch.append(self._receive.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    await self.write(coalesce(batch))
+        finally:
+            self.done.set()
+
+    async def write(self, batch: list[Out]) -> None:
+        """Write one batch (retried until Redis takes it), then report lost entries and
+        written finals."""
+        ops = [self._op(out) for out in batch]
+        backoff = Backoff()
+        s = self.settings
+        while True:
+            try:
+                lost = await self.ownership.publish(
+                    ops, result_ttl_s=s.result_ttl_s, result_maxlen=s.result_maxlen,
+                    dlq_maxlen=s.dlq_maxlen,
+                )  # fmt: skip
+                break
+            except REDIS_ERRORS as e:
+                self.metrics.redis_errors.labels("publish").inc()
+                delay = backoff.next_delay()
+                if backoff.failures == 1:
+                    logger.warning("publish failed (%s: %s); retrying", type(e).__name__, e)
+                await anyio.sleep(delay)
+        if lost:
+            self._on_lost(sorted(lost))
+        for out in batch:
+            if out.entry_id in lost and out.fenced:
+                continue
+            if out.finished and out.has_event:
+                if out.error is not None:
+                    self.metrics.errors.labels(out.error[0]).inc()
+                self.metrics.requests.labels(out.finish_reason or "error").inc()
+            if out.dlq is not None:
+                self.metrics.dead_letters.labels(str(out.dlq.get("reason", ""))).inc()
+            self._on_written(out)
+
+    def _op(self, out: Out) -> WriteOp:
+        op = WriteOp(out.entry_id, ack=out.ack, fenced=out.fenced)
+        if out.request_id is not None and out.reply_to is not None:
+            if out.job is not None:
+                # The restart marker goes on the first event of the new run only.
+                seq, restart = out.job.next_seq, out.job.restart
+                out.job.next_seq += 1
+                out.job.restart = False
+            else:
+                seq, restart = out.seq, False
+            op.data = _encode(out, seq, restart)
+            op.channel, op.seq, op.fin = out.reply_to, seq, out.finished
+            if self.settings.result_ttl_s:
+                op.result_key = self.settings.out_key(out.request_id)
+        if out.dlq is not None:
+            op.dlq = [x for kv in out.dlq.items() for x in kv]
+        return op
+
+
+def _encode(out: Out, seq: int, restart: bool) -> bytes:
+    """The event's bytes; an event that cannot be packed becomes an error event (it holds
+    only what the schema and the engine produced, so this is a bug, and it ends the request
+    instead of the publisher)."""
+    try:
+        return encode_event(out.event(seq, restart))
+    except Exception as e:
+        logger.exception("event for %s could not be encoded", untrusted(out.request_id))
+        out.finished, out.finish_reason = True, "error"
+        out.error = ("internal_error", f"the event could not be encoded: {type(e).__name__}", None)
+        out.token_ids, out.text, out.logprobs, out.usage = [], "", None, None
+        return encode_event(out.event(seq, False))
+
+
+def coalesce(batch: list[Out]) -> list[Out]:
+    """One event per request per batch: later deltas of a job merge into its first one."""
+    merged: list[Out] = []
+    by_job: dict[int, Out] = {}
+    for out in batch:
+        head = by_job.get(id(out.job)) if out.job is not None else None
+        if head is not None and not head.finished:
+            head.merge(out)
+            continue
+        merged.append(out)
+        if out.job is not None:
+            by_job[id(out.job)] = out
+    return merged
+
+
+def dlq_fields(
+    entry_id: str, fields: Any, code: str, message: str, consumer: str, max_bytes: int
+) -> dict[str, str | bytes]:
+    """A dead letter: why, and the original payload (cut at ``max_bytes``: an entry too
+    large to run is not copied whole)."""
+    dlq: dict[str, str | bytes] = {
+        "entry_id": entry_id,
+        "reason": code,
+        "message": message,
+        "consumer": consumer,
+    }
+    if isinstance(fields, dict):
+        for key in (b"data", b"json"):
+            value = fields.get(key)
+            if isinstance(value, bytes):
+                dlq[key.decode()] = value[:max_bytes]
+                if len(value) > max_bytes:
+                    dlq["truncated_from"] = str(len(value))
+    return dlq
+
+
+__all__ = ["Out", "PublishSettings", "Publisher", "coalesce", "dlq_fields"]
