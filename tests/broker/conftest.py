@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -17,6 +17,9 @@ from broker.redis_conn import RedisSettings, connect
 from broker.registry import AdapterRegistry
 from broker.service import Service, ServiceConfig
 from tests.broker.fake_engine import FakeAsyncEngine, FakeConfig
+
+if TYPE_CHECKING:
+    from tests.broker.workers import Workers
 
 PREFIX = "t"
 
@@ -117,3 +120,15 @@ async def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0) -> 
 def fake_engine(**kwargs: Any) -> FakeAsyncEngine:
     step = kwargs.pop("step_delay_s", 0.002)
     return FakeAsyncEngine(FakeConfig(**kwargs), step_delay_s=step)
+
+
+@pytest.fixture
+def workers(redis_server: RedisServer, tmp_path: Path) -> Iterator[Workers]:
+    """Worker processes on the fake engine, killed at the end of the test."""
+    from tests.broker.workers import Workers
+
+    w = Workers(redis_server.url, tmp_path)
+    try:
+        yield w
+    finally:
+        w.stop_all()

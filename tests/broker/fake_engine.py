@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -126,8 +127,12 @@ class FakeAsyncEngine:
         *,
         step_delay_s: float = 0.002,
         stat_loggers: Sequence[StatLogger] = (),
+        crash_on_token: int | None = None,
     ) -> None:
         self.engine = _FakeLLMEngine(config or FakeConfig())
+        self.crash_on_token = crash_on_token
+        """A prompt holding this token id kills the process (SIGKILL), as a native crash
+        in a real engine would: nothing can catch it."""
         self.step_delay_s = step_delay_s
         self.stat_loggers = list(stat_loggers)
         self._streams: dict[str, MemoryObjectSendStream[RequestOutput | BaseException]] = {}
@@ -173,6 +178,8 @@ class FakeAsyncEngine:
         if request_id in self._streams:
             raise InvalidRequest(f"request_id {request_id!r} is already running")
         req = self._make_request(request_id, prompt, sampling_params, lora_request)
+        if self.crash_on_token is not None and self.crash_on_token in req.prompt_ids:
+            os.kill(os.getpid(), signal.SIGKILL)
         self.generate_calls.append((request_id, prompt, sampling_params))
         send, receive = anyio.create_memory_object_stream[RequestOutput | BaseException](
             float("inf")

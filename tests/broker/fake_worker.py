@@ -25,12 +25,18 @@ def main() -> int:
     parser.add_argument("--max-model-len", type=int, default=256)
     parser.add_argument("--step-delay", type=float, default=0.01)
     parser.add_argument("--lora-modules", nargs="*", default=[])
+    parser.add_argument("--crash-on-token", type=int, default=None)
     ns = parser.parse_args()
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def factory(ns: argparse.Namespace, stat_loggers: list[Any]) -> FakeAsyncEngine:
         config = FakeConfig(max_num_seqs=ns.max_num_seqs, max_model_len=ns.max_model_len)
-        return FakeAsyncEngine(config, step_delay_s=ns.step_delay, stat_loggers=stat_loggers)
+        return FakeAsyncEngine(
+            config,
+            step_delay_s=ns.step_delay,
+            stat_loggers=stat_loggers,
+            crash_on_token=ns.crash_on_token,
+        )
 
     return anyio.run(serve, ns, factory, backend="asyncio")
 
