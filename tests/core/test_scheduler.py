@@ -14,7 +14,7 @@ import pytest
 
 from engine.config import SchedulerConfig
 from engine.core.block_manager import BlockManager
-from engine.core.scheduler import PLACEHOLDER, Scheduler, SchedulerOutput
+from engine.core.scheduler import PLACEHOLDER, ScheduledRequest, Scheduler, SchedulerOutput
 from engine.errors import PromptTooLong
 from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
@@ -23,8 +23,8 @@ from engine.sequence import Request, RequestStatus
 EOS = 2
 
 
-def _config(**overrides: int | bool) -> SchedulerConfig:
-    fields: dict[str, int | bool] = {
+def _config(**overrides: int | bool | None) -> SchedulerConfig:
+    fields: dict[str, int | bool | None] = {
         "max_num_seqs": 8,
         "max_num_batched_tokens": 64,
         "max_model_len": 64,
@@ -40,9 +40,10 @@ def _scheduler(
     num_blocks: int = 64,
     block_size: int = 4,
     lora_ready: Callable[[int], bool] | None = None,
-    **config: int | bool,
+    prefix_caching: bool = False,
+    **config: int | bool | None,
 ) -> Scheduler:
-    bm = BlockManager(num_blocks, block_size)
+    bm = BlockManager(num_blocks, block_size, enable_caching=prefix_caching)
     if lora_ready is None:
         return Scheduler(_config(**config), bm)
     return Scheduler(_config(**config), bm, lora_ready)
@@ -79,12 +80,18 @@ def _next_token(context: list[int]) -> int:
 
 
 class FakeRunner:
-    """Writes every computed token into its KV slot and samples from what the cache holds,
-    so a wrong block table, a skipped position or a stale block changes (or fails) the output."""
+    """Writes every computed token's "KV" into its slot and samples from what the cache
+    holds, so a wrong block table, a skipped position or a stale block changes (or fails)
+    the output. As in a model, the KV at a position stands for the adapter and every token
+    up to it, and is built from the KV at the position before: a shared block whose content
+    is not the request's own prefix under its adapter fails the check at sampling."""
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, prefix_caching: bool = False) -> None:
         self.block_size = block_size
-        self.kv: dict[int, tuple[str, int, int]] = {}  # slot -> (request id, position, token)
+        self.prefix_caching = prefix_caching
+        """Blocks may hold KV another request wrote: only their content is checked."""
+        # slot -> (request id that wrote it, adapter id, the tokens at positions 0..p)
+        self.kv: dict[int, tuple[str, int, tuple[int, ...]]] = {}
 
     def _slot(self, req: Request, pos: int) -> int:
         return req.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -104,14 +111,16 @@ class FakeRunner:
                 assert previous is not None
                 tokens[-1] = previous[req.request_id]
             for pos, tok in zip(range(s.start_position, end), tokens, strict=True):
-                self.kv[self._slot(req, pos)] = (req.request_id, pos, tok)
+                before = self.kv[self._slot(req, pos - 1)][2] if pos else ()
+                self.kv[self._slot(req, pos)] = (req.request_id, req.lora_int_id, (*before, tok))
             if s.sample:
-                context = []
+                context = self.kv[self._slot(req, end - 1)][2]
                 for pos in range(end):
-                    owner, kv_pos, tok = self.kv[self._slot(req, pos)]
-                    assert (owner, kv_pos) == (req.request_id, pos), "stale KV slot"
-                    context.append(tok)
-                sampled[req.request_id] = _next_token(context)
+                    owner, lora_id, prefix = self.kv[self._slot(req, pos)]
+                    assert (lora_id, prefix) == (req.lora_int_id, context[: pos + 1]), "stale KV"
+                    if not self.prefix_caching:
+                        assert owner == req.request_id, "stale KV slot"
+                sampled[req.request_id] = _next_token(list(context))
         return sampled
 
 
@@ -133,9 +142,7 @@ def _step(
     sched: Scheduler, runner: FakeRunner, check: bool = False
 ) -> tuple[SchedulerOutput, list[Request]]:
     """One engine step; with ``check``, the invariants are checked after each half."""
-    out = sched.schedule()
-    if check:
-        _check_schedule(sched, out)
+    out = _schedule(sched, check)
     changed = sched.update_from_output(out, runner.execute(out)) if out.scheduled else []
     if check:
         _check_blocks(sched)
@@ -157,9 +164,7 @@ def _pipelined_step(
     to ``launched``."""
 
     def launch() -> None:
-        out = sched.schedule()
-        if check:
-            _check_schedule(sched, out)
+        out = _schedule(sched, check)
         if out.scheduled:
             sampled = runner.execute(out, in_flight[-1][1] if in_flight else None)
             sched.advance(out)
@@ -184,11 +189,37 @@ def _ids(out: SchedulerOutput) -> list[str]:
     return [s.request.request_id for s in out.scheduled]
 
 
-def _check_schedule(sched: Scheduler, out: SchedulerOutput) -> None:
+def _schedule(sched: Scheduler, check: bool) -> SchedulerOutput:
+    """``sched.schedule()``; with ``check``, the invariants are checked on its output."""
+    running_before = {r.request_id for r in sched.running}
+    out = sched.schedule()
+    if check:
+        _check_schedule(sched, out, running_before)
+    return out
+
+
+def _is_decode(s: ScheduledRequest, running_before: set[str]) -> bool:
+    """A running request's next token after its whole prompt."""
+    return (
+        s.request_id in running_before
+        and s.num_new_tokens == 1
+        and s.start_position >= s.request.num_prompt_tokens
+    )
+
+
+def _check_schedule(
+    sched: Scheduler, out: SchedulerOutput, running_before: set[str] | None = None
+) -> None:
     cfg = sched.config
     bm = sched.block_manager
     assert len(sched.running) <= cfg.max_num_seqs
     assert out.num_scheduled_tokens <= cfg.max_num_batched_tokens
+    cap = cfg.max_num_mixed_prefill_tokens
+    if running_before is not None and cap is not None and cfg.enable_chunked_prefill:
+        decodes = [s for s in out.scheduled if _is_decode(s, running_before)]
+        if decodes:
+            num_prefill = out.num_scheduled_tokens - len(decodes)
+            assert num_prefill <= cap, f"{num_prefill} prompt tokens in a step with decodes"
     scheduled_loras = {s.request.lora_int_id for s in out.scheduled if s.request.lora_int_id}
     running_loras = {r.lora_int_id for r in sched.running if r.lora_int_id}
     if cfg.max_loras:
@@ -211,9 +242,17 @@ def _check_blocks(sched: Scheduler) -> None:
     for req in sched.waiting:
         assert req.block_table == []
         assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-    owned = [b for r in sched.requests.values() for b in r.block_table]
-    assert len(owned) == len(set(owned)), "a block is owned twice"
-    assert len(owned) == bm.num_used_blocks
+    holders: dict[int, list[Request]] = {}
+    for r in sched.requests.values():
+        assert len(set(r.block_table)) == len(r.block_table), "a block twice in one table"
+        for b in r.block_table:
+            holders.setdefault(b, []).append(r)
+    for b, reqs in holders.items():
+        assert bm.ref_count(b) == len(reqs)
+        if not bm.enable_caching:
+            assert len(reqs) == 1, "a block is owned twice"
+        assert len({r.lora_int_id for r in reqs}) == 1, "a block shared across adapters"
+    assert len(holders) == bm.num_used_blocks
     assert bm.num_used_blocks + bm.num_free_blocks == bm.num_blocks
     assert set(sched.requests) == {r.request_id for r in sched.waiting + sched.running}
 
@@ -783,14 +822,22 @@ def test_stats_report_queue_sizes_usage_adapters_and_preemptions() -> None:
 
 
 # ---------------------------------------------------------------- randomized simulation
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["no-cache", "prefix-cache"])
 @pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("seed", range(30))
-def test_invariants_hold_and_outputs_match_on_random_workloads(seed: int, pipelined: bool) -> None:
+def test_invariants_hold_and_outputs_match_on_random_workloads(
+    seed: int, pipelined: bool, prefix_caching: bool
+) -> None:
     """Random limits, arrivals, adapters that load late, priorities, stop tokens and aborts;
     invariants are checked on every step, everything finishes, and every output equals what
-    the fake model generates alone (chunking, preemption and, with async scheduling, steps
-    launched before the previous one's tokens are known change nothing)."""
+    the fake model generates alone (chunking, preemption, the prompt cap of steps with
+    decodes and, with async scheduling, steps launched before the previous one's tokens are
+    known change nothing). With prefix caching, prompts share starts (under the same adapter
+    or not), and no block is shared across adapters or holds KV other than the request's."""
     rng = random.Random(seed)
+    # The newer knobs draw from their own generator: each seed's workload stays as it was.
+    knobs = random.Random(seed + 10_000)
+    stems = [[knobs.randint(100, 149) for _ in range(48)] for _ in range(3)]
     block_size = rng.choice([1, 2, 4, 8])
     max_model_len = rng.choice([16, 32, 48])
     chunked = rng.random() < 0.7
@@ -808,8 +855,10 @@ def test_invariants_hold_and_outputs_match_on_random_workloads(seed: int, pipeli
         max_loras=rng.randint(1, 3) if num_lora_ids and rng.random() < 0.8 else 0,
         max_lora_wait_steps=rng.randint(0, 6),
         enable_chunked_prefill=chunked,
+        prefix_caching=prefix_caching,
+        max_num_mixed_prefill_tokens=knobs.choice([None, knobs.randint(1, 12)]),
     )
-    runner = FakeRunner(block_size)
+    runner = FakeRunner(block_size, prefix_caching)
     in_flight: InFlight = deque()
     finished: list[Request] = []
     num_arrival_steps = 60
@@ -824,6 +873,9 @@ def test_invariants_hold_and_outputs_match_on_random_workloads(seed: int, pipeli
                     priority=rng.choice([0, 0, 0, 1, -1]),
                     stop_token_ids=rng.sample(range(100, 150), rng.choice([0, 0, 5])),
                 )
+                if prefix_caching:
+                    shared = knobs.randint(0, req.num_prompt_tokens)
+                    req.prompt_token_ids[:shared] = knobs.choice(stems)[:shared]
                 try:
                     sched.add_request(req)
                 except PromptTooLong:
