@@ -821,6 +821,188 @@ def test_stats_report_queue_sizes_usage_adapters_and_preemptions() -> None:
     assert stats.kv_cache_usage == pytest.approx(2 / 64)
 
 
+# ---------------------------------------------------------------- prompt cap of mixed steps
+def _shares(out: SchedulerOutput) -> list[tuple[str, int]]:
+    return [(s.request_id, s.num_new_tokens) for s in out.scheduled]
+
+
+@pytest.mark.parametrize("cap", [8, None], ids=["cap", "no-cap"])
+def test_a_step_with_decodes_takes_at_most_the_cap_of_prompt_tokens(cap: int | None) -> None:
+    sched = _scheduler(max_num_batched_tokens=32, max_num_mixed_prefill_tokens=cap)
+    runner = FakeRunner(4)
+    sched.add_request(_request("a", num_prompt=4, max_tokens=20))
+    sched.add_request(_request("b", num_prompt=4, max_tokens=20))
+    out, _ = _step(sched, runner, check=True)
+    assert _shares(out) == [("a", 4), ("b", 4)]  # no decodes yet: no cap
+    sched.add_request(_request("long", num_prompt=20, max_tokens=2))
+    sched.add_request(_request("c", num_prompt=6, max_tokens=2))
+    steps = [_shares(_step(sched, runner, check=True)[0]) for _ in range(4)]
+    if cap is None:  # decodes wait for every prompt token the budget allows
+        assert steps[0] == [("a", 1), ("b", 1), ("long", 20), ("c", 6)]
+        return
+    assert steps == [
+        [("a", 1), ("b", 1), ("long", 8)],
+        [("a", 1), ("b", 1), ("long", 8)],
+        [("a", 1), ("b", 1), ("long", 4), ("c", 4)],
+        [("a", 1), ("b", 1), ("long", 1), ("c", 2)],  # long decodes now
+    ]
+
+
+def test_a_step_without_decodes_takes_prompts_up_to_the_budget() -> None:
+    sched = _scheduler(max_num_batched_tokens=32, max_num_mixed_prefill_tokens=4)
+    runner = FakeRunner(4)
+    sched.add_request(_request("long", num_prompt=20, max_tokens=2))
+    sched.add_request(_request("c", num_prompt=6, max_tokens=2))
+    out, _ = _step(sched, runner, check=True)
+    assert _shares(out) == [("long", 20), ("c", 6)]
+
+
+def test_decodes_behind_a_capped_prefill_still_run() -> None:
+    sched = _scheduler(max_num_batched_tokens=12, max_num_mixed_prefill_tokens=4)
+    runner = FakeRunner(4)
+    sched.add_request(_request("d", num_prompt=2, max_tokens=20))
+    _step(sched, runner)
+    sched.add_request(_request("p", num_prompt=30, max_tokens=2, priority=-1))
+    assert _shares(_step(sched, runner, check=True)[0]) == [("d", 1), ("p", 4)]
+    for _ in range(6):  # p comes first now, but its chunks stop at the cap; d still decodes
+        assert _shares(_step(sched, runner, check=True)[0]) == [("p", 4), ("d", 1)]
+    assert _shares(_step(sched, runner, check=True)[0]) == [("p", 2), ("d", 1)]
+    assert _shares(_step(sched, runner, check=True)[0]) == [("p", 1), ("d", 1)]
+
+
+def test_cap_does_not_apply_without_chunked_prefill() -> None:
+    sched = _scheduler(
+        max_num_batched_tokens=64, max_num_mixed_prefill_tokens=4, enable_chunked_prefill=False
+    )
+    runner = FakeRunner(4)
+    sched.add_request(_request("a", num_prompt=4, max_tokens=5))
+    _step(sched, runner)
+    sched.add_request(_request("long", num_prompt=20, max_tokens=2))
+    assert _shares(_step(sched, runner)[0]) == [("a", 1), ("long", 20)]  # a prompt runs whole
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
+def test_no_prompt_starves_under_a_steady_stream_of_decodes(pipelined: bool) -> None:
+    """Three requests that came first decode on every step for 200 steps, short requests
+    join every other step, and long prompts arrive faster than the cap lets them in: every
+    one is still admitted, in order, while the decodes run, and no step with decodes takes
+    more prompt tokens than the cap (``check``)."""
+    cap = 3
+    sched = _scheduler(
+        num_blocks=512,
+        max_num_batched_tokens=16,
+        max_num_mixed_prefill_tokens=cap,
+        max_num_seqs=10,
+        max_model_len=256,
+    )
+    runner = FakeRunner(4)
+    in_flight: InFlight = deque()
+    decoders = [_request(f"decoder{i}", num_prompt=2, max_tokens=200) for i in range(3)]
+    longs = [_request(f"long{i}", num_prompt=20, max_tokens=2) for i in range(8)]
+    for r in decoders:
+        sched.add_request(r)
+    first_token_step: dict[str, int] = {}
+    for step in range(300):
+        if step % 4 == 1 and step // 4 < len(longs):
+            sched.add_request(longs[step // 4])
+        if step % 2 == 0 and step < 200:
+            sched.add_request(_request(f"short{step}", num_prompt=2, max_tokens=3))
+        if pipelined:
+            _pipelined_step(sched, runner, in_flight, check=True)
+        else:
+            _step(sched, runner, check=True)
+        for r in longs:
+            if r.num_output_tokens and r.request_id not in first_token_step:
+                first_token_step[r.request_id] = step
+        if not sched.has_unfinished_requests() and not in_flight:
+            break
+    assert all(r.status == RequestStatus.FINISHED_LENGTH for r in decoders + longs)
+    steps = [first_token_step[r.request_id] for r in longs]
+    assert steps == sorted(steps)  # first come, first served
+    # 160 prompt tokens at 3 a step, with the short requests' prompts: all in long before
+    # the decoders finish, at step 200 or so.
+    assert steps[-1] < 150, steps
+    assert all(r.num_preemptions == 0 for r in decoders)
+
+
+# ---------------------------------------------------------------- prefix caching
+def _same_prompt(request_id: str, like: Request, num_prompt: int | None = None, **kw) -> Request:
+    req = _request(request_id, **kw)
+    req.prompt_token_ids = list(like.prompt_token_ids[:num_prompt])
+    return req
+
+
+def _run_until_done(sched: Scheduler, runner: FakeRunner) -> list[SchedulerOutput]:
+    outs = []
+    while sched.has_unfinished_requests():
+        outs.append(_step(sched, runner, check=True)[0])
+    return outs
+
+
+def test_admission_starts_after_the_blocks_cached_under_the_same_adapter() -> None:
+    sched = _scheduler(prefix_caching=True)
+    runner = FakeRunner(4, prefix_caching=True)
+    first = _request("first", num_prompt=10, lora_id=1)
+    sched.add_request(first)
+    _run_until_done(sched, runner)
+    assert first.num_cached_tokens == 0
+    reqs = {
+        "same": _same_prompt("same", first, lora_id=1),
+        "whole": _same_prompt("whole", first, num_prompt=8, lora_id=1),
+        "other": _same_prompt("other", first, lora_id=2),
+        "base": _same_prompt("base", first),
+    }
+    for req in reqs.values():
+        sched.add_request(req)
+    out, _ = _step(sched, runner, check=True)
+    starts = {s.request_id: (s.start_position, s.num_new_tokens) for s in out.scheduled}
+    # "whole" is all cached, yet its last block is computed: its last token gives the logits.
+    assert starts == {"same": (8, 2), "whole": (4, 4), "other": (0, 10), "base": (0, 10)}
+    assert {k: r.num_cached_tokens for k, r in reqs.items()} == {
+        "same": 8,
+        "whole": 4,
+        "other": 0,
+        "base": 0,
+    }
+    assert (out.num_prefix_queried_tokens, out.num_prefix_hit_tokens) == (38, 12)
+    _run_until_done(sched, runner)
+    for req in [first, *reqs.values()]:
+        assert req.output_token_ids == _reference_output(req, sched.max_num_tokens)
+
+
+def test_budget_counts_only_the_tokens_not_found_in_the_cache() -> None:
+    sched = _scheduler(max_num_batched_tokens=8, prefix_caching=True)
+    runner = FakeRunner(4, prefix_caching=True)
+    first = _request("first", num_prompt=12, max_tokens=1)
+    sched.add_request(first)
+    _run_until_done(sched, runner)
+    sched.add_request(_same_prompt("again", first, max_tokens=1))
+    sched.add_request(_request("fresh", num_prompt=4, max_tokens=1))
+    out, _ = _step(sched, runner, check=True)
+    assert _shares(out) == [("again", 4), ("fresh", 4)]
+
+
+def test_preempted_request_finds_its_own_blocks_when_it_comes_back() -> None:
+    sched = _scheduler(num_blocks=12, block_size=4, max_model_len=64, prefix_caching=True)
+    runner = FakeRunner(4, prefix_caching=True)
+    reqs = [_request(f"r{i}", num_prompt=8, max_tokens=24) for i in range(3)]
+    for req in reqs:
+        sched.add_request(req)
+    resumed_starts = []
+    while sched.has_unfinished_requests():
+        out, _ = _step(sched, runner, check=True)
+        resumed_starts += [
+            s.start_position
+            for s in out.scheduled
+            if s.request.num_preemptions and s.start_position < s.request.num_tokens - 1
+        ]
+    assert sched.num_preemptions > 0
+    assert resumed_starts and max(resumed_starts) > 0
+    for req in reqs:
+        assert req.num_cached_tokens == 0  # what the first admission found
+        assert req.output_token_ids == _reference_output(req, sched.max_num_tokens)
+
+
 # ---------------------------------------------------------------- randomized simulation
 @pytest.mark.parametrize("prefix_caching", [False, True], ids=["no-cache", "prefix-cache"])
 @pytest.mark.parametrize("pipelined", [False, True], ids=["sync", "async"])
