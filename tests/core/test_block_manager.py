@@ -201,7 +201,8 @@ def test_freed_cached_blocks_stay_findable_and_are_revived_by_a_hit() -> None:
     _compute(bm, first)  # 3 blocks, 2 of them cached
     blocks = list(first.block_table)
     bm.free(first)
-    assert bm.num_free_blocks == 4 and bm.usage == 0.0
+    assert bm.num_free_blocks == 4
+    assert bm.usage == 0.0
     again = _prompt(prompt, "again", lora_id=1)
     assert bm.find_cached_blocks(again) == blocks[:2]
     # 2 cached + 2 new blocks: only 2 blocks are free once the cached ones are revived.
@@ -209,11 +210,13 @@ def test_freed_cached_blocks_stay_findable_and_are_revived_by_a_hit() -> None:
     cached = bm.find_cached_blocks(long)
     assert not bm.can_allocate(long, 9, cached)
     assert not bm.allocate_slots(long, 9, cached)
-    assert long.block_table == [] and bm.num_free_blocks == 4
+    assert long.block_table == []
+    assert bm.num_free_blocks == 4
     assert [bm.ref_count(b) for b in blocks[:2]] == [0, 0]
     assert bm.allocate_slots(long, 8, cached)
     assert long.block_table[:2] == blocks[:2]
-    assert bm.num_free_blocks == 0 and bm.num_evictions == 0
+    assert bm.num_free_blocks == 0
+    assert bm.num_evictions == 0
 
 
 def test_eviction_takes_never_cached_blocks_first_then_the_least_recently_freed() -> None:
@@ -227,7 +230,8 @@ def test_eviction_takes_never_cached_blocks_first_then_the_least_recently_freed(
         req = _prompt(tokens, f"r{i}")
         _compute(bm, req)
         bm.free(req)
-    assert bm.num_free_blocks == 8 and bm.num_cached_blocks == 4
+    assert bm.num_free_blocks == 8
+    assert bm.num_cached_blocks == 4
     # 2 blocks never used and the 2 partial ones come first: nothing is evicted.
     assert bm.allocate_slots(_prompt(list(range(20, 28)), "fresh"), 8)
     assert (bm.num_evictions, found(old), found(new)) == (0, 2, 2)
@@ -249,7 +253,8 @@ def test_evict_adapter_forgets_only_that_adapters_blocks() -> None:
     bm.evict_adapter(1)
     assert bm.find_cached_blocks(_prompt([1, 2, 3], "x", lora_id=1)) == []
     assert bm.find_cached_blocks(_prompt([1, 2, 3], "y", lora_id=2)) == two.block_table[:1]
-    assert bm.num_free_blocks == 6 and bm.num_cached_blocks == 1
+    assert bm.num_free_blocks == 6
+    assert bm.num_cached_blocks == 1
 
 
 def test_without_caching_nothing_is_found_or_kept() -> None:

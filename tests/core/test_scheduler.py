@@ -997,7 +997,8 @@ def test_preempted_request_finds_its_own_blocks_when_it_comes_back() -> None:
             if s.request.num_preemptions and s.start_position < s.request.num_tokens - 1
         ]
     assert sched.num_preemptions > 0
-    assert resumed_starts and max(resumed_starts) > 0
+    assert resumed_starts
+    assert max(resumed_starts) > 0
     for req in reqs:
         assert req.num_cached_tokens == 0  # what the first admission found
         assert req.output_token_ids == _reference_output(req, sched.max_num_tokens)
