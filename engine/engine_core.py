@@ -107,6 +107,11 @@ class EngineCore:
         manager = self.runner.lora_manager
         return dict(manager.module_shapes) if manager is not None else None
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache's blocks (benchmarks: runs of the same prompts each start
+        cold)."""
+        self.block_manager.reset_prefix_cache()
+
     # ---------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
         """Queue ``request``; raises ``PromptTooLong`` / ``InvalidRequest`` when it could never run."""

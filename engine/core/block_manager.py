@@ -115,6 +115,14 @@ class BlockManager:
                 del self._evictable[block]
                 self._free_blocks.append(block)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (a benchmark's timed runs each start cold). Requests
+        holding blocks keep them."""
+        self._cached.clear()
+        self._block_hash.clear()
+        self._free_blocks.extend(self._evictable)
+        self._evictable.clear()
+
     # ------------------------------------------------------------------ allocation
     def num_new_blocks(
         self, request: Request, num_new_tokens: int, num_cached_blocks: int = 0

@@ -257,6 +257,22 @@ def test_evict_adapter_forgets_only_that_adapters_blocks() -> None:
     assert bm.num_cached_blocks == 1
 
 
+def test_reset_prefix_cache_forgets_every_block_and_keeps_holders_running() -> None:
+    bm = BlockManager(num_blocks=8, block_size=2, enable_caching=True)
+    done, running = _prompt([1, 2, 3], "done"), _prompt([4, 5, 6], "running")
+    _compute(bm, done)
+    _compute(bm, running)
+    bm.free(done)
+    bm.reset_prefix_cache()
+    assert bm.num_cached_blocks == 0
+    assert bm.find_cached_blocks(_prompt([1, 2, 3], "x")) == []
+    assert bm.find_cached_blocks(_prompt([4, 5, 6], "y")) == []
+    assert bm.num_used_blocks == 2
+    assert bm.num_free_blocks == 6
+    bm.free(running)
+    assert bm.num_free_blocks == 8
+
+
 def test_without_caching_nothing_is_found_or_kept() -> None:
     bm = BlockManager(num_blocks=8, block_size=2)
     first = _prompt([1, 2, 3, 4, 5], "first")
