@@ -150,21 +150,30 @@ class BlockManager:
         come first, shared; the new tokens follow them. Returns False and allocates nothing
         when too few blocks are free.
         """
-        if cached_blocks and request.block_table:
-            raise ValueError("cached blocks start a block table: the request holds blocks")
-        if not self.can_allocate(request, num_new_tokens, cached_blocks):
-            return False
-        num_new = self.num_new_blocks(request, num_new_tokens, len(cached_blocks))
-        for block in cached_blocks:
-            if self._ref_counts[block] == 0:
-                del self._evictable[block]
-            self._ref_counts[block] += 1
+        # Called for every running request every step: one pass, no helper calls.
         table = request.block_table
-        table.extend(cached_blocks)
-        table.extend(self._take_free_block() for _ in range(num_new))
-        if self.enable_caching:
-            end = request.num_computed_tokens + len(cached_blocks) * self.block_size
-            self._cache_full_blocks(request, end + num_new_tokens)
+        size = self.block_size
+        num_cached = len(cached_blocks)
+        end = request.num_computed_tokens + num_cached * size + num_new_tokens
+        num_new = -(-end // size) - len(table) - num_cached
+        if num_cached:
+            if table:
+                raise ValueError("cached blocks start a block table: the request holds blocks")
+            # Cached blocks no one holds sit among the free ones: taking them leaves fewer.
+            revived = sum(1 for b in cached_blocks if self._ref_counts[b] == 0)
+            if num_new > len(self._free_blocks) + len(self._evictable) - revived:
+                return False
+            for block in cached_blocks:
+                if self._ref_counts[block] == 0:
+                    del self._evictable[block]
+                self._ref_counts[block] += 1
+            table.extend(cached_blocks)
+        elif num_new > len(self._free_blocks) + len(self._evictable):
+            return False
+        if num_new > 0:
+            table.extend(self._take_free_block() for _ in range(num_new))
+        if self.enable_caching and end // size > request.num_hashed_blocks:
+            self._cache_full_blocks(request, end)
         return True
 
     def free(self, request: Request) -> None:

@@ -21,10 +21,12 @@ request that has computed its prompt and is one token behind) takes at most
 ``max_num_mixed_prefill_tokens`` prompt tokens — prefill chunks of running requests first,
 then admissions — so every running request's next token waits for a bounded step instead of
 for up to ``max_num_batched_tokens`` tokens of prompts. Decodes are never capped, and a step
-with no decodes takes prompts up to ``max_num_batched_tokens``. No request starves: each step
-gives the oldest unfinished prefill at least one token of the cap, and running prefills
-finish before later requests are admitted, in order. The cap needs chunked prefill (without
-it a prompt runs whole and the cap does not apply).
+with no decodes takes prompts up to ``max_num_batched_tokens``. No request starves: the cap
+goes to running prefills oldest first, then to waiting requests in order, so every step
+gives the oldest unfinished prompt at least one token (the budget covers the running
+decodes: ``EngineArgs`` requires ``max_num_batched_tokens >= max_num_seqs``), and a waiting
+request is admitted once the prompts ahead of it are in. The cap needs chunked prefill
+(without it a prompt runs whole and the cap does not apply).
 
 Prefix caching (the block manager's ``enable_caching``). A request being admitted starts
 with the longest run of cached blocks that holds its first tokens under its adapter
@@ -302,8 +304,10 @@ class Scheduler:
             if request.request_id in self._final:
                 i += 1
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            decode = _is_decode(request)
+            computed = request.num_computed_tokens
+            remaining = request.num_tokens - computed
+            num_new = min(remaining, budget)
+            decode = remaining == 1 and computed >= request.num_prompt_tokens  # _is_decode
             if not decode:
                 num_new = min(num_new, prefill_budget)
                 if num_new == 0:  # the cap is spent: decodes behind it still run
