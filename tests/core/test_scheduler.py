@@ -3,6 +3,7 @@ adapter wait, stops. Hand-built requests and a fake runner — no model, no torc
 
 from __future__ import annotations
 
+import argparse
 import random
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import SchedulerConfig
+from engine.config import EngineArgs, SchedulerConfig
 from engine.core.block_manager import BlockManager
 from engine.core.scheduler import PLACEHOLDER, ScheduledRequest, Scheduler, SchedulerOutput
 from engine.errors import PromptTooLong
@@ -923,6 +924,38 @@ def test_no_prompt_starves_under_a_steady_stream_of_decodes(pipelined: bool) -> 
     # the decoders finish, at step 200 or so.
     assert steps[-1] < 150, steps
     assert all(r.num_preemptions == 0 for r in decoders)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "cap"),
+    [
+        ({}, 512),  # the default
+        ({"max_num_batched_tokens": 256}, 256),  # never above the step's budget
+        ({"max_num_mixed_prefill_tokens": 64}, 64),
+        ({"max_num_mixed_prefill_tokens": 10**6}, 2048),  # at the budget: no cap
+    ],
+)
+def test_engine_args_resolve_the_prompt_cap_of_mixed_steps(
+    tiny_model_dir: Path, kwargs: dict[str, int], cap: int
+) -> None:
+    args = EngineArgs(model=str(tiny_model_dir), device="cpu", max_num_seqs=16, **kwargs)
+    assert args.create_engine_config().scheduler.max_num_mixed_prefill_tokens == cap
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "8"])
+def test_engine_args_reject_a_bad_prompt_cap(value: object) -> None:
+    with pytest.raises(ValueError, match="EngineArgs.max_num_mixed_prefill_tokens=") as info:
+        EngineArgs(model="m", max_num_mixed_prefill_tokens=value)  # type: ignore[arg-type]
+    assert "must be an integer >= 1 or None" in str(info.value)
+
+
+def test_prompt_cap_flag_has_help_and_parses() -> None:
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    ns = parser.parse_args(["--model", "m", "--max-num-mixed-prefill-tokens", "64"])
+    assert EngineArgs.from_cli_args(ns).max_num_mixed_prefill_tokens == 64
+    text = " ".join(parser.format_help().split())
+    assert "--max-num-mixed-prefill-tokens" in text
+    assert "Default 512" in text
 
 
 # ---------------------------------------------------------------- prefix caching

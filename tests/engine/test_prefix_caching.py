@@ -5,6 +5,7 @@ preemption and eviction; the cached-token counts reach ``RequestOutput`` in both
 
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 from typing import Any
@@ -264,8 +265,6 @@ def test_logging_stat_logger_reports_the_prefix_cache_hit_rate(caplog):
 
 
 def test_flags_turn_prefix_caching_off_and_on():
-    import argparse
-
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
     assert EngineArgs.from_cli_args(parser.parse_args(["--model", "m"])).enable_prefix_caching
     off = parser.parse_args(["--model", "m", "--no-enable-prefix-caching"])
