@@ -944,7 +944,7 @@ def test_engine_args_resolve_the_prompt_cap_of_mixed_steps(
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, "8"])
 def test_engine_args_reject_a_bad_prompt_cap(value: object) -> None:
-    with pytest.raises(ValueError, match="EngineArgs.max_num_mixed_prefill_tokens=") as info:
+    with pytest.raises(ValueError, match=r"EngineArgs\.max_num_mixed_prefill_tokens=") as info:
         EngineArgs(model="m", max_num_mixed_prefill_tokens=value)  # type: ignore[arg-type]
     assert "must be an integer >= 1 or None" in str(info.value)
 
