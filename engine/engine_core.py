@@ -223,7 +223,12 @@ class EngineCore:
             return sched, 0.0
         t0 = time.perf_counter()
         previous = self._in_flight[-1][1] if self._in_flight else None
-        handle = self.runner.launch(sched, previous)
+        try:
+            handle = self.runner.launch(sched, previous)
+        except BaseException:
+            # The step's blocks are in the prefix cache already but will hold no KV.
+            self.block_manager.reset_prefix_cache()
+            raise
         self.scheduler.advance(sched)
         self._in_flight.append((sched, handle))
         return sched, time.perf_counter() - t0

@@ -213,6 +213,24 @@ def test_cached_tokens_cross_the_process_boundary(tiny_model_dir, reference):
     assert got["b"].num_cached_tokens == expected >= 32  # the system prompt's full blocks
 
 
+def test_a_step_that_fails_to_launch_leaves_no_cached_blocks(tiny_model_dir, reference):
+    engine = make_engine(tiny_model_dir, block_size=BLOCK_SIZE, enable_lora=False)
+    run_waves(engine, [[("a", SYSTEM + TURNS[0], None)]])
+    assert engine.block_manager.num_cached_blocks > 0
+    launch = engine.runner.launch
+
+    def fail(*args: Any) -> Any:
+        raise RuntimeError("launch failed")
+
+    engine.runner.launch = fail  # type: ignore[method-assign]
+    engine.add_request("b", SYSTEM + TURNS[1], GREEDY)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        engine.step()
+    # Its blocks were entered when it was scheduled, and no step will fill them.
+    assert engine.block_manager.num_cached_blocks == 0
+    engine.runner.launch = launch  # type: ignore[method-assign]
+
+
 def test_core_stats_count_the_admitted_and_the_cached_tokens(tiny_model_dir):
     engine = make_engine(tiny_model_dir, block_size=BLOCK_SIZE, enable_lora=False)
     core = engine.core
