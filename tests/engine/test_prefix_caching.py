@@ -213,7 +213,7 @@ def test_cached_tokens_cross_the_process_boundary(tiny_model_dir, reference):
     assert got["b"].num_cached_tokens == expected >= 32  # the system prompt's full blocks
 
 
-def test_a_step_that_fails_to_launch_leaves_no_cached_blocks(tiny_model_dir, reference):
+def test_a_step_that_fails_to_launch_leaves_no_cached_blocks(tiny_model_dir):
     engine = make_engine(tiny_model_dir, block_size=BLOCK_SIZE, enable_lora=False)
     run_waves(engine, [[("a", SYSTEM + TURNS[0], None)]])
     assert engine.block_manager.num_cached_blocks > 0
