@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from engine import EngineArgs, LLMEngine, LoRARequest, SamplingParams
 from engine.core_messages import CoreStats, EngineCoreOutputs, decode, encode
@@ -50,6 +51,21 @@ def run_waves(engine: LLMEngine, waves: list[list[Job]]) -> dict[str, RequestOut
                 if out.finished:
                     assert out.outputs[0].finish_reason == "length", out.error
                     final[out.request_id] = out
+    return final
+
+
+def run_staggered(engine: LLMEngine, jobs: list[Job], stagger: int) -> dict[str, RequestOutput]:
+    """One request every ``stagger`` steps, so prompts join running decodes."""
+    final: dict[str, RequestOutput] = {}
+    pending, step = list(jobs), 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % stagger == 0:
+            rid, prompt, lora = pending.pop(0)
+            engine.add_request(rid, prompt, GREEDY, lora_request=lora)
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        step += 1
     return final
 
 
@@ -229,6 +245,38 @@ def test_a_step_that_fails_to_launch_leaves_no_cached_blocks(tiny_model_dir):
     # Its blocks were entered when it was scheduled, and no step will fill them.
     assert engine.block_manager.num_cached_blocks == 0
     engine.runner.launch = launch  # type: ignore[method-assign]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_steps_that_start_after_cached_blocks_equal_eager_without_caching(
+    tiny_model_dir,
+):
+    """On a GPU, prompts that start after their cached blocks run in the decode graphs (one
+    token left) and in the mixed-step graphs beside decodes: the same tokens as eager
+    steps with nothing cached (float32)."""
+    loras: list[LoRARequest | None] = [None, *lora_requests(tiny_model_dir)[:2]]
+    prompts = [SYSTEM + turn for turn in TURNS] + [SYSTEM + TURNS[0]]
+    jobs: list[Job] = [
+        (f"{i}-{j}", prompt, lora)
+        for j, prompt in enumerate(prompts)
+        for i, lora in enumerate(loras)
+    ]
+    got = {}
+    for caching in (True, False):
+        engine = make_engine(
+            tiny_model_dir,
+            device="cuda",
+            dtype="float32",
+            block_size=BLOCK_SIZE,
+            enforce_eager=not caching,
+            enable_prefix_caching=caching,
+        )
+        got[caching] = run_staggered(engine, jobs, stagger=2)
+        if caching:
+            assert engine.runner.timings.mixed_graph_steps > 0
+            assert sum(out.num_cached_tokens or 0 for out in got[caching].values()) > 0
+    for rid, _, _ in jobs:
+        assert got[True][rid].outputs[0].token_ids == got[False][rid].outputs[0].token_ids, rid
 
 
 def test_core_stats_count_the_admitted_and_the_cached_tokens(tiny_model_dir):
