@@ -104,10 +104,11 @@ class EngineArgs:
     (capped at max_num_batched_tokens; a value of max_num_batched_tokens or more turns the cap
     off). Needs chunked prefill."""
     enable_prefix_caching: bool = True
-    """Reuse the KV cache of full prompt blocks across requests whose tokens agree from the
-    start and that use the same adapter (never across adapters, nor between an adapter and the
-    base model); cached blocks no request holds are evicted least recently used first when
-    fresh blocks are needed. --no-enable-prefix-caching turns it off."""
+    """On by default: reuse the KV cache of full blocks (block_size tokens) across requests
+    whose tokens agree from the start and that use the same adapter (never across adapters,
+    nor between an adapter and the base model); cached blocks no request holds are evicted
+    least recently used first when fresh blocks are needed. --no-enable-prefix-caching turns
+    it off."""
     async_scheduling: bool = True
     """Schedule and launch each step before the previous one's tokens reach the host, so host
     work overlaps the GPU; a request may compute one token past its stop, which is dropped.
