@@ -24,6 +24,15 @@ step took 11.5-27 ms eagerly without adapters and 19-40 ms with 32 of them, agai
 tokens and, past about a thousand, covers those launches (an estimate from the matrix
 products' rate)."""
 
+MIXED_PREFILL_TOKENS = 512
+"""Default ``max_num_mixed_prefill_tokens``. On an H100 with llama-3.1-8b a step of 8,192
+prompt tokens held every running decode for about 250 ms (issue 20), some 30 us a token; 512
+prompt tokens then add about 16 ms to a 256-sequence decode step of about 10 ms (the graph
+step timed in docs/architecture.md), so a step with prompts stays within about 2.5 decode
+steps, inside the issue's inter-token target (p99 at most 4 x p50). 512 tokens with 256
+decodes (768) also fit the default ``max_cudagraph_capture_size`` (1024), so such steps
+replay a graph. An estimate, not a measurement: the GPU benchmark tunes it."""
+
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DTYPES = {
@@ -86,6 +95,20 @@ class EngineArgs:
     """Only 1 is supported."""
     enable_chunked_prefill: bool = True
     """Split long prompts over steps so decodes keep flowing."""
+    max_num_mixed_prefill_tokens: int | None = None
+    """Most prompt tokens (prefill chunks and recomputation) in a step that also runs decodes
+    (Sarathi-Serve's stall-free batching): a step's time, and so every running request's
+    inter-token latency, stays bounded while prompts are admitted. Lower: steadier
+    inter-token latency, later first tokens under load; higher: the reverse. Steps without
+    decodes take prompts up to max_num_batched_tokens, the hard cap either way. Default 512
+    (capped at max_num_batched_tokens; a value of max_num_batched_tokens or more turns the cap
+    off). Needs chunked prefill."""
+    enable_prefix_caching: bool = True
+    """On by default: reuse the KV cache of full blocks (block_size tokens) across requests
+    whose tokens agree from the start and that use the same adapter (never across adapters,
+    nor between an adapter and the base model); cached blocks no request holds are evicted
+    least recently used first when fresh blocks are needed. --no-enable-prefix-caching turns
+    it off."""
     async_scheduling: bool = True
     """Schedule and launch each step before the previous one's tokens reach the host, so host
     work overlaps the GPU; a request may compute one token past its stop, which is dropped.
@@ -188,6 +211,10 @@ class EngineArgs:
             unknown = [m for m in self.lora_target_modules if m not in LORA_TARGET_MODULES]
             if unknown or not self.lora_target_modules:
                 bad("lora_target_modules", f"allowed: {', '.join(LORA_TARGET_MODULES)}")
+        if self.max_num_mixed_prefill_tokens is not None and (
+            not _is_int(self.max_num_mixed_prefill_tokens) or self.max_num_mixed_prefill_tokens < 1
+        ):
+            bad("max_num_mixed_prefill_tokens", "must be an integer >= 1 or None")
         if not _is_int(self.max_lora_wait_steps) or self.max_lora_wait_steps < 0:
             bad("max_lora_wait_steps", "must be an integer >= 0")
         if self.lora_modules and not self.enable_lora:
@@ -267,6 +294,7 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 num_blocks_override=self.num_gpu_blocks_override,
                 cpu_space_bytes=int(self.kv_cache_space_gb * (1 << 30)),
+                enable_prefix_caching=self.enable_prefix_caching,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
@@ -276,6 +304,9 @@ class EngineArgs:
                 max_lora_wait_steps=self.max_lora_wait_steps,
                 enable_chunked_prefill=self.enable_chunked_prefill,
                 async_scheduling=self.async_scheduling,
+                max_num_mixed_prefill_tokens=min(
+                    budget, self.max_num_mixed_prefill_tokens or MIXED_PREFILL_TOKENS
+                ),
             ),
             lora=LoRAConfig(
                 max_loras=self.max_loras,
@@ -306,6 +337,7 @@ class CacheConfig:
     gpu_memory_utilization: float
     num_blocks_override: int | None
     cpu_space_bytes: int
+    enable_prefix_caching: bool = False
 
 
 @dataclass(frozen=True)
@@ -318,6 +350,9 @@ class SchedulerConfig:
     max_lora_wait_steps: int = 64
     enable_chunked_prefill: bool = True
     async_scheduling: bool = False
+    max_num_mixed_prefill_tokens: int | None = None
+    """Most prompt tokens in a step that also runs decodes (with chunked prefill); None: no
+    cap below max_num_batched_tokens."""
 
 
 @dataclass(frozen=True)
@@ -382,6 +417,7 @@ def _cli_type(name: str) -> Any:
         "num_gpu_blocks_override",
         "max_cpu_loras",
         "max_cudagraph_capture_size",
+        "max_num_mixed_prefill_tokens",
     ):
         return int
     if name in ("gpu_memory_utilization", "kv_cache_space_gb"):

@@ -23,7 +23,7 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 
 # Bumped when a message changes shape, so a mismatched core fails at start-up, not mid-run.
-PROTOCOL_VERSION = 2  # 2: SamplingParams.output_kind
+PROTOCOL_VERSION = 3  # 2: SamplingParams.output_kind; 3: prefix-cache counts
 
 
 # ------------------------------------------------------------------------- front → core
@@ -143,6 +143,10 @@ class CoreStats:
     """Adapters in host or device memory: their configs are not re-checked at add_request."""
     adapters: AdapterStats | None = None
     """Only when stats are logged (it takes the adapter manager's lock)."""
+    num_prefix_queried_tokens: int = 0
+    """Tokens of the requests admitted this step, with prefix caching on."""
+    num_prefix_hit_tokens: int = 0
+    """Of those, the tokens found in the prefix cache."""
 
 
 @dataclass
@@ -165,10 +169,13 @@ class EngineCoreOutputs:
     """None when no request of the step asked for logprobs."""
     failed: list[FailedRequest]
     stats: CoreStats
+    num_cached_tokens: list[int] = field(default_factory=list)
+    """Per ``request_ids[i]``: the tokens it found in the prefix cache at its first
+    admission (empty from a core that does not report them)."""
 
     @classmethod
     def empty(cls, stats: CoreStats) -> EngineCoreOutputs:
-        return cls([], [], [], [], [], None, [], stats)
+        return cls([], [], [], [], [], None, [], stats, [])
 
 
 @dataclass

@@ -58,7 +58,11 @@ class EngineCore:
         self.config = config
         self.log_stats = log_stats
         self.runner = ModelRunner(config)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks,
+            config.cache.block_size,
+            enable_caching=config.cache.enable_prefix_caching,
+        )
         lora_ready = self.runner.lora_manager.is_ready if self.runner.lora_manager else None
         self.scheduler = Scheduler(
             config.scheduler,
@@ -91,7 +95,10 @@ class EngineCore:
         return self.require_lora().add_lora(lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
-        return self.require_lora().remove_lora(lora_id)
+        removed = self.require_lora().remove_lora(lora_id)
+        # Its id may come back naming other weights: its cached KV must not be found then.
+        self.block_manager.evict_adapter(lora_id)
+        return removed
 
     def list_loras(self) -> set[int]:
         return set(self.require_lora().list_loras()) if self.runner.lora_manager else set()
@@ -99,6 +106,11 @@ class EngineCore:
     def module_shapes(self) -> dict[str, tuple[str, int, int, int]] | None:
         manager = self.runner.lora_manager
         return dict(manager.module_shapes) if manager is not None else None
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache's blocks (benchmarks: runs of the same prompts each start
+        cold)."""
+        self.block_manager.reset_prefix_cache()
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
@@ -151,6 +163,7 @@ class EngineCore:
         finish_reasons: list[str | None] = []
         stop_reasons: list[int | None] = []
         first_times: list[float | None] = []
+        num_cached: list[int] = []
         logprobs: list[dict[int, float] | None] | None = None
         if queue:
             sched, handle = queue.popleft()
@@ -175,6 +188,7 @@ class EngineCore:
                 stop = req.stop_reason
                 stop_reasons.append(stop if isinstance(stop, int) else None)
                 first_times.append(req.first_token_time if index == 0 else None)
+                num_cached.append(req.num_cached_tokens or 0)
                 if req.is_finished:
                     self._unpin(req)
             if result.logprobs:
@@ -190,7 +204,15 @@ class EngineCore:
             tm.steps += 1
         stats = self._stats(sched, num_prompt, num_gen, t3 - t0, schedule_s, execute_s, update_s)
         return EngineCoreOutputs(
-            ids, tokens, finish_reasons, stop_reasons, first_times, logprobs, failed, stats
+            ids,
+            tokens,
+            finish_reasons,
+            stop_reasons,
+            first_times,
+            logprobs,
+            failed,
+            stats,
+            num_cached_tokens=num_cached,
         )
 
     def _launch(self) -> tuple[SchedulerOutput, float]:
@@ -201,7 +223,12 @@ class EngineCore:
             return sched, 0.0
         t0 = time.perf_counter()
         previous = self._in_flight[-1][1] if self._in_flight else None
-        handle = self.runner.launch(sched, previous)
+        try:
+            handle = self.runner.launch(sched, previous)
+        except BaseException:
+            # The step's blocks are in the prefix cache already but will hold no KV.
+            self.block_manager.reset_prefix_cache()
+            raise
         self.scheduler.advance(sched)
         self._in_flight.append((sched, handle))
         return sched, time.perf_counter() - t0
@@ -251,6 +278,8 @@ class EngineCore:
             schedule_s=schedule_s,
             execute_s=execute_s,
             update_s=update_s,
+            num_prefix_queried_tokens=sched.num_prefix_queried_tokens,
+            num_prefix_hit_tokens=sched.num_prefix_hit_tokens,
         )
         manager = self.runner.lora_manager
         if manager is not None and self.log_stats:

@@ -34,6 +34,10 @@ class Stats:
     adapter_device_evictions: int = 0
     finished: list[tuple[str, str]] = field(default_factory=list)
     """(request_id, finish_reason) of requests that finished this step."""
+    num_prefix_queried_tokens: int = 0
+    """Tokens of the requests admitted this step, with prefix caching on."""
+    num_prefix_hit_tokens: int = 0
+    """Of those, the tokens found in the prefix cache (their KV reused, not computed)."""
 
 
 class StatLogger(Protocol):
@@ -48,24 +52,36 @@ class LoggingStatLogger:
         self._last = time.monotonic()
         self._prompt_tokens = 0
         self._gen_tokens = 0
+        self._prefix_queried = 0
+        self._prefix_hits = 0
 
     def record(self, stats: Stats) -> None:
         self._prompt_tokens += stats.num_prompt_tokens
         self._gen_tokens += stats.num_generation_tokens
+        self._prefix_queried += stats.num_prefix_queried_tokens
+        self._prefix_hits += stats.num_prefix_hit_tokens
         elapsed = stats.now - self._last
         if elapsed < self.interval_s:
             return
         logger.info(
             "prompt %.1f tok/s, generation %.1f tok/s, running %d, waiting %d, KV %.1f%%, "
-            "adapters on device %d, in host %d, loads %d",
+            "prefix cache hit rate %.1f%%, adapters on device %d, in host %d, loads %d",
             self._prompt_tokens / elapsed,
             self._gen_tokens / elapsed,
             stats.num_running,
             stats.num_waiting,
             100 * stats.kv_cache_usage,
+            100 * prefix_cache_hit_rate(self._prefix_hits, self._prefix_queried),
             len(stats.adapters_on_device),
             len(stats.adapters_in_host),
             stats.adapter_loads,
         )
         self._last = stats.now
         self._prompt_tokens = self._gen_tokens = 0
+        self._prefix_queried = self._prefix_hits = 0
+
+
+def prefix_cache_hit_rate(hit_tokens: int, queried_tokens: int) -> float:
+    """Fraction of the admitted requests' tokens found in the prefix cache (0 when none
+    were admitted)."""
+    return hit_tokens / queried_tokens if queried_tokens else 0.0

@@ -39,6 +39,7 @@ class RequestState:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: LoRAStreamError | None = None
+    num_cached_tokens: int | None = None
 
     @property
     def finished(self) -> bool:
@@ -99,6 +100,7 @@ class OutputProcessor:
                 state.error = f.error
                 result.touched.append(state)
         logprobs = batch.logprobs
+        num_cached = batch.num_cached_tokens
         for i, request_id in enumerate(batch.request_ids):
             state = states.get(request_id)
             if state is None:  # aborted or stopped in the front while the core ran on
@@ -109,6 +111,8 @@ class OutputProcessor:
             first_token_time = batch.first_token_times[i]
             if first_token_time is not None:
                 state.first_token_time = first_token_time
+            if num_cached:
+                state.num_cached_tokens = num_cached[i]
             state.output_token_ids.append(token)
             if state.logprobs is not None and logprobs is not None:
                 lp = logprobs[i]
@@ -178,4 +182,5 @@ class OutputProcessor:
             error=state.error,
             metrics=metrics,
             lora_name=state.lora_name,
+            num_cached_tokens=state.num_cached_tokens,
         )

@@ -50,3 +50,6 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     """arrival_time, first_token_time, finished_time (time.monotonic seconds)."""
     lora_name: str | None = None
+    num_cached_tokens: int | None = None
+    """Prompt tokens found in the prefix cache (their KV was reused, not computed) when the
+    request was first scheduled; None until then."""

@@ -69,6 +69,14 @@ class Request:
     # Steps this request waited at the head of the queue while later requests were admitted.
     num_bypassed_steps: int = 0
     first_token_time: float | None = None
+    num_cached_tokens: int | None = None
+    """Tokens found in the prefix cache when the request was first admitted (None before)."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Hashes of its full blocks of known tokens, each chaining the one before (prefix
+    caching, ``engine.core.kv_cache_utils``); grown as blocks fill."""
+    num_hashed_blocks: int = 0
+    """Leading blocks of ``block_table`` the block manager is done with for the prefix cache
+    (entered there, found there, or left out because another block holds their tokens)."""
     # Front only (the core never sees it): the prompt's tail is an earlier run's output.
     resumed: ResumedOutput | None = None
 

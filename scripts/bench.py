@@ -112,6 +112,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "mix prefill and decode run eagerly",
     )
     p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the engines' enable_prefix_caching (default: on, the engine's default); every "
+        "timed run starts with an empty prefix cache, so runs of the same prompts reuse "
+        "nothing from each other",
+    )
+    p.add_argument(
+        "--shared-prefix-len",
+        type=int,
+        default=0,
+        help="the first N of every prompt's --input-len tokens are the same (a system prompt): "
+        "with prefix caching, requests of one adapter reuse its KV blocks (default 0)",
+    )
+    p.add_argument(
+        "--max-num-mixed-prefill-tokens",
+        type=int,
+        default=None,
+        help="the engines' max_num_mixed_prefill_tokens: prompt tokens in a step that also "
+        "decodes (default: the engine's, 512); --max-num-batched-tokens or more: no cap",
+    )
+    p.add_argument(
         "--temperature",
         type=float,
         default=0.0,
@@ -242,9 +264,13 @@ def adapter_paths(model_dir: Path, rank: int, n: int) -> list[Path]:
 # ----------------------------------------------------------------------------- workload
 
 
-def make_prompts(n: int, length: int, seed: int) -> list[list[int]]:
+def make_prompts(n: int, length: int, seed: int, shared: int = 0) -> list[list[int]]:
+    """``n`` random prompts of ``length`` tokens, the first ``shared`` of them the same."""
     rng = random.Random(seed)
-    return [[rng.randrange(*PROMPT_VOCAB) for _ in range(length)] for _ in range(n)]
+    start = [rng.randrange(*PROMPT_VOCAB) for _ in range(min(shared, length))]
+    return [
+        start + [rng.randrange(*PROMPT_VOCAB) for _ in range(length - len(start))] for _ in range(n)
+    ]
 
 
 def assign_adapters(pattern: str, n: int, num_adapters: int, seed: int) -> list[int]:
@@ -390,6 +416,8 @@ def make_llm(
         "enforce_eager": args.enforce_eager,
         # Other scripts build their own namespaces (gpu_decode_step.py): engine defaults.
         "max_cudagraph_capture_size": getattr(args, "max_cudagraph_capture_size", None),
+        "enable_prefix_caching": getattr(args, "enable_prefix_caching", True),
+        "max_num_mixed_prefill_tokens": getattr(args, "max_num_mixed_prefill_tokens", None),
         "gpu_memory_utilization": 0.85,
         "seed": args.seed,
     }
@@ -449,6 +477,7 @@ def run_multiprocess(
         "elapsed_s": elapsed,
         "output_tok_s": n_out / elapsed,
         "distinct_adapters": len(set(adapters)) if adapters is not None else 0,
+        "cached_prompt_tokens": sum(o.num_cached_tokens or 0 for o in outs),
         "step_timings_ms": after,
         "step_timings_before_ms": before,
     }
@@ -475,6 +504,8 @@ def run_lorastream(
     reqs = [loras[a] for a in adapters] if adapters is not None else None
     inputs: list[Any] = [{"prompt_token_ids": p} for p in prompts]
     runner = llm.llm_engine.runner
+    # Runs take turns on the same prompts: none may find another's (or the warm-up's) KV.
+    llm.llm_engine.core.reset_prefix_cache()
     before = _copy_timings(runner.timings)
     _sync()
     with _profiler(profile_dir) as hook, instrument(llm, hook) as rec:
@@ -493,6 +524,7 @@ def run_lorastream(
         "output_tok_s": n_out / elapsed,
         "total_tok_s": (n_out + sum(map(len, prompts))) / elapsed,
         "distinct_adapters": len(set(adapters)) if adapters is not None else 0,
+        "cached_prompt_tokens": sum(o.num_cached_tokens or 0 for o in outs),
         "graph_steps": t.graph_steps - before.graph_steps,
         "mixed_graph_steps": t.mixed_graph_steps - before.mixed_graph_steps,
         "runner_prepare_ms": 1e3 * (t.prepare_s - before.prepare_s) / steps,
@@ -841,7 +873,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         LoRARequest(p.name, i + 1, str(p))
         for i, p in enumerate(adapter_paths(model_dir, args.rank, args.num_adapters))
     ]
-    prompts = make_prompts(args.num_prompts, args.input_len, args.seed)
+    prompts = make_prompts(args.num_prompts, args.input_len, args.seed, args.shared_prefix_len)
     patterns = [p for p in args.patterns.split(",") if p]
     bw = copy_bandwidth() if args.device == "cuda" else 1e12
     log.info("device-to-device copy: %.2f TB/s", bw / 1e12)

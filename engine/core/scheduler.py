@@ -16,6 +16,25 @@ blocks. A waiting request whose adapter is not yet in host memory (``lora_ready`
 skipped and does not hold up the others; one that does not fit the budget, the sequence
 limit or the free blocks stops admission for the step (first come, first served).
 
+No decode stalls (Sarathi-Serve's stall-free batching). A step that runs decodes (a running
+request that has computed its prompt and is one token behind) takes at most
+``max_num_mixed_prefill_tokens`` prompt tokens — prefill chunks of running requests first,
+then admissions — so every running request's next token waits for a bounded step instead of
+for up to ``max_num_batched_tokens`` tokens of prompts. Decodes are never capped, and a step
+with no decodes takes prompts up to ``max_num_batched_tokens``. No request starves: the cap
+goes to running prefills oldest first, then to waiting requests in order, so every step
+gives the oldest unfinished prompt at least one token (the budget covers the running
+decodes: ``EngineArgs`` requires ``max_num_batched_tokens >= max_num_seqs``), and a waiting
+request is admitted once the prompts ahead of it are in. The cap needs chunked prefill
+(without it a prompt runs whole and the cap does not apply).
+
+Prefix caching (the block manager's ``enable_caching``). A request being admitted starts
+with the longest run of cached blocks that holds its first tokens under its adapter
+(``BlockManager.find_cached_blocks``), so ``num_computed_tokens`` starts at their length, a
+multiple of ``block_size`` and below ``num_tokens`` (the last token is always computed, to
+sample from), and only the rest counts against the budget. ``num_cached_tokens`` keeps what
+its first admission found. A preempted request looks again when it comes back.
+
 Preemption. When a running request cannot get the blocks for its next tokens, the newest
 running request (the last in the order above) is preempted — its blocks are freed, its
 ``num_computed_tokens`` goes back to 0 and it returns to the waiting queue, where its order
@@ -114,6 +133,10 @@ class SchedulerOutput:
     """Requests finished since the previous ``schedule()``: the runner may drop their state."""
     advanced: bool = False
     """``Scheduler.advance`` has run for this step."""
+    num_prefix_queried_tokens: int = 0
+    """Tokens of the requests admitted this step, with prefix caching on."""
+    num_prefix_hit_tokens: int = 0
+    """Of those, the tokens found in the prefix cache (not computed)."""
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -149,6 +172,12 @@ def check_prompt_fits(num_prompt: int, block_size: int, num_blocks: int) -> None
 
 def _always_ready(lora_id: int) -> bool:
     return True
+
+
+def _is_decode(request: Request) -> bool:
+    """A request that has computed its prompt and is one token behind: one new token."""
+    n = request.num_computed_tokens
+    return n >= request.num_prompt_tokens and request.num_tokens - n == 1
 
 
 class Scheduler:
@@ -262,6 +291,9 @@ class Scheduler:
     # ------------------------------------------------------------------ step
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        # Prompt tokens (prefill and recompute) this step may still take: capped while
+        # decodes run, so their step stays short (see the module docstring).
+        prefill_budget = self._prefill_budget(budget)
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
@@ -272,7 +304,15 @@ class Scheduler:
             if request.request_id in self._final:
                 i += 1
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            computed = request.num_computed_tokens
+            remaining = request.num_tokens - computed
+            num_new = min(remaining, budget)
+            decode = remaining == 1 and computed >= request.num_prompt_tokens  # _is_decode
+            if not decode:
+                num_new = min(num_new, prefill_budget)
+                if num_new == 0:  # the cap is spent: decodes behind it still run
+                    i += 1
+                    continue
             while not self.block_manager.allocate_slots(request, num_new):
                 victim = self.running[-1]
                 self._remove_running(victim)
@@ -283,22 +323,39 @@ class Scheduler:
             else:
                 scheduled.append(self._scheduled(request, num_new))
                 budget -= num_new
+                if not decode:
+                    prefill_budget -= num_new
                 i += 1
 
+        out = SchedulerOutput(
+            scheduled=scheduled,
+            active_lora_ids=frozenset(),
+            preempted=preempted,
+            finished_request_ids=frozenset(),
+        )
         if not preempted:  # memory is tight: admit no one this step
-            self._admit_waiting(budget, scheduled)
+            self._admit_waiting(min(budget, prefill_budget), out)
 
         finished_ids, self._finished_ids = frozenset(self._finished_ids), set()
-        return SchedulerOutput(
-            scheduled=scheduled,
-            active_lora_ids=self._active_lora_ids(),
-            preempted=preempted,
-            finished_request_ids=finished_ids,
-        )
+        out.active_lora_ids = self._active_lora_ids()
+        out.finished_request_ids = finished_ids
+        return out
 
-    def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> None:
+    def _prefill_budget(self, budget: int) -> int:
+        """The prompt tokens this step may take: ``max_num_mixed_prefill_tokens`` when a
+        running request decodes (with chunked prefill), else the whole ``budget``."""
+        cap = self.config.max_num_mixed_prefill_tokens
+        if cap is None or cap >= budget or not self.config.enable_chunked_prefill:
+            return budget
+        final = self._final
+        if any(_is_decode(r) and r.request_id not in final for r in self.running):
+            return cap
+        return budget
+
+    def _admit_waiting(self, budget: int, out: SchedulerOutput) -> None:
         """Admit waiting requests in order within ``budget`` tokens (see the module docstring)."""
         max_loras = self.config.max_loras
+        bm = self.block_manager
         active = set(self._active_lora_ids())
         admitted: list[Request] = []
         # Set once the pass reaches a starving request: adapter requests behind it are held.
@@ -321,13 +378,21 @@ class Scheduler:
                         request.num_bypassed_steps += 1
                     hold_adapters = self._is_starving(request)
                     continue
-            num_new = request.num_tokens - request.num_computed_tokens
+            cached = bm.find_cached_blocks(request)
+            num_cached = len(cached) * bm.block_size
+            num_new = request.num_tokens - num_cached
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
-            if not self.block_manager.allocate_slots(request, num_new):
+            if not bm.allocate_slots(request, num_new, cached):
                 break
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_cached
+            if bm.enable_caching:
+                out.num_prefix_queried_tokens += request.num_tokens
+                out.num_prefix_hit_tokens += num_cached
             request.status = RequestStatus.RUNNING
             request.num_bypassed_steps = 0
             bisect.insort(self.running, request, key=self._order_key)
@@ -335,7 +400,7 @@ class Scheduler:
             if lora_id:
                 self._running_loras[lora_id] += 1
                 active.add(lora_id)
-            scheduled.append(self._scheduled(request, num_new))
+            out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         if admitted:
             done = set(admitted)
