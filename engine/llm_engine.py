@@ -342,6 +342,8 @@ class LLMEngine:
             num_prompt_tokens=s.num_prompt_tokens,
             num_generation_tokens=s.num_generation_tokens,
             num_preemptions=s.num_preemptions,
+            num_prefix_queried_tokens=s.num_prefix_queried_tokens,
+            num_prefix_hit_tokens=s.num_prefix_hit_tokens,
             step_time_s=s.step_time_s + front_s,
             finished=finished,
         )
