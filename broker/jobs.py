@@ -327,6 +327,8 @@ class Jobs:
             usage["ttft_ms"] = round((m["first_token_time"] - m["arrival_time"]) * 1000, 3)
         if "finished_time" in m and "arrival_time" in m:
             usage["e2e_ms"] = round((m["finished_time"] - m["arrival_time"]) * 1000, 3)
+        if out.num_cached_tokens:
+            usage["cached_tokens"] = out.num_cached_tokens
         if resumed:
             usage["resumed_tokens"] = resumed
         return usage

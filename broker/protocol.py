@@ -335,7 +335,8 @@ def _check_version(raw_v: msgspec.Raw, kind: str) -> None:
         v = None
     if v != VERSION:
         raise UnsupportedVersion(
-            f"v={untrusted(bytes(raw_v), 40)} is not supported: this worker speaks v={VERSION}"
+            f"v={untrusted(bytes(raw_v).decode(errors='replace'), 40)} is not supported: "
+            f"this worker speaks v={VERSION}"
         )
 
 
