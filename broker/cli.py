@@ -32,9 +32,6 @@ logger = logging.getLogger("lorastream.broker")
 EngineFactory = Callable[[argparse.Namespace, list[Any]], EngineClient]
 
 _URL_ENV = "LORASTREAM_REDIS_URL"
-REDIS_WAIT_S = 10.0
-"""How long ``serve`` waits for Redis at start-up before it gives up (a worker started with
-its Redis may come up first); once serving, it rides out outages of any length."""
 
 
 def _add_redis_args(parser: argparse.ArgumentParser, *, serve: bool = False) -> None:
@@ -50,6 +47,10 @@ def _add_redis_args(parser: argparse.ArgumentParser, *, serve: bool = False) -> 
     g.add_argument("--redis-ca-file", default=None,
                    help="CA bundle for rediss:// URLs (default: the system's)")  # fmt: skip
     g.add_argument("--prefix", default="lorastream", help="key prefix of every stream and channel")
+    if serve:
+        g.add_argument("--redis-wait", type=float, default=10.0,
+                       help="seconds to wait for Redis at start-up before giving up (once "
+                       "serving, a worker rides out outages of any length)")  # fmt: skip
 
 
 def _need_url(ns: argparse.Namespace) -> str:
@@ -207,7 +208,7 @@ async def serve(ns: argparse.Namespace, engine_factory: EngineFactory | None = N
         settings = RedisSettings(url, ca_file=ns.redis_ca_file, block_ms=cfg.block_ms)
         client = connect(settings)
         stack.push_async_callback(_close_quietly, client)
-        await _wait_for_redis(client, settings)
+        await _wait_for_redis(client, settings, ns.redis_wait)
         metrics = BrokerMetrics()
         if ns.metrics_port is not None:
             port = _serve_metrics(metrics, ns.metrics_port, ns.metrics_addr)
@@ -245,11 +246,11 @@ def _private_redis(unix_socket: bool) -> RedisServer:
         raise UsageError(f"{e} (or pass --redis-url)") from e
 
 
-async def _wait_for_redis(client: Any, settings: RedisSettings) -> None:
-    """PING until Redis answers, for up to REDIS_WAIT_S; then the last error propagates
-    (the CLI turns it into one line)."""
+async def _wait_for_redis(client: Any, settings: RedisSettings, wait_s: float) -> None:
+    """PING until Redis answers, for up to ``wait_s``; then the last error propagates (the
+    CLI turns it into one line)."""
     backoff = Backoff(max_s=1.0)
-    deadline = anyio.current_time() + REDIS_WAIT_S
+    deadline = anyio.current_time() + wait_s
     while True:
         try:
             await client.ping()

@@ -38,6 +38,7 @@ _REQUEST_KEYS: Final = frozenset(
         "params",
         "reply_to",
         "priority",
+        "deadline",
     }
 )
 _MESSAGE_KEYS: Final = frozenset({"role", "content", "name"})

@@ -36,7 +36,7 @@ def _json_object(text: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(
-            f"not JSON ({e}): quote it, e.g. '{{\"top_k\": 5}}'"
+            f"not JSON ({e}): write a JSON object, e.g. '{{\"top_k\": 5}}'"
         ) from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"top_k\": 5}'")

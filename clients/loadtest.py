@@ -35,6 +35,7 @@ from typing import Any
 
 import anyio
 
+from broker.redis_conn import REDIS_ERRORS
 from clients.sdk import AsyncClient, ClientError
 
 PATTERNS = ("distinct", "uniform", "skewed", "identical")
@@ -241,6 +242,8 @@ async def run_plan(
                         rec.finish_reason = event.finish_reason
         except ClientError as e:
             rec.error = e.code
+        except REDIS_ERRORS as e:  # this request fails; the run goes on
+            rec.error = f"redis: {type(e).__name__}"
         rec.end = anyio.current_time() - t0
         if on_done is not None:
             on_done(rec)
@@ -550,6 +553,7 @@ async def run_loadtest(cfg: LoadtestConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     async with AsyncClient(cfg.redis_url, cfg.prefix, timeout_s=cfg.timeout_s) as client:
+        await client.redis.ping()  # an unreachable Redis fails the run here, not per request
         adapters = cfg.adapters or sorted(await client.adapters())
         plan = build_plan(cfg, list(adapters))
         before = {u: await anyio.to_thread.run_sync(scrape, u) for u in cfg.metrics_urls}

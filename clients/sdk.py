@@ -566,7 +566,11 @@ class Client:
                 on_no_worker=on_no_worker,
             )
 
-        self._async = self._portal.call(make)
+        try:
+            self._async = self._portal.call(make)
+        except BaseException:
+            self._stack.close()  # the portal's thread would keep the process alive
+            raise
 
     def close(self) -> None:
         try:

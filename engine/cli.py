@@ -177,6 +177,10 @@ def user_error(err: BaseException, ns: argparse.Namespace | None = None) -> str 
     """One line naming the problem and the fix, or None for an error that is a bug."""
     from engine.errors import LoRAStreamError
 
+    if isinstance(err, BaseExceptionGroup):
+        # Task groups wrap what their tasks raised: a user error only if every one is.
+        messages = [user_error(e, ns) for e in err.exceptions]
+        return messages[0] if all(messages) else None
     redis_exc: Any = sys.modules.get("redis.exceptions")
     if isinstance(err, UsageError | ValueError):
         text = str(err)
@@ -230,4 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m engine.cli``: run the imported module, whose UsageError the subcommands raise
+    # (this file as __main__ would define a second, different class).
+    from engine.cli import main as _main
+
+    sys.exit(_main())

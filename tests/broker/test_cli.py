@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -13,7 +18,7 @@ import pytest
 import redis
 
 from broker import producer
-from broker.embedded import RedisServer
+from broker.embedded import RedisServer, free_port
 from broker.redis_conn import RedisSettings, connect
 from engine.cli import build_parser, main
 from tests.broker.conftest import PREFIX
@@ -80,3 +85,185 @@ async def test_serve_without_a_url_starts_and_stops_a_private_redis() -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+# ----------------------------------------------------------------------------- manners
+# broker/demo.py's flags belong to the demo's rework (issue 19) and are checked there.
+COMMANDS = ["make-tiny-model", "serve", "status", "adapters", "generate", "gateway", "loadtest"]
+HEAVY = ("torch", "transformers", "starlette", "uvicorn", "matplotlib")
+
+
+def _parsers(
+    parser: argparse.ArgumentParser, name: str
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _parsers(p, f"{name} {sub}".strip())
+
+
+def test_every_flag_has_help_and_shows_its_default() -> None:
+    missing, no_default = [], []
+    for name, parser in _parsers(build_parser(), ""):
+        if name.split(" ")[0] not in ["", *COMMANDS]:
+            continue
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            flag = action.option_strings[0] if action.option_strings else action.dest
+            if not action.help:
+                missing.append(f"{name} {flag}")
+            elif action.option_strings and not action.required:
+                shown = formatter._get_help_string(action) or ""
+                if "default" not in shown.lower():
+                    no_default.append(f"{name} {flag}")
+    assert missing == []
+    assert no_default == []
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_loads_only_what_the_subcommand_uses(command: str) -> None:
+    """``--help`` builds only its subcommand's flags: no model stack for a client command
+    and no web stack for a worker. serve's engine flags come with engine/config.py, which
+    imports torch (see the report of issue 19)."""
+    code = (
+        "import sys\nfrom engine.cli import main\n"
+        f"try:\n    main({[command, '--help'] if command else ['--help']!r})\n"
+        "except SystemExit:\n    pass\n"
+        f"print('loaded:', *(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(proc.stdout.strip().splitlines()[-1].split()[1:])
+    allowed = {"serve": {"torch"}, "gateway": {"starlette"}}.get(command, set())
+    assert loaded <= allowed
+    assert "usage: lorastream" in proc.stdout
+
+
+def _env() -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("LORASTREAM_REDIS_URL", "LORASTREAM_DEBUG")
+    }
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def _run(
+    *argv: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *argv], capture_output=True, text=True,
+        timeout=timeout, cwd=ROOT, env=env or _env(), stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_user_errors_are_one_line_and_exit_2(
+    redis_server: RedisServer, busy_port: int, tmp_path: Path
+) -> None:
+    up = redis_server.url
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    cases = [
+        (["generate", "--max-tokens", "many", "hi"], "invalid int value: 'many'"),
+        (["generate", "--redis-url", up, "--params", "{top_k: 5}", "hi"], "--params"),
+        (["generate", "--redis-url", up, "--params", "[1]", "hi"], "JSON object"),
+        (["generate", "--redis-url", up, "--system", "be brief", "hi"], "--system needs --chat"),
+        (["generate", "--redis-url", "http://127.0.0.1:1/0", "hi"], "use redis://, rediss:// or unix://"),
+        (["generate", "--redis-url", down, "hi"], "cannot reach Redis at redis://127.0.0.1"),
+        (["status"], "pass --redis-url or set $LORASTREAM_REDIS_URL"),
+        (["status", "--redis-url", down], "start redis-server there or fix --redis-url"),
+        (["adapters", "--redis-url", down, "ls"], "cannot reach Redis"),
+        (["gateway", "--redis-url", down], "cannot reach Redis"),
+        (["gateway", "--redis-url", up, "--port", str(busy_port)], "choose another --port"),
+        (["loadtest", "--redis-url", down, "--adapters", "base", "--out", str(tmp_path)],
+         "cannot reach Redis"),
+        (["loadtest", "--redis-url", up, "--input-len", "5,2"], "MIN,MAX"),
+        (["loadtest", "--redis-url", up, "--workload", "trace", "--trace", str(tmp_path / "no.jsonl"),
+          "--out", str(tmp_path)], "no.jsonl"),
+        (["serve", "--model", "m", "--redis-url", down, "--redis-wait", "0"], "cannot reach Redis"),
+        (["serve", "--model", "m", "--redis-url", up, "--metrics-port", str(busy_port)],
+         "choose another --metrics-port"),
+        (["serve", "--model", str(tmp_path / "none"), "--device", "cpu", "--redis-url", up], "model"),
+        (["serve", "--model", "m", "--enable-lora", "--max-lora-rank", "7", "--redis-url", up],
+         "max_lora_rank"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        line = _one_line(_run(*argv))
+        assert expected in line, (argv, line)
+        assert line.startswith("lorastream"), line
+
+
+def test_debug_shows_the_traceback() -> None:
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    for argv, env in (
+        (["--debug", "status", "--redis-url", down], _env()),
+        (["status", "--redis-url", down], {**_env(), "LORASTREAM_DEBUG": "1"}),
+    ):
+        proc = _run(*argv, env=env)
+        assert proc.returncode == 1
+        assert "Traceback" in proc.stderr
+        assert "ConnectionError" in proc.stderr
+
+
+def test_serve_start_up_failure_stops_the_private_redis(tmp_path: Path) -> None:
+    proc = _run("serve", "--model", str(tmp_path / "none"), "--device", "cpu")
+    line = _one_line(proc)
+    assert "model" in line
+    match = re.search(r"private redis-server at (redis://\S+)", proc.stdout)
+    assert match, proc.stdout
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(match.group(1), socket_connect_timeout=0.5).ping()
+
+
+def test_a_second_sigint_stops_serve_at_once(redis_server: RedisServer, tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.broker.fake_worker", "--redis-url", redis_server.url,
+             "--prefix", PREFIX, "--consumer-name", "w1", "--block-ms", "100", "--step-delay", "0.05"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        r.xadd(
+            f"{PREFIX}:requests",
+            {"json": '{"v":1,"id":"long","prompt":"a","params":{"max_tokens":100000}}'},
+        )
+        _until(lambda: r.xlen(f"{PREFIX}:out:long") > 0, log)
+        proc.send_signal(signal.SIGINT)
+        _until(lambda: "draining" in log.read_text(), log)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 128 + signal.SIGINT
+    finally:
+        r.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "stopping now" in text
+    assert "Traceback" not in text
+
+
+def _until(predicate: Callable[[], bool], log: Path, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
