@@ -114,7 +114,7 @@ def test_bad_parameter_is_400_naming_it(oai: openai.OpenAI) -> None:
 
 def test_health(stack: Stack) -> None:
     with urllib.request.urlopen(stack.gateway_url + "/health", timeout=5) as res:
-        assert json.load(res) == {"status": "ok"}
+        assert json.load(res) == {"status": "ok", "workers": 1}
 
 
 def _aborts(stack: Stack) -> float:
