@@ -369,7 +369,7 @@ def print_table(summary: dict[str, Any], workers: dict[str, dict[str, Any]]) -> 
         return "-" if v is None else f"{v * 1000:.1f}"
 
     t = Table(title="lorastream loadtest")
-    t.add_column("metric")
+    t.add_column("metric", no_wrap=True)
     t.add_column("value", justify="right")
     t.add_row("requests (completed / sent)", f"{summary['completed']} / {summary['requests']}")
     t.add_row("duration s", f"{summary['duration_s']:.2f}")
@@ -381,7 +381,7 @@ def print_table(summary: dict[str, Any], workers: dict[str, dict[str, Any]]) -> 
     slo = summary["slo"]
     t.add_row(
         f"SLO attainment (TTFT ≤ {slo['ttft_s'] * 1000:g} ms, "
-        f"mean inter-token ≤ {slo['inter_token_s'] * 1000:g} ms)",
+        f"ITL ≤ {slo['inter_token_s'] * 1000:g} ms)",
         f"{summary['slo_attainment'] * 100:.1f} %",
     )
     t.add_row("errors", ", ".join(f"{k}: {v}" for k, v in summary["errors"].items()) or "0")
@@ -428,11 +428,11 @@ def plot(records: Sequence[Record], out_dir: Path) -> list[Path]:
 
     end = max(((r.end or 0.0) for r in records), default=0.0)
     tok, done, bins = throughput_bins(ok, end)
-    xs = [b for b, _ in bins]
+    edges = [b for b, _ in bins] + [bins[-1][0] + bins[-1][1]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.step(xs, tok, where="post", label="output tokens/s")
+    ax.stairs(tok, edges, baseline=None, label="output tokens/s")
     ax2 = ax.twinx()
-    ax2.step(xs, done, where="post", color="tab:orange", label="requests completed/s")
+    ax2.stairs(done, edges, baseline=None, color="tab:orange", label="requests completed/s")
     ax.set_xlabel(
         "time (s)" + ("" if whole_seconds(end) else "; the last partial second is left out")
     )

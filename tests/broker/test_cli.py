@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -267,3 +268,65 @@ def _until(predicate: Callable[[], bool], log: Path, timeout_s: float = 20) -> N
     while not predicate():
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.02)
+
+
+# ----------------------------------------------------------------------------- status
+def test_status_shows_workers_queue_dead_letters_and_registry(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """One worker (one slot) holds a long request while two more wait; one dead letter; two
+    registered adapters: the JSON and the tables say so, as Redis itself counts them."""
+    r = redis.Redis.from_url(redis_server.url)
+    stream, group = f"{PREFIX}:requests", f"{PREFIX}:workers"
+    base = ["status", "--redis-url", redis_server.url, "--prefix", PREFIX]
+    empty = json.loads(_run(*base, "--json").stdout)
+    assert empty["workers"] == []
+    assert empty["queue"] == {"stream": stream, "group": group, "length": 0,
+                              "group_exists": False, "lag": 0, "pending": 0, "consumers": 0}  # fmt: skip
+
+    r.hset(f"{PREFIX}:adapters", mapping={"sql": "sql-v2", "chat": "chat"})
+    r.xadd(f"{PREFIX}:requests:dlq", {"reason": "bad_payload", "message": "x"})
+    log = tmp_path / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.broker.fake_worker", "--redis-url", redis_server.url,
+             "--prefix", PREFIX, "--consumer-name", "gpu-7", "--block-ms", "100",
+             "--step-delay", "0.05", "--max-num-seqs", "1", "--heartbeat-interval", "0.2",
+             "--lora-modules", "base-fix=/a/base-fix"],
+            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        for i in range(3):
+            r.xadd(stream, {"json": json.dumps({"v": 1, "id": f"r{i}", "prompt": "a", "params": {"max_tokens": 100000}})})  # fmt: skip
+
+        def settled() -> bool:
+            groups = r.xinfo_groups(stream)
+            workers = r.zcard(f"{PREFIX}:workers:live")
+            return bool(groups) and (groups[0]["pending"], groups[0]["lag"], workers) == (1, 2, 1)
+
+        _until(settled, log)
+        proc_json = _run(*base, "--json")
+        assert proc_json.returncode == 0, proc_json.stderr
+        status = json.loads(proc_json.stdout)
+        [w] = status["workers"]
+        assert (w["consumer"], w["model"], w["pid"]) == ("gpu-7", "fake", proc.pid)
+        assert w["adapters_served"] == ["base-fix"]
+        assert (w["max_num_seqs"], w["free_slots"], w["inflight"]) == (1, 0, 1)
+        assert status["queue"] == {"stream": stream, "group": group, "length": 3,
+                                   "group_exists": True, "lag": 2, "pending": 1, "consumers": 1}  # fmt: skip
+        assert status["dead_letters"] == {"stream": f"{stream}:dlq", "length": 1}
+        assert status["adapters"] == {"chat": "chat", "sql": "sql-v2"}
+
+        table = _run(*base, env={**_env(), "COLUMNS": "200"})
+        assert table.returncode == 0, table.stderr
+        text = table.stdout
+        row = next(line for line in text.splitlines() if "gpu-7" in line)
+        for cell in ("fake", "base-fix", "0 / 1", "s ago"):
+            assert cell in row, row
+        assert f"queue {stream}: 3 entries, lag 2, pending 1" in text
+        assert f"dead letters {stream}:dlq: 1" in text
+        assert re.search(r"sql\s.*sql-v2", text)
+    finally:
+        r.close()
+        proc.kill()
+        proc.wait()

@@ -87,7 +87,8 @@ def running_gateway(cfg: GatewayConfig) -> Iterator[str]:
     try:
         deadline = time.monotonic() + 20
         while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "the gateway did not start"
+            assert thread.is_alive(), "the gateway stopped"
+            assert time.monotonic() < deadline, "the gateway did not start"
             time.sleep(0.02)
         yield url
     finally:
