@@ -226,10 +226,12 @@ def live_workers_sync(client: redis.Redis, prefix: str) -> list[WorkerInfo]:
 
 
 async def consuming(client: aioredis.Redis, prefix: str) -> bool:
-    """Whether any worker consumes ``{prefix}:requests``: a live heartbeat record, or else a
-    consumer of ``{prefix}:workers`` that touched the stream within ACTIVE_CONSUMER_IDLE_MS."""
-    if await live_workers(client, prefix):
-        return True
+    """Whether any worker consumes ``{prefix}:requests``: a live heartbeat record of a worker
+    that is not draining, or, where no worker keeps a record, a consumer of
+    ``{prefix}:workers`` that touched the stream within ACTIVE_CONSUMER_IDLE_MS."""
+    workers = await live_workers(client, prefix)
+    if workers:
+        return any(not w.draining for w in workers)
     try:
         consumers: Any = await client.xinfo_consumers(f"{prefix}:requests", f"{prefix}:workers")
     except redis.ResponseError:

@@ -259,14 +259,15 @@ class Gateway:
 
     # ------------------------------------------------------------------------- routes
     async def health(self, request: Request) -> Response:
-        """200 while at least one worker is live (its heartbeat record exists), else 503."""
+        """200 while at least one worker is live (its heartbeat record exists) and not
+        draining, else 503."""
         with anyio.fail_after(5):
-            workers = await self.client.workers()
+            workers = [w for w in await self.client.workers() if not w.draining]
         if not workers:
             return ApiError(
                 503,
                 f"no live worker: none has a heartbeat record under {self.cfg.prefix}:worker:* "
-                "(start one with lorastream serve)",
+                "that is not draining (start one with lorastream serve)",
                 type_="service_unavailable",
                 code="no_worker",
             ).response()

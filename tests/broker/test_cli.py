@@ -161,12 +161,22 @@ def _run(
     )  # fmt: skip
 
 
-def _one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert len(lines) == 1, proc.stderr
+def _one_line(rc: int | str | None, stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert rc == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(lines) == 1, stderr
     return lines[0]
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int | str | None, str, str]:
+    """``lorastream ARGV`` in this process: (exit code, stdout, stderr)."""
+    try:
+        rc: int | str | None = main(argv)
+    except SystemExit as e:  # argparse's way out
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
 @pytest.fixture
@@ -178,8 +188,14 @@ def busy_port() -> Iterator[int]:
 
 
 def test_user_errors_are_one_line_and_exit_2(
-    redis_server: RedisServer, busy_port: int, tmp_path: Path
+    redis_server: RedisServer,
+    busy_port: int,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.delenv("LORASTREAM_REDIS_URL", raising=False)
+    monkeypatch.delenv("LORASTREAM_DEBUG", raising=False)
     up = redis_server.url
     down = f"redis://127.0.0.1:{free_port()}/0"
     cases = [
@@ -207,9 +223,13 @@ def test_user_errors_are_one_line_and_exit_2(
          "max_lora_rank"),
     ]  # fmt: skip
     for argv, expected in cases:
-        line = _one_line(_run(*argv))
+        rc, _, err = _main(argv, capsys)
+        line = _one_line(rc, err)
         assert expected in line, (argv, line)
         assert line.startswith("lorastream"), line
+    # And as a user runs it, in its own process.
+    proc = _run("generate", "--redis-url", down, "hi")
+    assert "cannot reach Redis" in _one_line(proc.returncode, proc.stderr)
 
 
 def test_debug_shows_the_traceback() -> None:
@@ -224,12 +244,14 @@ def test_debug_shows_the_traceback() -> None:
         assert "ConnectionError" in proc.stderr
 
 
-def test_serve_start_up_failure_stops_the_private_redis(tmp_path: Path) -> None:
-    proc = _run("serve", "--model", str(tmp_path / "none"), "--device", "cpu")
-    line = _one_line(proc)
-    assert "model" in line
-    match = re.search(r"private redis-server at (redis://\S+)", proc.stdout)
-    assert match, proc.stdout
+def test_serve_start_up_failure_stops_the_private_redis(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LORASTREAM_REDIS_URL", raising=False)
+    rc, out, err = _main(["serve", "--model", str(tmp_path / "none"), "--device", "cpu"], capsys)
+    assert "model" in _one_line(rc, err)
+    match = re.search(r"private redis-server at (redis://\S+)", out)
+    assert match, out
     with pytest.raises(redis.ConnectionError):
         redis.Redis.from_url(match.group(1), socket_connect_timeout=0.5).ping()
 

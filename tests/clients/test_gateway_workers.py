@@ -5,6 +5,7 @@ shape on every endpoint, and chat requests get a bounded default max_tokens and 
 from __future__ import annotations
 
 import json
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -110,3 +111,23 @@ def test_chat_gets_the_bounded_default_max_tokens_and_a_deadline(
     wire = msgpack.unpackb(fields[b"data"])
     assert (before + 42) * 1000 <= wire["deadline"] <= (after + 42) * 1000
     assert wire["params"]["max_tokens"] == 7
+
+
+def test_a_draining_worker_does_not_count_as_healthy(
+    redis_server: RedisServer, fake_workers: Callable[..., FakeWorker]
+) -> None:
+    worker = fake_workers(
+        redis_server.url, PREFIX, "--consumer-name", "w1", "--step-delay", "0.05",
+        "--drain-timeout", "60",
+    )  # fmt: skip
+    r = redis.Redis.from_url(redis_server.url)
+    with running_gateway(config(redis_server.url)) as gw:
+        wait_for(lambda: call(gw + "/health")[0] == 200, "the worker's heartbeat")
+        body = {"v": 1, "id": "long", "prompt": "a", "params": {"max_tokens": 100000}}
+        r.xadd(f"{PREFIX}:requests", {"json": json.dumps(body)})
+        wait_for(lambda: r.xlen(f"{PREFIX}:out:long") > 0, "the long request to run")
+        worker.proc.send_signal(signal.SIGTERM)  # drains: finishes "long", reads nothing new
+        wait_for(lambda: call(gw + "/health")[0] == 503, "the draining record")
+        assert call(gw + "/health")[1]["error"]["code"] == "no_worker"
+        assert r.exists(f"{PREFIX}:worker:w1")  # still there, marked draining
+    r.close()
