@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
+import redis
 
 from broker import heartbeat
 from broker.embedded import RedisServer
@@ -375,7 +376,7 @@ def collect_status(client: Any, prefix: str) -> dict[str, Any]:
     length = int(client.xlen(stream))
     try:
         groups: Any = client.xinfo_groups(stream)
-    except REDIS_ERRORS:
+    except redis.ResponseError:
         groups = []  # no stream yet
     found = next((g for g in groups if _text(g.get("name")) == group), None)
     queue: dict[str, Any] = {"stream": stream, "group": group, "length": length}
@@ -425,30 +426,38 @@ def run_status(ns: argparse.Namespace) -> int:
 
 
 def print_status(status: dict[str, Any]) -> None:
+    """The status as tables. Names come from Redis (anyone may write there): they are shown
+    as plain text, never as rich markup or terminal control codes."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console()
+    console = Console(highlight=False)
+
+    def say(line: str) -> None:
+        console.print(Text(line))
+
     now = status["time_ms"]
-    workers = Table(title=f"live workers ({status['prefix']})", title_justify="left")
+    workers = Table(title=Text(f"live workers ({status['prefix']})"), title_justify="left")
     for column in ("worker", "model", "adapters", "free / max", "running", "last seen"):
         workers.add_column(column, overflow="fold")
     for w in status["workers"]:
         adapters = ", ".join(w["adapters_served"]) or "-"
         if w["adapters_resident"]:
             adapters += f" (on device: {', '.join(w['adapters_resident'])})"
-        workers.add_row(
-            w["consumer"] + (" [draining]" if w["draining"] else ""),
+        cells = (
+            w["consumer"] + (" (draining)" if w["draining"] else ""),
             w["model"],
             adapters,
             f"{w['free_slots']} / {w['max_num_seqs']}",
             str(w["inflight"]),
             f"{max(0, now - w['last_seen_ms']) / 1000:.1f} s ago",
         )
+        workers.add_row(*map(Text, cells))
     if status["workers"]:
         console.print(workers)
     else:
-        console.print(f"live workers ({status['prefix']}): none")
+        say(f"live workers ({status['prefix']}): none")
     q = status["queue"]
     lag = "unknown" if q["lag"] is None else q["lag"]
     group = (
@@ -456,21 +465,18 @@ def print_status(status: dict[str, Any]) -> None:
         if q["group_exists"]
         else f"group {q['group']}: not created yet (no worker has started)"
     )
-    console.print(
-        f"queue {q['stream']}: {q['length']} entries, lag {lag}, pending {q['pending']} ({group})",
-        highlight=False,
-    )
+    say(f"queue {q['stream']}: {q['length']} entries, lag {lag}, pending {q['pending']} ({group})")
     d = status["dead_letters"]
-    console.print(f"dead letters {d['stream']}: {d['length']}", highlight=False)
+    say(f"dead letters {d['stream']}: {d['length']}")
     if status["adapters"]:
         table = Table(title="registered adapters", title_justify="left")
         table.add_column("name")
         table.add_column("path", overflow="fold")
         for name, path in status["adapters"].items():
-            table.add_row(name, path)
+            table.add_row(Text(name), Text(path))
         console.print(table)
     else:
-        console.print("registered adapters: none", highlight=False)
+        say("registered adapters: none")
 
 
 # ----------------------------------------------------------------------------- adapters

@@ -306,7 +306,8 @@ def test_status_shows_workers_queue_dead_letters_and_registry(
     assert empty["queue"] == {"stream": stream, "group": group, "length": 0,
                               "group_exists": False, "lag": 0, "pending": 0, "consumers": 0}  # fmt: skip
 
-    r.hset(f"{PREFIX}:adapters", mapping={"sql": "sql-v2", "chat": "chat"})
+    # Names are anyone's text: "[red]..." must show as written, not as rich markup.
+    r.hset(f"{PREFIX}:adapters", mapping={"sql": "sql-v2", "[red]chat": "chat"})
     r.xadd(f"{PREFIX}:requests:dlq", {"reason": "bad_payload", "message": "x"})
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
@@ -337,7 +338,7 @@ def test_status_shows_workers_queue_dead_letters_and_registry(
         assert status["queue"] == {"stream": stream, "group": group, "length": 3,
                                    "group_exists": True, "lag": 2, "pending": 1, "consumers": 1}  # fmt: skip
         assert status["dead_letters"] == {"stream": f"{stream}:dlq", "length": 1}
-        assert status["adapters"] == {"chat": "chat", "sql": "sql-v2"}
+        assert status["adapters"] == {"[red]chat": "chat", "sql": "sql-v2"}
 
         table = _run(*base, env={**_env(), "COLUMNS": "200"})
         assert table.returncode == 0, table.stderr
@@ -348,6 +349,7 @@ def test_status_shows_workers_queue_dead_letters_and_registry(
         assert f"queue {stream}: 3 entries, lag 2, pending 1" in text
         assert f"dead letters {stream}:dlq: 1" in text
         assert re.search(r"sql\s.*sql-v2", text)
+        assert "[red]chat" in text
     finally:
         r.close()
         proc.kill()
