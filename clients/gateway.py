@@ -35,6 +35,7 @@ from broker.redis_conn import REDIS_ERRORS
 from clients.sdk import (
     AsyncClient,
     ClientError,
+    RequestExpired,
     RequestFailed,
     RequestTimeout,
     TokenStream,
@@ -120,6 +121,8 @@ def api_error(err: ClientError) -> ApiError:
             type_="service_unavailable",
             code="no_worker",
         )
+    if isinstance(err, RequestExpired):
+        return ApiError(504, err.message, type_="timeout", code="expired")
     if isinstance(err, RequestFailed):
         code = err.code
         param = _param_of(err.message)

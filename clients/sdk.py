@@ -86,6 +86,11 @@ class ServerError(RequestFailed):
     """A worker bug, or a request that crashed every worker that ran it."""
 
 
+class RequestExpired(RequestFailed, TimeoutError):
+    """The request's deadline (sent as now + its timeout) passed before a worker finished
+    it: the worker ended it with ``expired``, without running it if it had not started."""
+
+
 class RequestTimeout(ClientError, TimeoutError):
     """No final event in time. ``started`` says whether any event had arrived: when none
     had, no worker picked the request up (none running, or all busy)."""
@@ -119,6 +124,8 @@ def error_for(event: ErrorEvent) -> RequestFailed:
     """The named exception of an error event."""
     if event.code in _INVALID_CODES:
         cls: type[RequestFailed] = InvalidRequestError
+    elif event.code == "expired":
+        cls = RequestExpired
     elif event.code.startswith("adapter_"):
         cls = AdapterUnavailable
     else:

@@ -28,8 +28,10 @@ from clients import (
     AsyncClient,
     Client,
     InvalidRequestError,
+    RequestExpired,
     RequestTimeout,
 )
+from clients.gateway import api_error
 from tests.broker.conftest import PREFIX, eventually, fake_engine, running_service
 from tests.broker.fake_engine import FakeTokenizer, expected_tokens
 
@@ -398,3 +400,21 @@ async def test_producer_events_take_only_their_own_request(
     assert ids == expected_tokens(tok.encode("request a"), 30)
     assert {e.id for e in got} == {"a"}
     assert [e.seq for e in got] == list(range(len(got)))
+
+
+async def test_an_expired_request_raises_request_expired(
+    client: aioredis.Redis, sdk: AsyncClient
+) -> None:
+    worker = HandWorker(client)
+
+    async def play() -> None:
+        req = await worker.next_request()
+        await worker.publish(req, ErrorEvent(req.id, 0, "expired", "the deadline passed"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(play)
+        with pytest.raises(RequestExpired) as info:
+            await sdk.complete("hi")
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.code == "expired"
+    assert api_error(info.value).status == 504  # what the gateway answers
