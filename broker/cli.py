@@ -326,9 +326,9 @@ async def _heartbeat(
         host=host,
         pid=pid,
         version=heartbeat.package_version(),
-        model=str(engine.engine.config.model),
+        model=str(ns.model),
         adapters_served=sorted(registry.static),
-        max_num_seqs=int(engine.engine.config.scheduler.max_num_seqs),
+        max_num_seqs=int(ns.max_num_seqs),
         started_ms=heartbeat.now_ms(),
     )
 
