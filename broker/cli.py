@@ -1,24 +1,31 @@
-"""``lorastream serve | adapters | demo`` (registered in engine/cli.py)."""
+"""``lorastream serve | status | adapters | demo`` (registered in engine/cli.py)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
+import redis
 
+from broker import heartbeat
 from broker.embedded import RedisServer
 from broker.metrics import BrokerMetrics
-from broker.redis_conn import RedisSettings, connect, connect_sync
+from broker.redis_conn import REDIS_ERRORS, Backoff, RedisSettings, connect, connect_sync
 from broker.registry import AdapterRegistry, registry_key
 from broker.service import EngineClient, Service, ServiceConfig
+from engine.cli import HelpFormatter, UsageError
+from engine.lora.request import LoRARequest
+from engine.metrics import Stats
 
 logger = logging.getLogger("lorastream.broker")
 
@@ -28,19 +35,32 @@ EngineFactory = Callable[[argparse.Namespace, list[Any]], EngineClient]
 _URL_ENV = "LORASTREAM_REDIS_URL"
 
 
-def _add_redis_args(parser: argparse.ArgumentParser) -> None:
+def _add_redis_args(parser: argparse.ArgumentParser, *, serve: bool = False) -> None:
     g = parser.add_argument_group("redis")
+    private = "; serve without one starts a private redis-server" if serve else ""
     g.add_argument(
         "--redis-url",
         default=os.environ.get(_URL_ENV),
         help="redis://[user:password@]host:port/db, rediss://... (TLS) or unix:///path.sock "
-        f"(default ${_URL_ENV}; serve without one starts a private redis-server). Prefer the "
-        "environment variable for URLs with a password: argv is visible to other users",
+        f"(default ${_URL_ENV}{private}). Prefer the environment variable for URLs with a "
+        "password: argv is visible to other users",
     )
-    g.add_argument("--redis-ca-file", default=None, help="CA bundle for rediss:// URLs")
+    g.add_argument("--redis-ca-file", default=None,
+                   help="CA bundle for rediss:// URLs (default: the system's)")  # fmt: skip
     g.add_argument("--prefix", default="lorastream", help="key prefix of every stream and channel")
+    if serve:
+        g.add_argument("--redis-wait", type=float, default=10.0,
+                       help="seconds to wait for Redis at start-up before giving up (once "
+                       "serving, a worker rides out outages of any length)")  # fmt: skip
 
 
+def _need_url(ns: argparse.Namespace) -> str:
+    if not ns.redis_url:
+        raise UsageError(f"no Redis given: pass --redis-url or set ${_URL_ENV}")
+    return str(ns.redis_url)
+
+
+# ----------------------------------------------------------------------------- serve
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     from engine.config import EngineArgs
 
@@ -52,13 +72,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 def add_service_args(parser: argparse.ArgumentParser) -> None:
     """The flags of the service alone (the test worker pairs them with a fake engine)."""
-    _add_redis_args(parser)
+    _add_redis_args(parser, serve=True)
     d = ServiceConfig(consumer="_")
     g = parser.add_argument_group("service")
-    g.add_argument(
-        "--consumer-name", default=None, help="stable consumer name (default host:device)"
-    )
-    g.add_argument("--block-ms", type=int, default=d.block_ms, help="XREADGROUP BLOCK")
+    g.add_argument("--consumer-name", default=None,
+                   help="stable, unique consumer name (default host:device)")  # fmt: skip
+    g.add_argument("--block-ms", type=int, default=d.block_ms,
+                   help="longest XREADGROUP BLOCK, in milliseconds")  # fmt: skip
     g.add_argument("--claim-idle-ms", type=int, default=d.claim_idle_ms,
                    help="take over other workers' entries idle this long (XAUTOCLAIM)")  # fmt: skip
     g.add_argument("--max-deliveries", type=int, default=d.max_deliveries,
@@ -67,22 +87,21 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
                    help="seconds to finish running requests on SIGTERM")  # fmt: skip
     g.add_argument("--result-ttl", type=int, default=d.result_ttl_s,
                    help="seconds a result stream lives after its last event; 0 disables them")  # fmt: skip
-    g.add_argument(
-        "--result-maxlen", type=int, default=d.result_maxlen, help="events kept per result stream"
-    )
-    g.add_argument("--max-payload-bytes", type=int, default=d.max_payload_bytes)
-    g.add_argument(
-        "--max-inflight",
-        type=int,
-        default=None,
-        help="requests held at once (default max-num-seqs)",
-    )
+    g.add_argument("--result-maxlen", type=int, default=d.result_maxlen,
+                   help="events kept per result stream")  # fmt: skip
+    g.add_argument("--max-payload-bytes", type=int, default=d.max_payload_bytes,
+                   help="larger request entries are refused (payload_too_large)")  # fmt: skip
+    g.add_argument("--max-inflight", type=int, default=None,
+                   help="requests held at once (default --max-num-seqs)")  # fmt: skip
     g.add_argument("--lora-root", default=None,
-                   help="registry adapter paths must resolve inside this directory")  # fmt: skip
-    g.add_argument(
-        "--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port"
-    )
-    g.add_argument("--metrics-addr", default="0.0.0.0")
+                   help="registry adapter paths must resolve inside this directory "
+                   "(default: none, and the registry is refused)")  # fmt: skip
+    g.add_argument("--heartbeat-interval", type=float, default=heartbeat.DEFAULT_INTERVAL_S,
+                   help="seconds between heartbeat records ({prefix}:worker:{consumer}); a "
+                   f"record expires after {heartbeat.EXPIRY_INTERVALS} intervals")  # fmt: skip
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (default: no metrics server)")  # fmt: skip
+    g.add_argument("--metrics-addr", default="0.0.0.0", help="address of the metrics server")
     g.add_argument("--embedded-unix-socket", action="store_true",
                    help="the private redis-server listens on a unix socket instead of a loopback port")  # fmt: skip
 
@@ -136,46 +155,135 @@ def _real_engine(ns: argparse.Namespace, stat_loggers: list[Any]) -> EngineClien
     )
 
 
+class LatestStats:
+    """A stat logger that keeps the engine's latest step statistics (for the heartbeat)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats: Stats | None = None
+
+    def record(self, stats: Stats) -> None:
+        with self._lock:
+            self._stats = stats
+
+    @property
+    def latest(self) -> Stats | None:
+        with self._lock:
+            return self._stats
+
+
+class NamedRegistry(AdapterRegistry):
+    """The registry, remembering the name of every adapter id it hands out: the engine's
+    statistics name adapters by id, the heartbeat by name."""
+
+    def __init__(self, static: Sequence[tuple[str, str]], **kwargs: Any) -> None:
+        # --lora-modules are ids 1..N in order (see AdapterRegistry).
+        self.names: dict[int, str] = {i: name for i, (name, _) in enumerate(static, start=1)}
+        super().__init__(static, **kwargs)
+
+    def lora_request(self, name: str, path: str) -> LoRARequest:
+        request = super().lora_request(name, path)
+        self.names[request.lora_int_id] = name
+        return request
+
+
+class _Stop:
+    """The signal that stopped the worker at once (the second one), if one did."""
+
+    signum: int | None = None
+
+
 async def serve(ns: argparse.Namespace, engine_factory: EngineFactory | None = None) -> int:
-    """Run one worker until SIGTERM/SIGINT (a second signal stops at once)."""
+    """Run one worker until SIGTERM/SIGINT (a second signal stops at once: exit 128 + its
+    number). Whatever was started is stopped on the way out, start-up failures included."""
     cfg = service_config(ns)
-    embedded: RedisServer | None = None
-    url = ns.redis_url
-    if not url:
-        embedded = RedisServer(unix_socket=ns.embedded_unix_socket).start()
-        url = embedded.url
-        print(f"lorastream: started a private redis-server at {url}", flush=True)
-    settings = RedisSettings(url, ca_file=ns.redis_ca_file, block_ms=cfg.block_ms)
-    metrics = BrokerMetrics()
-    if ns.metrics_port is not None:
-        port = metrics.serve(ns.metrics_port, ns.metrics_addr)
-        logger.info("metrics on http://%s:%d/metrics", ns.metrics_addr, port)
-    engine = (engine_factory or _real_engine)(ns, [metrics])
-    registry = AdapterRegistry(
-        _lora_modules(ns), key=registry_key(cfg.prefix), lora_root=ns.lora_root
-    )
-    client = connect(settings)
-    logger.info(
-        "serving %s:requests from %s as consumer %r",
-        cfg.prefix,
-        settings.redacted_url,
-        cfg.consumer,
-    )
-    try:
+    if ns.heartbeat_interval <= 0:
+        raise UsageError(f"--heartbeat-interval {ns.heartbeat_interval:g} is invalid: must be > 0")
+    async with contextlib.AsyncExitStack() as stack:
+        url = ns.redis_url
+        if not url:
+            embedded = _private_redis(ns.embedded_unix_socket)
+            stack.callback(embedded.close)
+            url = embedded.url
+            print(f"lorastream: started a private redis-server at {url}", flush=True)
+        settings = RedisSettings(url, ca_file=ns.redis_ca_file, block_ms=cfg.block_ms)
+        client = connect(settings)
+        stack.push_async_callback(_close_quietly, client)
+        await _wait_for_redis(client, settings, ns.redis_wait)
+        metrics = BrokerMetrics()
+        if ns.metrics_port is not None:
+            port = _serve_metrics(metrics, ns.metrics_port, ns.metrics_addr)
+            logger.info("metrics on http://%s:%d/metrics", ns.metrics_addr, port)
+        stats = LatestStats()
+        engine = (engine_factory or _real_engine)(ns, [metrics, stats])
+        stack.push_async_callback(_shutdown_engine, engine)
+        registry = NamedRegistry(
+            _lora_modules(ns), key=registry_key(cfg.prefix), lora_root=ns.lora_root
+        )
+        logger.info(
+            "serving %s:requests from %s as consumer %r",
+            cfg.prefix,
+            settings.redacted_url,
+            cfg.consumer,
+        )
         service = Service(engine, client, cfg, registry=registry, metrics=metrics)
+        stop = _Stop()
+        done: list[int] = []
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_on_signals, service, tg.cancel_scope)
-            rc = await service.run()
+            tg.start_soon(_on_signals, service, tg.cancel_scope, stop)
+            tg.start_soon(_heartbeat, service, engine, registry, stats, ns)
+            done.append(await service.run())
             tg.cancel_scope.cancel()
-        return rc
-    finally:
-        with contextlib.suppress(Exception):
-            await client.aclose()
-        shutdown = getattr(engine, "shutdown", None)
-        if shutdown is not None:
-            await shutdown()
-        if embedded is not None:
-            embedded.close()
+        if done:
+            return done[0]
+        assert stop.signum is not None
+        return 128 + stop.signum
+
+
+def _private_redis(unix_socket: bool) -> RedisServer:
+    try:
+        return RedisServer(unix_socket=unix_socket).start()
+    except RuntimeError as e:
+        raise UsageError(f"{e} (or pass --redis-url)") from e
+
+
+async def _wait_for_redis(client: Any, settings: RedisSettings, wait_s: float) -> None:
+    """PING until Redis answers, for up to ``wait_s``; then the last error propagates (the
+    CLI turns it into one line)."""
+    backoff = Backoff(max_s=1.0)
+    deadline = anyio.current_time() + wait_s
+    while True:
+        try:
+            await client.ping()
+            return
+        except REDIS_ERRORS as e:
+            if anyio.current_time() >= deadline:
+                raise
+            if backoff.failures == 0:
+                logger.warning(
+                    "waiting for Redis at %s (%s: %s)", settings.redacted_url, type(e).__name__, e
+                )
+            await backoff.sleep()
+
+
+def _serve_metrics(metrics: BrokerMetrics, port: int, addr: str) -> int:
+    try:
+        return metrics.serve(port, addr)
+    except OSError as e:
+        raise UsageError(
+            f"cannot serve metrics on {addr}:{port} ({e.strerror}): choose another --metrics-port"
+        ) from e
+
+
+async def _close_quietly(client: Any) -> None:
+    with contextlib.suppress(Exception):
+        await client.aclose()
+
+
+async def _shutdown_engine(engine: EngineClient) -> None:
+    shutdown = getattr(engine, "shutdown", None)
+    if shutdown is not None:
+        await shutdown()
 
 
 def _lora_modules(ns: argparse.Namespace) -> list[tuple[str, str]]:
@@ -188,7 +296,7 @@ def _lora_modules(ns: argparse.Namespace) -> list[tuple[str, str]]:
     return out
 
 
-async def _on_signals(service: Service, scope: anyio.CancelScope) -> None:
+async def _on_signals(service: Service, scope: anyio.CancelScope, stop: _Stop) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for sig in signals:
             if not service.draining:
@@ -196,33 +304,203 @@ async def _on_signals(service: Service, scope: anyio.CancelScope) -> None:
                 service.drain()
             else:
                 logger.warning("stopping now: running requests stay pending for another worker")
+                stop.signum = int(sig)
                 scope.cancel()
                 return
+
+
+# ----------------------------------------------------------------------------- heartbeat
+async def _heartbeat(
+    service: Service,
+    engine: EngineClient,
+    registry: NamedRegistry,
+    stats: LatestStats,
+    ns: argparse.Namespace,
+) -> None:
+    """Keep this worker's heartbeat record from the moment it reads the stream."""
+    await service.ready.wait()
+    cfg = service.cfg
+    host, pid = heartbeat.this_host()
+    base = heartbeat.WorkerInfo(
+        consumer=cfg.consumer,
+        host=host,
+        pid=pid,
+        version=heartbeat.package_version(),
+        model=str(ns.model),
+        adapters_served=sorted(registry.static),
+        max_num_seqs=int(ns.max_num_seqs),
+        started_ms=heartbeat.now_ms(),
+    )
+
+    def info() -> heartbeat.WorkerInfo:
+        latest = stats.latest
+        names = registry.names
+        free = min(engine.free_capacity(), service.max_inflight - service.inflight)
+        return _replace(
+            base,
+            adapters_resident=_named(latest.adapters_on_device if latest else [], names),
+            adapters_host=_named(latest.adapters_in_host if latest else [], names),
+            free_slots=0 if service.draining else max(0, free),
+            inflight=service.inflight,
+            draining=service.draining,
+        )
+
+    await heartbeat.heartbeat_loop(
+        service.redis, cfg.prefix, cfg.consumer, info, ns.heartbeat_interval
+    )
+
+
+def _replace(info: heartbeat.WorkerInfo, **changes: Any) -> heartbeat.WorkerInfo:
+    import msgspec
+
+    return msgspec.structs.replace(info, **changes)
+
+
+def _named(ids: Sequence[int], names: dict[int, str]) -> list[str]:
+    return [names.get(i, f"#{i}") for i in ids]
+
+
+# ----------------------------------------------------------------------------- status
+def add_status_args(parser: argparse.ArgumentParser) -> None:
+    _add_redis_args(parser)
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of tables")  # fmt: skip
+
+
+def collect_status(client: Any, prefix: str) -> dict[str, Any]:
+    """What ``lorastream status`` shows, as data."""
+    from broker import registry
+
+    stream, group = f"{prefix}:requests", f"{prefix}:workers"
+    workers = heartbeat.live_workers_sync(client, prefix)
+    length = int(client.xlen(stream))
+    try:
+        groups: Any = client.xinfo_groups(stream)
+    except redis.ResponseError:
+        groups = []  # no stream yet
+    found = next((g for g in groups if _text(g.get("name")) == group), None)
+    queue: dict[str, Any] = {"stream": stream, "group": group, "length": length}
+    if found is None:
+        # No worker ever joined: every entry waits.
+        queue |= {"group_exists": False, "lag": length, "pending": 0, "consumers": 0}
+    else:
+        lag = found.get("lag")
+        queue |= {
+            "group_exists": True,
+            "lag": None if lag is None else int(lag),
+            "pending": int(found.get("pending", 0)),
+            "consumers": int(found.get("consumers", 0)),
+        }
+    dlq = f"{stream}:dlq"
+    return {
+        "prefix": prefix,
+        "time_ms": heartbeat.now_ms(),
+        "workers": [json.loads(_encode(w)) for w in workers],
+        "queue": queue,
+        "dead_letters": {"stream": dlq, "length": int(client.xlen(dlq))},
+        "adapters": registry.list_all(client, registry_key(prefix)),
+    }
+
+
+def _encode(info: heartbeat.WorkerInfo) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(info)
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def run_status(ns: argparse.Namespace) -> int:
+    client = connect_sync(RedisSettings(_need_url(ns), ca_file=ns.redis_ca_file))
+    try:
+        status = collect_status(client, ns.prefix)
+    finally:
+        client.close()
+    if ns.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print_status(status)
+    return 0
+
+
+def print_status(status: dict[str, Any]) -> None:
+    """The status as tables. Names come from Redis (anyone may write there): they are shown
+    as plain text, never as rich markup or terminal control codes."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(highlight=False)
+
+    def say(line: str) -> None:
+        console.print(Text(line))
+
+    now = status["time_ms"]
+    workers = Table(title=Text(f"live workers ({status['prefix']})"), title_justify="left")
+    for column in ("worker", "model", "adapters", "free / max", "running", "last seen"):
+        workers.add_column(column, overflow="fold")
+    for w in status["workers"]:
+        adapters = ", ".join(w["adapters_served"]) or "-"
+        if w["adapters_resident"]:
+            adapters += f" (on device: {', '.join(w['adapters_resident'])})"
+        cells = (
+            w["consumer"] + (" (draining)" if w["draining"] else ""),
+            w["model"],
+            adapters,
+            f"{w['free_slots']} / {w['max_num_seqs']}",
+            str(w["inflight"]),
+            f"{max(0, now - w['last_seen_ms']) / 1000:.1f} s ago",
+        )
+        workers.add_row(*map(Text, cells))
+    if status["workers"]:
+        console.print(workers)
+    else:
+        say(f"live workers ({status['prefix']}): none")
+    q = status["queue"]
+    lag = "unknown" if q["lag"] is None else q["lag"]
+    group = (
+        f"group {q['group']}: {q['consumers']} consumer(s)"
+        if q["group_exists"]
+        else f"group {q['group']}: not created yet (no worker has started)"
+    )
+    say(f"queue {q['stream']}: {q['length']} entries, lag {lag}, pending {q['pending']} ({group})")
+    d = status["dead_letters"]
+    say(f"dead letters {d['stream']}: {d['length']}")
+    if status["adapters"]:
+        table = Table(title="registered adapters", title_justify="left")
+        table.add_column("name")
+        table.add_column("path", overflow="fold")
+        for name, path in status["adapters"].items():
+            table.add_row(Text(name), Text(path))
+        console.print(table)
+    else:
+        say("registered adapters: none")
 
 
 # ----------------------------------------------------------------------------- adapters
 def add_adapters_args(parser: argparse.ArgumentParser) -> None:
     _add_redis_args(parser)
-    ops = parser.add_subparsers(dest="adapters_op", required=True)
-    add = ops.add_parser("add", help="register or re-point an adapter")
-    add.add_argument("name")
+    fmt = HelpFormatter
+    ops = parser.add_subparsers(dest="adapters_op", required=True, metavar="OP")
+    add = ops.add_parser("add", help="register or re-point an adapter", formatter_class=fmt)
+    add.add_argument("name", help="the adapter's name (what requests put in 'adapter')")
     add.add_argument(
         "path", help="adapter directory, relative to the workers' --lora-root or absolute inside it"
     )
-    add.add_argument("--lora-root", default=None, help="check the path as the workers will")
-    rm = ops.add_parser("rm", help="unregister an adapter")
-    rm.add_argument("name")
-    ops.add_parser("ls", help="list registered adapters")
+    add.add_argument("--lora-root", default=None,
+                     help="check the path as the workers will (default: not checked)")  # fmt: skip
+    rm = ops.add_parser("rm", help="unregister an adapter", formatter_class=fmt)
+    rm.add_argument("name", help="the adapter's name")
+    ops.add_parser("ls", help="list registered adapters", formatter_class=fmt)
 
 
 def run_adapters(ns: argparse.Namespace) -> int:
     from broker import registry
     from engine.errors import AdapterError
 
-    if not ns.redis_url:
-        print(f"lorastream adapters: --redis-url (or ${_URL_ENV}) is required", file=sys.stderr)
-        return 2
-    client = connect_sync(RedisSettings(ns.redis_url, ca_file=ns.redis_ca_file))
+    client = connect_sync(RedisSettings(_need_url(ns), ca_file=ns.redis_ca_file))
     key = registry_key(ns.prefix)
     try:
         if ns.adapters_op == "add":
@@ -258,10 +536,10 @@ def run_demo(ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m broker.cli serve ...`` without the engine's CLI (for debugging)."""
-    parser = argparse.ArgumentParser(prog="lorastream-broker")
+    parser = argparse.ArgumentParser(prog="lorastream-broker", formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    add_serve_args(sub.add_parser("serve"))
-    add_adapters_args(sub.add_parser("adapters"))
+    add_serve_args(sub.add_parser("serve", formatter_class=HelpFormatter))
+    add_adapters_args(sub.add_parser("adapters", formatter_class=HelpFormatter))
     ns = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_serve(ns) if ns.cmd == "serve" else run_adapters(ns)

@@ -2,12 +2,14 @@
 
 ``events`` is the reference client loop of docs/protocol.md: SUBSCRIBE first, then replay
 the result stream, then follow the channel, dropping events already seen (``seq``) and
-filling a gap from the result stream.
+filling a gap from the result stream. Anyone who can PUBLISH may write to a reply channel,
+so it takes only events of its own request id and skips anything it cannot decode.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +17,8 @@ import anyio
 import redis.asyncio as aioredis
 
 from broker.protocol import VERSION, AbortRequest, Codec, Event, decode_event, default_reply_to
+
+logger = logging.getLogger("lorastream.producer")
 
 
 async def submit(
@@ -35,8 +39,28 @@ async def replay(
     client: aioredis.Redis, prefix: str, request_id: str, after_seq: int = -1
 ) -> list[Event]:
     entries: Any = await client.xrange(f"{prefix}:out:{request_id}")
-    events = [decode_event(fields[b"data"]) for _, fields in entries]
+    events = [e for _, fields in entries if (e := own_event(fields.get(b"data"), request_id))]
     return [e for e in events if e.seq > after_seq]
+
+
+def read_event(raw: Any) -> Event | None:
+    """The event in ``raw``, or None when it is not one (whoever wrote it)."""
+    if not isinstance(raw, bytes):
+        return None
+    try:
+        event = decode_event(raw)
+    except Exception as e:
+        logger.debug("skipping an undecodable event (%s)", e)
+        return None
+    if not isinstance(event.id, str) or type(event.seq) is not int:
+        return None
+    return event
+
+
+def own_event(raw: Any, request_id: str) -> Event | None:
+    """The event in ``raw`` if it is one and belongs to ``request_id``, else None."""
+    event = read_event(raw)
+    return event if event is not None and event.id == request_id else None
 
 
 async def events(
@@ -64,16 +88,18 @@ async def events(
                 msg = await pubsub.get_message(timeout=1.0)
                 if msg is None or msg.get("type") != "message":
                     continue
-                event = decode_event(msg["data"])
-                if event.seq <= last:
+                got = own_event(msg["data"], request_id)
+                if got is None:
+                    continue  # another request's event, or not an event at all
+                if got.seq <= last:
                     continue  # seen already (replayed, or sent twice after a reconnect)
-                pending = [event]
-                if event.seq > last + 1:
+                pending = [got]
+                if got.seq > last + 1:
                     # A gap: the result stream has what the channel lost.
                     pending = [
                         e
                         for e in await replay(client, prefix, request_id, last)
-                        if e.seq <= event.seq
+                        if e.seq <= got.seq
                     ]
                 for e in pending:
                     if e.seq != last + 1:

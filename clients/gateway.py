@@ -2,16 +2,20 @@
 
 ``/v1/completions`` and ``/v1/chat/completions`` (streaming SSE and not) become wire requests
 through the SDK; ``model`` is the base model's served name or an adapter name. ``/v1/models``
-lists the base model and the adapters (the registry hash plus ``--adapter`` names the workers
-preload); ``/health`` pings Redis; ``/`` is the chat page. Errors use OpenAI's shape
+lists the base model and the adapters: those live workers serve (their heartbeat records),
+the registry hash, and any ``--adapter`` names; ``/health`` is 200 while at least one worker
+is live; ``/`` is the chat page. Every error, Redis being down included, uses OpenAI's shape
 ``{"error": {message, type, param, code}}``. A client that disconnects aborts its request.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import logging
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -27,18 +31,22 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from broker.protocol import TokenEvent
+from broker.redis_conn import REDIS_ERRORS
 from clients.sdk import (
     AsyncClient,
     ClientError,
+    RequestExpired,
     RequestFailed,
     RequestTimeout,
     TokenStream,
 )
+from engine.cli import UsageError
 from engine.errors import InvalidSamplingParams
 from engine.sampling_params import SamplingParams
 
 STATIC = Path(__file__).parent / "static"
 T = TypeVar("T")
+logger = logging.getLogger("lorastream.gateway")
 
 # OpenAI request fields → SamplingParams names (vLLM's extras pass through unchanged).
 _SAMPLING_FIELDS = frozenset(
@@ -71,11 +79,14 @@ class GatewayConfig:
     served_model_name: str = "base"
     """The name clients use for the base model (no adapter)."""
     adapters: tuple[str, ...] = ()
-    """Adapters the workers preload with --lora-modules (the registry lists the others)."""
+    """Adapter names to list besides those of live workers and the registry."""
     timeout_s: float = 120.0
-    """Longest a request may take, end to end (504 when exceeded)."""
+    """Longest a request may take, end to end (504 when exceeded); also its wire deadline."""
     first_event_timeout_s: float = 30.0
     """Longest wait for a worker to start answering (503 when exceeded)."""
+    default_max_tokens: int = 512
+    """``max_tokens`` of a chat request that sets neither it nor max_completion_tokens: a
+    model that never emits its end token must not run to the context length."""
     ca_file: str | None = None
 
 
@@ -110,6 +121,8 @@ def api_error(err: ClientError) -> ApiError:
             type_="service_unavailable",
             code="no_worker",
         )
+    if isinstance(err, RequestExpired):
+        return ApiError(504, err.message, type_="timeout", code="expired")
     if isinstance(err, RequestFailed):
         code = err.code
         param = _param_of(err.message)
@@ -123,6 +136,15 @@ def api_error(err: ClientError) -> ApiError:
             return ApiError(400, err.message, param=param, code=code)
         return ApiError(500, err.message, type_="server_error", code=code)
     return ApiError(500, err.message, type_="server_error", code=err.code)
+
+
+def redis_down(err: BaseException) -> ApiError:
+    return ApiError(
+        503,
+        f"Redis is unreachable ({type(err).__name__}): try again later",
+        type_="service_unavailable",
+        code="redis_unavailable",
+    )
 
 
 def _param_of(message: str) -> str | None:
@@ -150,7 +172,9 @@ class _Call:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def _parse_common(body: Any, *, chat: bool, extra: frozenset[str]) -> tuple[dict[str, Any], bool]:
+def _parse_common(
+    body: Any, *, chat: bool, extra: frozenset[str], default_max_tokens: int | None = None
+) -> tuple[dict[str, Any], bool]:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     known = _SAMPLING_FIELDS | _IGNORED_FIELDS | extra | {"model", "stream", "n"}
@@ -170,7 +194,7 @@ def _parse_common(body: Any, *, chat: bool, extra: frozenset[str]) -> tuple[dict
     if chat and body.get("max_completion_tokens") is not None:
         sampling["max_tokens"] = body["max_completion_tokens"]
     if chat and "max_tokens" not in sampling:
-        sampling["max_tokens"] = None  # OpenAI's chat default: up to the context length
+        sampling["max_tokens"] = default_max_tokens
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]
     try:
@@ -218,8 +242,10 @@ class Gateway:
         )
 
     async def adapter_names(self) -> list[str]:
+        """Adapters live workers serve, the registry holds, or ``--adapter`` names."""
+        served = {a for w in await self.client.workers() for a in w.adapters_served}
         registry = await self.client.adapters()
-        return sorted(set(registry) | set(self.cfg.adapters))
+        return sorted(served | set(registry) | set(self.cfg.adapters))
 
     async def resolve_model(self, model: str) -> str | None:
         """The adapter a model name means (None: the base model); 404 when unknown."""
@@ -236,14 +262,19 @@ class Gateway:
 
     # ------------------------------------------------------------------------- routes
     async def health(self, request: Request) -> Response:
-        try:
-            with anyio.fail_after(2):
-                await self.client.redis.ping()
-        except Exception as e:
+        """200 while at least one worker is live (its heartbeat record exists) and not
+        draining, else 503."""
+        with anyio.fail_after(5):
+            workers = [w for w in await self.client.workers() if not w.draining]
+        if not workers:
             return ApiError(
-                503, f"redis unreachable: {type(e).__name__}", type_="service_unavailable"
+                503,
+                f"no live worker: none has a heartbeat record under {self.cfg.prefix}:worker:* "
+                "that is not draining (start one with lorastream serve)",
+                type_="service_unavailable",
+                code="no_worker",
             ).response()
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "workers": len(workers)})
 
     async def models(self, request: Request) -> Response:
         now = int(time.time())
@@ -295,10 +326,6 @@ class Gateway:
             return e.response()
         except ClientError as e:
             return api_error(e).response()
-        except (ConnectionError, OSError) as e:
-            return ApiError(
-                503, f"redis unreachable: {type(e).__name__}", type_="service_unavailable"
-            ).response()
 
     async def _parse(self, request: Request, *, chat: bool) -> _Call:
         try:
@@ -306,7 +333,12 @@ class Gateway:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
         if chat:
-            sampling, include_usage = _parse_common(body, chat=True, extra=frozenset({"messages"}))
+            sampling, include_usage = _parse_common(
+                body,
+                chat=True,
+                extra=frozenset({"messages"}),
+                default_max_tokens=self.cfg.default_max_tokens,
+            )
             model = _check_model(body)
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -351,12 +383,12 @@ class Gateway:
 
     def app(self) -> Starlette:
         routes = [
-            Route("/", self.chat_page),
-            Route("/chat", self.chat_page),
-            Route("/health", self.health),
-            Route("/v1/models", self.models),
-            Route("/v1/completions", self.completions, methods=["POST"]),
-            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/", _guarded(self.chat_page)),
+            Route("/chat", _guarded(self.chat_page)),
+            Route("/health", _guarded(self.health)),
+            Route("/v1/models", _guarded(self.models)),
+            Route("/v1/completions", _guarded(self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", _guarded(self.chat_completions), methods=["POST"]),
         ]
 
         @contextlib.asynccontextmanager
@@ -367,6 +399,30 @@ class Gateway:
                 await self.client.aclose()
 
         return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _guarded(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """Every failure of a route as an error in OpenAI's shape: 503 while Redis is down,
+    500 for a bug (logged with its traceback)."""
+
+    @functools.wraps(handler)
+    async def guarded(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            return e.response()
+        except REDIS_ERRORS as e:  # OSError, hence TimeoutError, included
+            return redis_down(e).response()
+        except Exception:
+            logger.exception("%s %s failed", request.method, request.url.path)
+            return ApiError(
+                500, "internal error (see the gateway's log)", type_="server_error",
+                code="internal_error",
+            ).response()  # fmt: skip
+
+    return guarded
 
 
 def build_app(cfg: GatewayConfig, client: AsyncClient | None = None) -> Starlette:
@@ -468,6 +524,8 @@ async def _sse(
             yield _data(tail)
     except ClientError as e:
         yield _data(api_error(e).body)
+    except REDIS_ERRORS as e:
+        yield _data(redis_down(e).body)
     finally:
         await stream.aclose()
     yield b"data: [DONE]\n\n"
@@ -544,7 +602,25 @@ class EventStream(Response):
                 await self.chunks.aclose()
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The gateway's listening socket; a busy or forbidden address is a UsageError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UsageError(
+            f"cannot listen on {host}:{port} ({e.strerror}): choose another --port or --host"
+        ) from e
+    return sock
+
+
 def serve(cfg: GatewayConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
-    uvicorn.run(build_app(cfg), host=host, port=port, log_level="info")
+    sock = listen(host, port)
+    logger.info("gateway on http://%s:%d (chat page at /)", host, port)
+    with sock:
+        uvicorn.Server(uvicorn.Config(build_app(cfg), log_level="info")).run(sockets=[sock])

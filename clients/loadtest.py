@@ -15,6 +15,7 @@ Open loop: a request is sent at its time whether or not earlier ones finished. I
 are in words of a small vocabulary (about one token each). Latencies are measured at the
 client (Redis included). The workers' view (requests, tokens, adapter loads) comes from their
 Prometheus endpoints, scraped before and after the run; the report holds the difference.
+Ctrl-C stops sending, aborts what runs and still writes the report of what was sent.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,9 +35,14 @@ from typing import Any
 
 import anyio
 
+from broker.redis_conn import REDIS_ERRORS
 from clients.sdk import AsyncClient, ClientError
 
 PATTERNS = ("distinct", "uniform", "skewed", "identical")
+BASE_LABEL = "base"
+"""How reports name the base model (requests without an adapter)."""
+INTERRUPTED = "interrupted"
+"""The error of a request still running when the run was stopped."""
 _WORDS = (
     "the",
     "cat",
@@ -197,8 +206,12 @@ async def run_plan(
     *,
     sampling: dict[str, Any] | None = None,
     on_done: Any = None,
+    stop: anyio.Event | None = None,
 ) -> list[Record]:
-    """Send every request at its time (open loop); returns one record per request."""
+    """Send every request at its time (open loop); returns one record per request sent.
+
+    When ``stop`` is set, nothing more is sent and the requests still running are aborted;
+    their records end with the error ``interrupted``."""
     records: list[Record] = []
     t0 = anyio.current_time()
 
@@ -229,16 +242,33 @@ async def run_plan(
                         rec.finish_reason = event.finish_reason
         except ClientError as e:
             rec.error = e.code
+        except REDIS_ERRORS as e:  # this request fails; the run goes on
+            rec.error = f"redis: {type(e).__name__}"
         rec.end = anyio.current_time() - t0
         if on_done is not None:
             on_done(rec)
 
-    async with anyio.create_task_group() as tg:
-        for i, p in enumerate(plan):
-            delay = t0 + p.t - anyio.current_time()
-            if delay > 0:
-                await anyio.sleep(delay)
-            tg.start_soon(one, i, p)
+    async def send_all() -> None:
+        async with anyio.create_task_group() as tg:
+            for i, p in enumerate(plan):
+                delay = t0 + p.t - anyio.current_time()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                tg.start_soon(one, i, p)
+
+    async with anyio.create_task_group() as outer:
+        if stop is not None:
+
+            async def watch() -> None:
+                await stop.wait()
+                outer.cancel_scope.cancel()
+
+            outer.start_soon(watch)
+        await send_all()
+        outer.cancel_scope.cancel()
+    for rec in records:
+        if rec.end is None:  # cancelled by stop: its stream was closed, which aborted it
+            rec.error, rec.end = INTERRUPTED, anyio.current_time() - t0
     return sorted(records, key=lambda r: r.index)
 
 
@@ -326,7 +356,8 @@ def summarize(records: Sequence[Record], *, slo_ttft_s: float, slo_itl_s: float)
         },
         "slo": {"ttft_s": slo_ttft_s, "inter_token_s": slo_itl_s},
         "slo_attainment": sum(map(meets_slo, records)) / len(records) if records else 0.0,
-        "adapters": dict(Counter(str(r.adapter) for r in records)),
+        "adapters": dict(Counter(BASE_LABEL if r.adapter is None else r.adapter for r in records)),
+        "interrupted": any(r.error == INTERRUPTED for r in records),
     }
 
 
@@ -338,7 +369,7 @@ def print_table(summary: dict[str, Any], workers: dict[str, dict[str, Any]]) -> 
         return "-" if v is None else f"{v * 1000:.1f}"
 
     t = Table(title="lorastream loadtest")
-    t.add_column("metric")
+    t.add_column("metric", no_wrap=True)
     t.add_column("value", justify="right")
     t.add_row("requests (completed / sent)", f"{summary['completed']} / {summary['requests']}")
     t.add_row("duration s", f"{summary['duration_s']:.2f}")
@@ -347,7 +378,12 @@ def print_table(summary: dict[str, Any], workers: dict[str, dict[str, Any]]) -> 
     for name, label in (("ttft", "TTFT"), ("inter_token", "inter-token"), ("e2e", "end-to-end")):
         p = summary["latency_s"][name]
         t.add_row(f"{label} ms p50/p90/p99", " / ".join(ms(p[k]) for k in ("p50", "p90", "p99")))
-    t.add_row("SLO attainment", f"{summary['slo_attainment'] * 100:.1f} %")
+    slo = summary["slo"]
+    t.add_row(
+        f"SLO attainment (TTFT ≤ {slo['ttft_s'] * 1000:g} ms, "
+        f"ITL ≤ {slo['inter_token_s'] * 1000:g} ms)",
+        f"{summary['slo_attainment'] * 100:.1f} %",
+    )
     t.add_row("errors", ", ".join(f"{k}: {v}" for k, v in summary["errors"].items()) or "0")
     for url, w in workers.items():
         hit = w["adapter_cache_hit_rate"]
@@ -391,27 +427,64 @@ def plot(records: Sequence[Record], out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     end = max(((r.end or 0.0) for r in records), default=0.0)
-    bins = max(1, math.ceil(end))
-    tok = [0] * bins
-    done = [0] * bins
-    for r in ok:
-        for t, n in r.token_times:
-            tok[min(bins - 1, int(t))] += n
-        done[min(bins - 1, int(r.end or 0.0))] += 1
+    tok, done, bins = throughput_bins(ok, end)
+    edges = [b for b, _ in bins] + [bins[-1][0] + bins[-1][1]]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.step(range(bins), tok, where="post", label="output tokens/s")
+    ax.stairs(tok, edges, baseline=None, label="output tokens/s")
     ax2 = ax.twinx()
-    ax2.step(range(bins), done, where="post", color="tab:orange", label="requests/s")
-    ax.set_xlabel("time (s)")
+    ax2.stairs(done, edges, baseline=None, color="tab:orange", label="requests completed/s")
+    ax.set_xlabel(
+        "time (s)" + ("" if whole_seconds(end) else "; the last partial second is left out")
+    )
     ax.set_ylabel("output tokens/s")
     ax2.set_ylabel("requests completed/s")
+    ax.set_ylim(bottom=0)
+    ax2.set_ylim(bottom=0)
     ax.set_title("throughput over time")
-    fig.legend(loc="upper right")
-    fig.tight_layout()
+    # Below the axes, where no curve runs.
+    fig.legend(loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     paths.append(out_dir / "throughput.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
+
+
+def whole_seconds(end: float) -> bool:
+    return end < 1.0 or math.isclose(end, round(end))
+
+
+def throughput_bins(
+    records: Sequence[Record], end: float
+) -> tuple[list[float], list[float], list[tuple[float, float]]]:
+    """Output tokens and completed requests per second, in bins of one second.
+
+    A last bin shorter than a second would show fewer events than the rate it stood for, a
+    drop that never happened: it is left out (unless the run is shorter than a second; then
+    its one bin is scaled to per second). Returns (tokens/s, requests/s, [(start, width)])."""
+    if end <= 0:
+        return [0.0], [0.0], [(0.0, 1.0)]
+    full = [(float(i), 1.0) for i in range(math.floor(end + 1e-9))]
+    bins = full or [(0.0, end)]
+    tok = [0.0] * len(bins)
+    done = [0.0] * len(bins)
+
+    def index(t: float) -> int | None:
+        i = 0 if end < 1.0 else int(t)
+        return i if i < len(bins) else None
+
+    for r in records:
+        for t, n in r.token_times:
+            if (i := index(t)) is not None:
+                tok[i] += n
+        if (i := index(r.end or 0.0)) is not None:
+            done[i] += 1
+    widths = [w for _, w in bins]
+    return (
+        [v / w for v, w in zip(tok, widths, strict=True)],
+        [v / w for v, w in zip(done, widths, strict=True)],
+        bins,
+    )
 
 
 # ----------------------------------------------------------------------------- command
@@ -480,6 +553,7 @@ async def run_loadtest(cfg: LoadtestConfig) -> dict[str, Any]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     async with AsyncClient(cfg.redis_url, cfg.prefix, timeout_s=cfg.timeout_s) as client:
+        await client.redis.ping()  # an unreachable Redis fails the run here, not per request
         adapters = cfg.adapters or sorted(await client.adapters())
         plan = build_plan(cfg, list(adapters))
         before = {u: await anyio.to_thread.run_sync(scrape, u) for u in cfg.metrics_urls}
@@ -496,7 +570,12 @@ async def run_loadtest(cfg: LoadtestConfig) -> dict[str, Any]:
                 errors += rec.error is not None
                 progress.update(task, advance=1, errors=errors)
 
-            records = await run_plan(client, plan, on_done=on_done)
+            stop = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                if threading.current_thread() is threading.main_thread():
+                    tg.start_soon(_stop_on_sigint, stop)
+                records = await run_plan(client, plan, on_done=on_done, stop=stop)
+                tg.cancel_scope.cancel()
     after = await anyio.to_thread.run_sync(_settled, cfg.metrics_urls)
     workers = {u: worker_report(before[u], after[u]) for u in cfg.metrics_urls}
     summary = summarize(records, slo_ttft_s=cfg.slo_ttft_s, slo_itl_s=cfg.slo_itl_s)
@@ -510,5 +589,18 @@ async def run_loadtest(cfg: LoadtestConfig) -> dict[str, Any]:
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print_table(summary, workers)
+    if summary["interrupted"]:
+        print(f"interrupted: {len(records)} of {len(plan)} requests were sent", file=sys.stderr)
     print(f"results: {out / 'results.json'}; plots: {', '.join(map(str, plots))}")
     return result
+
+
+async def _stop_on_sigint(stop: anyio.Event) -> None:
+    """The first Ctrl-C ends the run early (the report is still written); once it has, a
+    second one is Python's usual KeyboardInterrupt."""
+    with anyio.open_signal_receiver(signal.SIGINT) as signals:
+        async for _ in signals:
+            print("\ninterrupted: aborting running requests, writing the results so far "
+                  "(Ctrl-C again to quit at once)", file=sys.stderr, flush=True)  # fmt: skip
+            stop.set()
+            return

@@ -19,8 +19,11 @@ import asyncio
 import contextlib
 import logging
 import math
+import queue
+import threading
+import time
 import uuid
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -30,17 +33,18 @@ import anyio.from_thread
 import redis.asyncio as aioredis
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from broker import producer
+from broker import heartbeat, producer
 from broker.protocol import (
     ErrorEvent,
     Event,
     GenerateRequest,
     TokenEvent,
-    decode_event,
 )
 from broker.redis_conn import RedisSettings, connect
 
 DEFAULT_TIMEOUT_S = 60.0
+NO_WORKER_AFTER_S = 3.0
+"""A request without any event this long checks whether any worker consumes the stream."""
 
 logger = logging.getLogger("lorastream.sdk")
 
@@ -82,6 +86,11 @@ class ServerError(RequestFailed):
     """A worker bug, or a request that crashed every worker that ran it."""
 
 
+class RequestExpired(RequestFailed, TimeoutError):
+    """The request's deadline (sent as now + its timeout) passed before a worker finished
+    it: the worker ended it with ``expired``, without running it if it had not started."""
+
+
 class RequestTimeout(ClientError, TimeoutError):
     """No final event in time. ``started`` says whether any event had arrived: when none
     had, no worker picked the request up (none running, or all busy)."""
@@ -115,6 +124,8 @@ def error_for(event: ErrorEvent) -> RequestFailed:
     """The named exception of an error event."""
     if event.code in _INVALID_CODES:
         cls: type[RequestFailed] = InvalidRequestError
+    elif event.code == "expired":
+        cls = RequestExpired
     elif event.code.startswith("adapter_"):
         cls = AdapterUnavailable
     else:
@@ -203,7 +214,14 @@ class AsyncClient:
     """Talks to ``lorastream serve`` workers through Redis (docs/protocol.md).
 
     ``timeout_s`` bounds a whole request, ``first_event_timeout_s`` the wait for its first
-    event (a request nobody picks up fails fast); both can be overridden per call.
+    event (a request nobody picks up fails fast); both can be overridden per call. Every
+    request carries ``deadline`` = now + its timeout (epoch ms): a worker that reads it later
+    ends it with ``expired`` without running it.
+
+    A request that has no event after ``no_worker_after_s`` seconds checks whether any
+    worker consumes ``{prefix}:requests`` (a live heartbeat record, or an active consumer of
+    the group); if none does, ``on_no_worker(message)`` is called once (default: a log
+    warning) and the request keeps waiting, up to its timeouts. ``None`` turns the check off.
     """
 
     def __init__(
@@ -215,12 +233,16 @@ class AsyncClient:
         first_event_timeout_s: float | None = None,
         ca_file: str | None = None,
         redis: aioredis.Redis | None = None,
+        no_worker_after_s: float | None = NO_WORKER_AFTER_S,
+        on_no_worker: Callable[[str], None] | None = None,
     ) -> None:
         if redis is None and not redis_url:
             raise ValueError("redis_url is required (or pass a redis client)")
         self.prefix = prefix
         self.timeout_s = timeout_s
         self.first_event_timeout_s = first_event_timeout_s
+        self.no_worker_after_s = no_worker_after_s
+        self.on_no_worker = on_no_worker or logger.warning
         self._owns_redis = redis is None
         self.redis = redis or connect(RedisSettings(str(redis_url), ca_file=ca_file))
         self._replies = _Replies(self.redis, f"{prefix}:tokens:client-{uuid.uuid4().hex}")
@@ -294,6 +316,22 @@ class AsyncClient:
         raw: Any = await self.redis.hgetall(f"{self.prefix}:adapters")
         return {_s(k): _s(v) for k, v in raw.items()}
 
+    async def workers(self) -> list[heartbeat.WorkerInfo]:
+        """The live workers' heartbeat records (docs/protocol.md, "Live workers")."""
+        return await heartbeat.live_workers(self.redis, self.prefix)
+
+    async def _check_consumers(self, request_id: str, waited_s: float, left_s: float) -> None:
+        try:
+            if await heartbeat.consuming(self.redis, self.prefix):
+                return
+        except Exception as e:  # the check is advice: a failure of its own only gets logged
+            logger.debug("request %s: cannot check for workers: %s", request_id, e)
+            return
+        self.on_no_worker(
+            f"request {request_id}: no worker is consuming {self.prefix}:requests after "
+            f"{waited_s:g} s (no live worker heartbeat); waiting up to {left_s:.0f} s more"
+        )
+
     async def _follow(
         self, request: GenerateRequest, timeout_s: float, first_event_timeout_s: float
     ) -> AsyncGenerator[TokenEvent, None]:
@@ -304,10 +342,15 @@ class AsyncClient:
         # before the subscription is live would only be in the result stream.
         replies = await self._replies.open(rid)
         try:
-            await producer.submit(self.redis, self.prefix, request.to_wire())
+            wire = request.to_wire()
+            wire["deadline"] = int((time.time() + timeout_s) * 1000)
+            await producer.submit(self.redis, self.prefix, wire)
             follower = _Follower(self.redis, self.prefix, rid)
-            deadline = anyio.current_time() + timeout_s
-            first_deadline = anyio.current_time() + first_event_timeout_s
+            start = anyio.current_time()
+            deadline = start + timeout_s
+            first_deadline = start + first_event_timeout_s
+            after = self.no_worker_after_s
+            check_at = math.inf if after is None else start + after
             while True:
                 now = anyio.current_time()
                 limit = deadline if started else min(deadline, first_deadline)
@@ -319,8 +362,13 @@ class AsyncClient:
                         request_id=rid,
                         started=started,
                     )
+                if not started and now >= check_at:
+                    check_at = math.inf
+                    await self._check_consumers(rid, now - start, limit - now)
+                    continue
                 item: Event | None = RESYNC
-                with anyio.move_on_after(min(1.0, limit - now)) as waited:
+                wake = limit if started else min(limit, check_at)
+                with anyio.move_on_after(min(1.0, wake - now)) as waited:
                     try:
                         item = await replies.receive()
                     except anyio.EndOfStream:
@@ -476,10 +524,12 @@ class _Replies:
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
-            try:
-                event = decode_event(msg["data"])
-            except Exception as e:  # not an event of ours: nothing to route it to
-                logger.warning("reply channel %s: undecodable message (%s)", self.channel, e)
+            # Anyone may PUBLISH here: only well-formed events of open requests are routed.
+            event = producer.read_event(msg["data"])
+            if event is None:
+                logger.debug(
+                    "reply channel %s: skipped a message that is not an event", self.channel
+                )
                 continue
             send_to = self._routes.get(event.id)
             if send_to is not None:
@@ -504,6 +554,8 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         first_event_timeout_s: float | None = None,
         ca_file: str | None = None,
+        no_worker_after_s: float | None = NO_WORKER_AFTER_S,
+        on_no_worker: Callable[[str], None] | None = None,
     ) -> None:
         self._stack = contextlib.ExitStack()
         self._portal = self._stack.enter_context(
@@ -517,9 +569,15 @@ class Client:
                 timeout_s=timeout_s,
                 first_event_timeout_s=first_event_timeout_s,
                 ca_file=ca_file,
+                no_worker_after_s=no_worker_after_s,
+                on_no_worker=on_no_worker,
             )
 
-        self._async = self._portal.call(make)
+        try:
+            self._async = self._portal.call(make)
+        except BaseException:
+            self._stack.close()  # the portal's thread would keep the process alive
+            raise
 
     def close(self) -> None:
         try:
@@ -539,16 +597,37 @@ class Client:
         self.close()
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> Iterator[TokenEvent]:
-        """TokenEvents as they arrive; leaving the loop early aborts the request."""
+        """TokenEvents as they arrive; leaving the loop early (``break``, an exception,
+        Ctrl-C) aborts the request.
+
+        A task on the client's loop follows the stream and queues its events here. This
+        thread only waits on the queue, so a KeyboardInterrupt cancels that task, which then
+        closes the stream (publishing the abort) on its own loop, instead of racing it."""
         stream = self._async.generate(prompt, **kwargs)
+        events: queue.SimpleQueue[TokenEvent | Exception | None] = queue.SimpleQueue()
+        ended = threading.Event()
+
+        async def follow() -> None:
+            try:
+                async with stream:
+                    async for event in stream:
+                        events.put(event)
+                events.put(None)
+            except Exception as e:
+                events.put(e)
+            finally:
+                ended.set()
+
+        task = self._portal.start_task_soon(follow)
         try:
-            while True:
-                try:
-                    yield self._portal.call(stream.__anext__)
-                except StopAsyncIteration:
-                    return
+            while (item := events.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
         finally:
-            self._portal.call(stream.aclose)
+            if not ended.is_set():
+                task.cancel()
+                ended.wait(timeout=10)
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
         return self._portal.call(lambda: self._async.complete(prompt, **kwargs))

@@ -21,6 +21,7 @@ from tests.broker.fake_engine import FakeAsyncEngine, FakeConfig
 def main() -> int:
     parser = argparse.ArgumentParser(prog="fake_worker")
     add_service_args(parser)
+    parser.add_argument("--model", default="fake", help="the model name its heartbeat reports")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=256)
     parser.add_argument("--step-delay", type=float, default=0.01)

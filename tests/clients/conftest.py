@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +85,11 @@ def running_gateway(cfg: GatewayConfig) -> Iterator[str]:
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(url + "/health", None, Path("/dev/null"), 20)
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive(), "the gateway stopped"
+            assert time.monotonic() < deadline, "the gateway did not start"
+            time.sleep(0.02)
         yield url
     finally:
         server.should_exit = True
@@ -120,11 +124,11 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env,
             )  # fmt: skip
+        # No --adapter: the gateway learns lora0 from the worker's heartbeat.
         cfg = GatewayConfig(
             redis_url=server.url,
             prefix=STACK_PREFIX,
             served_model_name=BASE_MODEL,
-            adapters=("lora0",),
             timeout_s=60,
             first_event_timeout_s=30,
         )
@@ -133,6 +137,7 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             _wait_http(metrics_url, worker, log, 60)
             _wait_consumer(server.url, STACK_PREFIX, 60, log)
             with running_gateway(cfg) as gateway_url:
+                _wait_http(gateway_url + "/health", worker, log, 60)  # 200: the worker is live
                 yield Stack(server.url, STACK_PREFIX, gateway_url, metrics_url, tiny_model_dir, log)
         finally:
             worker.terminate()
@@ -141,3 +146,48 @@ def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+
+
+class FakeWorker:
+    """``broker.cli.serve`` on the fake engine in its own process (starts in a fraction of a
+    second), so a test can SIGKILL it."""
+
+    def __init__(self, redis_url: str, prefix: str, log: Path, *args: str) -> None:
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.broker.fake_worker", "--redis-url", redis_url,
+                 "--prefix", prefix, "--block-ms", "100", "--heartbeat-interval", "0.2", *args],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def fake_workers(tmp_path: Path) -> Iterator[Callable[..., FakeWorker]]:
+    started: list[FakeWorker] = []
+
+    def start(redis_url: str, prefix: str, *args: str) -> FakeWorker:
+        w = FakeWorker(redis_url, prefix, tmp_path / f"worker-{len(started)}.log", *args)
+        started.append(w)
+        return w
+
+    try:
+        yield start
+    finally:
+        for w in started:
+            w.kill()
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

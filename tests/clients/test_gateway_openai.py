@@ -13,10 +13,12 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+import redis
 
+from broker import heartbeat
 from broker.embedded import RedisServer
 from clients.gateway import GatewayConfig
-from tests.clients.conftest import BASE_MODEL, ROOT, Stack, running_gateway
+from tests.clients.conftest import BASE_MODEL, ROOT, Stack, running_gateway, wait_for
 
 MODELS = [BASE_MODEL, "lora0", "lora1"]  # lora0 preloaded, lora1 from the registry
 
@@ -114,7 +116,7 @@ def test_bad_parameter_is_400_naming_it(oai: openai.OpenAI) -> None:
 
 def test_health(stack: Stack) -> None:
     with urllib.request.urlopen(stack.gateway_url + "/health", timeout=5) as res:
-        assert json.load(res) == {"status": "ok"}
+        assert json.load(res) == {"status": "ok", "workers": 1}
 
 
 def _aborts(stack: Stack) -> float:
@@ -178,3 +180,26 @@ def test_generate_command_streams_to_the_terminal(stack: Stack) -> None:
     assert bad.returncode == 1
     assert "AdapterUnavailable" in bad.stderr
     assert "adapter_not_found" in bad.stderr
+
+
+def test_the_real_worker_reports_its_adapters_in_its_heartbeat(
+    stack: Stack, oai: openai.OpenAI
+) -> None:
+    """The engine reports adapters by id; the heartbeat names them, registry ones included."""
+    oai.completions.create(model="lora2", prompt="The cat", max_tokens=2)
+    r = redis.Redis.from_url(stack.redis_url)
+
+    def holds_lora2() -> bool:
+        workers = heartbeat.live_workers_sync(r, stack.prefix)
+        return bool(workers) and "lora2" in workers[0].adapters_host
+
+    try:
+        wait_for(holds_lora2, "lora2 in the heartbeat's host cache")
+        [worker] = heartbeat.live_workers_sync(r, stack.prefix)
+    finally:
+        r.close()
+    assert worker.consumer == "w1"
+    assert worker.model == str(stack.model_dir)
+    assert worker.adapters_served == ["lora0"]
+    assert set(worker.adapters_resident) <= {"lora0", "lora1", "lora2"}
+    assert worker.max_num_seqs == 16

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from clients.loadtest import punica_workload, scrape, slora_workload, trace_workload
+from clients.loadtest import (
+    Record,
+    punica_workload,
+    scrape,
+    slora_workload,
+    summarize,
+    throughput_bins,
+    trace_workload,
+)
 from engine.cli import main
 from tests.clients.conftest import Stack
 
@@ -66,6 +74,28 @@ def test_trace_replay(tmp_path: Path) -> None:
         trace_workload(trace)
 
 
+def test_throughput_leaves_out_the_last_partial_second() -> None:
+    # 3.5 s of a steady 10 tokens/s and one request done every second: the half second at
+    # the end holds 5 tokens, which as a bin of its own would read as a drop to 5 tokens/s.
+    rec = Record(0, None, 35, 0.0, first_token=0.05, end=3.5)
+    rec.token_times = [(0.05 + 0.1 * i, 1) for i in range(35)]
+    done = [Record(i, "a", 1, 0.0, end=i + 0.5) for i in range(1, 3)]
+    tok, req, bins = throughput_bins([rec, *done], 3.5)
+    assert bins == [(0.0, 1.0), (1.0, 1.0), (2.0, 1.0)]
+    assert tok == [10.0, 10.0, 10.0]
+    assert req == [0.0, 1.0, 1.0]
+    # A run shorter than a second: one bin, scaled to per second.
+    tok, _, bins = throughput_bins([Record(0, None, 2, 0.0, end=0.5, token_times=[(0.2, 2)])], 0.5)
+    assert (tok, bins) == ([4.0], [(0.0, 0.5)])
+
+
+def test_summary_names_the_base_model_base() -> None:
+    records = [Record(0, None, 1, 0.0, end=1.0), Record(1, "sql", 1, 0.0, end=1.0)]
+    summary = summarize(records, slo_ttft_s=1.0, slo_itl_s=0.1)
+    assert summary["adapters"] == {"base": 1, "sql": 1}
+    assert summary["interrupted"] is False
+
+
 def _finished(samples: dict[str, float]) -> float:
     return sum(v for k, v in samples.items() if k.startswith("lorastream_requests_finished_total"))
 
@@ -85,8 +115,10 @@ def test_short_run_reports_table_json_plots_and_matches_the_worker(
     assert rc == 0
     after = scrape(stack.metrics_url)
     printed = capsys.readouterr().out
-    for row in ("requests/s", "output tokens/s", "TTFT ms p50/p90/p99", "SLO attainment"):
+    for row in ("requests/s", "output tokens/s", "TTFT ms p50/p90/p99"):
         assert row in printed
+    # The SLO row names its thresholds (the defaults: 1 s to first token, 200 ms per token).
+    assert "SLO attainment (TTFT ≤ 1000 ms, ITL ≤ 200 ms)" in printed
     result = json.loads((out / "results.json").read_text())
     summary = result["summary"]
     assert summary["completed"] == summary["requests"] == 16

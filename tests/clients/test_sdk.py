@@ -5,12 +5,14 @@ service on the fake engine answers."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 import redis.asyncio as aioredis
 
+from broker import producer
 from broker.embedded import RedisServer
 from broker.protocol import (
     AbortRequest,
@@ -26,8 +28,10 @@ from clients import (
     AsyncClient,
     Client,
     InvalidRequestError,
+    RequestExpired,
     RequestTimeout,
 )
+from clients.gateway import api_error
 from tests.broker.conftest import PREFIX, eventually, fake_engine, running_service
 from tests.broker.fake_engine import FakeTokenizer, expected_tokens
 
@@ -276,3 +280,141 @@ async def test_a_lost_reply_connection_is_made_up_from_the_result_stream(
                 first_seen.set()
     assert [e.seq for e in got] == [0, 1, 2, 3, 4]
     assert "".join(e.text for e in got) == "abcde"
+
+
+async def test_requests_carry_a_deadline_from_their_timeout(
+    client: aioredis.Redis, sdk: AsyncClient
+) -> None:
+    before = time.time()
+    with pytest.raises(RequestTimeout):
+        await sdk.complete("hi", timeout_s=0.5)
+    after = time.time()
+    [(_, fields)] = await client.xrange(f"{PREFIX}:requests")
+    wire = Codec.unpack(fields[b"data"])
+    assert (before + 0.5) * 1000 <= wire["deadline"] <= (after + 0.5) * 1000
+
+
+async def test_no_worker_is_reported_once_and_the_request_waits_its_timeout(
+    client: aioredis.Redis,
+) -> None:
+    said: list[str] = []
+    async with AsyncClient(
+        redis=client, prefix=PREFIX, no_worker_after_s=0.2, on_no_worker=said.append
+    ) as sdk:
+        start = anyio.current_time()
+        with pytest.raises(RequestTimeout) as info:
+            await sdk.complete("hi", timeout_s=1.5)
+        waited = anyio.current_time() - start
+    assert waited >= 1.5  # told, and still waited for its whole timeout
+    assert not info.value.started
+    assert len(said) == 1
+    assert f"no worker is consuming {PREFIX}:requests" in said[0]
+    assert info.value.request_id in said[0]
+
+
+async def test_no_warning_while_a_worker_consumes(
+    redis_server: RedisServer, client: aioredis.Redis
+) -> None:
+    """The worker is slow to answer (its first step takes longer than the check), but it
+    reads the stream: nothing is reported."""
+    said: list[str] = []
+    async with (
+        running_service(redis_server.url, engine=fake_engine(step_delay_s=0.6)),
+        AsyncClient(
+            redis=client, prefix=PREFIX, no_worker_after_s=0.1, on_no_worker=said.append
+        ) as sdk,
+    ):
+        done = await sdk.complete("hi", max_tokens=1)
+    assert len(done.token_ids) == 1
+    assert said == []
+
+
+async def test_events_of_other_requests_on_the_channel_are_dropped(
+    redis_server: RedisServer, client: aioredis.Redis, sdk: AsyncClient
+) -> None:
+    """A producer sends request B with reply_to = the channel of an SDK request A, and
+    garbage is published there too: A's stream holds exactly A's tokens, nothing else."""
+    tok = FakeTokenizer()
+    engine = fake_engine(step_delay_s=0.02)
+    async with running_service(redis_server.url, engine=engine):
+        stream = sdk.generate("request a", max_tokens=30)
+        async with stream:
+            async for event in stream:
+                if event.seq == 0:
+                    [(_, fields)] = await client.xrange(f"{PREFIX}:requests")
+                    channel = Codec.unpack(fields[b"data"])["reply_to"]
+                    await producer.submit(
+                        client, PREFIX,
+                        {"id": "b", "prompt": "request b", "reply_to": channel, "params": {"max_tokens": 2}},
+                    )  # fmt: skip
+                    for junk in (
+                        b"\x00junk",
+                        Codec.pack(
+                            {
+                                "v": 1,
+                                "id": [1],
+                                "seq": 0,
+                                "token_ids": [],
+                                "text": "",
+                                "finished": True,
+                            }
+                        ),
+                    ):
+                        await client.publish(channel, junk)
+        b_events = [e async for e in producer.events(client, PREFIX, "b", timeout_s=10)]
+    assert stream.token_ids == expected_tokens(tok.encode("request a"), 30)
+    assert stream.finish_reason == "length"
+    assert b_events[-1].finished  # B ran, and its events did reach that channel
+
+
+async def test_producer_events_take_only_their_own_request(
+    redis_server: RedisServer, client: aioredis.Redis
+) -> None:
+    tok = FakeTokenizer()
+    async with running_service(redis_server.url, engine=fake_engine(step_delay_s=0.02)):
+        channel = f"{PREFIX}:tokens:a"
+        got: list[Event] = []
+        async with anyio.create_task_group() as tg:
+
+            async def follow_a() -> None:
+                async for event in producer.events(client, PREFIX, "a", timeout_s=20):
+                    got.append(event)
+
+            tg.start_soon(follow_a)
+            await producer.submit(
+                client, PREFIX, {"id": "a", "prompt": "request a", "params": {"max_tokens": 30}}
+            )
+            await eventually(lambda: len(got) > 0)
+            await producer.submit(
+                client,
+                PREFIX,
+                {
+                    "id": "b",
+                    "prompt": "request b",
+                    "reply_to": channel,
+                    "params": {"max_tokens": 2},
+                },
+            )
+            await client.publish(channel, b"\xc1 not msgpack")
+    ids, _ = producer.assemble(got)
+    assert ids == expected_tokens(tok.encode("request a"), 30)
+    assert {e.id for e in got} == {"a"}
+    assert [e.seq for e in got] == list(range(len(got)))
+
+
+async def test_an_expired_request_raises_request_expired(
+    client: aioredis.Redis, sdk: AsyncClient
+) -> None:
+    worker = HandWorker(client)
+
+    async def play() -> None:
+        req = await worker.next_request()
+        await worker.publish(req, ErrorEvent(req.id, 0, "expired", "the deadline passed"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(play)
+        with pytest.raises(RequestExpired) as info:
+            await sdk.complete("hi")
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.code == "expired"
+    assert api_error(info.value).status == 504  # what the gateway answers
