@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import shutil
+import signal
 import os
 import statistics
 import subprocess
@@ -298,7 +299,8 @@ def run_service(
                     if client.wait() != 0:
                         raise RuntimeError("a load generator failed")
                 for s in spy:
-                    s.wait()
+                    s.send_signal(signal.SIGINT)  # py-spy writes its profile and exits
+                    s.wait(timeout=60)
                 n = sum(g["tokens"] for g in got)
                 elapsed = max(g["end"] for g in got) - start_at
                 return (
@@ -343,17 +345,17 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], out: Path) -> None:
 def start_py_spy(
     args: argparse.Namespace, proc: subprocess.Popen[bytes], out: Path
 ) -> list[subprocess.Popen[bytes]]:
-    """py-spy on the worker and its children (the engine core) for the timed run."""
+    """py-spy on the worker and its children (the engine core) until SIGINT: collapsed
+    stacks (``--format raw``), one file per process, into ``--profile-serve``."""
     target = Path(args.profile_serve)
     target.mkdir(parents=True, exist_ok=True)
     pids = [proc.pid]
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     if children.exists():
         pids += [int(x) for x in children.read_text().split()]
-    duration = max(5, int(args.num_prompts * args.output_len / 2000))
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    return [subprocess.Popen([py_spy, "record", "--pid", str(pid), "--duration", str(duration), "--rate", "200",
-                              "--output", str(target / f"serve-{pid}.svg"), "--nonblocking"],
+    return [subprocess.Popen([py_spy, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
+                              "--threads", "--output", str(target / f"serve-{pid}.txt"), "--nonblocking"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in pids]  # fmt: skip
 
 
