@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
-import os
 import statistics
 import subprocess
 import sys
