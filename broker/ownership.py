@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import msgpack
 import redis.asyncio as aioredis
 
 # Shared by the scripts: whether ARGV[2] (our consumer) owns entry `id` of KEYS[1].
@@ -73,36 +74,35 @@ return out
 """
 
 # KEYS[1] stream, KEYS[2] dead-letter stream, KEYS[3..] result streams.
-# ARGV: group, consumer, result ttl s, result maxlen, dlq maxlen, then ops of _OP_ARGS values:
-#   entry id, channel ('' none), result key index (0 none), seq, data, fin, ack, fenced,
-#   number of dead-letter values, then those values.
+# ARGV: group, consumer, result ttl s, result maxlen, dlq maxlen, then the ops as one msgpack
+# array (one argument: packing thousands of arguments per step would cost the worker more
+# than the script costs Redis). An op: [entry id, channel ('' none), result key index (0
+# none), seq, data, fin, ack, fenced (0/1 each), [dead-letter field, value, ...]].
 # Returns the entry ids that are not ours (nothing was written for them).
 _PUBLISH = (
     _OWNS
     + """
+local ops = cmsgpack.unpack(ARGV[6])
 local owned, last, lost = {}, {}, {}
-local i = 6
-while i <= #ARGV do
-  local id, channel, k, seq = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  local data, fin, ack, fenced = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-  local ndlq = tonumber(ARGV[i + 8])
-  local dlq_at = i + 9
-  i = dlq_at + ndlq
+for _, op in ipairs(ops) do
+  local id, channel, k, seq = op[1], op[2], op[3], op[4]
+  local data, fin, ack, fenced, dlq = op[5], op[6], op[7], op[8], op[9]
   if owned[id] == nil then owned[id] = owns(id) end
-  if fenced == '1' and not owned[id] then
+  if fenced == 1 and owned[id] ~= true then
     if owned[id] == false then lost[#lost + 1] = id; owned[id] = 'reported' end
-  elseif fenced == '0' or owned[id] == true then
+  else
     local write = data ~= ''
     if write and k > 0 then
       local key = KEYS[k]
       if last[key] == nil then
-        last[key] = {-1, '0'}
+        last[key] = {-1, 0}
         local e = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
         if e[1] then
           local f = e[1][2]
-          local s, d = nil, '0'
+          local s, d = nil, 0
           for j = 1, #f, 2 do
-            if f[j] == 'seq' then s = tonumber(f[j + 1]) elseif f[j] == 'fin' then d = f[j + 1] end
+            if f[j] == 'seq' then s = tonumber(f[j + 1])
+            elseif f[j] == 'fin' then d = tonumber(f[j + 1]) end
           end
           if s == nil then
             -- written by something that did not record seq: read it from the event
@@ -111,15 +111,15 @@ while i <= #ARGV do
                 local ok, ev = pcall(cmsgpack.unpack, f[j + 1])
                 if ok and type(ev) == 'table' then
                   s = tonumber(ev['seq'])
-                  if ev['finished'] == true then d = '1' end
+                  if ev['finished'] == true then d = 1 end
                 end
               end
             end
           end
-          last[key] = {s or -1, d}
+          last[key] = {s or -1, d or 0}
         end
       end
-      if last[key][2] == '1' or seq <= last[key][1] then
+      if last[key][2] == 1 or seq <= last[key][1] then
         write = false
       else
         redis.call('XADD', key, 'MAXLEN', '~', ARGV[4], '*', 'data', data, 'seq', seq, 'fin', fin)
@@ -128,12 +128,10 @@ while i <= #ARGV do
       end
     end
     if write and channel ~= '' then redis.call('PUBLISH', channel, data) end
-    if ndlq > 0 then
-      local values = {}
-      for j = dlq_at, dlq_at + ndlq - 1 do values[#values + 1] = ARGV[j] end
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(values))
+    if #dlq > 0 then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(dlq))
     end
-    if ack == '1' then redis.call('XACK', KEYS[1], ARGV[1], id) end
+    if ack == 1 then redis.call('XACK', KEYS[1], ARGV[1], id) end
   end
 end
 return lost
@@ -245,13 +243,7 @@ class Ownership:
         """Write ``ops`` in one atomic step; returns the entry ids found not ours."""
         keys: list[str] = [self.stream, self.dlq]
         index: dict[str, int] = {}
-        args: list[Any] = [
-            self.group,
-            self.consumer,
-            max(result_ttl_s, 1),
-            result_maxlen,
-            dlq_maxlen,
-        ]
+        packed: list[list[Any]] = []
         for op in ops:
             k = 0
             if op.result_key is not None:
@@ -259,10 +251,13 @@ class Ownership:
                     keys.append(op.result_key)
                     index[op.result_key] = len(keys)
                 k = index[op.result_key]
-            args += [
+            packed.append([
                 op.entry_id, op.channel, k, op.seq, op.data,
-                int(op.fin), int(op.ack), int(op.fenced), len(op.dlq), *op.dlq,
-            ]  # fmt: skip
+                int(op.fin), int(op.ack), int(op.fenced), list(op.dlq),
+            ])  # fmt: skip
+        args = [self.group, self.consumer, max(result_ttl_s, 1), result_maxlen, dlq_maxlen,
+                # No bin type: Redis's cmsgpack reads only the old raw strings (bytes to Lua).
+                msgpack.packb(packed, use_bin_type=False)]  # fmt: skip
         lost: Any = await self._publish(keys=keys, args=args)
         return {_text(x) for x in lost or []}
 
