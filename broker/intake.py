@@ -245,7 +245,7 @@ class Intake:
         out = Out(address[0], address[1], b.entry_id, finished=True, finish_reason="error",
                   error=(err.code, err.message, None), seq=next_seq(history.get(address[0], [])),
                   fenced=False)  # fmt: skip
-        await self.publisher.send(out)
+        self.publisher.put(out)
 
     # ------------------------------------------------------------------ admission
     async def _admit(self, entries: list[_Entry]) -> None:
@@ -316,7 +316,7 @@ class Intake:
             return
         if past and past[-1].finished:
             # Published in full by a worker that died before its XACK.
-            await self.publisher.send(Out(None, None, e.entry_id, ack=True))
+            self.publisher.put(Out(None, None, e.entry_id, ack=True))
             return
         if req.deadline_ms is not None and req.deadline_ms <= time.time() * 1000:
             err = Expired(
@@ -369,7 +369,7 @@ class Intake:
                 e.entry_id, e.fields, err.code, err.message, self.s.consumer,
                 self.s.max_payload_bytes,
             )  # fmt: skip
-        await self.publisher.send(out)
+        self.publisher.put(out)
 
     async def _histories(self, request_ids: Sequence[str]) -> dict[str, list[Event]]:
         """The events already in each request's result stream (one pipeline)."""

@@ -8,8 +8,8 @@ engine request is aborted at once (its KV freed) and nothing more is written for
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -49,7 +49,7 @@ class EngineClient(Protocol):
     @property
     def max_num_seqs(self) -> int: ...
 
-    def generate(
+    async def submit(
         self,
         prompt: Any,
         sampling_params: SamplingParams,
@@ -57,9 +57,18 @@ class EngineClient(Protocol):
         lora_request: LoRARequest | None = None,
         priority: int = 0,
         resumed: ResumedOutput | None = None,
-    ) -> AsyncIterator[RequestOutput]: ...
+    ) -> None:
+        """Add a request whose outputs come from ``step_outputs``; raises its error."""
+        ...
 
-    async def abort(self, request_id: str) -> None: ...
+    def step_outputs(self) -> AsyncIterator[list[Any]]:
+        """Per engine step, the outputs (``RequestOutput``, or ``RequestFailed`` with
+        ``request_id`` and ``error``) of every submitted request; raises EngineDead."""
+        ...
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Stop a submitted request: its KV is freed and no output of it follows."""
+        ...
 
     def free_capacity(self) -> int: ...
 
@@ -94,19 +103,33 @@ class Job:
     """The next event carries ``restart``: the client drops what it had for this id."""
     last_chance: bool = False
     """This is the entry's last delivery before the dead-letter stream (see Intake)."""
-    scope: anyio.CancelScope | None = None
     abort_requested: bool = False
     lost: bool = False
     """The entry is no longer ours (another worker took it over): write nothing more."""
+    submitted: bool = False
+    """The engine holds the request: its outputs come through ``Jobs.run``."""
     final_queued: bool = False
+    completion_tokens: int = 0
+    last: RequestOutput | None = None
     last_output_time: float | None = None
 
     def out(self, **kwargs: Any) -> Out:
         return Out(self.req.id, self.req.reply_to, self.entry_id, job=self, **kwargs)
 
+    @property
+    def resumed(self) -> int:
+        return len(self.resumed_tokens)
+
 
 class Jobs:
-    """The jobs this worker runs, by entry id and by request id."""
+    """The jobs this worker runs, by entry id and by request id.
+
+    One task takes the engine's outputs, a list per step, for all of them (``run``): a step
+    of hundreds of requests costs one wake-up, not one per request. A job has a task of its
+    own only while it starts (its prompt is tokenized on a worker thread, then submitted).
+    Aborts, deadlines and lost entries end a job from outside: the engine request is
+    aborted, its final event put at once, and whatever output of it was still on the way is
+    dropped."""
 
     def __init__(
         self,
@@ -115,7 +138,6 @@ class Jobs:
         metrics: BrokerMetrics,
         *,
         on_change: Callable[[], None],
-        on_engine_dead: Callable[[BaseException], None],
     ) -> None:
         self.engine = engine
         self.publisher = publisher
@@ -125,7 +147,8 @@ class Jobs:
         self.abandoned: set[str] = set()
         """Entries we stopped running without a final event: released on exit."""
         self._on_change = on_change
-        self._on_engine_dead = on_engine_dead
+        self._deadlines: list[tuple[float, int, Job]] = []
+        self._deadline_changed = anyio.Event()
 
     def __len__(self) -> int:
         return len(self.by_entry)
@@ -138,6 +161,9 @@ class Jobs:
         self.by_entry[job.entry_id] = job
         self.by_request[job.req.id] = job
         self.metrics.inflight.set(len(self.by_entry))
+        if job.req.deadline_ms is not None:
+            heapq.heappush(self._deadlines, (job.req.deadline_ms / 1000, id(job), job))
+            self._deadline_changed.set()
 
     def forget(self, job: Job) -> None:
         if self.by_entry.get(job.entry_id) is job:
@@ -147,13 +173,14 @@ class Jobs:
         self.metrics.inflight.set(len(self.by_entry))
         self._on_change()
 
+    # ------------------------------------------------------------------ ending from outside
     def request_abort(self, request_id: str) -> bool:
         job = self.by_request.get(request_id)
         if job is None or job.final_queued:
             return False
         job.abort_requested = True
-        if job.scope is not None:
-            job.scope.cancel()
+        if job.submitted:
+            self._end(job, job.out(finished=True, finish_reason="abort"))
         return True
 
     def lose(self, entry_ids: Sequence[str]) -> None:
@@ -164,124 +191,157 @@ class Jobs:
                 continue
             job.lost = True
             self.metrics.entries_lost.inc()
-            if job.final_queued:
-                # Finished here, but another worker holds it: its final is not ours to write.
-                self.forget(job)
-                continue
-            logger.warning(
-                "entry %s (%s) was taken over by another worker: stopping our run",
-                entry_id, untrusted(job.req.id),
-            )  # fmt: skip
-            if job.scope is not None:
-                job.scope.cancel()
-
-    # ------------------------------------------------------------------ running
-    async def run(self, job: Job) -> None:
-        """Run one job to its final event. Whatever happens ends this job alone."""
-        try:
-            await self._run(job)
-        except EngineDead as e:
-            self._on_engine_dead(e)
-        except Exception as e:
-            if not job.final_queued and not job.lost:
-                if isinstance(e, LoRAStreamError):
-                    logger.info(
-                        "request %s (entry %s) failed: %s: %s",
-                        untrusted(job.req.id), job.entry_id, e.code, untrusted(e.message, 500),
-                    )  # fmt: skip
-                    error = (e.code, e.message, error_field(e))
-                else:
-                    logger.exception(
-                        "request %s (entry %s) failed", untrusted(job.req.id), job.entry_id
-                    )
-                    error = ("internal_error", f"{type(e).__name__}: {e}", None)
-                await self._finish(job, job.out(finished=True, finish_reason="error", error=error))
-        finally:
             if not job.final_queued:
-                # Abandoned (drain timeout, engine death) or lost: not acked. An abandoned
-                # entry stays pending for whoever runs it next; a lost one is already theirs.
-                if not job.lost:
-                    self.abandoned.add(job.entry_id)
-                self.forget(job)
+                logger.warning(
+                    "entry %s (%s) was taken over by another worker: stopping our run",
+                    entry_id, untrusted(job.req.id),
+                )  # fmt: skip
+                self._abort_engine(job)
+            # Finished or not, its final is not ours to write.
+            self.forget(job)
 
-    async def _run(self, job: Job) -> None:
-        if job.abort_requested:
-            await self._finish(job, job.out(finished=True, finish_reason="abort"))
+    def abandon_all(self) -> None:
+        """Drain timeout, engine death: stop what runs, leave the entries pending (no ack)."""
+        for job in list(self.by_entry.values()):
+            if job.final_queued:
+                continue
+            self._abort_engine(job)
+            self.abandoned.add(job.entry_id)
+            job.lost = True  # nothing more is written for it here
+            self.forget(job)
+
+    def _end(self, job: Job, final: Out) -> None:
+        """End a running job now with ``final`` (abort, deadline)."""
+        if job.final_queued or job.lost:
             return
-        remaining = _seconds_left(job)
-        if remaining is not None and remaining <= 0:
-            await self._finish(job, self._expired(job))
-            return
-        resumed = len(job.resumed_tokens)
-        prompt, params = await anyio.to_thread.run_sync(self._engine_inputs, job)
-        if prompt is None:  # the resumed tokens already used up max_tokens / max_model_len
-            await self._finish(job, job.out(finished=True, finish_reason="length"))
-            return
-        completion_tokens = 0  # the engine sends deltas (output_kind DELTA)
-        last: RequestOutput | None = None
-        # A delta the publisher had no room for. The engine stream is drained every step
-        # regardless, so a slow or absent Redis costs one growing delta per request here
-        # rather than a cumulative output per step queued inside the engine.
-        pending: Out | None = None
-        expired = False
-        with anyio.CancelScope() as scope:
-            job.scope = scope
-            if job.abort_requested or job.lost:
-                scope.cancel()
-            if remaining is not None:
-                scope.deadline = anyio.current_time() + remaining
-            stream = self.engine.generate(
+        self._abort_engine(job)
+        if job.last is not None:
+            final.usage = self._usage(job, job.last)
+        self._finish(job, final)
+
+    def _abort_engine(self, job: Job) -> None:
+        if job.submitted:
+            job.submitted = False
+            self.engine.abort_nowait(job.req.id)
+
+    def _finish(self, job: Job, final: Out) -> None:
+        final.ack = True
+        job.final_queued = True
+        self.publisher.put(final)
+
+    # ------------------------------------------------------------------ starting
+    async def start(self, job: Job) -> None:
+        """Tokenize and submit one job (its own task); whatever fails ends this job alone."""
+        try:
+            if job.abort_requested:
+                self._finish(job, job.out(finished=True, finish_reason="abort"))
+                return
+            if _seconds_left(job) is not None and _seconds_left(job) <= 0:  # type: ignore[operator]
+                self._finish(job, self._expired(job))
+                return
+            prompt, params = await anyio.to_thread.run_sync(self._engine_inputs, job)
+            if prompt is None:  # the resumed tokens already used up max_tokens / max_model_len
+                self._finish(job, job.out(finished=True, finish_reason="length"))
+                return
+            await self.engine.submit(
                 prompt,
                 params,
                 job.req.id,
                 lora_request=job.lora,
                 priority=job.req.priority,
-                resumed=ResumedOutput(resumed, job.resumed_text) if resumed else None,
+                resumed=ResumedOutput(job.resumed, job.resumed_text) if job.resumed else None,
             )
-            async with contextlib.aclosing(stream):  # type: ignore[type-var]
-                async for out in stream:
-                    last = out
-                    c = out.outputs[0]
-                    delta = job.out(token_ids=list(c.token_ids), text=c.text)
-                    if c.logprobs is not None:
-                        delta.logprobs = logprobs_to_wire(c.logprobs)
-                    completion_tokens += len(c.token_ids)
-                    self._observe_latency(job, out, len(delta.token_ids))
-                    if out.finished or out.error is not None:
-                        delta.finished, delta.finish_reason = True, c.finish_reason or "error"
-                        if out.error is not None:
-                            delta.error = (out.error.code, out.error.message, None)
-                            delta.finish_reason = "error"
-                        delta.usage = self._usage(job, out, resumed, completion_tokens)
-                        await self._finish(job, _merged(pending, delta))
-                        return
-                    if delta.token_ids or delta.text:
-                        pending = _merged(pending, delta)
-                        if self.publisher.offer(pending):
-                            pending = None
-        expired = scope.cancelled_caught and not job.abort_requested and not job.lost
-        # The engine stream ended early: an abort (ours via the scope, or the engine's), the
-        # deadline, or the entry lost to another worker.
-        await self.engine.abort(job.req.id)
-        if job.lost:
+            job.submitted = True
+            if job.lost or job.abort_requested or job.final_queued:
+                # Ended while it was being submitted.
+                if job.abort_requested and not job.final_queued and not job.lost:
+                    self._end(job, job.out(finished=True, finish_reason="abort"))
+                else:
+                    self._abort_engine(job)
+        except EngineDead:
+            raise
+        except Exception as e:
+            self._fail(job, e)
+
+    def _fail(self, job: Job, e: BaseException) -> None:
+        if job.final_queued or job.lost:
             return
-        if expired:
-            final = self._expired(job)
-        elif job.abort_requested or not scope.cancel_called:
-            final = job.out(finished=True, finish_reason="abort")
+        if isinstance(e, LoRAStreamError):
+            logger.info(
+                "request %s (entry %s) failed: %s: %s",
+                untrusted(job.req.id), job.entry_id, e.code, untrusted(e.message, 500),
+            )  # fmt: skip
+            error = (e.code, e.message, error_field(e))
         else:
-            return  # cancelled from outside (drain timeout): left pending, not finished
-        final.usage = self._usage(job, last, resumed, completion_tokens) if last else None
-        await self._finish(job, _merged(pending, final))
+            logger.error(
+                "request %s (entry %s) failed", untrusted(job.req.id), job.entry_id, exc_info=e
+            )
+            error = ("internal_error", f"{type(e).__name__}: {e}", None)
+        self._abort_engine(job)
+        final = job.out(finished=True, finish_reason="error", error=error)
+        if job.last is not None:
+            final.usage = self._usage(job, job.last)
+        self._finish(job, final)
+
+    # ------------------------------------------------------------------ running
+    async def run(self) -> None:
+        """Take the engine's outputs, a list per step, until it dies (EngineDead)."""
+        async for batch in self.engine.step_outputs():
+            for item in batch:
+                job = self.by_request.get(item.request_id)
+                if job is None or not job.submitted or job.final_queued or job.lost:
+                    continue  # ended here already; what was on the way is dropped
+                try:
+                    if isinstance(item, RequestOutput):
+                        self._output(job, item)
+                    else:
+                        job.submitted = False
+                        self._fail(job, item.error)
+                except Exception as e:  # a bug here ends this job alone
+                    self._fail(job, e)
+
+    def _output(self, job: Job, out: RequestOutput) -> None:
+        job.last = out
+        c = out.outputs[0]
+        delta = job.out(token_ids=list(c.token_ids), text=c.text)
+        if c.logprobs is not None:
+            delta.logprobs = logprobs_to_wire(c.logprobs)
+        job.completion_tokens += len(c.token_ids)
+        self._observe_latency(job, out, len(delta.token_ids))
+        if out.finished or out.error is not None:
+            job.submitted = False
+            delta.finished, delta.finish_reason = True, c.finish_reason or "error"
+            if out.error is not None:
+                delta.error = (out.error.code, out.error.message, None)
+                delta.finish_reason = "error"
+            delta.usage = self._usage(job, out)
+            self._finish(job, delta)
+        elif delta.token_ids or delta.text:
+            self.publisher.put(delta)
+
+    async def expire(self) -> None:
+        """End jobs whose deadline passes (a task: sleeps until the earliest deadline)."""
+        while True:
+            self._deadline_changed = anyio.Event()
+            while self._deadlines and (
+                self._deadlines[0][2].final_queued or self._deadlines[0][2].lost
+            ):
+                heapq.heappop(self._deadlines)
+            if not self._deadlines:
+                await self._deadline_changed.wait()
+                continue
+            wait = self._deadlines[0][0] - time.time()
+            if wait > 0:
+                with anyio.move_on_after(wait):
+                    await self._deadline_changed.wait()
+                continue
+            _, _, job = heapq.heappop(self._deadlines)
+            if job.submitted:
+                self._end(job, self._expired(job))
 
     def _expired(self, job: Job) -> Out:
         err = Expired(f"the request's deadline ({job.req.deadline_ms} ms since the epoch) passed")
         return job.out(finished=True, finish_reason="error", error=(err.code, err.message, None))
-
-    async def _finish(self, job: Job, final: Out) -> None:
-        final.ack = True
-        job.final_queued = True
-        await self.publisher.send(final)
 
     def _engine_inputs(self, job: Job) -> tuple[Any, SamplingParams]:
         """The engine's prompt and params for a job (called on a worker thread: tokenizing
@@ -313,13 +373,12 @@ class Jobs:
         )
         return {"prompt_token_ids": base + job.resumed_tokens}, params
 
-    def _usage(
-        self, job: Job, out: RequestOutput, resumed: int, completion_tokens: int
-    ) -> dict[str, float]:
+    def _usage(self, job: Job, out: RequestOutput) -> dict[str, float]:
         m = out.metrics
+        resumed = job.resumed
         usage: dict[str, float] = {
             "prompt_tokens": len(out.prompt_token_ids) - resumed,
-            "completion_tokens": resumed + completion_tokens,
+            "completion_tokens": resumed + job.completion_tokens,
             "queue_ms": round(max(0.0, job.intake_time * 1000 - job.entry_ms), 3),
             "deliveries": job.deliveries,
         }
@@ -388,13 +447,6 @@ def _seconds_left(job: Job) -> float | None:
     if job.req.deadline_ms is None:
         return None
     return job.req.deadline_ms / 1000 - time.time()
-
-
-def _merged(head: Out | None, later: Out) -> Out:
-    if head is None:
-        return later
-    head.merge(later)
-    return head
 
 
 __all__ = ["EngineClient", "ErrorEvent", "Job", "Jobs", "next_seq", "plan_resume"]

@@ -1,8 +1,8 @@
 """The publisher: everything the worker writes to Redis, a batch per engine step.
 
-Jobs and intake queue ``Out`` records on one bounded memory stream; the publisher takes all
-that is queued (every job woken by the same engine step), merges the deltas of each request
-into one event, and writes the batch with one call of the fenced publish script
+Jobs and intake put ``Out`` records in its mailbox, where a request's deltas merge into one
+event until it is written; the publisher takes everything waiting and writes it with one
+call of the fenced publish script
 (``broker.ownership``): events on the reply channels and result streams, acks, dead
 letters, only for entries still ours. Entries found lost are reported to the jobs, which
 stop them. A batch is retried until Redis takes it (Redis down: events are late, never
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from broker.metrics import BrokerMetrics
 from broker.ownership import Ownership, WriteOp
@@ -94,59 +93,65 @@ class PublishSettings:
 
 
 class Publisher:
+    """A mailbox and a writer. ``put`` never waits: a job's deltas merge into the one ``Out``
+    it has waiting, so while Redis is slower than the engine (or away) memory grows by the
+    tokens only, one entry per job, and the engine's outputs are always taken at once. The
+    writer takes everything waiting, one script call per batch, in the order put."""
+
     def __init__(
         self,
         ownership: Ownership,
         settings: PublishSettings,
         metrics: BrokerMetrics,
         *,
-        capacity: int,
         on_lost: Callable[[Sequence[str]], None],
         on_written: Callable[[Out], None],
     ) -> None:
         self.ownership = ownership
         self.settings = settings
         self.metrics = metrics
-        self._send: MemoryObjectSendStream[Out]
-        self._receive: MemoryObjectReceiveStream[Out]
-        self._send, self._receive = anyio.create_memory_object_stream[Out](capacity)
+        self._waiting: list[Out] = []
+        self._by_job: dict[int, Out] = {}
+        self._wake = anyio.Event()
+        self._closed = False
         self._on_lost = on_lost
         self._on_written = on_written
         self.done = anyio.Event()
 
-    async def send(self, out: Out) -> None:
-        await self._send.send(out)
-
-    def offer(self, out: Out) -> bool:
-        """Queue ``out`` if there is room now; False leaves it to the caller to merge on."""
-        try:
-            self._send.send_nowait(out)
-        except anyio.WouldBlock:
-            return False
-        return True
+    def put(self, out: Out) -> None:
+        if self._closed:
+            raise RuntimeError("the publisher is closed")
+        head = self._by_job.get(id(out.job)) if out.job is not None else None
+        if head is not None and not head.finished:
+            head.merge(out)
+        else:
+            self._waiting.append(out)
+            if out.job is not None:
+                self._by_job[id(out.job)] = out
+        self._wake.set()
 
     def close(self) -> None:
-        """No more sends: ``run`` writes what is queued, then returns."""
-        self._send.close()
+        """No more puts: ``run`` writes what is waiting, then returns."""
+        self._closed = True
+        self._wake.set()
 
     async def run(self) -> None:
         try:
-            async with self._receive:
-                while True:
-                    try:
-                        first = await self._receive.receive()
-                    except anyio.EndOfStream:
-                        return
-                    # Let every job woken by the same engine step queue its delta: one
-                    # script call per step, never a round trip per token.
-                    await anyio.lowlevel.checkpoint()
-                    batch = [first]
-                    while len(batch) < self.settings.batch:
-                        try:
-                            batch.append(self._receive.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream):
-                            break
-                    await self.write(coalesce(batch))
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                # Let every job woken by the same engine step put its delta: one script
+                # call per step, never a round trip per token.
+                await anyio.lowlevel.checkpoint()
+                while self._waiting:
+                    n = min(len(self._waiting), self.settings.batch)
+                    batch, self._waiting = self._waiting[:n], self._waiting[n:]
+                    for out in batch:
+                        if out.job is not None and self._by_job.get(id(out.job)) is out:
+                            del self._by_job[id(out.job)]
+                    await self.write(batch)
+                if self._closed:
+                    return
         finally:
             self.done.set()
 
@@ -215,21 +220,6 @@ def _encode(out: Out, seq: int, restart: bool) -> bytes:
         return encode_event(out.event(seq, False))
 
 
-def coalesce(batch: list[Out]) -> list[Out]:
-    """One event per request per batch: later deltas of a job merge into its first one."""
-    merged: list[Out] = []
-    by_job: dict[int, Out] = {}
-    for out in batch:
-        head = by_job.get(id(out.job)) if out.job is not None else None
-        if head is not None and not head.finished:
-            head.merge(out)
-            continue
-        merged.append(out)
-        if out.job is not None:
-            by_job[id(out.job)] = out
-    return merged
-
-
 def dlq_fields(
     entry_id: str, fields: Any, code: str, message: str, consumer: str, max_bytes: int
 ) -> dict[str, str | bytes]:
@@ -251,4 +241,4 @@ def dlq_fields(
     return dlq
 
 
-__all__ = ["Out", "PublishSettings", "Publisher", "coalesce", "dlq_fields"]
+__all__ = ["Out", "PublishSettings", "Publisher", "dlq_fields"]

@@ -37,7 +37,7 @@ from broker.protocol import AbortRequest, untrusted
 from broker.publisher import Out, Publisher, PublishSettings
 from broker.redis_conn import REDIS_ERRORS, Backoff
 from broker.registry import AdapterRegistry
-from engine.errors import LoRAStreamError
+from engine.errors import EngineDead, LoRAStreamError
 
 logger = logging.getLogger("lorastream.broker")
 
@@ -123,7 +123,7 @@ class Service:
         self._aborted: OrderedDict[str, None] = OrderedDict()
         self._changed = anyio.Event()
         self._draining = anyio.Event()
-        self._jobs_tg: anyio.abc.TaskGroup | None = None
+        self._starts_tg: anyio.abc.TaskGroup | None = None
         self._fatal: BaseException | None = None
         self.ownership = Ownership(
             client, stream=cfg.stream, group=cfg.group, consumer=cfg.consumer, dlq=cfg.dlq
@@ -138,13 +138,12 @@ class Service:
                 prefix=cfg.prefix,
             ),
             self.metrics,
-            capacity=max(2 * self.max_inflight, 64),
             on_lost=self._on_lost,
             on_written=self._on_written,
         )
         self.jobs = Jobs(
             engine, self.publisher, self.metrics,
-            on_change=self._notify, on_engine_dead=self._on_engine_dead,
+            on_change=self._notify,
         )  # fmt: skip
         self.intake = Intake(
             client,
@@ -195,18 +194,22 @@ class Service:
     async def run(self) -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self.publisher.run)
+            tg.start_soon(self._outputs_loop)
+            tg.start_soon(self.jobs.expire)
             tg.start_soon(self._keepalive_loop)
             tg.start_soon(self._control_loop)
             tg.start_soon(self._metrics_loop)
-            async with anyio.create_task_group() as jobs:
-                self._jobs_tg = jobs
+            async with anyio.create_task_group() as starts:
+                self._starts_tg = starts
                 await self.intake.run(self._draining, self._wait_changed)
                 timeout = 0.0 if self._fatal is not None else self.cfg.drain_timeout_s
                 with anyio.move_on_after(timeout):
                     while len(self.jobs):
                         await self._wait_changed(1.0)
-                jobs.cancel_scope.cancel()
-            # No more sends: the publisher writes what the jobs queued, then ends.
+                starts.cancel_scope.cancel()
+            # Whatever still runs stays pending for another worker (not acked).
+            self.jobs.abandon_all()
+            # No more puts: the publisher writes what is waiting, then ends.
             self.publisher.close()
             with anyio.move_on_after(max(5.0, self.cfg.block_ms / 1000)):
                 await self.publisher.done.wait()
@@ -218,6 +221,12 @@ class Service:
             return 1
         logger.info("drained")
         return 0
+
+    async def _outputs_loop(self) -> None:
+        try:
+            await self.jobs.run()
+        except EngineDead as e:
+            self._on_engine_dead(e)
 
     async def _release(self, entry_ids: list[str]) -> None:
         """Leave entries we could not finish pending, idle enough for the next XAUTOCLAIM
@@ -245,8 +254,14 @@ class Service:
 
     def _start_job(self, job: Job) -> None:
         self.high_water = max(self.high_water, len(self.jobs))
-        assert self._jobs_tg is not None
-        self._jobs_tg.start_soon(self.jobs.run, job)
+        assert self._starts_tg is not None
+        self._starts_tg.start_soon(self._start, job)
+
+    async def _start(self, job: Job) -> None:
+        try:
+            await self.jobs.start(job)
+        except EngineDead as e:
+            self._on_engine_dead(e)
 
     def _on_engine_dead(self, err: BaseException) -> None:
         self._fatal = err

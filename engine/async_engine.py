@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -34,10 +35,27 @@ from engine.usage import UsageContext
 logger = logging.getLogger("lorastream.async_engine")
 
 
+@dataclass(frozen=True)
+class RequestFailed:
+    """In ``step_outputs()``: a submitted request the engine refused when it was admitted."""
+
+    request_id: str
+    error: BaseException
+
+
+StepItem = RequestOutput | RequestFailed
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._streams: dict[str, MemoryObjectSendStream[RequestOutput | BaseException]] = {}
+        self._submitted: set[str] = set()
+        """Requests whose outputs go to ``step_outputs()`` (``submit``), not to a stream each."""
+        self._batches: (
+            tuple[MemoryObjectSendStream[list[StepItem]], MemoryObjectReceiveStream[list[StepItem]]]
+            | None
+        ) = None
         self._new: list[Request] = []
         self._aborts: list[str] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lorastream-step")
@@ -69,7 +87,7 @@ class AsyncLLMEngine:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self._streams)
+        return len(self._streams) + len(self._submitted)
 
     @property
     def max_model_len(self) -> int:
@@ -152,11 +170,73 @@ class AsyncLLMEngine:
             if not finished:
                 await self.abort(request_id)
 
+    async def submit(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        lora_request: LoRARequest | None = None,
+        priority: int = 0,
+        resumed: ResumedOutput | None = None,
+    ) -> None:
+        """Add a request whose outputs come from ``step_outputs()`` with every other submitted
+        request's: one list per engine step, instead of a stream and a task per request (a
+        server with hundreds of requests in flight wakes once per step, not once per request).
+        Raises what ``generate`` raises before its first output; a request refused later, at
+        admission, comes as a ``RequestFailed``. ``abort`` ends it; no output of it follows."""
+        if self._dead is not None:
+            raise EngineDead(f"the engine loop died: {self._dead!r}")
+        if request_id in self._streams or request_id in self._submitted:
+            raise InvalidRequest(f"request_id {request_id!r} is already running")
+        request = await anyio.to_thread.run_sync(
+            lambda: self.engine.make_request(
+                request_id, prompt, sampling_params,
+                lora_request=lora_request, priority=priority, resumed=resumed,
+            )
+        )  # fmt: skip
+        if request_id in self._streams or request_id in self._submitted:
+            raise InvalidRequest(f"request_id {request_id!r} is already running")
+        self._batch_streams()
+        self._submitted.add(request_id)
+        if self.engine.is_multiprocess:
+            try:
+                self.engine.admit(request)
+            except BaseException:
+                self._submitted.discard(request_id)
+                raise
+        else:
+            self._new.append(request)
+        self._ensure_loop()
+
+    async def step_outputs(self) -> AsyncIterator[list[StepItem]]:
+        """The outputs of submitted requests, a list per engine step, for one consumer.
+        Raises EngineDead when the engine loop dies."""
+        _, receive = self._batch_streams()
+        async for batch in receive:
+            yield batch
+        raise EngineDead(f"the engine loop died: {self._dead!r}")
+
+    def _batch_streams(
+        self,
+    ) -> tuple[MemoryObjectSendStream[list[StepItem]], MemoryObjectReceiveStream[list[StepItem]]]:
+        if self._batches is None:
+            # Unbounded: one list per step, taken by a consumer that never awaits anything
+            # else between lists.
+            self._batches = anyio.create_memory_object_stream[list[StepItem]](math.inf)
+        return self._batches
+
     async def abort(self, request_id: str) -> None:
-        stream = self._streams.pop(request_id, None)
-        if stream is None:
-            return
-        stream.close()
+        self.abort_nowait(request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """``abort`` from synchronous code on the event loop's thread."""
+        if request_id in self._submitted:
+            self._submitted.discard(request_id)
+        else:
+            stream = self._streams.pop(request_id, None)
+            if stream is None:
+                return
+            stream.close()
         if self.engine.is_multiprocess:
             self.engine.abort_request(request_id)
         else:
@@ -200,14 +280,26 @@ class AsyncLLMEngine:
                 new, self._new = self._new, []
                 aborts, self._aborts = self._aborts, []
                 outputs = await loop.run_in_executor(self._executor, self._step, new, aborts)
+                batch: list[StepItem] = []
                 for out in outputs:
+                    if out.request_id in self._submitted:
+                        batch.append(out)
+                        if isinstance(out, RequestFailed) or out.finished:
+                            self._submitted.discard(out.request_id)
+                        continue
                     stream = self._streams.get(out.request_id)
+                    if isinstance(out, RequestFailed):
+                        if stream is not None:
+                            stream.send_nowait(out.error)
+                        continue
                     if stream is None:
                         continue
                     stream.send_nowait(out)
                     if out.finished:
                         del self._streams[out.request_id]
                         stream.close()
+                if batch and self._batches is not None:
+                    self._batches[0].send_nowait(batch)
                 await asyncio.sleep(0)  # let callers add work between steps
         except asyncio.CancelledError:
             raise
@@ -219,18 +311,20 @@ class AsyncLLMEngine:
                 stream.send_nowait(dead)
                 stream.close()
             self._streams.clear()
+            self._submitted.clear()
+            if self._batches is not None:
+                self._batches[0].close()
 
-    def _step(self, new: list[Request], aborts: list[str]) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
+    def _step(self, new: list[Request], aborts: list[str]) -> list[StepItem]:
+        outputs: list[StepItem] = []
         for request in new:
             if request.request_id in aborts:
                 continue
             try:
                 self.engine.admit(request)
             except Exception as e:
-                stream = self._streams.get(request.request_id)
-                if stream is not None:
-                    stream.send_nowait(e)
+                # Told on the loop's side: streams are not thread-safe.
+                outputs.append(RequestFailed(request.request_id, e))
         if aborts:
             self.engine.abort_request(aborts)
         outputs.extend(self.engine.step())

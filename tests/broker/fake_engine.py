@@ -118,6 +118,7 @@ class _Req:
     error: LoRAStreamError | None = None
     sent_ids: int = 0  # what earlier DELTA outputs held
     sent_text: int = 0
+    text: str = ""
 
 
 class FakeAsyncEngine:
@@ -141,6 +142,10 @@ class FakeAsyncEngine:
         self._task: asyncio.Task[None] | None = None
         self._dead: BaseException | None = None
         self.generate_calls: list[tuple[str, Any, SamplingParams]] = []
+        self._submitted: set[str] = set()
+        self._batches: (
+            tuple[MemoryObjectSendStream[list[Any]], MemoryObjectReceiveStream[list[Any]]] | None
+        ) = None
         self.aborted: list[str] = []
         self.max_running = 0
         self.loads = 0
@@ -162,7 +167,7 @@ class FakeAsyncEngine:
         return list(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True)))
 
     def free_capacity(self) -> int:
-        return max(0, self.engine.config.max_num_seqs - len(self._streams))
+        return max(0, self.engine.config.max_num_seqs - len(self._streams) - len(self._submitted))
 
     async def generate(
         self,
@@ -201,7 +206,51 @@ class FakeAsyncEngine:
             if not finished:
                 await self.abort(request_id)
 
+    async def submit(
+        self,
+        prompt: Any,
+        sampling_params: SamplingParams,
+        request_id: str,
+        lora_request: LoRARequest | None = None,
+        priority: int = 0,
+        resumed: Any = None,
+    ) -> None:
+        """As ``AsyncLLMEngine.submit``: outputs come from ``step_outputs()``."""
+        if self._dead is not None:
+            raise EngineDead(f"the engine loop died: {self._dead!r}")
+        if request_id in self._streams or request_id in self._submitted:
+            raise InvalidRequest(f"request_id {request_id!r} is already running")
+        req = self._make_request(request_id, prompt, sampling_params, lora_request)
+        if self.crash_on_token is not None and self.crash_on_token in req.prompt_ids:
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.generate_calls.append((request_id, prompt, sampling_params))
+        self._batch_streams()
+        self._submitted.add(request_id)
+        self._running[request_id] = req
+        self._ensure_loop()
+
+    async def step_outputs(self) -> AsyncIterator[list[Any]]:
+        _, receive = self._batch_streams()
+        async for batch in receive:
+            yield batch
+        raise EngineDead(f"the engine loop died: {self._dead!r}")
+
+    def _batch_streams(
+        self,
+    ) -> tuple[MemoryObjectSendStream[list[Any]], MemoryObjectReceiveStream[list[Any]]]:
+        if self._batches is None:
+            self._batches = anyio.create_memory_object_stream[list[Any]](float("inf"))
+        return self._batches
+
     async def abort(self, request_id: str) -> None:
+        self.abort_nowait(request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
+        if request_id in self._submitted:
+            self._submitted.discard(request_id)
+            self._running.pop(request_id, None)
+            self.aborted.append(request_id)
+            return
         stream = self._streams.pop(request_id, None)
         self._running.pop(request_id, None)
         if stream is not None:
@@ -222,6 +271,9 @@ class FakeAsyncEngine:
             stream.close()
         self._streams.clear()
         self._running.clear()
+        self._submitted.clear()
+        if self._batches is not None:
+            self._batches[0].close()
 
     # ----------------------------------------------------------------- internals
     def _make_request(
@@ -278,7 +330,14 @@ class FakeAsyncEngine:
             t0 = time.monotonic()
             self.max_running = max(self.max_running, len(self._running))
             outputs = [self._step_one(r) for r in list(self._running.values())]
+            batch = []
             for out in outputs:
+                if out.request_id in self._submitted:
+                    batch.append(out)
+                    if out.finished:
+                        self._submitted.discard(out.request_id)
+                        self._running.pop(out.request_id, None)
+                    continue
                 stream = self._streams.get(out.request_id)
                 if stream is None:
                     continue
@@ -287,6 +346,8 @@ class FakeAsyncEngine:
                     del self._streams[out.request_id]
                     self._running.pop(out.request_id, None)
                     stream.close()
+            if batch and self._batches is not None:
+                self._batches[0].send_nowait(batch)
             stats = Stats(
                 now=time.monotonic(), num_waiting=0, num_running=len(self._running),
                 kv_cache_usage=len(self._running) / self.engine.config.max_num_seqs,
@@ -304,6 +365,7 @@ class FakeAsyncEngine:
         else:
             t = next_token(r.prompt_ids + r.out_ids, r.lora.lora_name if r.lora else None)
             r.out_ids.append(t)
+            r.text += piece(t)
             if r.first_token_time is None:
                 r.first_token_time = time.monotonic()
             n = len(r.out_ids)
@@ -314,7 +376,7 @@ class FakeAsyncEngine:
                 r.prompt_ids
             ) + n >= self.engine.config.max_model_len:
                 reason = "length"
-        text = self.engine.tokenizer.decode(r.out_ids)
+        text = r.text
         for s in p.stop:
             if s in text and reason != "error":
                 text, reason = text[: text.index(s)], "stop"

@@ -181,14 +181,14 @@ async def test_an_engine_that_fails_one_request_fails_only_that_one(
     redis_server: RedisServer, client: aioredis.Redis
 ) -> None:
     engine = fake_engine()
-    real_generate = engine.generate
+    real_submit = engine.submit
 
-    def generate(prompt: Any, params: Any, request_id: str, **kw: Any) -> Any:
+    async def submit(prompt: Any, params: Any, request_id: str, **kw: Any) -> None:
         if request_id == "boom":
             raise RuntimeError("boom")
-        return real_generate(prompt, params, request_id, **kw)
+        await real_submit(prompt, params, request_id, **kw)
 
-    engine.generate = generate  # type: ignore[method-assign]
+    engine.submit = submit  # type: ignore[method-assign]
     async with running_service(redis_server.url, engine=engine) as running:
         await producer.submit(client, PREFIX, good("boom"))
         await producer.submit(client, PREFIX, good("fine"))
