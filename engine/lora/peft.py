@@ -124,6 +124,7 @@ _KEY_RE = re2.compile(
 )
 _LAYER_RE = re2.compile(r"(?:^|\.)layers\.(?P<idx>\d+)\.", _RE2_OPTIONS)
 _FIRST_INDEX_RE = re2.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.", _RE2_OPTIONS)
+_FIELD = object()  # "the config field of that name", in _parse_config's messages
 # The kernel's own view of an open file: race-free, where the platform has it.
 _PROC_FD = Path("/proc/self/fd")
 
@@ -305,8 +306,8 @@ def _weights_file(path: Path, allow_pickle: bool) -> Path:
 def _parse_config(
     path: Path, real_dir: str, weights_file: Path, raw: dict[str, Any]
 ) -> AdapterConfig:
-    def bad(name: str, what: str, value: object = None) -> AdapterCorrupt:
-        value = raw.get(name) if value is None else value
+    def bad(name: str, what: str, value: object = _FIELD) -> AdapterCorrupt:
+        value = raw.get(name) if value is _FIELD else value
         return AdapterCorrupt(
             f"adapter {path}: {CONFIG_NAME} field {name}={_short(value)} is invalid: {what}"
         )
@@ -597,8 +598,7 @@ def _read_inside(
         size = os.fstat(fd).st_size
         if size > max_bytes:
             raise AdapterCorrupt(
-                f"adapter {path}: {name} is {size} bytes; an adapter of this model needs at "
-                f"most {max_bytes}"
+                f"adapter {path}: {name} is {size} bytes; at most {max_bytes} are read"
             )
         chunks: list[bytes] = []
         total = 0
