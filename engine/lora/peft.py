@@ -368,7 +368,8 @@ def _parse_config(
         raise bad("layers_to_transform", "must be a list of layer indices >= 0")
     layers_pattern = raw.get("layers_pattern")
     if isinstance(layers_pattern, str):
-        layers_pattern = [layers_pattern]
+        # PEFT reads "" as no pattern, but [""] as the empty pattern.
+        layers_pattern = [layers_pattern] if layers_pattern else None
     if layers_pattern is not None and not (
         isinstance(layers_pattern, list) and all(isinstance(p, str) for p in layers_pattern)
     ):
@@ -439,7 +440,7 @@ def _check_config(
     bias = raw.get("bias", "none")
     if bias != "none":
         raise AdapterUnsupported(
-            f"adapter {path}: bias={bias!r} trains biases of the base model; only bias='none' is supported"
+            f"adapter {path}: bias={_short(bias)} trains biases of the base model; only bias='none' is supported"
         )
     if cfg.max_rank > lora_config.max_lora_rank:
         raise AdapterRankTooLarge(
@@ -774,8 +775,9 @@ def _regex(path: Path, name: str, pattern: str, regex: str) -> Regex:
     try:
         return re2.compile(_for_re2(regex), _RE2_OPTIONS)
     except re2.error as e:
-        # re2's message is bytes.
-        detail = bytes(e.args[0]).decode(errors="replace") if e.args else ""
+        detail = e.args[0] if e.args else ""
+        if isinstance(detail, bytes):  # as re2 gives it
+            detail = detail.decode(errors="replace")
         raise AdapterUnsupported(
             f"adapter {path}: {CONFIG_NAME} {name} has the regex {_short(pattern)}, which "
             f"linear-time matching cannot run ({_short(detail)}); backreferences, lookarounds "
@@ -784,8 +786,9 @@ def _regex(path: Path, name: str, pattern: str, regex: str) -> Regex:
 
 
 def _for_re2(regex: str) -> str:
-    # Python's \Z (end of text) is spelled \z in RE2; the rest of the syntax Python accepts
-    # either means the same to RE2 or does not compile there.
+    # Python's \Z (end of text) is spelled \z in RE2. Otherwise what Python accepts means the
+    # same to RE2 or does not compile there, but for rare forms no module-name pattern needs
+    # (Python's x{,n}, a literal to RE2; "[[:alpha:]]", a POSIX class to RE2 only).
     out: list[str] = []
     i = 0
     while i < len(regex):
