@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import torch
 
 from broker.embedded import RedisServer
 from broker.registry import AdapterPathNotAllowed, AdapterRegistry, safe_adapter_path
+from engine.config import LoRAConfig
 from engine.errors import AdapterNotFound
 from engine.lora.peft import read_adapter_config
-from tests.lora.test_peft_loading import lora_config
 
 
 def test_paths_must_stay_inside_the_root(tmp_path: Path) -> None:
@@ -44,7 +45,7 @@ def test_a_file_linked_out_of_the_root_is_refused_where_the_engine_opens_it(
     (adapter / name).symlink_to(outside)
     path = safe_adapter_path(tmp_path / "root", "a")  # the directory itself is inside
     with pytest.raises(AdapterPathNotAllowed, match=f"{name} resolves to .*outside"):
-        read_adapter_config(path, lora_config())
+        read_adapter_config(path, LoRAConfig(2, 16, 2, torch.float32))
 
 
 def test_ids_are_stable_per_name_and_path_and_match_the_engine_preload() -> None:
