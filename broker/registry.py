@@ -5,7 +5,10 @@ so ``lorastream adapters add|rm`` takes effect for the next request without a re
 without a Redis round trip per request. A registry entry overrides a ``--lora-modules`` entry
 of the same name. Registry paths come from whoever can write to Redis, so they must resolve
 inside ``--lora-root`` (no ``..``, no symlink escape); without ``--lora-root`` the registry
-is refused and only the operator's ``--lora-modules`` are served.
+is refused and only the operator's ``--lora-modules`` are served. The engine then opens each
+file of an adapter only where it resolves inside the adapter directory's real path
+(``engine.lora.peft``), so a file symlinked out of the root is refused too, even one swapped
+in after this check.
 
 The engine identifies an adapter by a positive int; equal ids must mean the same weights.
 Ids are assigned per (name, resolved path) on first sight, so a name whose path changes gets
@@ -22,14 +25,10 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from engine.errors import AdapterError, AdapterNotFound
+from engine.errors import AdapterError, AdapterNotFound, AdapterPathNotAllowed
 from engine.lora.request import LoRARequest
 
 MAX_NAME_LEN = 256
-
-
-class AdapterPathNotAllowed(AdapterError):
-    code = "adapter_path_not_allowed"
 
 
 def registry_key(prefix: str) -> str:

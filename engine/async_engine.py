@@ -7,12 +7,17 @@ With the core in its own process (``enable_multiprocessing=True``) the worker th
 waits for and processes the core's outputs, while requests and aborts go to the core at
 once from the event loop (the front is thread-safe then): a new request never waits for a
 step to end before the core sees it.
+
+Preparing a request (tokenizing, reading its adapter's config: files written by whoever can
+write under ``--lora-root``) runs on a worker thread too, under ``prepare_timeout_s``: a slow
+or hostile file fails that request alone and never holds the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -23,7 +28,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from engine.config import EngineArgs
-from engine.errors import EngineDead, InvalidRequest
+from engine.errors import AdapterLoadTimeout, EngineDead, InvalidRequest, RequestTimeout
 from engine.llm_engine import LLMEngine, PromptType
 from engine.lora.request import LoRARequest
 from engine.metrics import StatLogger
@@ -33,6 +38,11 @@ from engine.sequence import Request
 from engine.usage import UsageContext
 
 logger = logging.getLogger("lorastream.async_engine")
+
+PREPARE_TIMEOUT_S = 30.0
+"""Default limit on preparing one request (tokenizing it, reading its adapter's config)."""
+PREPARE_THREADS = 4
+"""Requests prepared at once; more wait for a thread (within their time limit)."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +57,15 @@ StepItem = RequestOutput | RequestFailed
 
 
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, *, prepare_timeout_s: float = PREPARE_TIMEOUT_S) -> None:
+        """``prepare_timeout_s``: a request whose preparation (``LLMEngine.make_request``:
+        tokenizing, reading its adapter's config) takes longer fails with
+        ``AdapterLoadTimeout`` (with an adapter) or ``RequestTimeout``; its thread is left to
+        finish on its own."""
         self.engine = engine
+        self.prepare_timeout_s = prepare_timeout_s
+        self._prepare_limiter = anyio.CapacityLimiter(PREPARE_THREADS)
+        self._preparing: set[str] = set()
         self._streams: dict[str, MemoryObjectSendStream[RequestOutput | BaseException]] = {}
         self._submitted: set[str] = set()
         """Requests whose outputs go to ``step_outputs()`` (``submit``), not to a stream each."""
@@ -87,7 +104,7 @@ class AsyncLLMEngine:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self._streams) + len(self._submitted)
+        return len(self._streams) + len(self._submitted) + len(self._preparing)
 
     @property
     def max_model_len(self) -> int:
@@ -133,16 +150,31 @@ class AsyncLLMEngine:
         ``resumed``: the prompt ends with an earlier run's output (``ResumedOutput``)."""
         if self._dead is not None:
             raise EngineDead(f"the engine loop died: {self._dead!r}")
-        if request_id in self._streams:
+        if (
+            request_id in self._streams
+            or request_id in self._preparing
+            or (request_id in self._submitted)
+        ):
             raise InvalidRequest(f"request_id {request_id!r} is already running")
-        request = self.engine.make_request(
-            request_id,
-            prompt,
-            sampling_params,
-            lora_request=lora_request,
-            priority=priority,
-            resumed=resumed,
-        )
+        self._preparing.add(request_id)
+        try:
+            request = await self._prepare(
+                functools.partial(
+                    self.engine.make_request,
+                    request_id,
+                    prompt,
+                    sampling_params,
+                    lora_request=lora_request,
+                    priority=priority,
+                    resumed=resumed,
+                ),
+                request_id,
+                lora_request,
+            )
+        finally:
+            self._preparing.discard(request_id)
+        if self._dead is not None:
+            raise EngineDead(f"the engine loop died: {self._dead!r}")
         send, receive = anyio.create_memory_object_stream[RequestOutput | BaseException](math.inf)
         self._streams[request_id] = send
         if self.engine.is_multiprocess:
@@ -186,16 +218,26 @@ class AsyncLLMEngine:
         admission, comes as a ``RequestFailed``. ``abort`` ends it; no output of it follows."""
         if self._dead is not None:
             raise EngineDead(f"the engine loop died: {self._dead!r}")
-        if request_id in self._streams or request_id in self._submitted:
+        if (
+            request_id in self._streams
+            or request_id in self._submitted
+            or (request_id in self._preparing)
+        ):
             raise InvalidRequest(f"request_id {request_id!r} is already running")
-        request = await anyio.to_thread.run_sync(
-            lambda: self.engine.make_request(
-                request_id, prompt, sampling_params,
-                lora_request=lora_request, priority=priority, resumed=resumed,
-            )
-        )  # fmt: skip
-        if request_id in self._streams or request_id in self._submitted:
-            raise InvalidRequest(f"request_id {request_id!r} is already running")
+        self._preparing.add(request_id)
+        try:
+            request = await self._prepare(
+                functools.partial(
+                    self.engine.make_request, request_id, prompt, sampling_params,
+                    lora_request=lora_request, priority=priority, resumed=resumed,
+                ),
+                request_id,
+                lora_request,
+            )  # fmt: skip
+        finally:
+            self._preparing.discard(request_id)
+        if self._dead is not None:
+            raise EngineDead(f"the engine loop died: {self._dead!r}")
         self._batch_streams()
         self._submitted.add(request_id)
         if self.engine.is_multiprocess:
@@ -225,6 +267,31 @@ class AsyncLLMEngine:
             self._batches = anyio.create_memory_object_stream[list[StepItem]](math.inf)
         return self._batches
 
+    async def _prepare(
+        self,
+        make_request: functools.partial[Request],
+        request_id: str,
+        lora_request: LoRARequest | None,
+    ) -> Request:
+        # abandon_on_cancel: a request that times out or is cancelled returns at once; its
+        # thread finishes (reading nothing more than the size caps allow) and is dropped.
+        with anyio.move_on_after(self.prepare_timeout_s):
+            return await anyio.to_thread.run_sync(
+                make_request, abandon_on_cancel=True, limiter=self._prepare_limiter
+            )
+        logger.warning(
+            "request %r: not prepared within %g s (adapter %r)",
+            request_id,
+            self.prepare_timeout_s,
+            lora_request.lora_path if lora_request else None,
+        )
+        if lora_request is not None:
+            raise AdapterLoadTimeout(
+                f"adapter {lora_request.lora_name!r}: reading its config and tokenizing the prompt "
+                f"took longer than {self.prepare_timeout_s:g} s"
+            )
+        raise RequestTimeout(f"tokenizing the prompt took longer than {self.prepare_timeout_s:g} s")
+
     async def abort(self, request_id: str) -> None:
         self.abort_nowait(request_id)
 
@@ -250,10 +317,9 @@ class AsyncLLMEngine:
         return None if self.engine.is_multiprocess else self._executor
 
     async def add_lora(self, lora_request: LoRARequest) -> bool:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._utility_executor(), self.engine.add_lora, lora_request
-        )
+        # Loading touches host memory only (behind the manager's lock), so it reads from disk
+        # on a thread of its own rather than holding up the step thread.
+        return await anyio.to_thread.run_sync(self.engine.add_lora, lora_request)
 
     async def remove_lora(self, lora_id: int) -> bool:
         loop = asyncio.get_running_loop()

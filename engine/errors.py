@@ -50,11 +50,32 @@ class AdapterShapeMismatch(AdapterError):
 
 
 class AdapterCorrupt(AdapterError):
+    """Unreadable files, invalid config values, NaN/Inf scaling or weights."""
+
     code = "adapter_corrupt"
+
+
+class AdapterPathNotAllowed(AdapterError):
+    """A registry path outside ``--lora-root``, or an adapter file that resolves outside its
+    adapter directory."""
+
+    code = "adapter_path_not_allowed"
+
+
+class AdapterLoadTimeout(AdapterError):
+    """Reading the adapter's files took longer than the engine allows."""
+
+    code = "adapter_load_timeout"
 
 
 class UnsupportedModel(LoRAStreamError, ValueError):
     code = "unsupported_model"
+
+
+class RequestTimeout(LoRAStreamError):
+    """Preparing the request (tokenizing its prompt) took longer than the engine allows."""
+
+    code = "request_timeout"
 
 
 class EngineDead(LoRAStreamError, RuntimeError):

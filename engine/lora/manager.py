@@ -130,7 +130,8 @@ class LoRAManager:
 
     # ------------------------------------------------------------------ host level
     def check_adapter(self, lora_request: LoRARequest) -> AdapterConfig | None:
-        """Validate the adapter's config (JSON only) so a bad adapter fails at add_request.
+        """Validate the adapter's config (its JSON; the weights file is only opened) so a bad
+        adapter fails at add_request.
 
         Adapters already in memory are not re-read: ids name adapters, as in vLLM.
         """
@@ -412,10 +413,10 @@ class LoRAManager:
             except AdapterError as e:
                 error = e
             except Exception as e:  # one bad adapter must not kill the loader thread
-                logger.exception("adapter %s: unexpected error while loading", request.lora_path)
-                error = AdapterError(
-                    f"adapter {request.lora_path}: cannot load ({type(e).__name__}: {e})"
-                )
+                # (MemoryError, a reader's own error type, ...): it fails that adapter only.
+                logger.exception("adapter %r: unexpected error while loading", request.lora_path)
+                detail = f"{type(e).__name__}: {str(e)[:200]!r}"
+                error = AdapterError(f"adapter {request.lora_path}: cannot load ({detail})")
             with self._cond:
                 if self._gen[lora_id] != gen:  # removed while reading
                     continue
@@ -458,7 +459,7 @@ class LoRAManager:
         t0 = time.monotonic()
         try:
             weights = load_adapter(request.lora_path, self.config, self.module_shapes)
-        except AdapterError:
+        except Exception:
             with self._lock:
                 self.num_failed_loads += 1
             raise

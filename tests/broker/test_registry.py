@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+import torch
 
 from broker.embedded import RedisServer
 from broker.registry import AdapterPathNotAllowed, AdapterRegistry, safe_adapter_path
+from engine.config import LoRAConfig
 from engine.errors import AdapterNotFound
+from engine.lora.peft import read_adapter_config
 
 
 def test_paths_must_stay_inside_the_root(tmp_path: Path) -> None:
@@ -27,6 +30,22 @@ def test_paths_must_stay_inside_the_root(tmp_path: Path) -> None:
             safe_adapter_path(root, bad)
     with pytest.raises(AdapterPathNotAllowed, match="--lora-root"):
         safe_adapter_path(None, "a")
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_a_file_linked_out_of_the_root_is_refused_where_the_engine_opens_it(
+    tmp_path: Path, name: str
+) -> None:
+    adapter = tmp_path / "root" / "a"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"target_modules": ["q_proj"]}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    outside = tmp_path / name
+    (adapter / name).rename(outside)
+    (adapter / name).symlink_to(outside)
+    path = safe_adapter_path(tmp_path / "root", "a")  # the directory itself is inside
+    with pytest.raises(AdapterPathNotAllowed, match=f"{name} resolves to .*outside"):
+        read_adapter_config(path, LoRAConfig(2, 16, 2, torch.float32))
 
 
 def test_ids_are_stable_per_name_and_path_and_match_the_engine_preload() -> None:

@@ -285,6 +285,39 @@ def test_load_errors_are_reported_while_others_load(make_manager, adapters, tmp_
     assert m.poll_errors() == []
 
 
+@pytest.mark.parametrize(
+    "exc",
+    [MemoryError(), RuntimeError("a reader's own error"), RecursionError()],
+    ids=["memory", "runtime", "recursion"],
+)
+def test_a_load_failing_in_any_way_fails_that_adapter_alone(
+    make_manager, adapters, monkeypatch, exc
+):
+    real = manager_mod.load_adapter
+    failing = str(adapters[2][0])
+
+    def load(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path) == failing:
+            raise exc
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(manager_mod, "load_adapter", load)
+    m, _ = make_manager(max_cpu_loras=3)
+    m.request_load(req(adapters, 2))
+    m.request_load(req(adapters, 1))
+    errors: list[tuple[int, AdapterError]] = []
+    wait_until(lambda: m.is_ready(1) and bool(errors.extend(m.poll_errors()) or errors))
+    [(lora_id, error)] = errors
+    assert lora_id == 2
+    assert error.code == "adapter_error"
+    assert failing in str(error)
+    assert type(exc).__name__ in str(error)
+    assert m.get_stats().failed_loads == 1
+    # The loader lives on: the next adapter still loads.
+    m.request_load(req(adapters, 3))
+    wait_until(lambda: m.is_ready(3))
+
+
 def test_pinned_adapters_are_not_evicted(make_manager, adapters):
     m, _ = make_manager(max_loras=1, max_cpu_loras=2)
     m.add_lora(req(adapters, 1))

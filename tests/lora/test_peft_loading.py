@@ -206,6 +206,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "regex_target_modules": {
         "target_modules": r".*\.layers\.0\.(self_attn\.k_proj|mlp\.gate_proj)"
     },
+    # Python's \Z: RE2 spells it \z.
+    "regex_end_of_text": {"target_modules": r".*\.layers\.1\.(self_attn\.v|mlp\.up)_proj\Z"},
     "full_module_names": {"target_modules": ["model.layers.0.self_attn.q_proj", "up_proj"]},
 }
 
