@@ -193,7 +193,7 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "engine.cli", "serve", *engine_flags(args, model),
            "--redis-url", url, "--prefix", PREFIX, "--consumer-name", "bench-worker",
-           "--disable-log-stats", "--block-ms", "100"]  # fmt: skip
+           "--block-ms", "100"]  # fmt: skip
     if args.serve_mp:
         cmd.append("--enable-multiprocessing")
     if args.num_adapters:
@@ -240,6 +240,9 @@ def client_main() -> None:
     last: dict[str, float] = {}
     ttft: list[float] = []
     itl: list[float] = []
+    events: dict[str, int] = {}
+    ends: list[float] = []
+    timeline: dict[int, int] = {}
     tokens = 0
     done = 0
     while done < len(payloads):
@@ -249,8 +252,11 @@ def client_main() -> None:
         now = time.perf_counter()
         event = decode_event(msg["data"])
         k = len(event.token_ids)
+        events[event.id] = events.get(event.id, 0) + 1
         if k:
             tokens += k
+            second = int(now - sent)
+            timeline[second] = timeline.get(second, 0) + k
             prev = last.get(event.id)
             if prev is None:
                 ttft.append(now - sent)
@@ -261,7 +267,10 @@ def client_main() -> None:
             if event.finish_reason != "length":
                 raise RuntimeError(f"{event.id} ended with {event.finish_reason}: {event}")
             done += 1
-    print(json.dumps({"tokens": tokens, "ttft": ttft, "itl": itl, "end": time.time()}))
+            ends.append(now - sent)
+    print(json.dumps({"tokens": tokens, "ttft": ttft, "itl": itl, "end": time.time(),
+                      "events_per_request": list(events.values()), "ends": ends,
+                      "timeline": timeline}))  # fmt: skip
 
 
 def run_service(
@@ -303,6 +312,14 @@ def run_service(
                     s.wait(timeout=60)
                 n = sum(g["tokens"] for g in got)
                 elapsed = max(g["end"] for g in got) - start_at
+                per_req = sorted(x for g in got for x in g["events_per_request"])
+                ends = sorted(x for g in got for x in g["ends"])
+                timeline: dict[str, int] = {}
+                for g in got:
+                    for sec, k in g["timeline"].items():
+                        timeline[sec] = timeline.get(sec, 0) + k
+                print(f"{tag}: events per request p0/p50/p100 {[per_req[0], per_req[len(per_req) // 2], per_req[-1]]}; request end s p10/p50/p90/p100 {[round(ends[int(q * (len(ends) - 1))], 2) for q in (0.1, 0.5, 0.9, 1.0)]}; "
+                         f"tokens per second of the run {[timeline[k] for k in sorted(timeline, key=int)]}", flush=True)  # fmt: skip
                 return (
                     n,
                     elapsed,

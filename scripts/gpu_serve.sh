@@ -25,3 +25,5 @@ timeout 420 python3 scripts/bench_serve.py --shape "$shape" --num-prompts 1024 -
     --output-len 128 --num-adapters 32 --rank 16 --max-loras 32 --max-num-seqs 256 \
     --out "$OUT/$shape" --profile-serve "$OUT/prof" "$@" 2>&1 | grep -v "^20..-" | tail -20
 cp "$OUT/$shape/worker.log" "$OUT/worker.log" 2>/dev/null
+tar czf "$OUT/prof.tgz" -C "$OUT" prof 2>/dev/null && rm -rf "$OUT/prof"
+rm -rf "$OUT/$shape/redis"
