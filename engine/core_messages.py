@@ -22,8 +22,13 @@ from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
 
+# (token ids, logprobs, ranks) of one position (``engine.sampling.sampler.TokenLogprobs``;
+# not imported from there, which would load torch in every process that reads messages).
+TokenLogprobs = tuple[list[int], list[float], list[int]]
+
 # Bumped when a message changes shape, so a mismatched core fails at start-up, not mid-run.
-PROTOCOL_VERSION = 3  # 2: SamplingParams.output_kind; 3: prefix-cache counts
+PROTOCOL_VERSION = 4  # 2: SamplingParams.output_kind; 3: prefix-cache counts; 4: vLLM's
+# sampling fields (n, logit_bias, ...), ranked logprobs and prompt logprobs
 
 
 # ------------------------------------------------------------------------- front → core
@@ -165,13 +170,17 @@ class EngineCoreOutputs:
     """The stop token id that ended the request (stop strings are found by the front)."""
     first_token_times: list[float | None]
     """Set with the request's first token."""
-    logprobs: list[dict[int, float] | None] | None
-    """None when no request of the step asked for logprobs."""
+    logprobs: list[TokenLogprobs | None] | None
+    """Per request: (token ids, logprobs, ranks), the sampled token first; None when no
+    request of the step asked for logprobs."""
     failed: list[FailedRequest]
     stats: CoreStats
     num_cached_tokens: list[int] = field(default_factory=list)
     """Per ``request_ids[i]``: the tokens it found in the prefix cache at its first
     admission (empty from a core that does not report them)."""
+    prompt_logprobs: list[list[TokenLogprobs | None] | None] | None = None
+    """Per ``request_ids[i]``, with its first output token when it asked for them: one
+    entry per prompt token (None for the first); None when no request of the step has any."""
 
     @classmethod
     def empty(cls, stats: CoreStats) -> EngineCoreOutputs:

@@ -32,6 +32,7 @@ from engine.core_messages import (
 from engine.errors import InvalidRequest, LoRAStreamError
 from engine.lora.manager import LoRAManager
 from engine.lora.request import LoRARequest
+from engine.sampling.sampler import TokenLogprobs
 from engine.sequence import Request, RequestStatus
 from engine.worker.model_runner import ModelRunner, StepHandle
 
@@ -70,6 +71,7 @@ class EngineCore:
             **({"lora_ready": lora_ready} if lora_ready else {}),
         )
         self.timings = CoreTimings()
+        self._pinned_loras: set[int] = set()
         # Requests that failed outside a step (a bad AddRequest in the core process):
         # reported at the start of the next step.
         self._failed: list[FailedRequest] = []
@@ -94,7 +96,23 @@ class EngineCore:
     def add_lora(self, lora_request: LoRARequest) -> bool:
         return self.require_lora().add_lora(lora_request)
 
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keep an added adapter in host memory until it is removed (vLLM's ``pin_lora``):
+        it is never read from disk again; device slots stay least recently used. False
+        when it was pinned already."""
+        manager = self.require_lora()
+        if lora_id not in manager.list_loras():
+            raise InvalidRequest(f"adapter id {lora_id} is not loaded: add_lora it first")
+        if lora_id in self._pinned_loras:
+            return False
+        manager.pin([lora_id])
+        self._pinned_loras.add(lora_id)
+        return True
+
     def remove_lora(self, lora_id: int) -> bool:
+        if lora_id in self._pinned_loras:
+            self._pinned_loras.discard(lora_id)
+            self.require_lora().unpin([lora_id])
         removed = self.require_lora().remove_lora(lora_id)
         # Its id may come back naming other weights: its cached KV must not be found then.
         self.block_manager.evict_adapter(lora_id)
@@ -115,6 +133,8 @@ class EngineCore:
     # ---------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
         """Queue ``request``; raises ``PromptTooLong`` / ``InvalidRequest`` when it could never run."""
+        if request.sampling_params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]  # the first prompt token has no prediction
         self.scheduler.add_request(request)
         manager = self.runner.lora_manager
         if request.lora_request is not None and manager is not None:
@@ -164,11 +184,14 @@ class EngineCore:
         stop_reasons: list[int | None] = []
         first_times: list[float | None] = []
         num_cached: list[int] = []
-        logprobs: list[dict[int, float] | None] | None = None
+        logprobs: list[TokenLogprobs | None] | None = None
+        prompt_logprobs: list[list[TokenLogprobs | None] | None] = []
         if queue:
             sched, handle = queue.popleft()
             result = handle.wait()
             t2 = time.perf_counter()
+            if result.prompt_logprobs:
+                _merge_prompt_logprobs(sched, result.prompt_logprobs)
             touched = self.scheduler.update_from_output(sched, result.sampled_token_ids)
             sampled = {}
             for s in sched.scheduled:
@@ -189,6 +212,9 @@ class EngineCore:
                 stop_reasons.append(stop if isinstance(stop, int) else None)
                 first_times.append(req.first_token_time if index == 0 else None)
                 num_cached.append(req.num_cached_tokens or 0)
+                prompt_logprobs.append(req.prompt_logprobs if index == 0 else None)
+                if index == 0:
+                    req.prompt_logprobs = None  # sent: a recomputation scores nothing again
                 if req.is_finished:
                     self._unpin(req)
             if result.logprobs:
@@ -213,6 +239,9 @@ class EngineCore:
             failed,
             stats,
             num_cached_tokens=num_cached,
+            prompt_logprobs=prompt_logprobs
+            if any(p is not None for p in prompt_logprobs)
+            else None,
         )
 
     def _launch(self) -> tuple[SchedulerOutput, float]:
@@ -311,3 +340,19 @@ class EngineCore:
     def close(self) -> None:
         if self.runner.lora_manager is not None:
             self.runner.lora_manager.close()
+
+
+def _merge_prompt_logprobs(
+    sched: SchedulerOutput, results: dict[str, tuple[int, list[TokenLogprobs]]]
+) -> None:
+    """Append each request's newly scored prompt positions in order; positions it already
+    has (scored again after a preemption) are skipped."""
+    for s in sched.scheduled:
+        found = results.get(s.request_id)
+        have = s.request.prompt_logprobs
+        if found is None or have is None:  # finished, or sent already
+            continue
+        first, entries = found
+        for j, entry in enumerate(entries, start=first):
+            if j == len(have):
+                have.append(entry)

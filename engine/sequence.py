@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.errors import LoRAStreamError
 from engine.lora.request import LoRARequest
@@ -77,6 +78,10 @@ class Request:
     num_hashed_blocks: int = 0
     """Leading blocks of ``block_table`` the block manager is done with for the prefix cache
     (entered there, found there, or left out because another block holds their tokens)."""
+    prompt_logprobs: list[Any] | None = None
+    """Core only, with ``SamplingParams.prompt_logprobs``: the prompt positions' logprobs
+    computed so far (``TokenLogprobs``; None for the first token), sent with the first
+    output token and then dropped (None)."""
     # Front only (the core never sees it): the prompt's tail is an earlier run's output.
     resumed: ResumedOutput | None = None
 

@@ -378,7 +378,8 @@ class Scheduler:
                         request.num_bypassed_steps += 1
                     hold_adapters = self._is_starving(request)
                     continue
-            cached = bm.find_cached_blocks(request)
+            # A request that scores its prompt computes all of it, as in vLLM.
+            cached = [] if request.prompt_logprobs is not None else bm.find_cached_blocks(request)
             num_cached = len(cached) * bm.block_size
             num_new = request.num_tokens - num_cached
             if num_new > budget:

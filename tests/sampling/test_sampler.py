@@ -281,11 +281,14 @@ def test_logprobs_are_raw_top_n_plus_the_sampled_token() -> None:
             assert lp is None
             continue
         assert lp is not None
+        ids, values, ranks = lp
         top = raw[i].topk(p.logprobs).indices.tolist()
-        assert set(lp) == {*top, tok}
+        assert ids == [tok, *top]  # the sampled token first, then the top-n by rank
         saw_sampled_outside_top |= tok not in top
-        for t, v in lp.items():
+        for t, v in zip(ids, values, strict=True):
             assert v == pytest.approx(float(raw[i, t]), abs=1e-6)
+        # vLLM's rank: how many tokens are at least as likely as this one.
+        assert ranks == [int((raw[i] >= raw[i, tok]).sum()), *range(1, p.logprobs + 1)]
     assert saw_sampled_outside_top
 
 
@@ -294,9 +297,10 @@ def test_greedy_logprobs_of_sampled_token_is_the_max() -> None:
     out = _sample(logits, [_row(SamplingParams(temperature=0.0, logprobs=0))] * 2)
     assert out.logprobs is not None
     for i, lp in enumerate(out.logprobs):
-        assert lp == {
-            out.token_ids[i]: pytest.approx(float(torch.log_softmax(logits[i], -1).max()))
-        }
+        assert lp is not None
+        ids, values, ranks = lp
+        assert (ids, ranks) == ([out.token_ids[i]], [1])
+        assert values == [pytest.approx(float(torch.log_softmax(logits[i], -1).max()))]
 
 
 def test_penalties_take_a_placeholder_token_from_the_pending_samples() -> None:
