@@ -259,7 +259,7 @@ class _Done:
     """An awaitable that is already finished."""
 
     def __await__(self) -> Generator[None, None, None]:
-        return iter(())
+        yield from ()
 
 
 async def _iterate(

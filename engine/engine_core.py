@@ -105,6 +105,15 @@ class EngineCore:
             raise InvalidRequest(f"adapter id {lora_id} is not loaded: add_lora it first")
         if lora_id in self._pinned_loras:
             return False
+        assert self.config.lora is not None
+        limit = self.config.lora.max_cpu_loras
+        if len(self._pinned_loras) + 1 >= limit:
+            # Other adapters could then never be loaded: the host cache would be all pins.
+            raise InvalidRequest(
+                f"cannot pin adapter id {lora_id}: {len(self._pinned_loras)} of "
+                f"max_cpu_loras={limit} host slots are pinned and one must stay free; "
+                "raise max_cpu_loras"
+            )
         manager.pin([lora_id])
         self._pinned_loras.add(lora_id)
         return True

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.errors import InvalidSamplingParams
 
@@ -214,19 +216,18 @@ class SamplingParams:
         )
 
 
-def _normalized_bias(bias: dict[object, object]) -> dict[int, float] | dict[object, object]:
+def _normalized_bias(bias: Mapping[Any, Any]) -> dict[int, float]:
     """Token ids as ints (JSON keys are strings, as in OpenAI's API) and biases clamped to
-    [-100, 100], as vLLM does; anything else is left for ``_check`` to name."""
+    [-100, 100], as vLLM does."""
     out: dict[int, float] = {}
     for key, value in bias.items():
-        if isinstance(key, str) and key.isascii() and key.isdigit():
-            key = int(key)
-        if not _is_int(key) or key < 0 or not _is_num(value):  # type: ignore[arg-type]
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        if not _is_int(token) or token < 0 or not _is_num(value):
             raise InvalidSamplingParams(
                 f"SamplingParams.logit_bias={{{key!r}: {value!r}}} is invalid: must map "
                 "non-negative token ids to finite numbers"
             )
-        out[int(key)] = min(100.0, max(-100.0, float(value)))  # type: ignore[arg-type]
+        out[token] = min(100.0, max(-100.0, float(value)))
     return out
 
 
