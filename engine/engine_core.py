@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.core.block_manager import BlockManager
@@ -29,12 +30,16 @@ from engine.core_messages import (
     EngineLoad,
     FailedRequest,
 )
-from engine.errors import InvalidRequest, LoRAStreamError
+from engine.errors import InvalidRequest, InvalidSamplingParams, LoRAStreamError
 from engine.lora.manager import LoRAManager
 from engine.lora.request import LoRARequest
 from engine.sampling.sampler import TokenLogprobs
 from engine.sequence import Request, RequestStatus
+from engine.structured_output import StructuredOutputManager
 from engine.worker.model_runner import ModelRunner, StepHandle
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("lorastream.engine")
 
@@ -72,6 +77,12 @@ class EngineCore:
         )
         self.timings = CoreTimings()
         self._pinned_loras: set[int] = set()
+        eos = getattr(config.hf_config, "eos_token_id", None)
+        self.structured = StructuredOutputManager(
+            config.tokenizer,
+            self.runner.vocab_size,
+            [eos] if isinstance(eos, int) else list(eos or []),
+        )
         # Requests that failed outside a step (a bad AddRequest in the core process):
         # reported at the start of the next step.
         self._failed: list[FailedRequest] = []
@@ -145,6 +156,9 @@ class EngineCore:
         if request.sampling_params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]  # the first prompt token has no prediction
         self.scheduler.add_request(request)
+        if request.sampling_params.has_constraint:
+            # Compiled off the step loop; the scheduler admits it once its matcher exists.
+            self.structured.add_request(request)
         manager = self.runner.lora_manager
         if request.lora_request is not None and manager is not None:
             # Pinned while the request lives, so its adapter is not evicted from host memory
@@ -177,6 +191,7 @@ class EngineCore:
         t0 = time.perf_counter()
         failed, self._failed = self._failed, []
         self._fail_adapter_errors(failed)
+        self._fail_constraints(failed)
         queue = self._in_flight
         sched = None
         launch_s = 0.0  # of the host time before t1, what the runner's launches took
@@ -202,6 +217,11 @@ class EngineCore:
             if result.prompt_logprobs:
                 _merge_prompt_logprobs(sched, result.prompt_logprobs)
             touched = self.scheduler.update_from_output(sched, result.sampled_token_ids)
+            touched = self._advance_grammars(sched, touched, failed)
+            if queue and queue[0][1].deferred is not None:
+                # The next step's constrained rows have their last tokens now: their masks
+                # are computed while the device runs that step's forward pass.
+                self.runner.sample_deferred(queue[0][1], self._fill_bitmask)
             sampled = {}
             for s in sched.scheduled:
                 if not s.sample:
@@ -262,7 +282,7 @@ class EngineCore:
         t0 = time.perf_counter()
         previous = self._in_flight[-1][1] if self._in_flight else None
         try:
-            handle = self.runner.launch(sched, previous)
+            handle = self.runner.launch(sched, previous, self._fill_bitmask)
         except BaseException:
             # The step's blocks are in the prefix cache already but will hold no KV.
             self.block_manager.reset_prefix_cache()
@@ -288,6 +308,62 @@ class EngineCore:
                 self._unpin(req)
                 failed.append(FailedRequest(req.request_id, err))
                 logger.warning("request %s failed: %s", req.request_id, err)
+
+    def _fill_bitmask(self, requests: list[Request], pin: bool) -> torch.Tensor:
+        return self.structured.fill_bitmask(requests, pin)
+
+    def _fail_constraints(self, failed: list[FailedRequest]) -> None:
+        """End the requests whose constraint did not compile."""
+        for request in self.structured.poll():
+            error = request.grammar.error
+            for req in self.scheduler.finish_requests(
+                [request.request_id], RequestStatus.FINISHED_ERROR
+            ):
+                self._unpin(req)
+                failed.append(FailedRequest(req.request_id, error))
+                logger.info("request %s failed: %s", req.request_id, error)
+
+    def _advance_grammars(
+        self, sched: SchedulerOutput, touched: list[Request], failed: list[FailedRequest]
+    ) -> list[Request]:
+        """Feed each constrained request's new token to its matcher. A complete grammar
+        ends the request ("stop"); a token the grammar refuses (nothing allowed was left to
+        sample: ``min_tokens``, ``allowed_token_ids``, ``bad_words`` or ``logit_bias``
+        removed every token the constraint allows) ends it with an error."""
+        if not any(r.grammar is not None for r in touched):
+            return touched
+        by_id = {s.request_id: s for s in sched.scheduled}
+        kept: list[Request] = []
+        for req in touched:
+            state = req.grammar
+            if state is None or not state.ready:
+                kept.append(req)
+                continue
+            token = req.output_token_ids[sampled_output_index(by_id[req.request_id])]
+            if not self.structured.accept(req, token):
+                for r in self.scheduler.finish_requests(
+                    [req.request_id], RequestStatus.FINISHED_ERROR
+                ):
+                    self._unpin(r)
+                    failed.append(
+                        FailedRequest(
+                            r.request_id,
+                            InvalidSamplingParams(
+                                f"SamplingParams.{_constraint_field(r)}=... cannot be met: the "
+                                "other parameters (min_tokens, allowed_token_ids, bad_words, "
+                                "logit_bias) removed every token it allows"
+                            ),
+                        )
+                    )
+                continue
+            if state.terminated and not req.is_finished:
+                # Complete, and a stop token accepted (with ignore_eos, EOS too): done.
+                for r in self.scheduler.finish_requests(
+                    [req.request_id], RequestStatus.FINISHED_STOPPED
+                ):
+                    self._unpin(r)
+            kept.append(req)
+        return kept
 
     def _unpin(self, request: Request) -> None:
         manager = self.runner.lora_manager
@@ -347,6 +423,7 @@ class EngineCore:
         return out
 
     def close(self) -> None:
+        self.structured.close()
         if self.runner.lora_manager is not None:
             self.runner.lora_manager.close()
 
@@ -365,3 +442,9 @@ def _merge_prompt_logprobs(
         for j, entry in enumerate(entries, start=first):
             if j == len(have):
                 have.append(entry)
+
+
+def _constraint_field(request: Request) -> str:
+    constraint = request.sampling_params.constraint
+    kind = constraint[0] if constraint else "json"
+    return "guided_" + kind if kind != "json_object" else "guided_json_object"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,6 +14,32 @@ from engine.errors import InvalidSamplingParams
 
 MAX_LOGPROBS = 20
 """Most top log-probabilities per token (vLLM's default ``max_logprobs``)."""
+
+
+@dataclass
+class GuidedDecodingParams:
+    """vLLM's structured-output parameters: exactly one of them (``SamplingParams`` takes
+    each as its ``guided_*`` field). ``backend`` and ``whitespace_pattern`` are accepted and
+    ignored: lorastream has one grammar engine (xgrammar) and emits JSON without free
+    whitespace."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    backend: str | None = None
+    whitespace_pattern: str | None = None
+
+
+GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+    "guided_json_object": "json_object",
+}
+"""SamplingParams' structured-output fields → GuidedDecodingParams' names."""
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -83,6 +110,18 @@ class SamplingParams:
     bad_words: list[str] | None = None
     """Words never generated: each word's tokens (with and without a leading space) are
     banned as a sequence, its last token whenever the output ends with the others."""
+    guided_json: dict[str, Any] | str | None = None
+    """Structured output: a JSON schema (an object, or its JSON text) the output must match."""
+    guided_regex: str | None = None
+    """Structured output: a regular expression the whole output must match."""
+    guided_choice: list[str] | None = None
+    """Structured output: the output is exactly one of these strings."""
+    guided_grammar: str | None = None
+    """Structured output: an EBNF grammar (GBNF, llama.cpp's dialect; the rule ``root`` starts)."""
+    guided_json_object: bool = False
+    """Structured output: any JSON object."""
+    guided_decoding: GuidedDecodingParams | None = None
+    """vLLM's way to give one of the above: ``GuidedDecodingParams(json=...)``."""
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     """``bad_words`` as token ids: set by the engine's front, which has the tokenizer."""
 
@@ -97,7 +136,19 @@ class SamplingParams:
             self.bad_words = [self.bad_words]
         if isinstance(self.logit_bias, dict):
             self.logit_bias = _normalized_bias(self.logit_bias)
+        if isinstance(self.guided_decoding, GuidedDecodingParams):
+            self._take_guided_decoding(self.guided_decoding)
         self._check()
+
+    def _take_guided_decoding(self, g: GuidedDecodingParams) -> None:
+        for ours, theirs in GUIDED_FIELDS.items():
+            value = getattr(g, theirs)
+            if value is None or value is False:
+                continue
+            current = getattr(self, ours)
+            if current not in (None, False) and current != value:
+                self._fail(ours, f"unset when guided_decoding.{theirs} is given")
+            setattr(self, ours, value)
 
     def _fail(self, name: str, allowed: str) -> None:
         raise InvalidSamplingParams(
@@ -173,11 +224,62 @@ class SamplingParams:
             not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words)
         ):
             self._fail("bad_words", "a list of non-blank strings, or None")
+        self._check_guided()
         bw = self._bad_words_token_ids
         if bw is not None and not all(
             isinstance(w, list) and w and all(_is_int(t) and t >= 0 for t in w) for w in bw
         ):
             self._fail("_bad_words_token_ids", "lists of non-negative token ids")
+
+    def _check_guided(self) -> None:
+        if self.guided_decoding is not None and not isinstance(
+            self.guided_decoding, GuidedDecodingParams
+        ):
+            self._fail("guided_decoding", "a GuidedDecodingParams or None")
+        given = [name for name in GUIDED_FIELDS if getattr(self, name) not in (None, False)]
+        if len(given) > 1:
+            self._fail(given[1], f"unset: {given[0]} is given (one constraint per request)")
+        schema = self.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                self._fail("guided_json", f"a JSON schema: the text is not JSON ({e})")
+        if schema is not None and not isinstance(schema, dict | bool):
+            self._fail("guided_json", "a JSON schema (an object or its JSON text)")
+        for name in ("guided_regex", "guided_grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                self._fail(name, "a non-empty string or None")
+        choice = self.guided_choice
+        if choice is not None and (
+            not isinstance(choice, list)
+            or not choice
+            or not all(isinstance(c, str) and c for c in choice)
+        ):
+            self._fail("guided_choice", "a non-empty list of non-empty strings, or None")
+        if not isinstance(self.guided_json_object, bool):
+            self._fail("guided_json_object", "true or false")
+
+    @property
+    def constraint(self) -> tuple[str, str] | None:
+        """The structured-output constraint as (kind, canonical text), kind one of json,
+        json_object, regex, choice, grammar; None without one. Equal texts compile alike."""
+        if self.guided_json is not None:
+            schema = self.guided_json
+            if isinstance(schema, str):
+                schema = json.loads(schema)
+            # Key order kept: xgrammar emits properties in the schema's order.
+            return "json", json.dumps(schema, separators=(",", ":"))
+        if self.guided_json_object:
+            return "json_object", ""
+        if self.guided_regex is not None:
+            return "regex", self.guided_regex
+        if self.guided_choice is not None:
+            return "choice", json.dumps(self.guided_choice)
+        if self.guided_grammar is not None:
+            return "grammar", self.guided_grammar
+        return None
 
     def clone(self) -> SamplingParams:
         """A deep copy (vLLM's ``clone``)."""
@@ -213,7 +315,13 @@ class SamplingParams:
             or bool(self.logit_bias)
             or self.allowed_token_ids is not None
             or bool(self._bad_words_token_ids)
+            or self.has_constraint
         )
+
+    @property
+    def has_constraint(self) -> bool:
+        """Whether a structured-output constraint is set (cheap: no schema is read)."""
+        return any(getattr(self, name) not in (None, False) for name in GUIDED_FIELDS)
 
 
 def _normalized_bias(bias: Mapping[Any, Any]) -> dict[int, float]:

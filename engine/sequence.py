@@ -82,7 +82,11 @@ class Request:
     """Core only, with ``SamplingParams.prompt_logprobs``: the prompt positions' logprobs
     computed so far (``TokenLogprobs``; None for the first token), sent with the first
     output token and then dropped (None)."""
-    # Front only (the core never sees it): the prompt's tail is an earlier run's output.
+    grammar: Any = None
+    """Core only, with a structured-output constraint: its ``GrammarState``
+    (``engine.structured_output``); the scheduler admits the request once it is ready."""
+    # The prompt's tail is an earlier run's output. The front detokenizes after it; the core
+    # reads only ``num_tokens``, to replay a constraint over them.
     resumed: ResumedOutput | None = None
 
     @property

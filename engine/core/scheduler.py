@@ -364,6 +364,8 @@ class Scheduler:
         for request in self.waiting:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if request.grammar is not None and not request.grammar.ready:
+                continue  # its constraint is still compiling: the others go on
             lora_id = request.lora_int_id
             if lora_id:
                 if hold_adapters:

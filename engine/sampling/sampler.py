@@ -117,10 +117,10 @@ class SamplingMetadata:
     """The previous step's sampled tokens on the device, when ``pending_bans`` reads them."""
     allowed: tuple[torch.Tensor, torch.Tensor] | None
     """(row indices [A], keep [A, V] bool): rows with ``allowed_token_ids``."""
-    grammar_bitmask: torch.Tensor | None
-    """[N, ceil(V / 32)] int32 on the device, bit ``t % 32`` of word ``t // 32`` set where
-    token ``t`` is allowed (-1: every token): structured output; None when no row is
-    constrained (``engine.structured_output``)."""
+    grammar: tuple[torch.Tensor, torch.Tensor] | None
+    """(rows [G] int64, bitmask [G, ceil(V / 32)] int32) on the device: the structured-output
+    masks of the constrained rows, bit ``t % 32`` of word ``t // 32`` set where token ``t``
+    is allowed (``engine.structured_output``); None when no row is constrained."""
     generators: dict[int, torch.Generator]
     """Row index -> private generator, for seeded random rows off CUDA."""
     seeded: tuple[torch.Tensor, torch.Tensor] | None
@@ -147,14 +147,14 @@ class SamplingMetadata:
         device: torch.device | str,
         generator: torch.Generator | None = None,
         pending_tokens: torch.Tensor | None = None,
-        grammar_bitmask: torch.Tensor | None = None,
+        grammar: tuple[list[int], torch.Tensor] | None = None,
     ) -> SamplingMetadata:
         """Turn the step's rows into tensors, once per step. Loops over rows, never the vocab.
 
         ``pending_tokens``: the previous step's sampled tokens, still on the device, where
         the rows' ``PLACEHOLDER`` output tokens are (``SamplingRow.pending_row``); penalties
-        and ``bad_words`` read them there. ``grammar_bitmask``: the structured-output masks
-        of the step's rows, already on the device."""
+        and ``bad_words`` read them there. ``grammar``: the constrained rows and their
+        structured-output bitmask (host memory, pinned on CUDA)."""
         if not rows:
             raise ValueError("SamplingMetadata.build needs at least one row")
         device = torch.device(device)
@@ -244,7 +244,7 @@ class SamplingMetadata:
             pending_bans=pending_bans,
             pending_tokens=pending_tokens if pending_bans is not None else None,
             allowed=allowed,
-            grammar_bitmask=grammar_bitmask,
+            grammar=_grammar(grammar, device),
             generators=generators,
             seeded=seeded,
             generator=generator,
@@ -323,8 +323,12 @@ class Sampler(nn.Module):
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
 
-        if md.grammar_bitmask is not None:
-            apply_token_bitmask_(logits, md.grammar_bitmask)
+        if md.grammar is not None:
+            rows, bitmask = md.grammar
+            # Only the constrained rows: the others pay nothing.
+            sub = logits.index_select(0, rows)
+            apply_token_bitmask_(sub, bitmask)
+            logits.index_copy_(0, rows, sub)
         if md.allowed is not None:
             rows, keep = md.allowed
             logits.index_copy_(
@@ -490,17 +494,24 @@ def _unpack_logprobs(packed: list[list[float]], num_logprobs: list[int | None]) 
 
 
 def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set to -inf the logits of tokens whose bit is 0 in ``bitmask`` [N, ceil(V / 32)] int32
-    (bit ``t % 32`` of word ``t // 32``), on the device, with no host sync. Tokens past the
-    mask's width (a vocabulary larger than the tokenizer's) are banned."""
+    """Set to -inf the logits [N, V] of tokens whose bit is 0 in ``bitmask`` [N, ceil(V / 32)]
+    int32 (bit ``t % 32`` of word ``t // 32``), on the device, with no host sync: xgrammar's
+    kernel (Triton on CUDA), or ``apply_token_bitmask_reference``."""
+    try:
+        import xgrammar as xgr
+    except ImportError:  # pragma: no cover - xgrammar is a dependency
+        apply_token_bitmask_reference(logits, bitmask)
+        return
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1])
+
+
+def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """The torch reference of ``apply_token_bitmask_``."""
     n, v = logits.shape
-    words = bitmask.shape[1]
     shifts = torch.arange(32, device=logits.device, dtype=torch.int32)  # [32]
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [N, W, 32]
-    allowed = bits.view(n, words * 32)[:, :v].bool()  # [N, min(V, 32 W)]
-    logits[:, : allowed.shape[1]].masked_fill_(~allowed, float("-inf"))
-    if allowed.shape[1] < v:
-        logits[:, allowed.shape[1] :] = float("-inf")
+    allowed = bits.reshape(n, -1)[:, :v].bool()  # [N, V]
+    logits.masked_fill_(~allowed, float("-inf"))
 
 
 def _flatten(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -614,6 +625,18 @@ def _token_bias(
     if c_rows:
         pending = (i64(c_rows), i64(c_ids), i64(c_src), i64(c_expect))
     return bias, pending
+
+
+def _grammar(
+    grammar: tuple[list[int], torch.Tensor] | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if grammar is None or not grammar[0]:
+        return None
+    rows, bitmask = grammar
+    return (
+        _to_device(torch.tensor(rows, dtype=torch.int64), device),
+        bitmask.to(device, non_blocking=True) if device.type == "cuda" else bitmask,
+    )
 
 
 def _allowed(

@@ -90,6 +90,22 @@ class RunnerOutput:
     scored, one entry per prompt token from there)."""
 
 
+GrammarFill = Callable[[list[Request], bool], torch.Tensor]
+"""Fills the structured-output bitmasks of constrained requests ([R, ceil(V / 32)] int32 in
+host memory; pinned when the flag says the device is CUDA)."""
+
+
+@dataclass
+class _DeferredSample:
+    """A launched step whose sampling waits for its constrained rows' last tokens."""
+
+    logits: torch.Tensor
+    num_outputs: list[int]
+    """Each row's output tokens at launch (its sampler row reads these)."""
+    constrained: list[int]
+    previous: StepHandle | None
+
+
 class _PromptLogprobs:
     """A step's prompt logprobs on their way to the host (``pack_token_logprobs`` rows)."""
 
@@ -378,8 +394,13 @@ class StepHandle:
         """Each sampling request's row in ``tokens``."""
         self._timings = timings
         self._prompt_logprobs = prompt_logprobs
+        self.deferred: _DeferredSample | None = None
+        """Set while the sampling waits for ``ModelRunner.sample_deferred``."""
+        self._requests: list[Request] = requests
 
     def wait(self) -> RunnerOutput:
+        if self.deferred is not None:
+            raise RuntimeError("the step's sampling was deferred and never launched")
         prompt = self._prompt_logprobs.result() if self._prompt_logprobs is not None else {}
         if self.tokens is None:
             return RunnerOutput({}, {}, prompt)
@@ -502,9 +523,20 @@ class ModelRunner:
         return self.launch(sched).wait()
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, previous: StepHandle | None = None) -> StepHandle:
+    def launch(
+        self,
+        sched: SchedulerOutput,
+        previous: StepHandle | None = None,
+        grammar: GrammarFill | None = None,
+    ) -> StepHandle:
         """Run one step up to its sampling, without waiting for the device. ``previous``:
-        the step launched before, whose sampled tokens fill this one's placeholders."""
+        the step launched before, whose sampled tokens fill this one's placeholders.
+
+        ``grammar`` fills the structured-output bitmasks of constrained rows (requests with a
+        ``grammar``). A constrained row whose last token is still on the device cannot have
+        its mask yet: then the whole step's sampling waits (``StepHandle.deferred``) until
+        the caller has that token and calls ``sample_deferred``; the forward pass is
+        launched either way, so the mask is computed while the device runs it."""
         t0 = time.perf_counter()
         scheduled = sched.scheduled
         seq_lora = self._lora_slots(sched)
@@ -538,6 +570,7 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(hidden, scheduled, packed)
         sample_reqs = [s.request for s in scheduled if s.sample]
         tokens = None
+        deferred = None
         if sample_reqs:
             if packed.num_logits == packed.num_seqs == packed.num_tokens:
                 selected = hidden  # decode without padding: every row samples
@@ -546,14 +579,56 @@ class ModelRunner:
             else:
                 selected = hidden.index_select(0, logits_rows)
             logits = self.model.compute_logits(selected)  # [N, V] float32
-            tokens = self._sample(logits, sample_reqs, previous)
+            constrained = [i for i, r in enumerate(sample_reqs) if r.grammar is not None]
+            if constrained and grammar is None:
+                raise ValueError("constrained requests but no grammar to fill their masks")
+            waiting = any(
+                sample_reqs[i].output_token_ids[-1:] == [PLACEHOLDER] for i in constrained
+            )
+            if waiting:
+                deferred = _DeferredSample(
+                    logits,
+                    [len(r.output_token_ids) for r in sample_reqs],
+                    constrained,
+                    previous,
+                )
+            else:
+                masks = self._masks(sample_reqs, constrained, grammar)
+                tokens = self._sample(logits, sample_reqs, previous, masks)
         t4 = time.perf_counter()
         tm = self.timings
         tm.prepare_s += t2 - t0
         tm.forward_s += t3 - t2
         tm.sample_s += t4 - t3
         tm.steps += 1
-        return StepHandle(sample_reqs, tokens, self.timings, prompt_logprobs)
+        handle = StepHandle(sample_reqs, tokens, self.timings, prompt_logprobs)
+        handle.deferred = deferred
+        handle._requests = sample_reqs
+        return handle
+
+    @torch.inference_mode()
+    def sample_deferred(self, handle: StepHandle, grammar: GrammarFill) -> None:
+        """Launch the sampling a ``launch`` deferred, now that the constrained rows' last
+        tokens are known (their matchers have accepted them)."""
+        d = handle.deferred
+        if d is None:
+            return
+        t0 = time.perf_counter()
+        reqs = handle._requests
+        masks = self._masks(reqs, d.constrained, grammar)
+        # The rows' outputs as they were at launch (later steps may have added placeholders).
+        handle.tokens = self._sample(d.logits, reqs, d.previous, masks, d.num_outputs)
+        handle.deferred = None
+        self.timings.sample_s += time.perf_counter() - t0
+
+    def _masks(
+        self, reqs: list[Request], constrained: list[int], grammar: GrammarFill | None
+    ) -> tuple[list[int], torch.Tensor] | None:
+        if not constrained:
+            return None
+        assert grammar is not None
+        cuda = self.device.type == "cuda"
+        return constrained, grammar([reqs[i] for i in constrained], cuda)
 
     def _stage_np_ready(self) -> np.ndarray:
         if self._copied is not None:
@@ -561,24 +636,30 @@ class ModelRunner:
         return self._stage_np
 
     def _sample(
-        self, logits: torch.Tensor, reqs: list[Request], previous: StepHandle | None
+        self,
+        logits: torch.Tensor,
+        reqs: list[Request],
+        previous: StepHandle | None,
+        masks: tuple[list[int], torch.Tensor] | None = None,
+        num_outputs: list[int] | None = None,
     ) -> SampledTokens:
-        if all(_is_plain_greedy(r) for r in reqs):
+        if masks is None and all(_is_plain_greedy(r) for r in reqs):
             return SampledTokens(logits.argmax(dim=-1))
         pending = previous.rows if previous is not None else {}
+        lengths = num_outputs or [len(r.output_token_ids) for r in reqs]
         rows = [
             SamplingRow(
                 sampling_params=r.sampling_params,
                 prompt_token_ids=r.prompt_token_ids,
-                output_token_ids=r.output_token_ids,
+                output_token_ids=r.output_token_ids[:n],
                 eos_token_id=r.eos_token_id,
                 pending_row=pending.get(r.request_id),
             )
-            for r in reqs
+            for r, n in zip(reqs, lengths, strict=True)
         ]
         tokens = previous.tokens.token_ids if previous and previous.tokens else None
         meta = SamplingMetadata.build(
-            rows, self.vocab_size, self.device, self.generator, pending_tokens=tokens
+            rows, self.vocab_size, self.device, self.generator, pending_tokens=tokens, grammar=masks
         )
         return self.sampler.launch(logits, meta)
 
