@@ -172,6 +172,12 @@ class WireParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_d
     """In JSON the keys are strings of digits, as in OpenAI's API."""
     allowed_token_ids: list[TokenId] | msgspec.UnsetType | None = UNSET
     bad_words: list[str] | msgspec.UnsetType | None = UNSET
+    guided_json: dict[str, Any] | str | msgspec.UnsetType | None = UNSET
+    """A JSON schema: an object, or its JSON text."""
+    guided_regex: str | msgspec.UnsetType | None = UNSET
+    guided_choice: list[str] | msgspec.UnsetType | None = UNSET
+    guided_grammar: str | msgspec.UnsetType | None = UNSET
+    guided_json_object: bool | msgspec.UnsetType = UNSET
 
     def given(self) -> dict[str, Any]:
         """The fields the producer set."""
@@ -186,6 +192,7 @@ WIRE_PARAMS_EXCLUDED: Final = {
     "output_kind": "the worker streams deltas; every event holds what is new",
     "prompt_logprobs": "no event carries prompt scores (run the engine offline for them)",
     "_bad_words_token_ids": "derived from bad_words by the worker's tokenizer",
+    "guided_decoding": "vLLM's Python object: the guided_* fields carry the same on the wire",
 }
 """SamplingParams fields that are not on the wire, and why (a test checks every other one
 is a ``WireParams`` field)."""
