@@ -31,7 +31,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "type": "object",
         "properties": {
             "id": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
-            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3},
+            "tags": {
+                "type": "array",
+                "items": {"enum": ["a", "b", "c"]},
+                "minItems": 1,
+                "maxItems": 3,
+            },
             "owner": {
                 "type": "object",
                 "properties": {
@@ -98,7 +103,9 @@ def bench_xgrammar(hf: Any, steps: int) -> dict[str, str]:
             json.dumps(schema), any_whitespace=False, separators=(",", ":")
         )
         res[f"compile_{name}_ms"] = ms(time.perf_counter() - t0)
-        ids = hf.encode(json.dumps(INSTANCES[name], separators=(",", ":")), add_special_tokens=False)
+        ids = hf.encode(
+            json.dumps(INSTANCES[name], separators=(",", ":")), add_special_tokens=False
+        )
         matcher = xgr.GrammarMatcher(compiled)
         mask = xgr.allocate_token_bitmask(1, len(hf))
         times = []
@@ -130,7 +137,9 @@ def bench_llguidance(hf: Any, steps: int) -> dict[str, str]:
         res[f"compile_{name}_ms"] = ms(time.perf_counter() - t0)
         if matcher.is_error():
             raise RuntimeError(matcher.get_error())
-        ids = hf.encode(json.dumps(INSTANCES[name], separators=(",", ":")), add_special_tokens=False)
+        ids = hf.encode(
+            json.dumps(INSTANCES[name], separators=(",", ":")), add_special_tokens=False
+        )
         mask = llguidance.torch.allocate_token_bitmask(1, len(hf))
         times = []
         for t in ids[:steps]:
@@ -146,7 +155,9 @@ def bench_llguidance(hf: Any, steps: int) -> dict[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vocab", type=int, default=32000, help="trained BPE size (default 32000)")
-    parser.add_argument("--steps", type=int, default=200, help="mask fills timed per schema (default 200)")
+    parser.add_argument(
+        "--steps", type=int, default=200, help="mask fills timed per schema (default 200)"
+    )
     ns = parser.parse_args()
     rows = []
     for tname, hf in tokenizers_under_test(ns.vocab).items():

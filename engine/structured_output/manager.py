@@ -93,6 +93,8 @@ class StructuredOutputManager:
         self._cache: OrderedDict[tuple[str, str], Future[Any]] = OrderedDict()
         self._waiting: list[Request] = []
         self._batch: Any = None
+        self._json_mask: torch.Tensor | None = None
+        """[W] int32: 0 bits for tokens with a control character (JSON constraints)."""
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -199,6 +201,11 @@ class StructuredOutputManager:
                 self._batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, live)
             else:
                 matchers[0].fill_next_token_bitmask(bitmask, live[0])
+            json_rows = [i for i in live if requests[i].grammar.kind in ("json", "json_object")]
+            if json_rows and self._json_mask is not None:
+                # xgrammar's JSON strings admit raw control characters, which JSON forbids
+                # (a parser refuses them); compact JSON has none anywhere.
+                bitmask[json_rows] &= self._json_mask
         return bitmask
 
     def _batch_matcher(self) -> Any:
@@ -243,6 +250,7 @@ class StructuredOutputManager:
                 info = xgr.TokenizerInfo.from_huggingface(
                     tok, vocab_size=self.vocab_size, stop_token_ids=self.eos_token_ids or None
                 )
+                self._json_mask = _no_control_mask(info.decoded_vocab, self.bitmask_width)
                 self._compiler = xgr.GrammarCompiler(info, max_threads=_COMPILE_THREADS)
             return self._compiler
 
@@ -254,6 +262,19 @@ class StructuredOutputManager:
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _no_control_mask(decoded_vocab: Sequence[bytes], width: int) -> torch.Tensor:
+    """[width] int32 bitmask allowing every token but those whose bytes hold a control
+    character (below 0x20)."""
+    allowed = np.ones(width * 32, dtype=bool)
+    for token_id, raw in enumerate(decoded_vocab):
+        if any(b < 0x20 for b in raw):
+            allowed[token_id] = False
+    words = np.packbits(allowed.reshape(-1, 32)[:, ::-1], axis=1, bitorder="big")  # [W, 4]
+    # Bit t % 32 of word t // 32: little-endian words of 4 bytes, lowest bits first.
+    packed = np.ascontiguousarray(words[:, ::-1]).view("<i4").reshape(width)
+    return torch.from_numpy(packed.copy())
 
 
 def _ebnf_string(text: str) -> str:
