@@ -306,7 +306,7 @@ def test_a_constraint_unmet_at_max_tokens_ends_with_length(tiny_model_dir: Path)
     out = run(engine, [("short", "JSON:", params, None)])["short"].outputs[0]
     assert out.finish_reason == "length"
     assert len(out.token_ids) == 5
-    with pytest.raises(ValueError):
+    with pytest.raises(json.JSONDecodeError):
         json.loads(out.text)
 
 
