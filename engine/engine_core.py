@@ -83,6 +83,7 @@ class EngineCore:
             self.runner.vocab_size,
             [eos] if isinstance(eos, int) else list(eos or []),
         )
+        self.runner.grammar_fill = self._fill_bitmask
         # Requests that failed outside a step (a bad AddRequest in the core process):
         # reported at the start of the next step.
         self._failed: list[FailedRequest] = []
@@ -221,7 +222,7 @@ class EngineCore:
             if queue and queue[0][1].deferred is not None:
                 # The next step's constrained rows have their last tokens now: their masks
                 # are computed while the device runs that step's forward pass.
-                self.runner.sample_deferred(queue[0][1], self._fill_bitmask)
+                self.runner.sample_deferred(queue[0][1])
             sampled = {}
             for s in sched.scheduled:
                 if not s.sample:
@@ -282,7 +283,7 @@ class EngineCore:
         t0 = time.perf_counter()
         previous = self._in_flight[-1][1] if self._in_flight else None
         try:
-            handle = self.runner.launch(sched, previous, self._fill_bitmask)
+            handle = self.runner.launch(sched, previous)
         except BaseException:
             # The step's blocks are in the prefix cache already but will hold no KV.
             self.block_manager.reset_prefix_cache()

@@ -451,6 +451,8 @@ class ModelRunner:
         ]
         self.model.bind_kv_caches(self.kv_caches)
         self.sampler = Sampler()
+        self.grammar_fill: GrammarFill | None = None
+        """Set by the engine core: fills the bitmasks of constrained requests."""
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.timings = StepTimings()
@@ -523,20 +525,17 @@ class ModelRunner:
         return self.launch(sched).wait()
 
     @torch.inference_mode()
-    def launch(
-        self,
-        sched: SchedulerOutput,
-        previous: StepHandle | None = None,
-        grammar: GrammarFill | None = None,
-    ) -> StepHandle:
+    def launch(self, sched: SchedulerOutput, previous: StepHandle | None = None) -> StepHandle:
         """Run one step up to its sampling, without waiting for the device. ``previous``:
         the step launched before, whose sampled tokens fill this one's placeholders.
 
-        ``grammar`` fills the structured-output bitmasks of constrained rows (requests with a
-        ``grammar``). A constrained row whose last token is still on the device cannot have
-        its mask yet: then the whole step's sampling waits (``StepHandle.deferred``) until
-        the caller has that token and calls ``sample_deferred``; the forward pass is
-        launched either way, so the mask is computed while the device runs it."""
+        ``grammar_fill`` fills the structured-output bitmasks of constrained rows (requests
+        with a ``grammar``). A constrained row whose last token is still on the device
+        cannot have its mask yet: then the whole step's sampling waits
+        (``StepHandle.deferred``) until the caller has that token and calls
+        ``sample_deferred``; the forward pass is launched either way, so the mask is
+        computed while the device runs it."""
+        grammar = self.grammar_fill
         t0 = time.perf_counter()
         scheduled = sched.scheduled
         seq_lora = self._lora_slots(sched)
@@ -607,12 +606,13 @@ class ModelRunner:
         return handle
 
     @torch.inference_mode()
-    def sample_deferred(self, handle: StepHandle, grammar: GrammarFill) -> None:
+    def sample_deferred(self, handle: StepHandle) -> None:
         """Launch the sampling a ``launch`` deferred, now that the constrained rows' last
         tokens are known (their matchers have accepted them)."""
         d = handle.deferred
         if d is None:
             return
+        grammar = self.grammar_fill
         t0 = time.perf_counter()
         reqs = handle._requests
         masks = self._masks(reqs, d.constrained, grammar)

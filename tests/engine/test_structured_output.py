@@ -267,9 +267,9 @@ def test_deferred_sampling_overlaps_the_forward_pass_with_async_scheduling(tiny_
     deferred: list[bool] = []
     sample = engine.runner.sample_deferred
 
-    def spy(handle, grammar):
+    def spy(handle):
         deferred.append(handle.deferred is not None)
-        return sample(handle, grammar)
+        return sample(handle)
 
     engine.runner.sample_deferred = spy  # type: ignore[method-assign]
     params = SamplingParams(guided_json=SCHEMAS[4], temperature=0.0, max_tokens=60)
