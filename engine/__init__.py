@@ -17,6 +17,7 @@ _EXPORTS = {
     "CompletionOutput": "engine.outputs",
     "EngineArgs": "engine.config",
     "FlexibleArgumentParser": "engine.config",
+    "GuidedDecodingParams": "engine.sampling_params",
     "LLM": "engine.llm",
     "LLMEngine": "engine.llm_engine",
     "Logprob": "engine.outputs",
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine, PromptType, TextPrompt, TokensPrompt
     from engine.lora.request import LoRARequest
     from engine.outputs import CompletionOutput, Logprob, RequestOutput, ResumedOutput
-    from engine.sampling_params import RequestOutputKind, SamplingParams
+    from engine.sampling_params import GuidedDecodingParams, RequestOutputKind, SamplingParams
     from engine.usage import UsageContext
 
 
@@ -57,6 +58,7 @@ __all__ = [
     "CompletionOutput",
     "EngineArgs",
     "FlexibleArgumentParser",
+    "GuidedDecodingParams",
     "LLMEngine",
     "LoRARequest",
     "Logprob",
