@@ -377,3 +377,36 @@ def test_constraints_cross_the_process_boundary(tiny_model_dir: Path):
         jsonschema.validate(json.loads(b["j"].outputs[0].text), SCHEMAS[9])
     finally:
         mp.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_graph_steps_with_async_scheduling_equal_eager_steps(tiny_model_dir: Path):
+    """On the device: constrained rows beside plain ones and adapters, CUDA graphs and
+    async scheduling (deferred sampling), against the same requests run eagerly without
+    async scheduling; every constrained output validates."""
+    loras = [None, *lora_requests(tiny_model_dir)[:2]]
+
+    def requests() -> list[tuple[str, Any, SamplingParams, Any]]:
+        reqs = []
+        for i, schema in enumerate(SCHEMAS):
+            params = SamplingParams(guided_json=schema, temperature=0.0, max_tokens=120)
+            reqs.append((f"json{i}", PROMPTS[i % 4], params, loras[i % 3]))
+            plain = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+            reqs.append((f"plain{i}", PROMPTS[(i + 1) % 4], plain, loras[(i + 1) % 3]))
+        return reqs
+
+    fast = make_engine(tiny_model_dir, device="cuda", dtype="float32", max_loras=3)
+    slow = make_engine(
+        tiny_model_dir,
+        device="cuda",
+        dtype="float32",
+        max_loras=3,
+        enforce_eager=True,
+        async_scheduling=False,
+    )
+    a, b = run(fast, requests()), run(slow, requests())
+    assert fast.runner.timings.graph_steps > 0
+    for rid in a:
+        assert a[rid].outputs[0].token_ids == b[rid].outputs[0].token_ids, rid
+    for i, schema in enumerate(SCHEMAS):
+        jsonschema.validate(json.loads(a[f"json{i}"].outputs[0].text), schema)

@@ -364,7 +364,9 @@ def test_sampling_launches_without_waiting_for_the_device() -> None:
     assert got.token_ids[0] == expected.token_ids[0]
     assert got.token_ids[3] == expected.token_ids[3]
     assert got.logprobs is not None
-    assert set(got.logprobs[2]) >= {got.token_ids[2]}
+    entry = got.logprobs[2]
+    assert entry is not None
+    assert entry[0][0] == got.token_ids[2]  # the sampled token first
 
 
 # ------------------------------------------------------------------ vLLM's token restrictions
@@ -455,3 +457,41 @@ def test_grammar_bitmask_masks_only_the_constrained_rows() -> None:
     apply_token_bitmask_reference(b, bitmask)
     assert torch.equal(a, b)
     assert torch.isfinite(a).sum() == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on CUDA")
+def test_vllm_restrictions_and_the_grammar_launch_without_waiting_for_the_device() -> None:
+    """logit_bias, allowed_token_ids, bad words (one waiting on a pending token) and a
+    grammar bitmask (pinned, xgrammar's kernel) queue behind the step in flight; the greedy
+    rows equal the CPU's."""
+    bitmask = torch.zeros(1, V // 32, dtype=torch.int32)
+    bitmask[0, 0] = 0b1110  # tokens 1, 2, 3
+    rows = [
+        _row(SamplingParams(temperature=0.0, logit_bias={7: 9.0})),
+        _row(SamplingParams(temperature=0.0, allowed_token_ids=[5, 6, 40])),
+        _row(_bad([[8, 9, 6], [11]]), outputs=[8, PLACEHOLDER], pending_row=0),
+        _row(SamplingParams(temperature=0.0, guided_regex="x")),
+    ]
+    logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(1))
+    pending_cpu = torch.tensor([9])
+    expected = Sampler()(
+        logits,
+        SamplingMetadata.build(
+            rows, V, "cpu", pending_tokens=pending_cpu, grammar=([3], bitmask.clone())
+        ),
+    )
+    dev = logits.cuda()
+    pending = pending_cpu.cuda()
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        busy = busy @ busy.T / 4096
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        md = SamplingMetadata.build(
+            rows, V, "cuda", pending_tokens=pending, grammar=([3], bitmask.pin_memory())
+        )
+        launched = Sampler().launch(dev, md)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert launched.result().token_ids == expected.token_ids
+    assert expected.token_ids[3] in (1, 2, 3)
