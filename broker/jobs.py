@@ -26,6 +26,7 @@ from broker.protocol import (
     GenerateRequest,
     TokenEvent,
     error_field,
+    logprob_tokens_to_wire,
     logprobs_to_wire,
     untrusted,
 )
@@ -306,6 +307,7 @@ class Jobs:
         delta = job.out(token_ids=list(c.token_ids), text=c.text)
         if c.logprobs is not None:
             delta.logprobs = logprobs_to_wire(c.logprobs)
+            delta.logprob_tokens = logprob_tokens_to_wire(c.logprobs)
         job.completion_tokens += len(c.token_ids)
         self._observe_latency(job, out, len(delta.token_ids))
         if out.finished or out.error is not None:

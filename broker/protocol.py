@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Final
 
@@ -144,9 +144,11 @@ class WireMessage(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 class WireParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     """``params``: SamplingParams' fields by vLLM's names. Types and ranges are checked here;
     defaults and the rules between fields are SamplingParams' own (an unset field takes
-    SamplingParams' default). ``output_kind`` is not on the wire: the worker streams deltas."""
+    SamplingParams' default). What is not on the wire, and why: ``WIRE_PARAMS_EXCLUDED``."""
 
     n: Int64 | msgspec.UnsetType = UNSET
+    """Only 1 on the wire (see ``WIRE_N``)."""
+    best_of: Int64 | msgspec.UnsetType | None = UNSET
     temperature: float | msgspec.UnsetType = UNSET
     top_p: float | msgspec.UnsetType = UNSET
     top_k: Int64 | msgspec.UnsetType = UNSET
@@ -163,6 +165,19 @@ class WireParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_d
     presence_penalty: float | msgspec.UnsetType = UNSET
     frequency_penalty: float | msgspec.UnsetType = UNSET
     skip_special_tokens: bool | msgspec.UnsetType = UNSET
+    spaces_between_special_tokens: bool | msgspec.UnsetType = UNSET
+    detokenize: bool | msgspec.UnsetType = UNSET
+    truncate_prompt_tokens: Int64 | msgspec.UnsetType | None = UNSET
+    logit_bias: dict[TokenId, float] | msgspec.UnsetType | None = UNSET
+    """In JSON the keys are strings of digits, as in OpenAI's API."""
+    allowed_token_ids: list[TokenId] | msgspec.UnsetType | None = UNSET
+    bad_words: list[str] | msgspec.UnsetType | None = UNSET
+    guided_json: dict[str, Any] | str | msgspec.UnsetType | None = UNSET
+    """A JSON schema: an object, or its JSON text."""
+    guided_regex: str | msgspec.UnsetType | None = UNSET
+    guided_choice: list[str] | msgspec.UnsetType | None = UNSET
+    guided_grammar: str | msgspec.UnsetType | None = UNSET
+    guided_json_object: bool | msgspec.UnsetType = UNSET
 
     def given(self) -> dict[str, Any]:
         """The fields the producer set."""
@@ -173,8 +188,19 @@ class WireParams(msgspec.Struct, forbid_unknown_fields=True, frozen=True, omit_d
         }
 
 
-WIRE_PARAMS_EXCLUDED: Final = frozenset({"output_kind"})
-"""SamplingParams fields that are not on the wire (tests check every other one is)."""
+WIRE_PARAMS_EXCLUDED: Final = {
+    "output_kind": "the worker streams deltas; every event holds what is new",
+    "prompt_logprobs": "no event carries prompt scores (run the engine offline for them)",
+    "_bad_words_token_ids": "derived from bad_words by the worker's tokenizer",
+    "guided_decoding": "vLLM's Python object: the guided_* fields carry the same on the wire",
+}
+"""SamplingParams fields that are not on the wire, and why (a test checks every other one
+is a ``WireParams`` field)."""
+
+WIRE_N: Final = (
+    "must be 1 on the wire: send n requests for n samples (with seeds seed + i), as the "
+    "SDK's and the gateway's n do; each is a request of its own (events, resume, abort)"
+)
 
 
 class WireRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -292,6 +318,8 @@ class GenerateRequest:
                 + (f" (got {', '.join(prompts)})" if prompts else ""),
             )
         params = wire.params.given() if wire.params is not None else {}
+        if params.get("n", 1) != 1:
+            raise InvalidParam("params.n", WIRE_N)
         try:
             SamplingParams(**params)
         except InvalidSamplingParams as e:
@@ -507,7 +535,9 @@ class TokenEvent:
     finish_reason: str | None = None
     usage: dict[str, float] | None = None
     logprobs: list[list[list[float]]] | None = None
-    """Per new token: [[token_id, logprob], ...] over the sampled token and the top-n."""
+    """Per new token: [[token_id, logprob], ...], the sampled token first, then the top-n."""
+    logprob_tokens: list[list[str]] | None = None
+    """The text of each token in ``logprobs``, in the same order (OpenAI's ``token``)."""
     restart: bool = False
 
     def to_wire(self) -> dict[str, Any]:
@@ -524,6 +554,8 @@ class TokenEvent:
             out["usage"] = self.usage
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+        if self.logprob_tokens is not None:
+            out["logprob_tokens"] = self.logprob_tokens
         if self.restart:
             out["restart"] = True
         return out
@@ -596,6 +628,7 @@ class _WireEvent(msgspec.Struct):
     finish_reason: str | None = None
     usage: dict[str, float] | None = None
     logprobs: list[list[list[float]]] | None = None
+    logprob_tokens: list[list[str]] | None = None
     restart: bool = False
     error: _WireError | None = None
 
@@ -633,6 +666,7 @@ def decode_event(raw: bytes) -> Event:
         finish_reason=obj.finish_reason,
         usage=obj.usage,
         logprobs=obj.logprobs,
+        logprob_tokens=obj.logprob_tokens,
         restart=obj.restart,
     )
 
@@ -648,6 +682,19 @@ def error_field(err: BaseException) -> str | None:
     return None
 
 
-def logprobs_to_wire(logprobs: list[dict[int, float]]) -> list[list[list[float]]]:
-    """{token_id: logprob} per token → [[token_id, logprob], ...] per token (JSON-safe keys)."""
-    return [[[tid, lp if math.isfinite(lp) else -1e30] for tid, lp in d.items()] for d in logprobs]
+def logprobs_to_wire(logprobs: Sequence[Mapping[int, Any]]) -> list[list[list[float]]]:
+    """{token_id: Logprob} per token → [[token_id, logprob], ...] per token (JSON-safe keys),
+    the sampled token first."""
+    return [
+        [[tid, _finite(lp.logprob if hasattr(lp, "logprob") else lp)] for tid, lp in d.items()]
+        for d in logprobs
+    ]
+
+
+def logprob_tokens_to_wire(logprobs: Sequence[Mapping[int, Any]]) -> list[list[str]]:
+    """The decoded text of each token of ``logprobs_to_wire``'s lists, in the same order."""
+    return [[getattr(lp, "decoded_token", None) or "" for lp in d.values()] for d in logprobs]
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -1e30

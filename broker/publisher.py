@@ -41,6 +41,7 @@ class Out:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[list[list[float]]] | None = None
+    logprob_tokens: list[list[str]] | None = None
     finished: bool = False
     finish_reason: str | None = None
     error: tuple[str, str, str | None] | None = None
@@ -62,6 +63,8 @@ class Out:
         self.text += later.text
         if later.logprobs is not None:
             self.logprobs = (self.logprobs or []) + later.logprobs
+        if later.logprob_tokens is not None:
+            self.logprob_tokens = (self.logprob_tokens or []) + later.logprob_tokens
         self.finished, self.finish_reason = later.finished, later.finish_reason
         self.error, self.usage, self.ack = later.error, later.usage, later.ack
 
@@ -76,7 +79,7 @@ class Out:
         return TokenEvent(
             id=self.request_id, seq=seq, token_ids=self.token_ids, text=self.text,
             finished=self.finished, finish_reason=self.finish_reason, usage=self.usage,
-            logprobs=self.logprobs, restart=restart,
+            logprobs=self.logprobs, logprob_tokens=self.logprob_tokens, restart=restart,
         )  # fmt: skip
 
 
@@ -217,6 +220,7 @@ def _encode(out: Out, seq: int, restart: bool) -> bytes:
         out.finished, out.finish_reason = True, "error"
         out.error = ("internal_error", f"the event could not be encoded: {type(e).__name__}", None)
         out.token_ids, out.text, out.logprobs, out.usage = [], "", None, None
+        out.logprob_tokens = None
         return encode_event(out.event(seq, False))
 
 

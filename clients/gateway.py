@@ -10,10 +10,12 @@ is live; ``/`` is the chat page. Every error, Redis being down included, uses Op
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import logging
+import math
 import re
 import socket
 import time
@@ -39,6 +41,7 @@ from clients.sdk import (
     RequestFailed,
     RequestTimeout,
     TokenStream,
+    event_logprobs,
 )
 from engine.cli import UsageError
 from engine.errors import InvalidSamplingParams
@@ -66,10 +69,24 @@ _SAMPLING_FIELDS = frozenset(
         "stop_token_ids",
         "skip_special_tokens",
         "include_stop_str_in_output",
+        "spaces_between_special_tokens",
+        "logit_bias",
+        "allowed_token_ids",
+        "bad_words",
+        "truncate_prompt_tokens",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
     }
 )
 # Accepted and ignored: they change nothing about what a worker generates.
-_IGNORED_FIELDS = frozenset({"user", "stream_options", "logit_bias", "service_tier", "store"})
+_IGNORED_FIELDS = frozenset(
+    {"user", "stream_options", "service_tier", "store", "guided_decoding_backend"}
+)
+MAX_N = 16
+"""Most samples per request: each is a wire request of its own."""
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -165,6 +182,9 @@ class _Call:
     stream: bool
     include_usage: bool
     sampling: dict[str, Any]
+    n: int = 1
+    logprobs: int | None = None
+    """Top logprobs per token to return (chat: ``top_logprobs``); None: no logprobs."""
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     messages: list[dict[str, str]] | None = None
@@ -174,19 +194,21 @@ class _Call:
 
 def _parse_common(
     body: Any, *, chat: bool, extra: frozenset[str], default_max_tokens: int | None = None
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[dict[str, Any], bool, int, int | None]:
+    """(sampling params, include_usage, n, top logprobs or None) of an OpenAI request."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    known = _SAMPLING_FIELDS | _IGNORED_FIELDS | extra | {"model", "stream", "n"}
+    known = _SAMPLING_FIELDS | _IGNORED_FIELDS | extra | {"model", "stream", "n", "response_format"}
     if chat:
-        known |= {"max_completion_tokens"}
+        known |= {"max_completion_tokens", "logprobs", "top_logprobs"}
     unknown = sorted(k for k in body if k not in known)
     if unknown:
         raise ApiError(
             400, f"Unrecognized request argument supplied: {unknown[0]}", param=unknown[0]
         )
-    if body.get("n", 1) != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
+    n = body.get("n", 1) if body.get("n") is not None else 1
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n must be an integer in [1, {MAX_N}]", param="n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be a boolean", param="stream")
@@ -197,6 +219,10 @@ def _parse_common(
         sampling["max_tokens"] = default_max_tokens
     if isinstance(sampling.get("stop"), str):
         sampling["stop"] = [sampling["stop"]]
+    sampling.update(_response_format(body.get("response_format"), sampling))
+    top = _logprobs(body, chat=chat)
+    if top is not None:
+        sampling["logprobs"] = top
     try:
         SamplingParams(**sampling)
     except InvalidSamplingParams as e:
@@ -204,7 +230,71 @@ def _parse_common(
     except TypeError as e:
         raise ApiError(400, str(e), code="invalid_sampling_params") from None
     opts = body.get("stream_options") or {}
-    return sampling, bool(stream and isinstance(opts, dict) and opts.get("include_usage"))
+    include_usage = bool(stream and isinstance(opts, dict) and opts.get("include_usage"))
+    return sampling, include_usage, n, top
+
+
+def _response_format(value: Any, sampling: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``response_format`` as a structured-output constraint."""
+    if value is None:
+        return {}
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return {}
+    if any(k.startswith("guided_") for k in sampling):
+        raise ApiError(
+            400, "response_format and guided_* cannot be used together", param="response_format"
+        )
+    if kind == "json_object":
+        return {"guided_json_object": True}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(
+                400,
+                "response_format.json_schema.schema must be a JSON schema object",
+                param="response_format.json_schema.schema",
+            )
+        strict = spec.get("strict") if isinstance(spec, dict) else None
+        if strict not in (None, True, False):
+            raise ApiError(
+                400, "response_format.json_schema.strict must be a boolean",
+                param="response_format.json_schema.strict",
+            )  # fmt: skip
+        # The schema is always enforced, whatever strict says: tokens outside it are masked.
+        return {"guided_json": schema}
+    raise ApiError(
+        400,
+        "response_format.type must be one of text, json_object, json_schema",
+        param="response_format.type",
+    )
+
+
+def _logprobs(body: dict[str, Any], *, chat: bool) -> int | None:
+    """How many top logprobs per token the request asks for (None: no logprobs)."""
+    if chat:
+        want, top = body.get("logprobs"), body.get("top_logprobs")
+        if want not in (None, True, False):
+            raise ApiError(400, "logprobs must be a boolean", param="logprobs")
+        if top is not None and (
+            not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS
+        ):
+            raise ApiError(
+                400, f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]",
+                param="top_logprobs",
+            )  # fmt: skip
+        if top is not None and not want:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (top or 0) if want else None
+    want = body.get("logprobs")
+    if want is None:
+        return None
+    if not isinstance(want, int) or isinstance(want, bool) or not 0 <= want <= MAX_TOP_LOGPROBS:
+        raise ApiError(
+            400, f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]", param="logprobs"
+        )
+    return want
 
 
 def _check_model(body: dict[str, Any]) -> str:
@@ -303,25 +393,27 @@ class Gateway:
     async def _serve(self, request: Request, *, chat: bool) -> Response:
         try:
             call = await self._parse(request, chat=chat)
-            stream = self.client.generate(
+            streams = self.client.generate_n(
                 call.prompt,
+                n=call.n,
                 messages=call.messages,
                 prompt_token_ids=call.prompt_token_ids,
                 adapter=call.adapter,
                 request_id=call.request_id,
                 **call.sampling,
             )
+            choices = _Choices(streams)
             if call.stream:
                 # Wait for the first event before the 200: errors get their status code.
-                first = await _until_disconnect(request, stream.__anext__)
+                first = await _until_disconnect(request, choices.__anext__)
                 if first is None:
-                    await stream.aclose()
+                    await choices.aclose()
                     return Response(status_code=499)
-                return EventStream(_sse(call, stream, first, chat=chat))
-            done = await _until_disconnect(request, stream.collect)
+                return EventStream(_sse(call, choices, first, chat=chat))
+            done = await _until_disconnect(request, choices.collect)
             if done is None:
                 return Response(status_code=499)  # nobody is listening; the request is aborted
-            return JSONResponse(_full_response(call, stream, chat=chat))
+            return JSONResponse(_full_response(call, streams, chat=chat))
         except ApiError as e:
             return e.response()
         except ClientError as e:
@@ -333,7 +425,7 @@ class Gateway:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, "the request body is not valid JSON") from None
         if chat:
-            sampling, include_usage = _parse_common(
+            sampling, include_usage, n, top = _parse_common(
                 body,
                 chat=True,
                 extra=frozenset({"messages"}),
@@ -352,20 +444,25 @@ class Gateway:
                 )
             adapter = await self.resolve_model(model)
             return _Call(model, adapter, body.get("stream", False), include_usage, sampling,
-                         messages=msgs)  # fmt: skip
-        sampling, include_usage = _parse_common(
+                         n=n, logprobs=top, messages=msgs)  # fmt: skip
+        sampling, include_usage, n, top = _parse_common(
             body, chat=False, extra=frozenset({"prompt", "echo", "logprobs", "suffix", "best_of"})
         )
         model = _check_model(body)
-        for unsupported in ("echo", "logprobs", "suffix"):
+        for unsupported in ("echo", "suffix"):
             if body.get(unsupported):
                 raise ApiError(400, f"{unsupported} is not supported", param=unsupported)
-        if body.get("best_of") not in (None, 1):
-            raise ApiError(400, "only best_of=1 is supported", param="best_of")
+        if body.get("best_of") not in (None, 1, n):
+            raise ApiError(
+                400, "best_of is not supported (vLLM V1 does not support it either): use n",
+                param="best_of",
+            )  # fmt: skip
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]  # a batch of one
-        call = _Call(model, None, body.get("stream", False), include_usage, sampling)
+        call = _Call(
+            model, None, body.get("stream", False), include_usage, sampling, n=n, logprobs=top
+        )
         if isinstance(prompt, str) and prompt:
             call.prompt = prompt
         elif (
@@ -430,9 +527,9 @@ def build_app(cfg: GatewayConfig, client: AsyncClient | None = None) -> Starlett
 
 
 # ----------------------------------------------------------------------------- responses
-def _usage(stream: TokenStream) -> dict[str, int]:
-    prompt = int(stream.usage.get("prompt_tokens", 0))
-    completion = int(stream.usage.get("completion_tokens", len(stream.token_ids)))
+def _usage(streams: list[TokenStream]) -> dict[str, int]:
+    prompt = int(streams[0].usage.get("prompt_tokens", 0))
+    completion = sum(int(st.usage.get("completion_tokens", len(st.token_ids))) for st in streams)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -440,41 +537,100 @@ def _usage(stream: TokenStream) -> dict[str, int]:
     }
 
 
-def _full_response(call: _Call, stream: TokenStream, *, chat: bool) -> dict[str, Any]:
+def _openai_logprobs(
+    call: _Call, entries: list[list[tuple[int, float, str]]], *, chat: bool, offset: int = 0
+) -> dict[str, Any] | None:
+    """Per-token logprobs in OpenAI's shape (the wire lists the sampled token first, then
+    the top-n by rank without it)."""
+    if call.logprobs is None:
+        return None
+    k = call.logprobs
+
+    def top(entry: list[tuple[int, float, str]]) -> list[tuple[int, float, str]]:
+        return sorted(entry, key=lambda e: -e[1])[:k]
+
     if chat:
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": stream.text},
-            "logprobs": None,
-            "finish_reason": stream.finish_reason,
-        }
-    else:
-        choice = {
-            "index": 0,
-            "text": stream.text,
-            "logprobs": None,
-            "finish_reason": stream.finish_reason,
-        }
+        content = []
+        for entry in entries:
+            _, lp, text = entry[0]
+            content.append(
+                {
+                    "token": text,
+                    "logprob": lp,
+                    "bytes": list(text.encode()),
+                    "top_logprobs": [
+                        {"token": t, "logprob": v, "bytes": list(t.encode())}
+                        for _, v, t in top(entry)
+                    ],
+                }
+            )
+        return {"content": content, "refusal": None}
+    tokens, values, tops, offsets = [], [], [], []
+    for entry in entries:
+        _, lp, text = entry[0]
+        tokens.append(text)
+        values.append(lp)
+        tops.append({t: v for _, v, t in top(entry)})
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def _full_response(call: _Call, streams: list[TokenStream], *, chat: bool) -> dict[str, Any]:
+    choices = []
+    for i, stream in enumerate(streams):
+        logprobs = _openai_logprobs(call, stream.logprobs or [], chat=chat)
+        if chat:
+            choice: dict[str, Any] = {
+                "index": i,
+                "message": {"role": "assistant", "content": stream.text},
+                "logprobs": logprobs,
+                "finish_reason": stream.finish_reason,
+            }
+        else:
+            choice = {
+                "index": i,
+                "text": stream.text,
+                "logprobs": logprobs,
+                "finish_reason": stream.finish_reason,
+            }
+        choices.append(choice)
     return {
         "id": call.request_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": call.created,
         "model": call.model,
-        "choices": [choice],
-        "usage": _usage(stream),
+        "choices": choices,
+        "usage": _usage(streams),
     }
 
 
-def _chunk(call: _Call, event: TokenEvent | None, *, chat: bool, first: bool) -> dict[str, Any]:
+def _chunk(
+    call: _Call,
+    event: TokenEvent | None,
+    *,
+    chat: bool,
+    first: bool,
+    index: int = 0,
+    offset: int = 0,
+) -> dict[str, Any]:
     reason = event.finish_reason if event is not None and event.finished else None
     text = event.text if event is not None else ""
+    logprobs = None
+    if event is not None and event.logprobs is not None:
+        logprobs = _openai_logprobs(call, event_logprobs(event), chat=chat, offset=offset)
     if chat:
         delta: dict[str, Any] = {"content": text}
         if first:
             delta["role"] = "assistant"
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None}
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None}
+        choice = {"index": index, "text": text, "logprobs": logprobs}
     choice["finish_reason"] = reason
     return {
         "id": call.request_id,
@@ -485,19 +641,80 @@ def _chunk(call: _Call, event: TokenEvent | None, *, chat: bool, first: bool) ->
     }
 
 
+class _Choices:
+    """The events of a request's ``n`` streams as one sequence of (choice index, event),
+    in arrival order; ends when every stream has finished.
+
+    Each stream is followed by a task of its own (asyncio tasks, not a task group: the
+    first event is awaited in one task and the rest in the response's), which ends its
+    stream, aborting its request if unfinished, when cancelled by ``aclose``."""
+
+    def __init__(self, streams: list[TokenStream]) -> None:
+        self.streams = streams
+        self._send, self._receive = anyio.create_memory_object_stream[
+            tuple[int, TokenEvent] | BaseException
+        ](math.inf)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._open = len(streams)
+
+    async def _pump(self, i: int) -> None:
+        try:
+            async with self.streams[i] as stream:
+                async for event in stream:
+                    self._send.send_nowait((i, event))
+        except Exception as e:
+            self._send.send_nowait(e)
+        finally:
+            self._open -= 1
+            if not self._open:
+                self._send.close()
+
+    async def __anext__(self) -> tuple[int, TokenEvent]:
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._pump(i)) for i in range(len(self.streams))]
+        try:
+            item = await self._receive.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def collect(self) -> bool:
+        try:
+            while True:
+                await self.__anext__()
+        except StopAsyncIteration:
+            return True
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop following every stream (aborting the unfinished ones)."""
+        for task in self._tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            for task in self._tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+
+
 def _data(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
 async def _sse(
-    call: _Call, stream: TokenStream, first: TokenEvent, *, chat: bool
+    call: _Call, choices: _Choices, first: tuple[int, TokenEvent], *, chat: bool
 ) -> AsyncGenerator[bytes, None]:
     try:
-        event: TokenEvent | None = first
-        sent_text = False
-        is_first = True
-        while event is not None:
-            if event.restart and sent_text:
+        item: tuple[int, TokenEvent] | None = first
+        sent_text = [False] * call.n
+        is_first = [True] * call.n
+        offsets = [0] * call.n
+        while item is not None:
+            i, event = item
+            if event.restart and sent_text[i]:
                 # Text already on the wire cannot be taken back.
                 yield _data(
                     ApiError(
@@ -508,26 +725,27 @@ async def _sse(
                     ).body
                 )
                 break
-            yield _data(_chunk(call, event, chat=chat, first=is_first))
-            sent_text = sent_text or bool(event.text)
-            is_first = False
-            if event.finished:
-                break
+            yield _data(
+                _chunk(call, event, chat=chat, first=is_first[i], index=i, offset=offsets[i])
+            )
+            sent_text[i] = sent_text[i] or bool(event.text)
+            is_first[i] = False
+            offsets[i] += len(event.text)
             try:
-                event = await stream.__anext__()
+                item = await choices.__anext__()
             except StopAsyncIteration:
-                event = None
+                item = None
         if call.include_usage:
             tail = _chunk(call, None, chat=chat, first=False)
             tail["choices"] = []
-            tail["usage"] = _usage(stream)
+            tail["usage"] = _usage(choices.streams)
             yield _data(tail)
     except ClientError as e:
         yield _data(api_error(e).body)
     except REDIS_ERRORS as e:
         yield _data(redis_down(e).body)
     finally:
-        await stream.aclose()
+        await choices.aclose()
     yield b"data: [DONE]\n\n"
 
 

@@ -143,6 +143,9 @@ class Completion:
     token_ids: list[int]
     finish_reason: str | None
     usage: dict[str, float] = field(default_factory=dict)
+    logprobs: list[list[tuple[int, float, str]]] | None = None
+    """With ``logprobs`` asked: per token, (token id, logprob, text) of the sampled token
+    first, then of the top-n by rank."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -170,6 +173,7 @@ class TokenStream:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.usage: dict[str, float] = {}
+        self.logprobs: list[list[tuple[int, float, str]]] | None = None
 
     def __aiter__(self) -> Self:
         return self
@@ -177,9 +181,11 @@ class TokenStream:
     async def __anext__(self) -> TokenEvent:
         event = await self._gen.__anext__()
         if event.restart:
-            self.text, self.token_ids = "", []
+            self.text, self.token_ids, self.logprobs = "", [], None
         self.text += event.text
         self.token_ids += event.token_ids
+        if event.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + event_logprobs(event)
         if event.finished:
             self.finish_reason = event.finish_reason
             self.usage = dict(event.usage or {})
@@ -205,8 +211,25 @@ class TokenStream:
             async for _ in self:
                 pass
         return Completion(
-            self.request_id, self.text, self.token_ids, self.finish_reason, self.usage
+            self.request_id, self.text, self.token_ids, self.finish_reason, self.usage,
+            self.logprobs,
+        )  # fmt: skip
+
+
+def event_logprobs(event: TokenEvent) -> list[list[tuple[int, float, str]]]:
+    """An event's logprobs as (token id, logprob, text) per entry, the sampled token first;
+    a token's text is ``token_id:N`` when the worker sent none (vLLM's convention)."""
+    texts = event.logprob_tokens or []
+    out = []
+    for i, entries in enumerate(event.logprobs or []):
+        names = texts[i] if i < len(texts) else []
+        out.append(
+            [
+                (int(tid), float(lp), names[j] if j < len(names) else f"token_id:{int(tid)}")
+                for j, (tid, lp) in enumerate(entries)
+            ]
         )
+    return out
 
 
 # ----------------------------------------------------------------------------- async client
@@ -278,10 +301,14 @@ class AsyncClient:
     ) -> TokenStream:
         """Submit one request; iterate the returned stream for its TokenEvents.
 
-        ``sampling`` holds vLLM's SamplingParams names (max_tokens, temperature, stop, ...).
-        Raises ``RequestFailed`` (a subclass named for the code) on an error event,
-        ``RequestTimeout`` when the final event is late. Nothing is sent before the first
-        ``__anext__``, so a stream that is never iterated submits nothing."""
+        ``sampling`` holds vLLM's SamplingParams names (max_tokens, temperature, stop,
+        logprobs, guided_json, ...). Raises ``RequestFailed`` (a subclass named for the code)
+        on an error event, ``RequestTimeout`` when the final event is late. Nothing is sent
+        before the first ``__anext__``, so a stream that is never iterated submits nothing.
+        For several samples of one prompt use ``generate_n``."""
+        if sampling.get("n", 1) != 1:
+            raise ValueError("n > 1: use generate_n (one request per sample)")
+        sampling.pop("n", None)
         rid = request_id or f"sdk-{uuid.uuid4().hex}"
         request = GenerateRequest(
             id=rid,
@@ -296,6 +323,53 @@ class AsyncClient:
         total = self.timeout_s if timeout_s is None else timeout_s
         first = first_event_timeout_s or self.first_event_timeout_s or total
         return TokenStream(rid, self._follow(request, total, min(first, total)))
+
+    def generate_n(
+        self,
+        prompt: str | None = None,
+        *,
+        n: int,
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> list[TokenStream]:
+        """``n`` independent samples of one prompt, as ``n`` requests ``{request_id}-{i}``
+        (docs/protocol.md: ``n`` is 1 on the wire); with ``seed``, sample ``i`` uses
+        ``seed + i``, as vLLM's children do. A worker that reads them together computes the
+        prompt once (its prefix cache)."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n={n!r} is invalid: must be an integer >= 1")
+        base = request_id or f"sdk-{uuid.uuid4().hex}"
+        seed = kwargs.pop("seed", None)
+        streams = []
+        for i in range(n):
+            extra = {"seed": seed + i} if seed is not None else {}
+            streams.append(
+                self.generate(
+                    prompt, request_id=f"{base}-{i}" if n > 1 else base, **kwargs, **extra
+                )
+            )
+        return streams
+
+    async def complete_n(
+        self, prompt: str | None = None, *, n: int, **kwargs: Any
+    ) -> list[Completion]:
+        """``n`` samples of one prompt (``generate_n``), collected concurrently."""
+        streams = self.generate_n(prompt, n=n, **kwargs)
+        results: list[Completion | None] = [None] * n
+
+        async def collect(i: int) -> None:
+            results[i] = await streams[i].collect()
+
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(n):
+                    tg.start_soon(collect, i)
+        except BaseExceptionGroup as group:  # one sample's error is the call's
+            raise group.exceptions[0] from None
+        finally:
+            for stream in streams:
+                await stream.aclose()
+        return [r for r in results if r is not None]
 
     async def complete(
         self,
@@ -631,6 +705,9 @@ class Client:
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
         return self._portal.call(lambda: self._async.complete(prompt, **kwargs))
+
+    def complete_n(self, prompt: str | None = None, *, n: int, **kwargs: Any) -> list[Completion]:
+        return self._portal.call(lambda: self._async.complete_n(prompt, n=n, **kwargs))
 
     def abort(self, request_id: str) -> None:
         self._portal.call(self._async.abort, request_id)

@@ -16,11 +16,10 @@ or hostile file fails that request alone and never holds the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -396,14 +395,31 @@ class AsyncLLMEngine:
         outputs.extend(self.engine.step())
         return outputs
 
-    async def shutdown(self) -> None:
+    def shutdown(self) -> _Done:
+        """Stop the engine now, as vLLM's synchronous ``shutdown()`` does: the step loop is
+        cancelled, a step in progress ends, the core (and its process) stops, and every
+        unfinished stream ends. Returns an already finished awaitable, so code that awaits
+        it (``await engine.shutdown()``) works too."""
         if self._loop_task is not None:
             self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._loop_task
         # Stops the core process first: a step waiting for its outputs then returns.
         self.engine.shutdown()
         self._executor.shutdown(wait=True)
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+        return _Done()
+
+
+AsyncLLM = AsyncLLMEngine
+"""vLLM V1's name for the asynchronous engine."""
+
+
+class _Done:
+    """An awaitable that is already finished."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        yield from ()
 
 
 async def _iterate(

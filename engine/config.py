@@ -136,6 +136,24 @@ class EngineArgs:
     """Also load adapter_model.bin (pickle: only from sources you trust)."""
     disable_log_stats: bool = False
     """Do not install the default logging stat logger."""
+    served_model_name: str | list[str] | None = None
+    """The name(s) the model is served under (``EngineConfig.served_model_name`` is the first); defaults to model."""
+    tokenizer_mode: str = "auto"
+    """auto | hf: the checkpoint's fast (Rust) tokenizer; slow, mistral and custom tokenizers are refused."""
+    load_format: str = "auto"
+    """auto | safetensors: the formats the loader reads."""
+    trust_remote_code: bool = False
+    """Accepted for architectures lorastream implements (it never runs a checkpoint's own code); refused for any other."""
+    quantization: str | None = None
+    """Only None: weights run in dtype (float16, bfloat16 or float32)."""
+    kv_cache_dtype: str = "auto"
+    """Only auto: the KV cache holds the model's dtype."""
+    swap_space: float = 4
+    """GiB of host swap per GPU in vLLM; accepted, unused: a preempted request is recomputed, never swapped (vLLM V1 does the same)."""
+    cpu_offload_gb: float = 0
+    """Only 0: weights stay on the device."""
+    pipeline_parallel_size: int = 1
+    """Only 1 is supported."""
 
     def __post_init__(self) -> None:
         self.lora_modules = [LoRAModulePath.parse(m) for m in (self.lora_modules or [])]
@@ -191,6 +209,39 @@ class EngineArgs:
             bad("kv_cache_space_gb", "must be > 0")
         if self.tensor_parallel_size != 1:
             bad("tensor_parallel_size", "allowed: 1 (tensor parallelism is not supported yet)")
+        if self.pipeline_parallel_size != 1:
+            bad("pipeline_parallel_size", "allowed: 1 (pipeline parallelism is not supported)")
+        if self.quantization is not None:
+            bad(
+                "quantization",
+                "lorastream runs unquantized weights only: leave it unset and pick dtype "
+                "(float16, bfloat16 or float32)",
+            )
+        if self.kv_cache_dtype != "auto":
+            bad("kv_cache_dtype", "allowed: auto (the KV cache holds the model's dtype; no fp8)")
+        if self.cpu_offload_gb not in (0, 0.0) or isinstance(self.cpu_offload_gb, bool):
+            bad("cpu_offload_gb", "allowed: 0 (weights are not offloaded to host memory)")
+        if not isinstance(self.swap_space, int | float) or self.swap_space < 0:
+            bad("swap_space", "must be a number >= 0 (accepted, unused: preemption recomputes)")
+        if self.tokenizer_mode not in ("auto", "hf"):
+            bad(
+                "tokenizer_mode",
+                "allowed: auto, hf (the checkpoint's fast tokenizer; slow, mistral and custom "
+                "tokenizers are not supported)",
+            )
+        if self.load_format not in ("auto", "safetensors"):
+            bad("load_format", "allowed: auto, safetensors (the formats lorastream reads)")
+        if not isinstance(self.trust_remote_code, bool):
+            bad("trust_remote_code", "must be true or false")
+        names = self.served_model_name
+        if isinstance(names, str):
+            names = [names]
+        if names is not None and (
+            not isinstance(names, list)
+            or not names
+            or not all(isinstance(n, str) and n for n in names)
+        ):
+            bad("served_model_name", "must be a non-empty name, a list of them, or None")
         if not _is_int(self.max_loras) or self.max_loras < 1:
             bad("max_loras", "must be an integer >= 1")
         if self.max_lora_rank not in LORA_RANKS:
@@ -234,7 +285,10 @@ class EngineArgs:
             default = getattr(defaults, f.name) if f.name != "model" else None
             doc = _FIELD_DOCS.get(f.name, "")
             if f.name == "model":
-                group.add_argument(flag, required=True, help=doc)
+                # Checked in from_cli_args, so a script's parser.set_defaults(model=...) works.
+                group.add_argument(flag, default=None, help=doc + " (required)")
+            elif f.name == "served_model_name":
+                group.add_argument(flag, nargs="+", default=None, metavar="NAME", help=doc)
             elif isinstance(default, bool):
                 action = argparse.BooleanOptionalAction if default else "store_true"
                 group.add_argument(flag, action=action, default=default, help=doc)
@@ -250,6 +304,8 @@ class EngineArgs:
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> EngineArgs:
+        if getattr(ns, "model", None) is None:
+            raise ValueError("EngineArgs.model is missing: pass --model (a checkpoint directory)")
         kwargs = {
             f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)
         }
@@ -262,6 +318,17 @@ class EngineArgs:
         if not os.path.isdir(self.model):
             raise ValueError(f"EngineArgs.model={self.model!r} is invalid: not a directory")
         hf_config = AutoConfig.from_pretrained(self.model, local_files_only=True)
+        if self.trust_remote_code:
+            from engine.model.llama import SUPPORTED_ARCHITECTURES
+
+            archs = list(getattr(hf_config, "architectures", None) or [])
+            if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+                raise ValueError(
+                    f"EngineArgs.trust_remote_code=True is invalid for {self.model!r} "
+                    f"(architectures {archs}): lorastream never runs a checkpoint's own code; "
+                    f"it implements {', '.join(SUPPORTED_ARCHITECTURES)}"
+                )
+        served = self.served_model_name
         dtype = _resolve_dtype(self.dtype, hf_config, device)
         lora_dtype = (
             dtype
@@ -328,7 +395,34 @@ class EngineArgs:
                 else self.max_cudagraph_capture_size,
             ),
             log_stats=not self.disable_log_stats,
+            served_model_name=(served if isinstance(served, str) else served[0])
+            if served
+            else str(self.model),
         )
+
+
+class AsyncEngineArgs(EngineArgs):
+    """vLLM's name for the arguments of ``AsyncLLMEngine``: the same as ``EngineArgs``."""
+
+
+class FlexibleArgumentParser(argparse.ArgumentParser):
+    """vLLM's parser: ``--max_loras`` and ``--max-loras`` name the same flag (underscores in
+    a flag's name become dashes; values are left alone)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Any = None, namespace: Any = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        import sys
+
+        argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args([_dashed(a) for a in argv], namespace)
+
+
+def _dashed(arg: str) -> str:
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, sep, value = arg.partition("=")
+    return name.replace("_", "-") + sep + value
 
 
 @dataclass(frozen=True)
@@ -383,6 +477,8 @@ class EngineConfig:
     log_stats: bool
     max_cudagraph_capture_size: int = 0
     """Largest mixed prefill + decode step (tokens) with a CUDA graph; 0: none."""
+    served_model_name: str = ""
+    """The model's name for clients (``EngineArgs.served_model_name``, else ``model``)."""
 
 
 def _is_int(v: object) -> bool:
@@ -420,7 +516,7 @@ def _cli_type(name: str) -> Any:
         "max_num_mixed_prefill_tokens",
     ):
         return int
-    if name in ("gpu_memory_utilization", "kv_cache_space_gb"):
+    if name in ("gpu_memory_utilization", "kv_cache_space_gb", "swap_space", "cpu_offload_gb"):
         return float
     if name in (
         "max_num_seqs",
@@ -430,6 +526,7 @@ def _cli_type(name: str) -> Any:
         "max_lora_rank",
         "seed",
         "max_lora_wait_steps",
+        "pipeline_parallel_size",
     ):
         return int
     return str

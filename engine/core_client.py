@@ -66,6 +66,8 @@ class EngineCoreClient(Protocol):
 
     def remove_lora(self, lora_id: int) -> bool: ...
 
+    def pin_lora(self, lora_id: int) -> bool: ...
+
     def list_loras(self) -> set[int]: ...
 
     def get_load(self) -> EngineLoad: ...
@@ -101,6 +103,9 @@ class InprocClient:
 
     def remove_lora(self, lora_id: int) -> bool:
         return self.core.remove_lora(lora_id)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self.core.pin_lora(lora_id)
 
     def list_loras(self) -> set[int]:
         return self.core.list_loras()
@@ -278,6 +283,9 @@ class MPClient:
 
     def remove_lora(self, lora_id: int) -> bool:
         return bool(self._call("remove_lora", lora_id))
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return bool(self._call("pin_lora", lora_id))
 
     def list_loras(self) -> set[int]:
         return set(self._call("list_loras"))

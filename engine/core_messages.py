@@ -19,11 +19,18 @@ import msgpack
 from engine import errors
 from engine.errors import LoRAStreamError
 from engine.lora.request import LoRARequest
-from engine.sampling_params import SamplingParams
+from engine.outputs import ResumedOutput
+from engine.sampling_params import GuidedDecodingParams, SamplingParams
 from engine.sequence import Request
 
+# (token ids, logprobs, ranks) of one position (``engine.sampling.sampler.TokenLogprobs``;
+# not imported from there, which would load torch in every process that reads messages).
+TokenLogprobs = tuple[list[int], list[float], list[int]]
+
 # Bumped when a message changes shape, so a mismatched core fails at start-up, not mid-run.
-PROTOCOL_VERSION = 3  # 2: SamplingParams.output_kind; 3: prefix-cache counts
+PROTOCOL_VERSION = 5  # 2: SamplingParams.output_kind; 3: prefix-cache counts; 4: vLLM's
+# sampling fields (n, logit_bias, ...), ranked logprobs and prompt logprobs; 5: structured
+# output (guided_* fields, GuidedDecodingParams, the resumed tokens a constraint replays)
 
 
 # ------------------------------------------------------------------------- front → core
@@ -38,6 +45,9 @@ class AddRequest:
     priority: int
     arrival_time: float
     """time.monotonic() in the front: one clock for every process of the host."""
+    num_resumed_tokens: int = 0
+    """The prompt's last tokens that are an earlier run's output (``ResumedOutput``): a
+    structured-output constraint is replayed over them."""
 
     @classmethod
     def of(cls, request: Request, core_id: str) -> AddRequest:
@@ -50,6 +60,7 @@ class AddRequest:
             eos_token_id=request.eos_token_id,
             priority=request.priority,
             arrival_time=request.arrival_time,
+            num_resumed_tokens=request.resumed.num_tokens if request.resumed else 0,
         )
 
     def to_request(self) -> Request:
@@ -62,6 +73,7 @@ class AddRequest:
             eos_token_id=self.eos_token_id,
             priority=self.priority,
             arrival_time=self.arrival_time,
+            resumed=ResumedOutput(self.num_resumed_tokens, "") if self.num_resumed_tokens else None,
         )
 
 
@@ -165,13 +177,17 @@ class EngineCoreOutputs:
     """The stop token id that ended the request (stop strings are found by the front)."""
     first_token_times: list[float | None]
     """Set with the request's first token."""
-    logprobs: list[dict[int, float] | None] | None
-    """None when no request of the step asked for logprobs."""
+    logprobs: list[TokenLogprobs | None] | None
+    """Per request: (token ids, logprobs, ranks), the sampled token first; None when no
+    request of the step asked for logprobs."""
     failed: list[FailedRequest]
     stats: CoreStats
     num_cached_tokens: list[int] = field(default_factory=list)
     """Per ``request_ids[i]``: the tokens it found in the prefix cache at its first
     admission (empty from a core that does not report them)."""
+    prompt_logprobs: list[list[TokenLogprobs | None] | None] | None = None
+    """Per ``request_ids[i]``, with its first output token when it asked for them: one
+    entry per prompt token (None for the first); None when no request of the step has any."""
 
     @classmethod
     def empty(cls, stats: CoreStats) -> EngineCoreOutputs:
@@ -209,6 +225,7 @@ _TYPES: tuple[type, ...] = (
     UtilityResult,
     SamplingParams,
     LoRARequest,
+    GuidedDecodingParams,
 )
 _TAGS = {cls: tag for tag, cls in enumerate(_TYPES)}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES}

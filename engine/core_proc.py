@@ -199,6 +199,7 @@ class EngineCoreProc:
         methods: dict[str, Callable[..., Any]] = {
             "add_lora": self.core.add_lora,
             "remove_lora": self.core.remove_lora,
+            "pin_lora": self.core.pin_lora,
             "list_loras": self.core.list_loras,
             "timings": self.core.get_timings,
         }

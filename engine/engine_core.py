@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.core.block_manager import BlockManager
@@ -29,11 +30,16 @@ from engine.core_messages import (
     EngineLoad,
     FailedRequest,
 )
-from engine.errors import InvalidRequest, LoRAStreamError
+from engine.errors import InvalidRequest, InvalidSamplingParams, LoRAStreamError
 from engine.lora.manager import LoRAManager
 from engine.lora.request import LoRARequest
+from engine.sampling.sampler import TokenLogprobs
 from engine.sequence import Request, RequestStatus
+from engine.structured_output import StructuredOutputManager
 from engine.worker.model_runner import ModelRunner, StepHandle
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("lorastream.engine")
 
@@ -70,6 +76,14 @@ class EngineCore:
             **({"lora_ready": lora_ready} if lora_ready else {}),
         )
         self.timings = CoreTimings()
+        self._pinned_loras: set[int] = set()
+        eos = getattr(config.hf_config, "eos_token_id", None)
+        self.structured = StructuredOutputManager(
+            config.tokenizer,
+            self.runner.vocab_size,
+            [eos] if isinstance(eos, int) else list(eos or []),
+        )
+        self.runner.grammar_fill = self._fill_bitmask
         # Requests that failed outside a step (a bad AddRequest in the core process):
         # reported at the start of the next step.
         self._failed: list[FailedRequest] = []
@@ -94,7 +108,32 @@ class EngineCore:
     def add_lora(self, lora_request: LoRARequest) -> bool:
         return self.require_lora().add_lora(lora_request)
 
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keep an added adapter in host memory until it is removed (vLLM's ``pin_lora``):
+        it is never read from disk again; device slots stay least recently used. False
+        when it was pinned already."""
+        manager = self.require_lora()
+        if lora_id not in manager.list_loras():
+            raise InvalidRequest(f"adapter id {lora_id} is not loaded: add_lora it first")
+        if lora_id in self._pinned_loras:
+            return False
+        assert self.config.lora is not None
+        limit = self.config.lora.max_cpu_loras
+        if len(self._pinned_loras) + 1 >= limit:
+            # Other adapters could then never be loaded: the host cache would be all pins.
+            raise InvalidRequest(
+                f"cannot pin adapter id {lora_id}: {len(self._pinned_loras)} of "
+                f"max_cpu_loras={limit} host slots are pinned and one must stay free; "
+                "raise max_cpu_loras"
+            )
+        manager.pin([lora_id])
+        self._pinned_loras.add(lora_id)
+        return True
+
     def remove_lora(self, lora_id: int) -> bool:
+        if lora_id in self._pinned_loras:
+            self._pinned_loras.discard(lora_id)
+            self.require_lora().unpin([lora_id])
         removed = self.require_lora().remove_lora(lora_id)
         # Its id may come back naming other weights: its cached KV must not be found then.
         self.block_manager.evict_adapter(lora_id)
@@ -115,7 +154,12 @@ class EngineCore:
     # ---------------------------------------------------------------- requests
     def add_request(self, request: Request) -> None:
         """Queue ``request``; raises ``PromptTooLong`` / ``InvalidRequest`` when it could never run."""
+        if request.sampling_params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]  # the first prompt token has no prediction
         self.scheduler.add_request(request)
+        if request.sampling_params.has_constraint:
+            # Compiled off the step loop; the scheduler admits it once its matcher exists.
+            self.structured.add_request(request)
         manager = self.runner.lora_manager
         if request.lora_request is not None and manager is not None:
             # Pinned while the request lives, so its adapter is not evicted from host memory
@@ -148,6 +192,7 @@ class EngineCore:
         t0 = time.perf_counter()
         failed, self._failed = self._failed, []
         self._fail_adapter_errors(failed)
+        self._fail_constraints(failed)
         queue = self._in_flight
         sched = None
         launch_s = 0.0  # of the host time before t1, what the runner's launches took
@@ -164,12 +209,20 @@ class EngineCore:
         stop_reasons: list[int | None] = []
         first_times: list[float | None] = []
         num_cached: list[int] = []
-        logprobs: list[dict[int, float] | None] | None = None
+        logprobs: list[TokenLogprobs | None] | None = None
+        prompt_logprobs: list[list[TokenLogprobs | None] | None] = []
         if queue:
             sched, handle = queue.popleft()
             result = handle.wait()
             t2 = time.perf_counter()
+            if result.prompt_logprobs:
+                _merge_prompt_logprobs(sched, result.prompt_logprobs)
             touched = self.scheduler.update_from_output(sched, result.sampled_token_ids)
+            touched = self._advance_grammars(sched, touched, failed)
+            if queue and queue[0][1].deferred is not None:
+                # The next step's constrained rows have their last tokens now: their masks
+                # are computed while the device runs that step's forward pass.
+                self.runner.sample_deferred(queue[0][1])
             sampled = {}
             for s in sched.scheduled:
                 if not s.sample:
@@ -189,6 +242,9 @@ class EngineCore:
                 stop_reasons.append(stop if isinstance(stop, int) else None)
                 first_times.append(req.first_token_time if index == 0 else None)
                 num_cached.append(req.num_cached_tokens or 0)
+                prompt_logprobs.append(req.prompt_logprobs if index == 0 else None)
+                if index == 0:
+                    req.prompt_logprobs = None  # sent: a recomputation scores nothing again
                 if req.is_finished:
                     self._unpin(req)
             if result.logprobs:
@@ -213,6 +269,9 @@ class EngineCore:
             failed,
             stats,
             num_cached_tokens=num_cached,
+            prompt_logprobs=prompt_logprobs
+            if any(p is not None for p in prompt_logprobs)
+            else None,
         )
 
     def _launch(self) -> tuple[SchedulerOutput, float]:
@@ -250,6 +309,62 @@ class EngineCore:
                 self._unpin(req)
                 failed.append(FailedRequest(req.request_id, err))
                 logger.warning("request %s failed: %s", req.request_id, err)
+
+    def _fill_bitmask(self, requests: list[Request], pin: bool) -> torch.Tensor:
+        return self.structured.fill_bitmask(requests, pin)
+
+    def _fail_constraints(self, failed: list[FailedRequest]) -> None:
+        """End the requests whose constraint did not compile."""
+        for request in self.structured.poll():
+            error = request.grammar.error
+            for req in self.scheduler.finish_requests(
+                [request.request_id], RequestStatus.FINISHED_ERROR
+            ):
+                self._unpin(req)
+                failed.append(FailedRequest(req.request_id, error))
+                logger.info("request %s failed: %s", req.request_id, error)
+
+    def _advance_grammars(
+        self, sched: SchedulerOutput, touched: list[Request], failed: list[FailedRequest]
+    ) -> list[Request]:
+        """Feed each constrained request's new token to its matcher. A complete grammar
+        ends the request ("stop"); a token the grammar refuses (nothing allowed was left to
+        sample: ``min_tokens``, ``allowed_token_ids``, ``bad_words`` or ``logit_bias``
+        removed every token the constraint allows) ends it with an error."""
+        if not any(r.grammar is not None for r in touched):
+            return touched
+        by_id = {s.request_id: s for s in sched.scheduled}
+        kept: list[Request] = []
+        for req in touched:
+            state = req.grammar
+            if state is None or not state.ready:
+                kept.append(req)
+                continue
+            token = req.output_token_ids[sampled_output_index(by_id[req.request_id])]
+            if not self.structured.accept(req, token):
+                for r in self.scheduler.finish_requests(
+                    [req.request_id], RequestStatus.FINISHED_ERROR
+                ):
+                    self._unpin(r)
+                    failed.append(
+                        FailedRequest(
+                            r.request_id,
+                            InvalidSamplingParams(
+                                f"SamplingParams.{_constraint_field(r)}=... cannot be met: the "
+                                "other parameters (min_tokens, allowed_token_ids, bad_words, "
+                                "logit_bias) removed every token it allows"
+                            ),
+                        )
+                    )
+                continue
+            if state.terminated and not req.is_finished:
+                # Complete, and a stop token accepted (with ignore_eos, EOS too): done.
+                for r in self.scheduler.finish_requests(
+                    [req.request_id], RequestStatus.FINISHED_STOPPED
+                ):
+                    self._unpin(r)
+            kept.append(req)
+        return kept
 
     def _unpin(self, request: Request) -> None:
         manager = self.runner.lora_manager
@@ -309,5 +424,28 @@ class EngineCore:
         return out
 
     def close(self) -> None:
+        self.structured.close()
         if self.runner.lora_manager is not None:
             self.runner.lora_manager.close()
+
+
+def _merge_prompt_logprobs(
+    sched: SchedulerOutput, results: dict[str, tuple[int, list[TokenLogprobs]]]
+) -> None:
+    """Append each request's newly scored prompt positions in order; positions it already
+    has (scored again after a preemption) are skipped."""
+    for s in sched.scheduled:
+        found = results.get(s.request_id)
+        have = s.request.prompt_logprobs
+        if found is None or have is None:  # finished, or sent already
+            continue
+        first, entries = found
+        for j, entry in enumerate(entries, start=first):
+            if j == len(have):
+                have.append(entry)
+
+
+def _constraint_field(request: Request) -> str:
+    constraint = request.sampling_params.constraint
+    kind = constraint[0] if constraint else "json"
+    return "guided_" + kind if kind != "json_object" else "guided_json_object"

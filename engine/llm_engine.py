@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -25,10 +25,16 @@ from engine.core.scheduler import Scheduler
 from engine.core_client import EngineCoreClient, InprocClient, MPClient
 from engine.core_messages import CoreStats, EngineCoreOutputs, EngineLoad
 from engine.engine_core import LORA_DISABLED, EngineCore
-from engine.errors import AdapterError, EngineDead, InvalidRequest, PromptTooLong
+from engine.errors import (
+    AdapterError,
+    EngineDead,
+    InvalidRequest,
+    InvalidSamplingParams,
+    PromptTooLong,
+)
 from engine.lora.request import LoRARequest
 from engine.metrics import LoggingStatLogger, StatLogger, Stats
-from engine.output_processor import OutputProcessor, RequestState
+from engine.output_processor import OutputProcessor, ParentRequest, RequestState
 from engine.outputs import RequestOutput, ResumedOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import Request
@@ -36,6 +42,20 @@ from engine.usage import UsageContext
 from engine.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("lorastream.engine")
+
+
+class TextPrompt(TypedDict):
+    """vLLM's: a prompt as text."""
+
+    prompt: str
+
+
+class TokensPrompt(TypedDict, total=False):
+    """vLLM's: a prompt as token ids (``prompt``, the text, is optional)."""
+
+    prompt_token_ids: list[int]
+    prompt: str
+
 
 # A prompt: text, {"prompt": text}, or {"prompt_token_ids": [...]} (vLLM's TextPrompt / TokensPrompt).
 PromptType = str | Mapping[str, Any]
@@ -152,6 +172,11 @@ class LLMEngine:
     def list_loras(self) -> set[int]:
         return self.engine_core.list_loras() if self.config.lora is not None else set()
 
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keep an added adapter in host memory until ``remove_lora`` (vLLM's name)."""
+        self._require_lora()
+        return self.engine_core.pin_lora(lora_id)
+
     def get_lora_request(self, name: str) -> LoRARequest | None:
         """A preloaded adapter (``lora_modules``) by name."""
         return self._lora_ids.get(name)
@@ -203,6 +228,13 @@ class LLMEngine:
         if bad:
             raise InvalidRequest(f"prompt_token_ids has ids outside [0, {vocab}): {bad[:5]}")
         max_len = self.config.max_model_len
+        keep = params.truncate_prompt_tokens
+        if keep is not None:
+            # vLLM's: the last tokens are kept; -1 keeps what leaves room for one output token.
+            keep = max_len - 1 if keep == -1 else keep
+            if keep < len(token_ids):
+                token_ids = token_ids[len(token_ids) - keep :]
+        params = self._resolve_token_params(params)
         if len(token_ids) >= max_len:
             raise PromptTooLong(
                 f"prompt has {len(token_ids)} tokens; max_model_len is {max_len}, "
@@ -240,14 +272,69 @@ class LLMEngine:
             request.arrival_time = arrival_time
         return request
 
+    def _resolve_token_params(self, params: SamplingParams) -> SamplingParams:
+        """Check the token ids ``params`` names against the vocabulary and tokenize its
+        ``bad_words`` (vLLM's rule: each word alone and after a space, when that makes
+        other tokens of the same count)."""
+        vocab = self.vocab_size
+        for name, ids in (
+            ("logit_bias", list(params.logit_bias or ())),
+            ("allowed_token_ids", params.allowed_token_ids or []),
+        ):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                raise InvalidSamplingParams(
+                    f"SamplingParams.{name}={outside[:5]} is invalid: token ids outside the "
+                    f"vocabulary [0, {vocab})"
+                )
+        if not params.bad_words or params._bad_words_token_ids is not None:
+            return params
+        words: list[list[int]] = []
+        for word in params.bad_words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if plain:
+                words.append(plain)
+            if spaced and (not plain or (spaced[0] != plain[0] and len(spaced) == len(plain))):
+                words.append(spaced)
+        outside = [t for w in words for t in w if t >= vocab]
+        if outside:
+            raise InvalidSamplingParams(
+                f"SamplingParams.bad_words={params.bad_words!r} is invalid: they tokenize to "
+                f"ids outside the vocabulary [0, {vocab}): {outside[:5]}"
+            )
+        return dataclasses.replace(params, _bad_words_token_ids=words)
+
     def admit(self, request: Request) -> None:
         """Hand a request made by ``make_request`` to the core (thread-safe with the core in
-        its own process; in-process, the step thread's job)."""
+        its own process; in-process, the step thread's job). A request with ``n > 1``
+        becomes ``n`` child requests ``"{i}_{request_id}"``, as in vLLM: the prefix cache
+        gives the later ones the first one's full prompt blocks."""
+        params = request.sampling_params
+        children = [request] if params.n == 1 else _children(request)
         with self._lock:
-            if request.request_id in self.output_processor.states:
-                raise InvalidRequest(f"request_id {request.request_id!r} is already running")
-            self.engine_core.add_request(request)
-            self.output_processor.add_request(request)
+            taken = [
+                r.request_id
+                for r in [request, *children]
+                if self.output_processor.is_known(r.request_id)
+            ]
+            if taken:
+                raise InvalidRequest(f"request_id {taken[0]!r} is already running")
+            parent = None
+            if params.n > 1:
+                parent = ParentRequest(request.request_id, params.output_kind)
+            added: list[str] = []
+            try:
+                for child in children:
+                    self.engine_core.add_request(child)
+                    added.append(child.request_id)
+                    self.output_processor.add_request(child, parent)
+            except BaseException:
+                # All or nothing: a child the core refused ends the others it took.
+                self.output_processor.abort_requests(added)
+                self.engine_core.abort_requests(added)
+                self.output_processor.parents.pop(request.request_id, None)
+                raise
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """(text, token ids) of a prompt, exactly as add_request tokenizes it."""
@@ -274,10 +361,11 @@ class LLMEngine:
         """Finish requests now; their final outputs (finish_reason "abort") come with the next step."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
         with self._lock:
-            outputs = self.output_processor.abort_requests(ids)
-            if not outputs:
+            core_ids = self.output_processor.core_ids(ids)
+            if not core_ids:
                 return
-            self.engine_core.abort_requests([o.request_id for o in outputs])
+            outputs = self.output_processor.abort_requests(ids)
+            self.engine_core.abort_requests(core_ids)
             self._pending_outputs.extend(outputs)
         self.engine_core.wake()
 
@@ -285,7 +373,11 @@ class LLMEngine:
         return bool(self.output_processor.states) or bool(self._pending_outputs)
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.output_processor.states)
+        """Unfinished requests, a request with ``n > 1`` counted once."""
+        return len({s.output_id for s in self.output_processor.states.values()})
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.tokenizer
 
     def get_load(self) -> EngineLoad:
         """Waiting and running requests and KV-cache use in the core (with the core in its
@@ -305,6 +397,7 @@ class LLMEngine:
         except EngineDead:
             with self._lock:
                 self.output_processor.states.clear()
+                self.output_processor.parents.clear()
                 self._pending_outputs.clear()
             raise
         with self._lock:
@@ -328,8 +421,7 @@ class LLMEngine:
             if self.stat_loggers:
                 self._record_stats(batch.stats, processed.finished, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        made = (self.output_processor.make_output(s) for s in touched.values())
-        outputs = [out for out in made if out is not None]
+        outputs = self.output_processor.make_outputs(touched.values())
         self._front_s += time.perf_counter() - t0
         return outputs
 
@@ -378,6 +470,29 @@ class LLMEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _children(request: Request) -> list[Request]:
+    """The ``n`` child requests of a ``n > 1`` request, as vLLM makes them: ids
+    ``"{i}_{request_id}"``, ``n=1``, child i seeded ``seed + i`` when the request is seeded."""
+    params = request.sampling_params
+    out = []
+    for i in range(params.n):
+        seed = params.seed + i if params.seed is not None else None
+        out.append(
+            Request(
+                request_id=f"{i}_{request.request_id}",
+                prompt_token_ids=request.prompt_token_ids,
+                sampling_params=dataclasses.replace(params, n=1, seed=seed),
+                lora_request=request.lora_request,
+                prompt=request.prompt,
+                eos_token_id=request.eos_token_id,
+                priority=request.priority,
+                arrival_time=request.arrival_time,
+                resumed=request.resumed,
+            )
+        )
+    return out
 
 
 def _eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:

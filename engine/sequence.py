@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.errors import LoRAStreamError
 from engine.lora.request import LoRARequest
@@ -77,7 +78,15 @@ class Request:
     num_hashed_blocks: int = 0
     """Leading blocks of ``block_table`` the block manager is done with for the prefix cache
     (entered there, found there, or left out because another block holds their tokens)."""
-    # Front only (the core never sees it): the prompt's tail is an earlier run's output.
+    prompt_logprobs: list[Any] | None = None
+    """Core only, with ``SamplingParams.prompt_logprobs``: the prompt positions' logprobs
+    computed so far (``TokenLogprobs``; None for the first token), sent with the first
+    output token and then dropped (None)."""
+    grammar: Any = None
+    """Core only, with a structured-output constraint: its ``GrammarState``
+    (``engine.structured_output``); the scheduler admits the request once it is ready."""
+    # The prompt's tail is an earlier run's output. The front detokenizes after it; the core
+    # reads only ``num_tokens``, to replay a constraint over them.
     resumed: ResumedOutput | None = None
 
     @property

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import gzip
 import importlib
@@ -65,6 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.llm import LLM
 from engine.lora.request import LoRARequest
 from engine.model import tiny
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 PATTERNS = ("distinct", "uniform", "skewed", "identical")
@@ -152,6 +154,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the engines' async_scheduling (on: the engine's default); both: each "
         "configuration runs both ways, in turns on the same engines, and the rows of the "
         "async runs end in ' async' (the profile, if any, is of an async run)",
+    )
+    p.add_argument(
+        "--guided-json-share",
+        type=float,
+        default=0.0,
+        help="structured output: also run the base model with this share of the requests "
+        "(every k-th) under a JSON schema (GUIDED_SCHEMA), side by side with the same "
+        "requests unconstrained; the row compares the constrained requests' decode rates "
+        "(default 0: not run)",
     )
     p.add_argument(
         "--profile", action="store_true", help="torch.profiler on multi-LoRA decode steps"
@@ -491,6 +502,29 @@ def free_memory() -> None:
     torch.cuda.empty_cache()
 
 
+GUIDED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer", "minimum": 0, "maximum": 1000000},
+        "name": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "score": {"type": "number"},
+    },
+    "required": ["id", "name", "tags", "score"],
+    "additionalProperties": False,
+}
+"""The schema of --guided-json-share's requests: unbounded strings and arrays, so a
+constrained request can run as long as the others."""
+
+
+def guided_rows(n: int, share: float) -> list[int]:
+    """Which of ``n`` requests are constrained: every k-th, ``share`` of them."""
+    if share <= 0:
+        return []
+    k = max(1, round(1 / share))
+    return list(range(0, n, k))
+
+
 def run_lorastream(
     llm: LLM,
     name: str,
@@ -499,8 +533,13 @@ def run_lorastream(
     loras: list[LoRARequest],
     args: argparse.Namespace,
     profile_dir: Path | None = None,
+    guided: list[int] | None = None,
 ) -> dict[str, Any]:
+    """One timed run. ``guided``: requests under GUIDED_SCHEMA (they may end early, when
+    their JSON is complete)."""
     params = request_params(args, len(prompts))
+    for i in guided or []:
+        params[i] = dataclasses.replace(params[i], guided_json=GUIDED_SCHEMA)
     reqs = [loras[a] for a in adapters] if adapters is not None else None
     inputs: list[Any] = [{"prompt_token_ids": p} for p in prompts]
     runner = llm.llm_engine.runner
@@ -514,7 +553,12 @@ def run_lorastream(
         _sync()
         elapsed = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert n_out == sum(p.max_tokens for p in params), "a request stopped early"
+    constrained = set(guided or [])
+    assert all(
+        len(o.outputs[0].token_ids) == p.max_tokens
+        for i, (o, p) in enumerate(zip(outs, params, strict=True))
+        if i not in constrained
+    ), "a request stopped early"
     t = runner.timings
     steps = max(t.steps - before.steps, 1)
     row: dict[str, Any] = {
@@ -532,9 +576,62 @@ def run_lorastream(
         "runner_sample_ms": 1e3 * (t.sample_s - before.sample_s) / steps,
         "runner_wait_ms": 1e3 * (t.wait_s - before.wait_s) / steps,
         **rec.summary(),
+        "decode_tok_s_per_request": _decode_rates(outs),
     }
     log.info("%s: %.0f output tok/s (%.1f s)", name, row["output_tok_s"], elapsed)
     return row
+
+
+def _decode_rates(outs: list[RequestOutput]) -> list[float]:
+    """Each request's tokens per second from its first token to its last."""
+    rates = []
+    for o in outs:
+        m, n = o.metrics, len(o.outputs[0].token_ids)
+        span = m.get("finished_time", 0.0) - m.get("first_token_time", 0.0)
+        rates.append((n - 1) / span if n > 1 and span > 0 else 0.0)
+    return rates
+
+
+def bench_guided(
+    model_dir: Path, prompts: list[list[int]], args: argparse.Namespace, rows: list[dict[str, Any]]
+) -> None:
+    """The base model with ``--guided-json-share`` of its requests under GUIDED_SCHEMA,
+    taking turns with the same requests all unconstrained, ``--repeats`` times. The row's
+    ratio is the constrained requests' mean decode rate (tokens per second while each
+    runs) over the same requests' in the unconstrained runs: what masking costs a token,
+    whatever the requests' lengths (a constrained one ends when its JSON is complete)."""
+    guided = guided_rows(len(prompts), args.guided_json_share)
+    llm = make_llm(model_dir, args, None)
+    try:
+        warm_up(llm, [], args, len(prompts))
+        llm.generate(  # compiles the schema once: later requests find it cached
+            [{"prompt_token_ids": prompts[0]}],
+            dataclasses.replace(sampling_params(args, 3), guided_json=GUIDED_SCHEMA),
+        )
+        plain_runs, guided_runs = [], []
+        for _ in range(args.repeats):
+            plain_runs.append(
+                run_lorastream(llm, "lorastream base (plain)", prompts, None, [], args)
+            )
+            guided_runs.append(
+                run_lorastream(
+                    llm, f"lorastream base guided {args.guided_json_share:g}", prompts, None, [],
+                    args, guided=guided,
+                )
+            )  # fmt: skip
+        plain, row = median_row(plain_runs), median_row(guided_runs)
+
+        def mean_rate(r: dict[str, Any]) -> float:
+            rates = [r["decode_tok_s_per_request"][i] for i in guided]
+            return sum(rates) / max(len(rates), 1)
+
+        row["guided_requests"] = len(guided)
+        row["guided_decode_tok_s"] = mean_rate(row)
+        row["plain_decode_tok_s"] = mean_rate(plain)
+        row["guided_vs_plain"] = row["guided_decode_tok_s"] / max(row["plain_decode_tok_s"], 1e-9)
+        rows.extend([plain, row])
+    finally:
+        close_llm(llm)
 
 
 def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -894,6 +991,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             bench_side_by_side(model_dir, prompts, loras, patterns, args, bw, rows, out, save)
         free_memory()
         save()
+    if args.guided_json_share > 0:
+        with section("structured output", rows):
+            bench_guided(model_dir, prompts, args, rows)
+        free_memory()
+        save()
     if args.multiprocessing:
         for pattern in (None, *patterns[:1]):
             with section(f"multiprocessing {pattern or 'base'}", rows):
@@ -1037,6 +1139,10 @@ def summarize(result: dict[str, Any]) -> None:
     if base and base_async:
         targets["base async / base"] = base_async / base
     for r in result["rows"]:
+        if "guided_vs_plain" in r:
+            targets[f"{r['config']}: constrained / unconstrained decode rate (>= 0.90)"] = r[
+                "guided_vs_plain"
+            ]
         if r["config"].startswith("roofline"):
             targets[f"{r['config']} fraction (>= 0.65)"] = r["fraction_of_roofline"]
     result["targets"] = targets
@@ -1152,7 +1258,7 @@ def tiny_check(args: argparse.Namespace) -> dict[str, Any]:
                 lp_hf = _hf_logprobs(ref, ids, got, lora) if ref is not ref32 else lp_ref
                 for step, entry in enumerate(o.outputs[0].logprobs or []):
                     for tid, lp in entry.items():
-                        max_lp = max(max_lp, abs(lp - float(lp_ref[step, tid])))
+                        max_lp = max(max_lp, abs(lp.logprob - float(lp_ref[step, tid])))
                         hf_diff = abs(float(lp_hf[step, tid]) - float(lp_ref[step, tid]))
                         max_lp_hf = max(max_lp_hf, hf_diff)
             result["runs"].append(

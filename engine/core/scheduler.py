@@ -364,6 +364,8 @@ class Scheduler:
         for request in self.waiting:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
+            if request.grammar is not None and not request.grammar.ready:
+                continue  # its constraint is still compiling: the others go on
             lora_id = request.lora_int_id
             if lora_id:
                 if hold_adapters:
@@ -378,7 +380,8 @@ class Scheduler:
                         request.num_bypassed_steps += 1
                     hold_adapters = self._is_starving(request)
                     continue
-            cached = bm.find_cached_blocks(request)
+            # A request that scores its prompt computes all of it, as in vLLM.
+            cached = [] if request.prompt_logprobs is not None else bm.find_cached_blocks(request)
             num_cached = len(cached) * bm.block_size
             num_new = request.num_tokens - num_cached
             if num_new > budget:

@@ -4,12 +4,17 @@ All rows of a step are processed together on the logits' device; the only host s
 wait for the results (``SampledTokens.result``), which ``launch`` leaves to the caller.
 Order, as in vLLM and Hugging Face's logits processors:
 
-1. ``min_tokens``: EOS and ``stop_token_ids`` are banned while a row is below its minimum.
-2. Penalties on the raw logits: repetition (HF style, tokens seen in prompt + output),
-   then frequency and presence (OpenAI style, output tokens only).
+1. Token restrictions: the structured-output bitmask (``engine.structured_output``),
+   ``allowed_token_ids``, then banned tokens (``bad_words``; EOS and ``stop_token_ids``
+   while a row is below ``min_tokens``) and ``logit_bias``, all as one sparse addition.
+2. Penalties: repetition (HF style, tokens seen in prompt + output), then frequency and
+   presence (OpenAI style, output tokens only).
 3. Greedy rows take the argmax of these logits (bit-exact, no temperature).
 4. Random rows: temperature, then top-k, top-p, min-p, then one exponential race
    (``argmax(probs / q)`` with ``q ~ Exp(1)``), which is a draw from ``probs``.
+
+Rows that use none of a feature cost nothing for it: each is a tensor that is None when no
+row of the step asks for it.
 
 Seeded rows draw their ``q`` from a private generator seeded by ``(seed, output position)``,
 so their tokens depend neither on the rest of the batch nor on preemption and resumption.
@@ -31,6 +36,10 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import PLACEHOLDER
 
 _MASK64 = (1 << 64) - 1
+
+TokenLogprobs = tuple[list[int], list[float], list[int]]
+"""One position's logprobs: token ids, their logprobs and ranks; the sampled (or prompt)
+token first, then the top-n in rank order (the first may appear again among them)."""
 
 
 @dataclass
@@ -96,8 +105,22 @@ class SamplingMetadata:
     """[N] float32; 0.0 where min-p is off."""
     penalties: Penalties | None
     """Set when any row has a repetition, presence or frequency penalty."""
-    banned_token_ids: tuple[torch.Tensor, torch.Tensor] | None
-    """(row indices [B], token ids [B]) set to -inf: ``min_tokens`` not reached yet."""
+    token_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    """(row indices [B], token ids [B], float32 values [B]) added to the logits: ``logit_bias``,
+    and -inf for banned tokens (``min_tokens`` not reached yet, one-token ``bad_words`` and
+    those whose earlier tokens the output already ends with)."""
+    pending_bans: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    """(row indices, token ids, rows of ``pending_tokens``, expected ids), each [C]: a
+    ``bad_words`` ban that holds when the row's last output token, still a ``PLACEHOLDER``
+    on the host, is the expected id (async scheduling)."""
+    pending_tokens: torch.Tensor | None
+    """The previous step's sampled tokens on the device, when ``pending_bans`` reads them."""
+    allowed: tuple[torch.Tensor, torch.Tensor] | None
+    """(row indices [A], keep [A, V] bool): rows with ``allowed_token_ids``."""
+    grammar: tuple[torch.Tensor, torch.Tensor] | None
+    """(rows [G] int64, bitmask [G, ceil(V / 32)] int32) on the device: the structured-output
+    masks of the constrained rows, bit ``t % 32`` of word ``t // 32`` set where token ``t``
+    is allowed (``engine.structured_output``); None when no row is constrained."""
     generators: dict[int, torch.Generator]
     """Row index -> private generator, for seeded random rows off CUDA."""
     seeded: tuple[torch.Tensor, torch.Tensor] | None
@@ -124,12 +147,14 @@ class SamplingMetadata:
         device: torch.device | str,
         generator: torch.Generator | None = None,
         pending_tokens: torch.Tensor | None = None,
+        grammar: tuple[list[int], torch.Tensor] | None = None,
     ) -> SamplingMetadata:
         """Turn the step's rows into tensors, once per step. Loops over rows, never the vocab.
 
         ``pending_tokens``: the previous step's sampled tokens, still on the device, where
         the rows' ``PLACEHOLDER`` output tokens are (``SamplingRow.pending_row``); penalties
-        read them there."""
+        and ``bad_words`` read them there. ``grammar``: the constrained rows and their
+        structured-output bitmask (host memory, pinned on CUDA)."""
         if not rows:
             raise ValueError("SamplingMetadata.build needs at least one row")
         device = torch.device(device)
@@ -178,24 +203,8 @@ class SamplingMetadata:
                 ),
             )
 
-        ban_rows: list[int] = []
-        ban_ids: list[int] = []
-        for i, r in enumerate(rows):
-            p = r.sampling_params
-            if r.output_position >= p.min_tokens:
-                continue
-            stop_ids = set(p.stop_token_ids)
-            if r.eos_token_id is not None and not p.ignore_eos:
-                stop_ids.add(r.eos_token_id)
-            stop_ids = {t for t in stop_ids if t < vocab_size}
-            ban_rows += [i] * len(stop_ids)
-            ban_ids += sorted(stop_ids)
-        banned = None
-        if ban_rows:
-            banned = (
-                _to_device(torch.tensor(ban_rows, dtype=torch.int64), device),
-                _to_device(torch.tensor(ban_ids, dtype=torch.int64), device),
-            )
+        token_bias, pending_bans = _token_bias(rows, vocab_size, device)
+        allowed = _allowed(rows, vocab_size, device)
 
         generators: dict[int, torch.Generator] = {}
         seeded_rows: list[int] = []
@@ -231,7 +240,11 @@ class SamplingMetadata:
             top_p=top_p,
             min_p=min_p,
             penalties=penalties,
-            banned_token_ids=banned,
+            token_bias=token_bias,
+            pending_bans=pending_bans,
+            pending_tokens=pending_tokens if pending_bans is not None else None,
+            allowed=allowed,
+            grammar=_grammar(grammar, device),
             generators=generators,
             seeded=seeded,
             generator=generator,
@@ -245,9 +258,9 @@ class SamplingMetadata:
 class SamplerOutput:
     token_ids: list[int]
     """One sampled token per row."""
-    logprobs: list[dict[int, float] | None] | None
-    """Per row ``{token_id: logprob}`` over the sampled token and the top-n (None for rows
-    that did not ask); None when no row asked."""
+    logprobs: list[TokenLogprobs | None] | None
+    """Per row: the sampled token and the top-n with logprobs and ranks (None for rows that
+    did not ask); None when no row asked."""
 
 
 class SampledTokens:
@@ -263,8 +276,8 @@ class SampledTokens:
         num_logprobs: list[int | None] | None = None,
     ) -> None:
         self.token_ids = token_ids
-        # Without logprobs the ids alone travel; with them, [N, 2 + 2k] float64 rows (ids
-        # fit exactly in float64): the sampled id, the top-k ids, their logprobs.
+        # Without logprobs the ids alone travel; with them, [N, 3 + 2k] float64 rows (ids
+        # fit exactly in float64): the sampled id and rank, the top-k ids, the logprobs.
         self._num_logprobs = num_logprobs
         src = token_ids if packed is None else packed
         self._done: torch.cuda.Event | None = None
@@ -310,10 +323,27 @@ class Sampler(nn.Module):
         if md.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
 
-        if md.banned_token_ids is not None:
-            # index_put_ of a device scalar: item assignment would copy -inf from pageable
-            # host memory, and so wait for the steps in flight.
-            logits.index_put_(md.banned_token_ids, logits.new_full((), float("-inf")))
+        if md.grammar is not None:
+            rows, bitmask = md.grammar
+            # Only the constrained rows: the others pay nothing.
+            sub = logits.index_select(0, rows)
+            apply_token_bitmask_(sub, bitmask)
+            logits.index_copy_(0, rows, sub)
+        if md.allowed is not None:
+            rows, keep = md.allowed
+            logits.index_copy_(
+                0, rows, logits.index_select(0, rows).masked_fill_(~keep, float("-inf"))
+            )
+        if md.token_bias is not None:
+            rows, ids, values = md.token_bias
+            # accumulate: a ban (-inf) wins over a bias of the same token, in any order.
+            logits.index_put_((rows, ids), values, accumulate=True)
+        if md.pending_bans is not None:
+            assert md.pending_tokens is not None
+            rows, ids, src, expect = md.pending_bans
+            hit = md.pending_tokens.index_select(0, src) == expect
+            add = torch.where(hit, float("-inf"), 0.0).to(logits.dtype)
+            logits.index_put_((rows, ids), add, accumulate=True)
         if md.penalties is not None:
             logits = apply_penalties(logits, md.penalties)
 
@@ -419,33 +449,69 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def _pack_logprobs(
     raw_logprobs: torch.Tensor, sampled: torch.Tensor, md: SamplingMetadata
 ) -> torch.Tensor:
-    """[N, 2 + 2k] float64: the sampled id, the top-k ids, the sampled logprob, the top-k
-    logprobs; one transfer for everything."""
+    """[N, 3 + 2k] float64: the sampled id and rank, the top-k ids, the sampled logprob, the
+    top-k logprobs; one transfer for everything."""
     assert md.max_num_logprobs is not None
-    k = min(md.max_num_logprobs, raw_logprobs.shape[1])
-    top_vals, top_ids = raw_logprobs.topk(k, dim=-1)  # [N, k]
-    sampled_vals = raw_logprobs.gather(1, sampled.unsqueeze(1))  # [N, 1]
+    return pack_token_logprobs(raw_logprobs, sampled, md.max_num_logprobs)
+
+
+def pack_token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """For each row of ``logprobs`` [N, V] and its token (``tokens`` [N]): [N, 3 + 2k] float64
+    rows of the token id, its rank (how many tokens are at least as likely, vLLM's), the
+    top-k ids, the token's logprob and the top-k logprobs."""
+    k = min(k, logprobs.shape[1])
+    top_vals, top_ids = logprobs.topk(k, dim=-1)  # [N, k]
+    token_vals = logprobs.gather(1, tokens.unsqueeze(1))  # [N, 1]
+    ranks = (logprobs >= token_vals).sum(dim=-1, keepdim=True)  # [N, 1]
     return torch.cat(
-        [sampled.unsqueeze(1).double(), top_ids.double(), sampled_vals.double(), top_vals.double()],
+        [
+            tokens.unsqueeze(1).double(),
+            ranks.double(),
+            top_ids.double(),
+            token_vals.double(),
+            top_vals.double(),
+        ],
         dim=1,
     )
 
 
+def unpack_token_logprobs(row: list[float], n: int) -> TokenLogprobs:
+    """One row of ``pack_token_logprobs`` as (ids, logprobs, ranks), keeping the top ``n``."""
+    k = (len(row) - 3) // 2
+    ids = [int(row[0]), *(int(t) for t in row[2 : 2 + n])]
+    values = [row[k + 2], *row[k + 3 : k + 3 + n]]
+    ranks = [int(row[1]), *range(1, n + 1)]
+    return ids, values, ranks
+
+
 def _unpack_logprobs(packed: list[list[float]], num_logprobs: list[int | None]) -> SamplerOutput:
-    k = (len(packed[0]) - 2) // 2 if packed else 0
     token_ids: list[int] = []
-    logprobs: list[dict[int, float] | None] = []
+    logprobs: list[TokenLogprobs | None] = []
     for row, n in zip(packed, num_logprobs, strict=True):
-        token = int(row[0])
-        token_ids.append(token)
-        if n is None:
-            logprobs.append(None)
-            continue
-        entry = {token: row[k + 1]}
-        for tid, val in zip(row[1 : 1 + n], row[k + 2 : k + 2 + n], strict=True):
-            entry.setdefault(int(tid), val)
-        logprobs.append(entry)
+        token_ids.append(int(row[0]))
+        logprobs.append(None if n is None else unpack_token_logprobs(row, n))
     return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set to -inf the logits [N, V] of tokens whose bit is 0 in ``bitmask`` [N, ceil(V / 32)]
+    int32 (bit ``t % 32`` of word ``t // 32``), on the device, with no host sync: xgrammar's
+    kernel (Triton on CUDA), or ``apply_token_bitmask_reference``."""
+    try:
+        import xgrammar as xgr
+    except ImportError:  # pragma: no cover - xgrammar is a dependency
+        apply_token_bitmask_reference(logits, bitmask)
+        return
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1])
+
+
+def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """The torch reference of ``apply_token_bitmask_``."""
+    n, v = logits.shape
+    shifts = torch.arange(32, device=logits.device, dtype=torch.int32)  # [32]
+    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [N, W, 32]
+    allowed = bits.reshape(n, -1)[:, :v].bool()  # [N, V]
+    logits.masked_fill_(~allowed, float("-inf"))
 
 
 def _flatten(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,6 +552,108 @@ def _output_tokens(
     at = _to_device(torch.from_numpy(at_np.astype(np.int64)), device)
     src = _to_device(torch.tensor(sources, dtype=torch.int64), device)
     return where, ids.index_copy(0, at, pending.index_select(0, src))
+
+
+def _token_bias(
+    rows: list[SamplingRow], vocab_size: int, device: torch.device
+) -> tuple[
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+]:
+    """The sparse additions of ``SamplingMetadata``: ``token_bias`` and ``pending_bans``."""
+    inf = float("-inf")
+    b_rows: list[int] = []
+    b_ids: list[int] = []
+    b_vals: list[float] = []
+    c_rows: list[int] = []
+    c_ids: list[int] = []
+    c_src: list[int] = []
+    c_expect: list[int] = []
+    for i, r in enumerate(rows):
+        p = r.sampling_params
+        if r.output_position < p.min_tokens:
+            stop_ids = set(p.stop_token_ids)
+            if r.eos_token_id is not None and not p.ignore_eos:
+                stop_ids.add(r.eos_token_id)
+            for t in sorted(stop_ids):
+                if t < vocab_size:
+                    b_rows.append(i)
+                    b_ids.append(t)
+                    b_vals.append(inf)
+        if p.logit_bias:
+            for t, value in p.logit_bias.items():
+                if t < vocab_size:
+                    b_rows.append(i)
+                    b_ids.append(t)
+                    b_vals.append(value)
+        out = r.output_token_ids
+        for word in p.bad_words_token_ids:
+            last = word[-1]
+            if last >= vocab_size:
+                continue
+            prefix = word[:-1]
+            if not prefix:
+                b_rows.append(i)
+                b_ids.append(last)
+                b_vals.append(inf)
+                continue
+            tail = out[len(out) - len(prefix) :]
+            if len(tail) < len(prefix):
+                continue
+            if tail[-1] == PLACEHOLDER:
+                if tail[:-1] != prefix[:-1]:
+                    continue
+                if r.pending_row is None:
+                    raise ValueError("a placeholder output token but not where its token is")
+                c_rows.append(i)
+                c_ids.append(last)
+                c_src.append(r.pending_row)
+                c_expect.append(prefix[-1])
+            elif tail == prefix:
+                b_rows.append(i)
+                b_ids.append(last)
+                b_vals.append(inf)
+
+    def i64(values: list[int]) -> torch.Tensor:
+        return _to_device(torch.tensor(values, dtype=torch.int64), device)
+
+    bias = None
+    if b_rows:
+        vals = _to_device(torch.tensor(b_vals, dtype=torch.float32), device)
+        bias = (i64(b_rows), i64(b_ids), vals)
+    pending = None
+    if c_rows:
+        pending = (i64(c_rows), i64(c_ids), i64(c_src), i64(c_expect))
+    return bias, pending
+
+
+def _grammar(
+    grammar: tuple[list[int], torch.Tensor] | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if grammar is None or not grammar[0]:
+        return None
+    rows, bitmask = grammar
+    return (
+        _to_device(torch.tensor(rows, dtype=torch.int64), device),
+        bitmask.to(device, non_blocking=True) if device.type == "cuda" else bitmask,
+    )
+
+
+def _allowed(
+    rows: list[SamplingRow], vocab_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    restricted = [
+        (i, [t for t in ids if t < vocab_size])
+        for i, r in enumerate(rows)
+        if (ids := r.sampling_params.allowed_token_ids) is not None
+    ]
+    if not restricted:
+        return None
+    keep = torch.zeros(len(restricted), vocab_size, dtype=torch.bool)
+    for j, (_, ids) in enumerate(restricted):
+        keep[j, ids] = True
+    row_ids = torch.tensor([i for i, _ in restricted], dtype=torch.int64)
+    return _to_device(row_ids, device), _to_device(keep, device)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -53,16 +53,30 @@ import torch
 
 from engine.config import EngineConfig
 from engine.core.scheduler import PLACEHOLDER, ScheduledRequest, SchedulerOutput
+from engine.kernel_utils import pinned
 from engine.lora import layers as lora_layers
 from engine.lora.manager import LoRAManager
 from engine.lora.warmup import warm_up_lora_kernels
 from engine.model.loader import load_model
 from engine.model.metadata import AttentionMetadata, ForwardBatch, LoRAMetadata
 from engine.outputs import SampleLogprobs
-from engine.sampling.sampler import SampledTokens, Sampler, SamplingMetadata, SamplingRow
+from engine.sampling.sampler import (
+    SampledTokens,
+    Sampler,
+    SamplingMetadata,
+    SamplingRow,
+    TokenLogprobs,
+    pack_token_logprobs,
+    unpack_token_logprobs,
+)
 from engine.sequence import Request
 
 logger = logging.getLogger("lorastream.runner")
+
+
+# Rows of prompt positions whose logprobs one launch computes at a time: [rows, V] float32
+# logits (a 128k vocabulary makes 128 MiB of them).
+_PROMPT_LOGPROBS_ROWS = 256
 
 
 @dataclass
@@ -70,7 +84,55 @@ class RunnerOutput:
     """Sampled token (and logprobs) per request that sampled this step."""
 
     sampled_token_ids: dict[str, int]
-    logprobs: dict[str, dict[int, float]]
+    logprobs: dict[str, TokenLogprobs]
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    """Per request with ``prompt_logprobs``: (index of the first prompt token this step
+    scored, one entry per prompt token from there)."""
+
+
+GrammarFill = Callable[[list[Request], bool], torch.Tensor]
+"""Fills the structured-output bitmasks of constrained requests ([R, ceil(V / 32)] int32 in
+host memory; pinned when the flag says the device is CUDA)."""
+
+
+@dataclass
+class _DeferredSample:
+    """A launched step whose sampling waits for its constrained rows' last tokens."""
+
+    logits: torch.Tensor
+    num_outputs: list[int]
+    """Each row's output tokens at launch (its sampler row reads these)."""
+    constrained: list[int]
+    previous: StepHandle | None
+
+
+class _PromptLogprobs:
+    """A step's prompt logprobs on their way to the host (``pack_token_logprobs`` rows)."""
+
+    def __init__(self, packed: torch.Tensor, spans: list[tuple[str, int, int, int]]) -> None:
+        self.spans = spans
+        """(request id, first prompt index, count, top-n) in the rows' order."""
+        self._done: torch.cuda.Event | None = None
+        if packed.is_cuda:
+            self._host = packed.to("cpu", non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record()
+        else:
+            self._host = packed
+
+    def result(self) -> dict[str, tuple[int, list[TokenLogprobs]]]:
+        if self._done is not None:
+            self._done.synchronize()
+        rows = self._host.tolist()
+        out: dict[str, tuple[int, list[TokenLogprobs]]] = {}
+        at = 0
+        for request_id, first, count, n in self.spans:
+            out[request_id] = (
+                first,
+                [unpack_token_logprobs(row, n) for row in rows[at : at + count]],
+            )
+            at += count
+        return out
 
 
 @dataclass
@@ -297,7 +359,7 @@ def _is_plain_greedy(req: Request) -> bool:
     return (
         p.greedy
         and p.logprobs is None
-        and not p.has_penalties
+        and not p.changes_logits
         and len(req.output_token_ids) >= p.min_tokens
     )
 
@@ -321,26 +383,37 @@ class StepHandle:
     """A launched step: its sampled tokens, on the device and on their way to the host."""
 
     def __init__(
-        self, requests: list[Request], tokens: SampledTokens | None, timings: StepTimings
+        self,
+        requests: list[Request],
+        tokens: SampledTokens | None,
+        timings: StepTimings,
+        prompt_logprobs: _PromptLogprobs | None = None,
     ) -> None:
         self.tokens = tokens
         self.rows = {r.request_id: i for i, r in enumerate(requests)}
         """Each sampling request's row in ``tokens``."""
         self._timings = timings
+        self._prompt_logprobs = prompt_logprobs
+        self.deferred: _DeferredSample | None = None
+        """Set while the sampling waits for ``ModelRunner.sample_deferred``."""
+        self._requests: list[Request] = requests
 
     def wait(self) -> RunnerOutput:
+        if self.deferred is not None:
+            raise RuntimeError("the step's sampling was deferred and never launched")
+        prompt = self._prompt_logprobs.result() if self._prompt_logprobs is not None else {}
         if self.tokens is None:
-            return RunnerOutput({}, {})
+            return RunnerOutput({}, {}, prompt)
         t0 = time.perf_counter()
         out = self.tokens.result()
         self._timings.wait_s += time.perf_counter() - t0
         ids = dict(zip(self.rows, out.token_ids, strict=True))
-        logprobs: dict[str, dict[int, float]] = {}
+        logprobs: dict[str, TokenLogprobs] = {}
         if out.logprobs is not None:
             for rid, lp in zip(self.rows, out.logprobs, strict=True):
                 if lp is not None:
                     logprobs[rid] = lp
-        return RunnerOutput(ids, logprobs)
+        return RunnerOutput(ids, logprobs, prompt)
 
 
 @dataclass
@@ -378,6 +451,8 @@ class ModelRunner:
         ]
         self.model.bind_kv_caches(self.kv_caches)
         self.sampler = Sampler()
+        self.grammar_fill: GrammarFill | None = None
+        """Set by the engine core: fills the bitmasks of constrained requests."""
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
         self.timings = StepTimings()
@@ -452,7 +527,15 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, previous: StepHandle | None = None) -> StepHandle:
         """Run one step up to its sampling, without waiting for the device. ``previous``:
-        the step launched before, whose sampled tokens fill this one's placeholders."""
+        the step launched before, whose sampled tokens fill this one's placeholders.
+
+        ``grammar_fill`` fills the structured-output bitmasks of constrained rows (requests
+        with a ``grammar``). A constrained row whose last token is still on the device
+        cannot have its mask yet: then the whole step's sampling waits
+        (``StepHandle.deferred``) until the caller has that token and calls
+        ``sample_deferred``; the forward pass is launched either way, so the mask is
+        computed while the device runs it."""
+        grammar = self.grammar_fill
         t0 = time.perf_counter()
         scheduled = sched.scheduled
         seq_lora = self._lora_slots(sched)
@@ -483,8 +566,10 @@ class ModelRunner:
             t2 = time.perf_counter()
             hidden = self.model(batch)  # [T, D]
         t3 = time.perf_counter()
+        prompt_logprobs = self._prompt_logprobs(hidden, scheduled, packed)
         sample_reqs = [s.request for s in scheduled if s.sample]
         tokens = None
+        deferred = None
         if sample_reqs:
             if packed.num_logits == packed.num_seqs == packed.num_tokens:
                 selected = hidden  # decode without padding: every row samples
@@ -493,14 +578,57 @@ class ModelRunner:
             else:
                 selected = hidden.index_select(0, logits_rows)
             logits = self.model.compute_logits(selected)  # [N, V] float32
-            tokens = self._sample(logits, sample_reqs, previous)
+            constrained = [i for i, r in enumerate(sample_reqs) if r.grammar is not None]
+            if constrained and grammar is None:
+                raise ValueError("constrained requests but no grammar to fill their masks")
+            waiting = any(
+                sample_reqs[i].output_token_ids[-1:] == [PLACEHOLDER] for i in constrained
+            )
+            if waiting:
+                deferred = _DeferredSample(
+                    logits,
+                    [len(r.output_token_ids) for r in sample_reqs],
+                    constrained,
+                    previous,
+                )
+            else:
+                masks = self._masks(sample_reqs, constrained, grammar)
+                tokens = self._sample(logits, sample_reqs, previous, masks)
         t4 = time.perf_counter()
         tm = self.timings
         tm.prepare_s += t2 - t0
         tm.forward_s += t3 - t2
         tm.sample_s += t4 - t3
         tm.steps += 1
-        return StepHandle(sample_reqs, tokens, self.timings)
+        handle = StepHandle(sample_reqs, tokens, self.timings, prompt_logprobs)
+        handle.deferred = deferred
+        handle._requests = sample_reqs
+        return handle
+
+    @torch.inference_mode()
+    def sample_deferred(self, handle: StepHandle) -> None:
+        """Launch the sampling a ``launch`` deferred, now that the constrained rows' last
+        tokens are known (their matchers have accepted them)."""
+        d = handle.deferred
+        if d is None:
+            return
+        grammar = self.grammar_fill
+        t0 = time.perf_counter()
+        reqs = handle._requests
+        masks = self._masks(reqs, d.constrained, grammar)
+        # The rows' outputs as they were at launch (later steps may have added placeholders).
+        handle.tokens = self._sample(d.logits, reqs, d.previous, masks, d.num_outputs)
+        handle.deferred = None
+        self.timings.sample_s += time.perf_counter() - t0
+
+    def _masks(
+        self, reqs: list[Request], constrained: list[int], grammar: GrammarFill | None
+    ) -> tuple[list[int], torch.Tensor] | None:
+        if not constrained:
+            return None
+        assert grammar is not None
+        cuda = self.device.type == "cuda"
+        return constrained, grammar([reqs[i] for i in constrained], cuda)
 
     def _stage_np_ready(self) -> np.ndarray:
         if self._copied is not None:
@@ -508,26 +636,69 @@ class ModelRunner:
         return self._stage_np
 
     def _sample(
-        self, logits: torch.Tensor, reqs: list[Request], previous: StepHandle | None
+        self,
+        logits: torch.Tensor,
+        reqs: list[Request],
+        previous: StepHandle | None,
+        masks: tuple[list[int], torch.Tensor] | None = None,
+        num_outputs: list[int] | None = None,
     ) -> SampledTokens:
-        if all(_is_plain_greedy(r) for r in reqs):
+        if masks is None and all(_is_plain_greedy(r) for r in reqs):
             return SampledTokens(logits.argmax(dim=-1))
         pending = previous.rows if previous is not None else {}
+        lengths = num_outputs or [len(r.output_token_ids) for r in reqs]
         rows = [
             SamplingRow(
                 sampling_params=r.sampling_params,
                 prompt_token_ids=r.prompt_token_ids,
-                output_token_ids=r.output_token_ids,
+                output_token_ids=r.output_token_ids[:n],
                 eos_token_id=r.eos_token_id,
                 pending_row=pending.get(r.request_id),
             )
-            for r in reqs
+            for r, n in zip(reqs, lengths, strict=True)
         ]
         tokens = previous.tokens.token_ids if previous and previous.tokens else None
         meta = SamplingMetadata.build(
-            rows, self.vocab_size, self.device, self.generator, pending_tokens=tokens
+            rows, self.vocab_size, self.device, self.generator, pending_tokens=tokens, grammar=masks
         )
         return self.sampler.launch(logits, meta)
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, scheduled: list[ScheduledRequest], packed: PackedInputs
+    ) -> _PromptLogprobs | None:
+        """Score the prompt tokens this step's chunks predict, for requests that asked
+        (``prompt_logprobs``): the logits at position p give prompt token p + 1. Positions
+        already scored (before a preemption) are skipped."""
+        spans: list[tuple[str, int, int, int]] = []
+        rows: list[int] = []
+        targets: list[int] = []
+        for i, s in enumerate(scheduled):
+            req = s.request
+            if req.prompt_logprobs is None:
+                continue
+            start = max(s.start_position, len(req.prompt_logprobs) - 1)
+            end = min(s.start_position + s.num_new_tokens, req.num_prompt_tokens - 1)
+            if start >= end:
+                continue
+            base = int(packed.query_start_loc[i]) - s.start_position
+            rows.extend(range(base + start, base + end))
+            targets.extend(req.prompt_token_ids[start + 1 : end + 1])
+            n = req.sampling_params.prompt_logprobs
+            assert n is not None
+            spans.append((req.request_id, start + 1, end - start, n))
+        if not spans:
+            return None
+        k = max(n for *_, n in spans)
+        # From pinned memory: a copy from pageable memory would wait for the step in flight.
+        dev = self.device
+        index = pinned(torch.tensor(rows, dtype=torch.int64), dev).to(dev, non_blocking=True)
+        target = pinned(torch.tensor(targets, dtype=torch.int64), dev).to(dev, non_blocking=True)
+        parts = []
+        for a in range(0, len(rows), _PROMPT_LOGPROBS_ROWS):
+            b = a + _PROMPT_LOGPROBS_ROWS
+            logits = self.model.compute_logits(hidden.index_select(0, index[a:b]))  # [R, V]
+            parts.append(pack_token_logprobs(torch.log_softmax(logits, -1), target[a:b], k))
+        return _PromptLogprobs(torch.cat(parts), spans)
 
     # ------------------------------------------------------------------ inputs
     def _lora_slots(self, sched: SchedulerOutput) -> list[int] | None:

@@ -32,7 +32,7 @@ from engine.errors import (
 )
 from engine.lora.request import LoRARequest
 from engine.metrics import StatLogger, Stats
-from engine.outputs import CompletionOutput, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
 VOCAB = 1000
@@ -387,7 +387,7 @@ class FakeAsyncEngine:
             metrics["finished_time"] = time.monotonic()
         logprobs = None
         if p.logprobs is not None:
-            logprobs = [{t: -0.5} for t in r.out_ids]
+            logprobs = [{t: Logprob(-0.5, 1, str(t))} for t in r.out_ids]
         ids = list(r.out_ids)
         if p.output_kind == RequestOutputKind.DELTA:  # as the real engine: only what is new
             ids, text = ids[r.sent_ids :], text[r.sent_text :]
@@ -401,7 +401,7 @@ class FakeAsyncEngine:
             finished=reason is not None,
             error=r.error,
             metrics=metrics,
-            lora_name=r.lora.lora_name if r.lora else None,
+            lora_request=r.lora,
         )
 
 

@@ -140,3 +140,71 @@ def test_abort_accepts_msgpack_and_json() -> None:
     assert AbortRequest.from_wire(Codec.unpack_any(json.dumps(wire).encode())) == AbortRequest("r1")
     with pytest.raises(InvalidField, match="op"):
         AbortRequest.from_wire({"v": 1, "op": "pause", "id": "r1"})
+
+
+# ------------------------------------------------------------------ params ↔ SamplingParams
+def test_every_sampling_param_is_on_the_wire_or_excluded_with_a_reason() -> None:
+    """WireParams and SamplingParams list the same fields: a new sampling parameter gets a
+    wire type and range, or an entry in WIRE_PARAMS_EXCLUDED saying why it is not sent."""
+    import dataclasses
+
+    from broker.protocol import WIRE_PARAMS_EXCLUDED, WireParams
+    from engine.sampling_params import SamplingParams
+
+    engine_fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    wire_fields = set(WireParams.__struct_fields__)
+    assert wire_fields | set(WIRE_PARAMS_EXCLUDED) == engine_fields
+    assert not wire_fields & set(WIRE_PARAMS_EXCLUDED)
+    assert all(reason.strip() for reason in WIRE_PARAMS_EXCLUDED.values())
+
+
+def test_every_wire_param_takes_the_engines_default() -> None:
+    """Each wire field's type admits SamplingParams' own default (where it is not None), and
+    that value reaches SamplingParams unchanged: the two declare the same types."""
+    import dataclasses
+
+    from broker.protocol import WireParams
+    from engine.sampling_params import SamplingParams
+
+    defaults = SamplingParams()
+    for name in WireParams.__struct_fields__:
+        value = getattr(defaults, name)
+        if value is None:
+            continue
+        if isinstance(value, list) and not value:
+            value = []
+        req = GenerateRequest.from_wire(request(params={name: value}), prefix="p")
+        assert getattr(req.sampling_params(), name) == value, name
+    assert dataclasses.fields(SamplingParams)  # (the loop above ran over real fields)
+
+
+@pytest.mark.parametrize(
+    ("params", "field_name"),
+    [
+        ({"logit_bias": {5: float("inf")}}, "params.logit_bias"),
+        ({"allowed_token_ids": []}, "params.allowed_token_ids"),
+        ({"allowed_token_ids": [-1]}, "params.allowed_token_ids"),
+        ({"bad_words": [""]}, "params.bad_words"),
+        ({"truncate_prompt_tokens": 0}, "params.truncate_prompt_tokens"),
+        ({"best_of": 2}, "params.best_of"),
+        ({"n": 2}, "params.n"),
+        ({"detokenize": False, "stop": ["x"]}, "params.stop"),
+    ],
+)
+def test_new_params_are_checked_and_named(params: dict[str, Any], field_name: str) -> None:
+    with pytest.raises(InvalidSamplingParams) as e:
+        GenerateRequest.from_wire(request(params=params), prefix="p")
+    assert (error_field(e.value) or "").startswith(field_name)  # [0]: a list item
+
+
+def test_n_above_one_is_refused_with_how_to_get_n_samples() -> None:
+    with pytest.raises(InvalidSamplingParams, match="send n requests"):
+        GenerateRequest.from_wire(request(params={"n": 3}), prefix="p")
+
+
+def test_logit_bias_keys_are_token_ids_in_json_and_msgpack() -> None:
+    wire = request(params={"logit_bias": {"7": 2.5, "3": -200}})
+    from_json = GenerateRequest.decode(json.dumps(wire).encode(), kind="json", prefix="p")
+    assert from_json.sampling_params().logit_bias == {7: 2.5, 3: -100.0}  # clamped, as vLLM
+    packed = request(params={"logit_bias": {7: 2.5}})
+    assert GenerateRequest.from_wire(packed, prefix="p").sampling_params().logit_bias == {7: 2.5}

@@ -81,3 +81,28 @@ def test_sampling_params_are_greedy_for_options_without_sampling(monkeypatch):
     assert greedy.ignore_eos
     sampled = bench.sampling_params(argparse.Namespace(temperature=0.8, top_p=0.9), 3)
     assert (sampled.temperature, sampled.top_p) == (0.8, 0.9)
+
+
+def test_bench_dry_run_with_half_the_requests_under_a_json_schema(tmp_path):
+    """``--guided-json-share 0.5``: the base model's runs with every other request under
+    GUIDED_SCHEMA beside the same requests unconstrained; the row has the decode-rate ratio
+    the GPU benchmark holds to 0.9 (not checked here: a CPU dry run)."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench.py"),
+        *("--device", "cpu", "--shape", "tiny", "--num-prompts", "6", "--input-len", "8"),
+        *("--output-len", "12", "--num-adapters", "1", "--rank", "4", "--max-loras", "1"),
+        *("--max-num-seqs", "6", "--patterns", "", "--skip-base", "--skip-max-loras-1"),
+        *("--skip-hf", "--guided-json-share", "0.5"),
+        *("--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out")),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    rows = {r["config"]: r for r in result["rows"]}
+    assert not [c for c in rows if c.startswith("error")], rows
+    row = rows["lorastream base guided 0.5"]
+    assert row["guided_requests"] == 3
+    assert row["guided_decode_tok_s"] > 0
+    assert row["plain_decode_tok_s"] > 0
+    assert any("constrained / unconstrained" in k for k in result["targets"])

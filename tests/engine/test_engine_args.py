@@ -130,3 +130,95 @@ def test_mixed_step_graphs_default_to_1024_tokens_within_the_step_budget(tiny_mo
     assert resolved(max_cudagraph_capture_size=0).max_cudagraph_capture_size == 0
     config = resolved(max_num_batched_tokens=4096, max_cudagraph_capture_size=2048)
     assert config.max_cudagraph_capture_size == 2048
+
+
+# ------------------------------------------------------------------ vLLM's other options
+@pytest.mark.parametrize(
+    ("field", "value", "instead"),
+    [
+        ("quantization", "awq", "unquantized"),
+        ("quantization", "fp8", "dtype"),
+        ("kv_cache_dtype", "fp8", "model's dtype"),
+        ("kv_cache_dtype", "fp8_e5m2", "auto"),
+        ("pipeline_parallel_size", 2, "allowed: 1"),
+        ("cpu_offload_gb", 4, "allowed: 0"),
+        ("tokenizer_mode", "slow", "fast tokenizer"),
+        ("tokenizer_mode", "mistral", "auto, hf"),
+        ("load_format", "pt", "safetensors"),
+        ("load_format", "gguf", "safetensors"),
+        ("swap_space", -1, ">= 0"),
+        ("served_model_name", "", "non-empty"),
+        ("trust_remote_code", "yes", "true or false"),
+    ],
+)
+def test_refused_vllm_options_raise_value_error_naming_them(field, value, instead):
+    with pytest.raises(ValueError, match=rf"EngineArgs\.{field}=.*{instead}"):
+        EngineArgs(model="m", **{field: value})
+
+
+def test_accepted_vllm_options_construct():
+    args = EngineArgs(
+        model="m",
+        trust_remote_code=True,
+        tokenizer_mode="hf",
+        load_format="safetensors",
+        kv_cache_dtype="auto",
+        swap_space=8,
+        cpu_offload_gb=0,
+        served_model_name=["mine", "alias"],
+        pipeline_parallel_size=1,
+        enable_prefix_caching=False,
+        quantization=None,
+    )
+    assert args.served_model_name == ["mine", "alias"]
+
+
+def test_served_model_name_and_trust_remote_code_resolve(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    config = EngineArgs(
+        model=str(tiny_model_dir), served_model_name="tiny", trust_remote_code=True, device="cpu"
+    ).create_engine_config()
+    assert config.served_model_name == "tiny"
+    assert EngineArgs(model=str(tiny_model_dir)).create_engine_config().served_model_name == str(
+        tiny_model_dir
+    )
+    # A checkpoint whose code would be its own: refused, naming the option.
+    other = tmp_path / "remote"
+    shutil.copytree(tiny_model_dir, other, ignore=shutil.ignore_patterns("*.safetensors*"))
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["architectures"] = ["MyCustomForCausalLM"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"trust_remote_code=True .*MyCustomForCausalLM"):
+        EngineArgs(model=str(other), trust_remote_code=True, device="cpu").create_engine_config()
+
+
+def test_llm_refuses_an_unknown_option_with_value_error(tiny_model_dir):
+    from engine.llm import LLM
+
+    with pytest.raises(ValueError, match="not_an_option"):
+        LLM(str(tiny_model_dir), not_an_option=1)
+
+
+def test_model_is_checked_after_parsing_so_set_defaults_works():
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    parser.set_defaults(model="from-defaults")
+    assert EngineArgs.from_cli_args(parser.parse_args([])).model == "from-defaults"
+    bare = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    with pytest.raises(ValueError, match="--model"):
+        EngineArgs.from_cli_args(bare.parse_args([]))
+
+
+def test_flexible_parser_takes_underscores_and_dashes_alike():
+    from engine import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    ns = parser.parse_args(
+        ["--model", "m", "--max_loras", "3", "--max-lora-rank=32", "--enable_lora",
+         "--served_model_name", "a_b", "--lora-modules", "x_y=/p_q"]
+    )  # fmt: skip
+    args = EngineArgs.from_cli_args(ns)
+    assert (args.max_loras, args.max_lora_rank, args.enable_lora) == (3, 32, True)
+    assert args.served_model_name == ["a_b"]  # values keep their underscores
+    assert [(m.name, m.path) for m in args.lora_modules] == [("x_y", "/p_q")]

@@ -181,8 +181,11 @@ def test_logprobs_hold_the_sampled_token(engine):
     assert out.logprobs is not None
     assert len(out.logprobs) == 4
     for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
-        assert tok in lp
-        assert max(lp.values()) == lp[tok]  # greedy: the sampled token is the most likely
+        assert next(iter(lp)) == tok  # the sampled token first, as in vLLM
+        # greedy: the sampled token is the most likely
+        assert max(v.logprob for v in lp.values()) == lp[tok].logprob
+        assert lp[tok].rank == 1
+        assert lp[tok].decoded_token == engine.tokenizer.decode([tok])
 
 
 def test_repetition_penalty_among_plain_requests_matches_transformers(

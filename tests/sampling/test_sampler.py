@@ -281,11 +281,14 @@ def test_logprobs_are_raw_top_n_plus_the_sampled_token() -> None:
             assert lp is None
             continue
         assert lp is not None
+        ids, values, ranks = lp
         top = raw[i].topk(p.logprobs).indices.tolist()
-        assert set(lp) == {*top, tok}
+        assert ids == [tok, *top]  # the sampled token first, then the top-n by rank
         saw_sampled_outside_top |= tok not in top
-        for t, v in lp.items():
+        for t, v in zip(ids, values, strict=True):
             assert v == pytest.approx(float(raw[i, t]), abs=1e-6)
+        # vLLM's rank: how many tokens are at least as likely as this one.
+        assert ranks == [int((raw[i] >= raw[i, tok]).sum()), *range(1, p.logprobs + 1)]
     assert saw_sampled_outside_top
 
 
@@ -294,9 +297,10 @@ def test_greedy_logprobs_of_sampled_token_is_the_max() -> None:
     out = _sample(logits, [_row(SamplingParams(temperature=0.0, logprobs=0))] * 2)
     assert out.logprobs is not None
     for i, lp in enumerate(out.logprobs):
-        assert lp == {
-            out.token_ids[i]: pytest.approx(float(torch.log_softmax(logits[i], -1).max()))
-        }
+        assert lp is not None
+        ids, values, ranks = lp
+        assert (ids, ranks) == ([out.token_ids[i]], [1])
+        assert values == [pytest.approx(float(torch.log_softmax(logits[i], -1).max()))]
 
 
 def test_penalties_take_a_placeholder_token_from_the_pending_samples() -> None:
@@ -360,4 +364,134 @@ def test_sampling_launches_without_waiting_for_the_device() -> None:
     assert got.token_ids[0] == expected.token_ids[0]
     assert got.token_ids[3] == expected.token_ids[3]
     assert got.logprobs is not None
-    assert set(got.logprobs[2]) >= {got.token_ids[2]}
+    entry = got.logprobs[2]
+    assert entry is not None
+    assert entry[0][0] == got.token_ids[2]  # the sampled token first
+
+
+# ------------------------------------------------------------------ vLLM's token restrictions
+def test_logit_bias_adds_and_bans_win_over_it() -> None:
+    logits = torch.zeros(2, V)
+    logits[:, 3] = 1.0
+    bias = SamplingParams(temperature=0.0, logit_bias={7: 5.0, 3: -2.0})
+    ban = SamplingParams(temperature=0.0, logit_bias={0: 50.0}, min_tokens=1)
+    out = _sample(logits, [_row(bias), _row(ban, eos_token_id=0)])
+    assert out.token_ids == [7, 3]  # the bias moves the argmax; EOS stays banned under +50
+
+
+def test_allowed_token_ids_keep_only_those_tokens() -> None:
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, V, generator=gen)
+    allowed = [4, 9, 30]
+    rows = [
+        _row(SamplingParams(temperature=0.0, allowed_token_ids=allowed)),
+        _row(SamplingParams(temperature=1.0, seed=1, allowed_token_ids=allowed)),
+        _row(SamplingParams(temperature=0.0)),
+    ]
+    out = _sample(logits, rows)
+    assert out.token_ids[0] == allowed[int(logits[0, allowed].argmax())]
+    assert out.token_ids[1] in allowed
+    assert out.token_ids[2] == int(logits[2].argmax())
+
+
+def _bad(words: list[list[int]]) -> SamplingParams:
+    return SamplingParams(temperature=0.0, _bad_words_token_ids=words)
+
+
+def test_bad_words_ban_their_last_token_after_their_prefix() -> None:
+    logits = torch.zeros(4, V)
+    logits[:, 5] = 3.0
+    logits[:, 6] = 2.0
+    p = _bad([[5], [8, 9, 6]])
+    rows = [
+        _row(p, outputs=[1]),  # one-token word: 5 always banned
+        _row(p, outputs=[8, 9]),  # the prefix 8 9 is there: 6 banned too
+        _row(p, outputs=[9, 8]),  # not the prefix
+        _row(_bad([[8, 9, 6]]), outputs=[8, 9]),
+    ]
+    out = _sample(logits, rows)
+    assert out.token_ids[0] == 6
+    assert out.token_ids[1] not in (5, 6)
+    assert out.token_ids[2] == 6
+    assert out.token_ids[3] == 5
+
+
+def test_bad_words_read_a_placeholder_from_the_pending_samples() -> None:
+    """With async scheduling the prefix's last token may still be on the device: the ban
+    holds exactly when the previous step sampled it."""
+    logits = torch.zeros(2, V)
+    logits[:, 6] = 2.0
+    p = _bad([[8, 9, 6]])
+    rows = [
+        _row(p, outputs=[8, PLACEHOLDER], pending_row=0),
+        _row(p, outputs=[8, PLACEHOLDER], pending_row=1),
+    ]
+    samples = torch.tensor([9, 4])  # row 0's pending token completes the prefix, row 1's not
+    md = SamplingMetadata.build(rows, V, "cpu", pending_tokens=samples)
+    assert md.pending_bans is not None
+    out = Sampler()(logits, md)
+    assert out.token_ids[0] != 6
+    assert out.token_ids[1] == 6
+
+
+def test_grammar_bitmask_masks_only_the_constrained_rows() -> None:
+    from engine.sampling.sampler import apply_token_bitmask_, apply_token_bitmask_reference
+
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(3, V, generator=gen)
+    allowed = {0: [2, 33, 63], 2: [40]}
+    bitmask = torch.zeros(2, V // 32, dtype=torch.int32)
+    for j, row in enumerate(allowed):
+        for t in allowed[row]:
+            word = int(bitmask[j, t // 32]) | (1 << (t % 32))
+            bitmask[j, t // 32] = word - (1 << 32) if word >= 1 << 31 else word
+    rows = [_row(SamplingParams(temperature=0.0)) for _ in range(3)]
+    md = SamplingMetadata.build(rows, V, "cpu", grammar=([0, 2], bitmask))
+    out = Sampler()(logits, md)
+    assert out.token_ids[0] == allowed[0][int(logits[0, allowed[0]].argmax())]
+    assert out.token_ids[1] == int(logits[1].argmax())
+    assert out.token_ids[2] == 40
+    # xgrammar's kernel and the torch reference mask alike.
+    a, b = logits[[0, 2]].clone(), logits[[0, 2]].clone()
+    apply_token_bitmask_(a, bitmask)
+    apply_token_bitmask_reference(b, bitmask)
+    assert torch.equal(a, b)
+    assert torch.isfinite(a).sum() == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on CUDA")
+def test_vllm_restrictions_and_the_grammar_launch_without_waiting_for_the_device() -> None:
+    """logit_bias, allowed_token_ids, bad words (one waiting on a pending token) and a
+    grammar bitmask (pinned, xgrammar's kernel) queue behind the step in flight; the greedy
+    rows equal the CPU's."""
+    bitmask = torch.zeros(1, V // 32, dtype=torch.int32)
+    bitmask[0, 0] = 0b1110  # tokens 1, 2, 3
+    rows = [
+        _row(SamplingParams(temperature=0.0, logit_bias={7: 9.0})),
+        _row(SamplingParams(temperature=0.0, allowed_token_ids=[5, 6, 40])),
+        _row(_bad([[8, 9, 6], [11]]), outputs=[8, PLACEHOLDER], pending_row=0),
+        _row(SamplingParams(temperature=0.0, guided_regex="x")),
+    ]
+    logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(1))
+    pending_cpu = torch.tensor([9])
+    expected = Sampler()(
+        logits,
+        SamplingMetadata.build(
+            rows, V, "cpu", pending_tokens=pending_cpu, grammar=([3], bitmask.clone())
+        ),
+    )
+    dev = logits.cuda()
+    pending = pending_cpu.cuda()
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(20):
+        busy = busy @ busy.T / 4096
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        md = SamplingMetadata.build(
+            rows, V, "cuda", pending_tokens=pending, grammar=([3], bitmask.pin_memory())
+        )
+        launched = Sampler().launch(dev, md)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert launched.result().token_ids == expected.token_ids
+    assert expected.token_ids[3] in (1, 2, 3)
