@@ -408,6 +408,9 @@ class AsyncLLMEngine:
         for stream in self._streams.values():
             stream.close()
         self._streams.clear()
+        self._submitted.clear()
+        if self._batches is not None:
+            self._batches[0].close()
         return _Done()
 
 
