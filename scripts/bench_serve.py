@@ -218,7 +218,7 @@ def client_main() -> None:
 
     from broker.protocol import decode_event
 
-    job = json.loads(sys.stdin.read())
+    job = json.loads(sys.stdin.readline())
     client = redis.Redis.from_url(job["url"])
     inbox = f"{PREFIX}:inbox:{job['tag']}"
     pubsub = client.pubsub(ignore_subscribe_messages=True)
@@ -230,9 +230,13 @@ def client_main() -> None:
                                   "ignore_eos": True}})
         for i, prompt, adapter in job["items"]
     ]  # fmt: skip
-    while time.time() < job["start_at"]:
-        time.sleep(0.001)
+    # A barrier: every generator is up (imports, subscription, payloads built) before any
+    # submits, so the run measures the service, not Python's start-up.
+    print("READY", flush=True)
+    if sys.stdin.readline().strip() != "GO":
+        return
     sent = time.perf_counter()
+    sent_wall = time.time()
     pipe = client.pipeline(transaction=False)
     for data in payloads:
         pipe.xadd(f"{PREFIX}:requests", {"data": data})
@@ -269,6 +273,7 @@ def client_main() -> None:
             done += 1
             ends.append(now - sent)
     print(json.dumps({"tokens": tokens, "ttft": ttft, "itl": itl, "end": time.time(),
+                      "start": sent_wall,
                       "events_per_request": list(events.values()), "ends": ends,
                       "timeline": timeline}))  # fmt: skip
 
@@ -286,20 +291,27 @@ def run_service(
             def wave(
                 items: list[tuple[list[int], str | None]], tag: str, profile: bool
             ) -> tuple[int, float, list[float], list[float]]:
-                start_at = time.time() + 3.0  # every generator ready before the first XADD
                 procs = []
                 for c in range(args.clients):
                     shard = [(i, p, a) for i, (p, a) in enumerate(items) if i % args.clients == c]
                     if not shard:
                         continue
                     job = {"url": server.url, "items": shard, "output_len": args.output_len,
-                           "tag": f"{tag}{c}", "start_at": start_at}  # fmt: skip
+                           "tag": f"{tag}{c}"}  # fmt: skip
                     client = subprocess.Popen([sys.executable, __file__, "--as-client"], text=True,
                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
                     assert client.stdin is not None
-                    client.stdin.write(json.dumps(job))
-                    client.stdin.close()
+                    client.stdin.write(json.dumps(job) + "\n")
+                    client.stdin.flush()
                     procs.append(client)
+                for client in procs:
+                    assert client.stdout is not None
+                    if client.stdout.readline().strip() != "READY":
+                        raise RuntimeError("a load generator failed to start")
+                for client in procs:
+                    assert client.stdin is not None
+                    client.stdin.write("GO\n")
+                    client.stdin.close()
                 spy = start_py_spy(args, proc, out) if profile else []
                 got = []
                 for client in procs:
@@ -311,7 +323,7 @@ def run_service(
                     s.send_signal(signal.SIGINT)  # py-spy writes its profile and exits
                     s.wait(timeout=60)
                 n = sum(g["tokens"] for g in got)
-                elapsed = max(g["end"] for g in got) - start_at
+                elapsed = max(g["end"] for g in got) - min(g["start"] for g in got)
                 per_req = sorted(x for g in got for x in g["events_per_request"])
                 ends = sorted(x for g in got for x in g["ends"])
                 timeline: dict[str, int] = {}
