@@ -24,6 +24,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
+import torch
+
 from engine.config import EngineArgs
 from engine.core_messages import (
     PROTOCOL_VERSION,
@@ -84,6 +86,7 @@ def run_engine_core(
     )
     try:
         config = decode_engine_args(engine_args).create_engine_config()
+        _share_cores(config.device)
         core = EngineCore(config, log_stats=log_stats)
     except BaseException as e:
         logger.exception("engine core failed to start")
@@ -97,6 +100,15 @@ def run_engine_core(
     )
     output_conn.send_bytes(encode(ready))
     _exit(EngineCoreProc(core, input_conn, output_conn).run())
+
+
+def _share_cores(device: torch.device) -> None:
+    """On CPU, leave one core to the front process. Its threads (detokenizing, the event
+    loop) run all the time; a core whose intra-op threads want every core then waits at
+    each parallel region's barrier for a thread the OS has parked, and a step took seconds
+    (2 cores: 30 times slower). ``OMP_NUM_THREADS``, when set, decides instead."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
 
 
 def _exit(code: int) -> NoReturn:
