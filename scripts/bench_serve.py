@@ -18,6 +18,7 @@ writes ``bench_serve.json`` / ``bench_serve.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -130,61 +131,50 @@ def summarize(
 def run_offline(
     args: argparse.Namespace, model: Path, work: list[tuple[list[int], str | None]]
 ) -> dict[str, Any]:
-    """The engine alone, driven step by step so each token's time is known."""
+    """The engine alone, as scripts/bench.py runs it: ``LLM.generate`` in this process, every
+    request at once, outputs only at the end. Time to first token from each request's
+    metrics; inter-token latency as each request's mean (no per-token outputs here)."""
     from engine.config import EngineArgs
-    from engine.llm_engine import LLMEngine
+    from engine.llm import LLM
     from engine.lora.request import LoRARequest
-    from engine.sampling_params import RequestOutputKind, SamplingParams
+    from engine.sampling_params import SamplingParams
 
     parser = argparse.ArgumentParser()
     EngineArgs.add_cli_args(parser)
     engine_args = EngineArgs.from_cli_args(parser.parse_args(engine_flags(args, model)))
-    engine = LLMEngine.from_engine_args(engine_args)
+    fields = dataclasses.asdict(engine_args)
+    llm = LLM(fields.pop("model"), **fields)
     try:
         paths = bench.adapter_paths(model, args.rank, args.num_adapters)
         loras = {
             n: LoRARequest(n, i + 1, str(p))
             for i, (n, p) in enumerate(zip(adapter_names(args), paths, strict=True))
         }
-        params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True,
-                                output_kind=RequestOutputKind.DELTA)  # fmt: skip
+        params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
 
-        def run(
-            items: list[tuple[list[int], str | None]], tag: str
-        ) -> tuple[int, float, list[float], list[float]]:
-            engine.core.reset_prefix_cache()
+        def run(items: list[tuple[list[int], str | None]]) -> tuple[list[Any], float]:
+            llm.llm_engine.core.reset_prefix_cache()
             t0 = time.perf_counter()
-            last: dict[str, float] = {}
-            ttft: list[float] = []
-            itl: list[float] = []
-            n = 0
-            for i, (prompt, adapter) in enumerate(items):
-                engine.add_request(f"{tag}{i}", {"prompt_token_ids": prompt}, params,
-                                   lora_request=loras[adapter] if adapter else None)  # fmt: skip
-            while engine.has_unfinished_requests():
-                outs = engine.step()
-                now = time.perf_counter()
-                for out in outs:
-                    k = len(out.outputs[0].token_ids)
-                    if not k:
-                        continue
-                    n += k
-                    prev = last.get(out.request_id)
-                    if prev is None:
-                        ttft.append(now - t0)
-                    else:
-                        itl.extend([(now - prev) / k] * k)
-                    last[out.request_id] = now
-            return n, time.perf_counter() - t0, ttft, itl
+            outs = llm.generate([{"prompt_token_ids": p} for p, _ in items], params,
+                                [loras[a] if a else None for _, a in items], use_tqdm=False)  # fmt: skip
+            return outs, time.perf_counter() - t0
 
-        run(work[: min(len(work), args.max_num_seqs)], "warm")  # adapters loaded, kernels compiled
-        n, elapsed, ttft, itl = run(work, "r")
+        run(work[: min(len(work), args.max_num_seqs)])  # adapters loaded, kernels compiled
+        outs, elapsed = run(work)
     finally:
-        engine.shutdown()
+        llm.shutdown()
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
     assert n == len(work) * args.output_len, (
         f"offline: {n} tokens, expected {len(work) * args.output_len}"
     )
-    return summarize("offline (LLMEngine)", n, elapsed, ttft, itl)
+    ttft, itl = [], []
+    for o in outs:
+        m = o.metrics
+        ttft.append(m["first_token_time"] - m["arrival_time"])
+        k = len(o.outputs[0].token_ids)
+        if k > 1:
+            itl += [(m["finished_time"] - m["first_token_time"]) / (k - 1)] * (k - 1)
+    return summarize("offline (LLM.generate)", n, elapsed, ttft, itl)
 
 
 # ----------------------------------------------------------------------------- service
