@@ -67,6 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the worker runs with --enable-multiprocessing")  # fmt: skip
     p.add_argument("--clients", type=int, default=4, help="load generator processes")
     p.add_argument("--skip-offline", action="store_true", help="only the service run")
+    p.add_argument("--workload", choices=("burst", "chat"), default="burst",
+                   help="burst: --num-prompts random prompts; chat: conversations whose turns "
+                   "share a system prompt per adapter and their history")  # fmt: skip
+    p.add_argument("--chat-system-len", type=int, default=1000, help="chat: system prompt tokens")
+    p.add_argument("--chat-turns", type=int, default=3, help="chat: turns per conversation")
+    p.add_argument(
+        "--chat-adapters", type=int, default=4, help="chat: adapters the conversations use"
+    )
+    p.add_argument("--compare-prefix-caching", action="store_true",
+                   help="run the service twice, prefix caching on and off, and check the "
+                   "greedy outputs are identical")  # fmt: skip
     p.add_argument("--profile-serve", default=None, metavar="DIR",
                    help="run py-spy on the worker's processes during the timed run, SVGs into DIR")  # fmt: skip
     p.add_argument("--workdir", default="/tmp/lorastream-bench", help="checkpoints are cached here")
@@ -81,7 +92,7 @@ def engine_flags(args: argparse.Namespace, model: Path) -> list[str]:
     flags = [
         "--model", str(model), "--device", args.device, "--dtype", args.dtype,
         "--max-num-seqs", str(args.max_num_seqs),
-        "--max-model-len", str(args.input_len + args.output_len),
+        "--max-model-len", str(args.max_prompt_len + args.output_len),
         "--max-num-batched-tokens", str(max(args.max_num_batched_tokens, args.max_num_seqs)),
         "--gpu-memory-utilization", "0.85", "--seed", str(args.seed),
     ]  # fmt: skip
@@ -99,12 +110,42 @@ def adapter_names(args: argparse.Namespace) -> list[str]:
 
 
 def workload(args: argparse.Namespace) -> list[tuple[list[int], str | None]]:
+    if args.workload == "chat":
+        return chat_workload(args)
     prompts = bench.make_prompts(args.num_prompts, args.input_len, args.seed)
     if not args.num_adapters:
         return [(p, None) for p in prompts]
     names = adapter_names(args)
     which = bench.assign_adapters(args.pattern, len(prompts), args.num_adapters, args.seed)
     return [(p, names[a]) for p, a in zip(prompts, which, strict=True)]
+
+
+def chat_workload(args: argparse.Namespace) -> list[tuple[list[int], str | None]]:
+    """Chat frontends: conversations of ``--chat-turns`` turns; every turn sends the
+    adapter's system prompt and the whole history again (the assistant's earlier replies
+    are random tokens here, so turns do not wait for each other). ``--num-prompts`` is the
+    number of requests; user turns are 50-200 tokens."""
+    import random
+
+    rng = random.Random(args.seed)
+    names: list[str | None] = list(adapter_names(args)[: args.chat_adapters]) or [None]
+    system = {
+        n: bench.make_prompts(1, args.chat_system_len, args.seed + i)[0]
+        for i, n in enumerate(names)
+    }
+    out: list[tuple[list[int], str | None]] = []
+    conversation = 0
+    while len(out) < args.num_prompts:
+        adapter = names[conversation % len(names)]
+        history = list(system[adapter])
+        for _ in range(args.chat_turns):
+            history += [rng.randrange(*bench.PROMPT_VOCAB) for _ in range(rng.randint(50, 200))]
+            out.append((list(history), adapter))
+            history += [rng.randrange(*bench.PROMPT_VOCAB) for _ in range(args.output_len)]
+            if len(out) == args.num_prompts:
+                break
+        conversation += 1
+    return out
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -179,9 +220,9 @@ def run_offline(
 
 # ----------------------------------------------------------------------------- service
 def start_worker(
-    args: argparse.Namespace, model: Path, url: str, out: Path
+    args: argparse.Namespace, model: Path, url: str, out: Path, extra: tuple[str, ...] = ()
 ) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "engine.cli", "serve", *engine_flags(args, model),
+    cmd = [sys.executable, "-m", "engine.cli", "serve", *engine_flags(args, model), *extra,
            "--redis-url", url, "--prefix", PREFIX, "--consumer-name", "bench-worker",
            "--block-ms", "100"]  # fmt: skip
     if args.serve_mp:
@@ -237,6 +278,7 @@ def client_main() -> None:
     events: dict[str, int] = {}
     ends: list[float] = []
     timeline: dict[int, int] = {}
+    kept: dict[str, list[int]] = {}
     tokens = 0
     done = 0
     while done < len(payloads):
@@ -247,6 +289,8 @@ def client_main() -> None:
         event = decode_event(msg["data"])
         k = len(event.token_ids)
         events[event.id] = events.get(event.id, 0) + 1
+        if job.get("keep_tokens"):
+            kept.setdefault(event.id, []).extend(event.token_ids)
         if k:
             tokens += k
             second = int(now - sent)
@@ -265,29 +309,36 @@ def client_main() -> None:
     print(json.dumps({"tokens": tokens, "ttft": ttft, "itl": itl, "end": time.time(),
                       "start": sent_wall,
                       "events_per_request": list(events.values()), "ends": ends,
-                      "timeline": timeline}))  # fmt: skip
+                      "timeline": timeline, "outputs": kept}))  # fmt: skip
 
 
 def run_service(
-    args: argparse.Namespace, model: Path, work: list[tuple[list[int], str | None]], out: Path
-) -> dict[str, Any]:
+    args: argparse.Namespace,
+    model: Path,
+    work: list[tuple[list[int], str | None]],
+    warm: list[tuple[list[int], str | None]],
+    out: Path,
+    extra: tuple[str, ...] = (),
+) -> tuple[dict[str, Any], dict[int, list[int]]]:
+    """The service run: returns its row and, with --compare-prefix-caching, each request's
+    tokens by its index in ``work``."""
     from broker.embedded import RedisServer
 
     (out / "redis").mkdir(parents=True, exist_ok=True)
     with RedisServer(data_dir=out / "redis") as server:
-        proc = start_worker(args, model, server.url, out)
+        proc = start_worker(args, model, server.url, out, extra)
         try:
 
             def wave(
                 items: list[tuple[list[int], str | None]], tag: str, profile: bool
-            ) -> tuple[int, float, list[float], list[float]]:
+            ) -> tuple[int, float, list[float], list[float], dict[int, list[int]]]:
                 procs = []
                 for c in range(args.clients):
                     shard = [(i, p, a) for i, (p, a) in enumerate(items) if i % args.clients == c]
                     if not shard:
                         continue
                     job = {"url": server.url, "items": shard, "output_len": args.output_len,
-                           "tag": f"{tag}{c}"}  # fmt: skip
+                           "tag": f"{tag}{c}", "keep_tokens": args.compare_prefix_caching}  # fmt: skip
                     client = subprocess.Popen([sys.executable, __file__, "--as-client"], text=True,
                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
                     assert client.stdin is not None
@@ -322,16 +373,26 @@ def run_service(
                         timeline[sec] = timeline.get(sec, 0) + k
                 print(f"{tag}: events per request p0/p50/p100 {[per_req[0], per_req[len(per_req) // 2], per_req[-1]]}; request end s p10/p50/p90/p100 {[round(ends[int(q * (len(ends) - 1))], 2) for q in (0.1, 0.5, 0.9, 1.0)]}; "
                          f"tokens per second of the run {[timeline[k] for k in sorted(timeline, key=int)]}", flush=True)  # fmt: skip
+                outputs = {
+                    int(rid.rsplit("-", 1)[1]): toks
+                    for g in got
+                    for rid, toks in g["outputs"].items()
+                }
                 return (
                     n,
                     elapsed,
                     [t for g in got for t in g["ttft"]],
                     [t for g in got for t in g["itl"]],
+                    outputs,
                 )
 
             wait_ready(server.url, proc, out)
-            wave(work[: min(len(work), args.max_num_seqs)], f"w{uuid.uuid4().hex[:6]}", False)
-            n, elapsed, ttft, itl = wave(work, f"r{uuid.uuid4().hex[:6]}", bool(args.profile_serve))
+            # Warm-up on other prompts of the same shapes: the timed run finds no cached KV
+            # but its own.
+            wave(warm, f"w{uuid.uuid4().hex[:6]}", False)
+            n, elapsed, ttft, itl, outputs = wave(
+                work, f"r{uuid.uuid4().hex[:6]}", bool(args.profile_serve)
+            )
         finally:
             proc.terminate()
             try:
@@ -341,8 +402,9 @@ def run_service(
     assert n == len(work) * args.output_len, (
         f"service: {n} tokens, expected {len(work) * args.output_len}"
     )
-    name = "service (serve" + (" --enable-multiprocessing" if args.serve_mp else "") + " + Redis)"
-    return summarize(name, n, elapsed, ttft, itl)
+    name = "service (serve" + (" --enable-multiprocessing" if args.serve_mp else "")
+    name += "".join(f" {x}" for x in extra) + " + Redis)"
+    return summarize(name, n, elapsed, ttft, itl), outputs
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], out: Path) -> None:
@@ -400,16 +462,30 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = bench.make_checkpoint(Path(args.workdir), args.shape, args.num_adapters, args.rank)
     work = workload(args)
+    warm = workload(argparse.Namespace(**{**vars(args), "seed": args.seed + 1000}))
+    warm = warm[: min(len(warm), args.max_num_seqs)]
+    args.max_prompt_len = max(len(p) for p, _ in work + warm)
     rows = []
+    status = 0
     if not args.skip_offline:
         rows.append(run_offline(args, model, work))
-    rows.append(run_service(args, model, work, out))
+    if args.compare_prefix_caching:
+        row_on, on = run_service(args, model, work, warm, out, ("--enable-prefix-caching",))
+        row_off, off = run_service(args, model, work, warm, out, ("--no-enable-prefix-caching",))
+        changed = [i for i in range(len(work)) if on.get(i) != off.get(i)]
+        row_on["outputs_identical_with_caching_off"] = not changed
+        rows += [row_on, row_off]
+        if changed:
+            print(f"prefix caching changed {len(changed)} greedy outputs (requests {changed[:10]})")
+            status = 1
+    else:
+        rows.append(run_service(args, model, work, warm, out)[0])
     result = {"args": vars(args), "versions": bench.versions(), "rows": rows}
     (out / "bench_serve.json").write_text(json.dumps(result, indent=2))
     text = table(rows)
     (out / "bench_serve.md").write_text(text + "\n")
     print(text)
-    return 0
+    return status
 
 
 if __name__ == "__main__":
