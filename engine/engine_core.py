@@ -308,7 +308,7 @@ class EngineCore:
             for req in self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR):
                 self._unpin(req)
                 failed.append(FailedRequest(req.request_id, err))
-                logger.warning("request %s failed: %s", req.request_id, err)
+                logger.warning("request %r failed: %r", req.request_id, str(err))
 
     def _fill_bitmask(self, requests: list[Request], pin: bool) -> torch.Tensor:
         return self.structured.fill_bitmask(requests, pin)
@@ -322,7 +322,7 @@ class EngineCore:
             ):
                 self._unpin(req)
                 failed.append(FailedRequest(req.request_id, error))
-                logger.info("request %s failed: %s", req.request_id, error)
+                logger.info("request %r failed: %r", req.request_id, str(error))
 
     def _advance_grammars(
         self, sched: SchedulerOutput, touched: list[Request], failed: list[FailedRequest]
