@@ -69,9 +69,7 @@ class LLMEngine:
             self.engine_core = InprocClient(EngineCore(config, log_stats=log_stats))
         self.is_multiprocess = enable_multiprocessing
         try:
-            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-                config.tokenizer, local_files_only=True
-            )
+            self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(config.tokenizer)
         except BaseException:
             self.engine_core.shutdown()
             raise
@@ -378,17 +376,27 @@ class LLMEngine:
         self.shutdown()
 
 
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint directory or of a GGUF file (built from its metadata)."""
+    if path.endswith(".gguf"):
+        from engine.model.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def _eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids from config.json, generation_config.json (Llama 3 lists several) and the tokenizer."""
     ids: list[int] = []
     sources: list[Any] = [getattr(config.hf_config, "eos_token_id", None)]
-    try:
-        from transformers import GenerationConfig
+    if not config.model.endswith(".gguf"):  # a GGUF's EOS ids are in its config already
+        try:
+            from transformers import GenerationConfig
 
-        gen = GenerationConfig.from_pretrained(config.model, local_files_only=True)
-        sources.append(gen.eos_token_id)
-    except (OSError, ValueError):
-        pass  # no generation_config.json
+            gen = GenerationConfig.from_pretrained(config.model, local_files_only=True)
+            sources.append(gen.eos_token_id)
+        except (OSError, ValueError):
+            pass  # no generation_config.json
     sources.append(tokenizer.eos_token_id)
     for src in sources:
         for i in src if isinstance(src, list | tuple) else [src]:
