@@ -123,7 +123,7 @@ def test_uncached_repo_offline_fails_naming_the_hub(offline):
 
 def test_local_paths_that_are_not_checkpoints_are_refused(tmp_path):
     def refused(path: Path) -> str:
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(ValueError, match=r"^EngineArgs\.model=") as info:
             EngineArgs(model=str(path), device="cpu").create_engine_config()
         return str(info.value)
 
