@@ -106,7 +106,8 @@ class EngineArgs:
     max_lora_rank: int = 16
     """Largest adapter rank accepted."""
     max_cpu_loras: int | None = None
-    """Adapters kept in host memory (LRU); defaults to max_loras and must not be smaller."""
+    """Adapters kept in host memory (LRU); defaults to max_loras, or to the number of
+    lora_modules when more are preloaded; must not be smaller than either."""
     lora_dtype: str | torch.dtype = "auto"
     """auto (= model dtype) | float16 | bfloat16 | float32 | a torch.dtype."""
     fully_sharded_loras: bool = False
@@ -186,6 +187,14 @@ class EngineArgs:
                 bad("max_cpu_loras", "must be an integer or None")
             if self.max_cpu_loras < self.max_loras:
                 bad("max_cpu_loras", f"must be >= max_loras ({self.max_loras})")
+            if self.max_cpu_loras < len(self.lora_modules):
+                # Host memory holds every preloaded adapter; fewer entries would evict some
+                # of them while the others load.
+                bad(
+                    "max_cpu_loras",
+                    f"must be >= the number of lora_modules ({len(self.lora_modules)}), "
+                    "which are all loaded into host memory at start",
+                )
         if not isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in (
             "auto",
             *_DTYPES,
@@ -291,7 +300,7 @@ class EngineArgs:
             lora=LoRAConfig(
                 max_loras=self.max_loras,
                 max_lora_rank=self.max_lora_rank,
-                max_cpu_loras=self.max_cpu_loras or self.max_loras,
+                max_cpu_loras=self.max_cpu_loras or max(self.max_loras, len(self.lora_modules)),
                 lora_dtype=lora_dtype,
                 fully_sharded_loras=self.fully_sharded_loras,
                 target_modules=tuple(self.lora_target_modules or LORA_TARGET_MODULES),
