@@ -268,6 +268,33 @@ class LLMEngine:
             raise InvalidRequest("prompt is empty")
         return text, ids
 
+    def tokenize_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
+        """(text, token ids) of ``messages`` rendered by the model's chat template. The
+        template writes every special token it wants (a BOS among them), so the text is
+        tokenized without adding any, as vLLM does: a template that starts with
+        ``{{ bos_token }}`` gives one BOS, not two. Pass the result to ``add_request`` as
+        ``{"prompt": text, "prompt_token_ids": ids}``."""
+        from jinja2 import TemplateError
+
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) is None:
+            raise InvalidRequest("messages: the model has no chat template; send prompt instead")
+        try:
+            text = tok.apply_chat_template(
+                [dict(m) for m in messages],
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except (TemplateError, ValueError, TypeError, KeyError) as e:
+            raise InvalidRequest(f"messages: the chat template refused them: {e}") from e
+        assert isinstance(text, str)
+        ids = tok.encode(text, add_special_tokens=False)
+        if not ids:
+            raise InvalidRequest("messages: the chat template rendered an empty prompt")
+        return text, ids
+
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Finish requests now; their final outputs (finish_reason "abort") come with the next step."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
