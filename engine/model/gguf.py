@@ -97,6 +97,11 @@ def gguf_config(path: str | os.PathLike[str]) -> PretrainedConfig:
             f"{path}: GGUF architecture {arch_name!r} is not supported; "
             f"supported: {', '.join(ARCHITECTURES)}"
         )
+    if int(meta.get("split.count", 1)) > 1:
+        raise CheckpointError(
+            f"{path} is one part of a split GGUF checkpoint, which is not supported: merge the "
+            "parts first (llama.cpp's llama-gguf-split --merge)"
+        )
     a = f"{arch_name}."
     tensors = {t.name: t for t in _reader(str(path)).tensors}
     hidden = int(meta.require(a + "embedding_length"))

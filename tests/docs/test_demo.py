@@ -1,0 +1,50 @@
+"""``lorastream demo`` (what scripts/demo.sh runs) prints clean text, and every adapter's
+reply differs from the base model's."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import unicodedata
+
+from broker.demo import DEMO_ADAPTERS
+
+
+def test_demo_prints_clean_text_and_each_adapter_answers_differently():
+    # The model is fetched into $LORASTREAM_CACHE on first use (once per machine).
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--log-level", "WARNING",
+         "demo", "--plain", "--device", "cpu", "--max-tokens", "40"],
+        capture_output=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    text = proc.stdout.decode("utf-8")  # strict: invalid UTF-8 raises
+    controls = {c for c in text if unicodedata.category(c) == "Cc" and c != "\n"}
+    assert not controls, controls
+    # The summary: "== name (status, N tokens, ...) ==" then the reply.
+    blocks = re.split(r"^== (.+?) \((\w+), (\d+) tokens.*\) ==$", text, flags=re.M)
+    found = [blocks[i : i + 4] for i in range(1, len(blocks), 4)]
+    replies = {name: body.strip() for name, _, _, body in found}
+    statuses = {name: status for name, status, _, _ in found}
+    adapters = sorted(p.name for p in DEMO_ADAPTERS.iterdir() if p.is_dir())
+    assert sorted(replies) == sorted(["base model", *adapters])
+    assert set(statuses.values()) <= {"stop", "length"}, statuses
+    for name in adapters:
+        assert replies[name], name
+        assert replies[name] != replies["base model"], name
+    # The streamed lines carry the same replies as the summary.
+    streamed = dict.fromkeys(replies, "")
+    for line in text.splitlines():
+        name, sep, delta = line.partition(" | ")
+        if sep and name.strip() in streamed:
+            streamed[name.strip()] += delta
+    for name, reply in replies.items():
+        assert " ".join(streamed[name].split()) == " ".join(reply.split()), name
+
+
+def test_control_characters_are_shown_as_escapes():
+    from broker.demo import printable
+
+    assert printable("a\x00b\nc\x1b[31md\té") == "a\\x00b\nc\\x1b[31md\\x09é"
