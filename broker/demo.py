@@ -62,6 +62,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     arg("--redis-url", default=None, help="use this Redis instead of a private redis-server")
     arg("--device", default="auto", help="auto | cpu | cuda")
     arg("--plain", action="store_true", help="print events as lines instead of a live table")
+    arg(
+        "--print-serve-args",
+        action="store_true",
+        help="fetch the model, print the `lorastream serve` flags that serve it with the demo "
+        "adapters, and exit",
+    )
 
 
 @dataclass
@@ -117,6 +123,16 @@ async def run(ns: argparse.Namespace) -> int:
         # Log lines would tear the live table: only warnings and errors while it runs.
         logging.getLogger("lorastream").setLevel(logging.WARNING)
     model = demo_model(ns)
+    from engine.config import LORA_RANKS, EngineArgs
+
+    max_rank = next(r for r in LORA_RANKS if r >= model.max_rank)
+    if ns.print_serve_args:
+        modules = " ".join(f"{n}={model.adapters_root / n}" for n in model.adapters)
+        print(
+            f"--model {model.path} --enable-lora --max-loras {len(model.adapters)} "
+            f"--max-lora-rank {max_rank} --lora-modules {modules}"
+        )
+        return 0
     embedded = None
     url = ns.redis_url
     if not url:
@@ -125,14 +141,13 @@ async def run(ns: argparse.Namespace) -> int:
     print(f"redis: {url}{' (private redis-server)' if embedded else ''}", flush=True)
 
     from engine.async_engine import AsyncLLMEngine
-    from engine.config import LORA_RANKS, EngineArgs
 
     args = EngineArgs(
         model=str(model.path),
         device=ns.device,
         enable_lora=True,
         max_loras=len(model.adapters),
-        max_lora_rank=next(r for r in LORA_RANKS if r >= model.max_rank),
+        max_lora_rank=max_rank,
         max_num_seqs=len(model.adapters) + 1,
         max_model_len=2048,
         disable_log_stats=True,

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 
 from broker.demo import DEMO_ADAPTERS
 
@@ -48,3 +49,27 @@ def test_control_characters_are_shown_as_escapes():
     from broker.demo import printable
 
     assert printable("a\x00b\nc\x1b[31md\té") == "a\\x00b\nc\\x1b[31md\\x09é"
+
+
+def test_print_serve_args_gives_flags_engine_args_accepts():
+    import argparse
+    import shlex
+
+    from engine import EngineArgs
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "demo", "--print-serve-args"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    flags = shlex.split(proc.stdout.strip().splitlines()[-1])
+    args = EngineArgs.from_cli_args(
+        EngineArgs.add_cli_args(argparse.ArgumentParser()).parse_args(flags)
+    )
+    assert args.model.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert sorted(m.name for m in args.lora_modules) == sorted(
+        p.name for p in DEMO_ADAPTERS.iterdir() if p.is_dir()
+    )
+    assert all((Path(m.path) / "adapter_config.json").is_file() for m in args.lora_modules)
