@@ -75,8 +75,8 @@ def find_gguf(path: str | os.PathLike[str]) -> Path | None:
 
 @functools.lru_cache(maxsize=2)
 def _reader(path: str) -> Any:
-    """A memory-mapped reader (parsing the metadata of a large vocabulary takes a second or
-    two, and the config, the weights and the EOS ids all read it)."""
+    """A memory-mapped reader, kept: parsing the metadata of a large vocabulary takes a second
+    or two, and the config and the weights both read it."""
     from gguf import GGUFReader
 
     try:
@@ -119,25 +119,15 @@ def gguf_config(path: str | os.PathLike[str]) -> PretrainedConfig:
         raise CheckpointError(
             f"{path}: RoPE over {rotary} of {head_dim} head dims is not supported"
         )
-    if "rope_freqs.weight" in tensors:
-        # Llama 3.1's frequency scaling, stored as per-dimension factors.
-        raise CheckpointError(f"{path}: RoPE frequency factors (rope_freqs) are not supported")
-    rope: dict[str, Any] = {"rope_type": "default"}
-    scaling = meta.get(a + "rope.scaling.type", "none")
-    if scaling == "linear":
-        rope = {"rope_type": "linear", "factor": float(meta.require(a + "rope.scaling.factor"))}
-    elif scaling != "none":
-        raise CheckpointError(f"{path}: RoPE scaling {scaling!r} is not supported")
-    rope["rope_theta"] = float(meta.get(a + "rope.freq_base", 10000.0))
     vocab = meta.get(a + "vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
     if not vocab and "token_embd.weight" in tensors:
         vocab = int(tensors["token_embd.weight"].shape[-1])
     eos = [
-        meta.get(f"tokenizer.ggml.{k}_token_id")
-        for k in ("eos", "eot", "eom")
-        if meta.get(f"tokenizer.ggml.{k}_token_id") is not None
+        int(i)
+        for k in ("eos", "eot", "eom")  # end of text, of a turn (Llama 3), of a message
+        if (i := meta.get(f"tokenizer.ggml.{k}_token_id")) is not None
     ]
-    eos = list(dict.fromkeys(int(i) for i in eos))
+    eos = list(dict.fromkeys(eos))
     config_class = getattr(transformers, arch.config_class)
     return config_class(
         architectures=[arch.architecture],
@@ -150,13 +140,28 @@ def gguf_config(path: str | os.PathLike[str]) -> PretrainedConfig:
         rms_norm_eps=float(meta.get(a + "attention.layer_norm_rms_epsilon", 1e-6)),
         max_position_embeddings=int(meta.get(a + "context_length", 2048)),
         vocab_size=int(vocab),
-        rope_parameters=rope,
+        rope_parameters=_rope(meta, a, tensors),
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=(eos[0] if len(eos) == 1 else eos) or None,
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
         dtype=_default_dtype(tensors.values()),
     )
+
+
+def _rope(meta: _Metadata, a: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    """transformers' ``rope_parameters`` from the metadata keys under ``a`` (the architecture)."""
+    if "rope_freqs.weight" in tensors:
+        # Llama 3.1's frequency scaling, stored as per-dimension factors.
+        raise CheckpointError(f"{meta.path}: RoPE frequency factors (rope_freqs) are not supported")
+    rope: dict[str, Any] = {"rope_type": "default"}
+    scaling = meta.get(a + "rope.scaling.type", "none")
+    if scaling == "linear":
+        rope = {"rope_type": "linear", "factor": float(meta.require(a + "rope.scaling.factor"))}
+    elif scaling != "none":
+        raise CheckpointError(f"{meta.path}: RoPE scaling {scaling!r} is not supported")
+    rope["rope_theta"] = float(meta.get(a + "rope.freq_base", 10000.0))
+    return rope
 
 
 def gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
