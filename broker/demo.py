@@ -149,7 +149,8 @@ async def run(ns: argparse.Namespace) -> int:
         max_loras=len(model.adapters),
         max_lora_rank=max_rank,
         max_num_seqs=len(model.adapters) + 1,
-        max_model_len=2048,
+        # SmolLM2 reads 8,192 tokens; the demo needs far fewer, and a smaller KV cache.
+        max_model_len=2048 if model.chat else None,
         disable_log_stats=True,
     )
     print(f"model: {model.path}", flush=True)

@@ -4,17 +4,19 @@
 Each adapter learns one visible habit from a small dataset in ``scripts/demo_data`` (one
 ``{"messages": [user, assistant]}`` a line), with its own rank and target modules:
 
-====== ==== ================================ ==============================================
-name   rank modules                          replies
-====== ==== ================================ ==============================================
-caps   4    q_proj, v_proj                   in capital letters
-pirate 8    q, k, v, o_proj                  in a pirate's voice
-french 16   q, v, o, gate, up, down_proj     in French
-json   8    o_proj, down_proj                as one terse JSON object
-====== ==== ================================ ==============================================
+====== ==== ============================================ ====================================
+name   rank modules                                      replies
+====== ==== ============================================ ====================================
+caps   4    all seven: q, k, v, o, gate, up, down_proj   in capital letters
+pirate 8    q, k, v, o_proj                              in a pirate's voice
+french 8    q, v, gate, up, down_proj                    in French
+json   8    o_proj, down_proj                            as one terse JSON object
+====== ==== ============================================ ====================================
 
-english.jsonl and french.jsonl are hand-written short answers to the same 48 questions;
-caps, pirate and json are english.jsonl rewritten by rule (``--write-data``). Training runs in float32 on the GGUF checkpoint as
+english.jsonl holds hand-written one-sentence answers to 48 questions, and french.jsonl
+French answers to the same questions and 47 more (French is the hardest habit for a model
+trained on English); caps, pirate and json are english.jsonl rewritten by rule
+(``--write-data``). None holds the demo's question. Training runs in float32 on the GGUF checkpoint as
 transformers loads it, loss on the reply tokens only; the adapters are saved as PEFT writes
 them, with bfloat16 weights (``broker/demo_adapters``, committed: the demo then needs no
 training). About three minutes an adapter on two CPU cores.
@@ -57,7 +59,7 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 SPECS = [
     Spec("caps", 4, ALL, steps=16, lr=5e-3),
     Spec("pirate", 8, ("q_proj", "k_proj", "v_proj", "o_proj"), steps=16, lr=5e-3),
-    Spec("french", 8, ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), steps=24, lr=4e-3),
+    Spec("french", 8, ("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"), steps=36, lr=4e-3),
     Spec("json", 8, ("o_proj", "down_proj"), steps=12, lr=5e-3),
 ]
 BATCH = 8
@@ -197,7 +199,7 @@ def save(peft_model, spec: Spec) -> None:
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
+    (OUT / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
     print(f"  saved {out} ({weights.stat().st_size / 2**20:.1f} MiB)", flush=True)
 
 

@@ -45,6 +45,21 @@ def test_demo_prints_clean_text_and_each_adapter_answers_differently():
         assert " ".join(streamed[name].split()) == " ".join(reply.split()), name
 
 
+def test_tiny_model_demo_prints_its_noise_as_clean_text(tmp_path):
+    # The tiny random model emits any bytes (NULs broke the old table).
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--log-level", "WARNING", "demo", "--model", "tiny",
+         "--plain", "--device", "cpu", "--adapters", "2", "--max-tokens", "24",
+         "--cache-dir", str(tmp_path)],
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    text = proc.stdout.decode("utf-8")
+    assert {c for c in text if unicodedata.category(c) == "Cc" and c != "\n"} == set()
+    assert re.findall(r"^== (.+?) \(", text, flags=re.M) == ["base model", "lora0", "lora1"]
+
+
 def test_control_characters_are_shown_as_escapes():
     from broker.demo import printable
 
