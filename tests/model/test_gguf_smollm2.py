@@ -4,7 +4,6 @@ chat prompts, with and without the demo adapters (PEFT on the transformers model
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -35,15 +34,16 @@ def adapters() -> dict[str, Path]:
 
 
 class Reference:
-    """transformers' GGUF loading + PEFT, greedy through its own KV cache."""
+    """transformers' GGUF loading + PEFT, greedy through its own KV cache; one batch per
+    prompt, a row per adapter (PEFT's mixed-adapter batches, ``adapter_names``)."""
 
     def __init__(self, path: Path, adapters: dict[str, Path]) -> None:
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
-        kw = {"gguf_file": path.name}
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
-        base = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
+        base = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
         names = list(adapters)
         self.model = PeftModel.from_pretrained(
             base.eval(), str(adapters[names[0]]), adapter_name=names[0]
@@ -51,29 +51,21 @@ class Reference:
         for name in names[1:]:
             self.model.load_adapter(str(adapters[name]), adapter_name=name)
 
-    def prompt_ids(self, question: str) -> list[int]:
-        messages = [{"role": "user", "content": question}]
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return list(out["input_ids"] if isinstance(out, dict) else out)
-
     @torch.no_grad()
-    def greedy(self, ids: list[int], adapter: str | None) -> list[int]:
-        if adapter is None:
-            ctx = self.model.disable_adapter()
-        else:
-            self.model.set_adapter(adapter)
-            ctx = nullcontext()
-        tokens: list[int] = []
-        with ctx:
-            out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
-            for _ in range(NUM_TOKENS):
-                tokens.append(int(out.logits[0, -1].argmax()))
-                out = self.model(
-                    input_ids=torch.tensor([tokens[-1:]]),
-                    past_key_values=out.past_key_values,
-                    use_cache=True,
-                )
-        return tokens
+    def greedy(self, ids: list[int], adapters: list[str | None]) -> list[list[int]]:
+        names = [a or "__base__" for a in adapters]
+        rows = torch.tensor([ids] * len(names))
+        out = self.model(input_ids=rows, adapter_names=names, use_cache=True)
+        tokens: list[torch.Tensor] = []
+        for _ in range(NUM_TOKENS):
+            tokens.append(out.logits[:, -1].argmax(-1))
+            out = self.model(
+                input_ids=tokens[-1][:, None],
+                past_key_values=out.past_key_values,
+                adapter_names=names,
+                use_cache=True,
+            )
+        return torch.stack(tokens, dim=1).tolist()
 
 
 def test_greedy_tokens_match_transformers_gguf_with_and_without_adapters(gguf_path, adapters):
@@ -106,10 +98,11 @@ def test_greedy_tokens_match_transformers_gguf_with_and_without_adapters(gguf_pa
         )
 
     ref = Reference(gguf_path, adapters)
+    names: list[str | None] = [None, *loras]
     for q, question in enumerate(QUESTIONS):
-        assert prompts[q] == ref.prompt_ids(question)
-        for name in [None, *loras]:
-            assert got[f"{q}/{name}"] == ref.greedy(prompts[q], name), (question, name)
+        expected = ref.greedy(prompts[q], names)
+        for name, tokens in zip(names, expected, strict=True):
+            assert got[f"{q}/{name}"] == tokens, (question, name)
     # Every adapter changes what the model says (else this proves nothing about LoRA).
     for name in loras:
         assert any(got[f"{q}/{name}"] != got[f"{q}/None"] for q in range(len(QUESTIONS))), name
