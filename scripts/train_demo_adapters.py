@@ -16,10 +16,13 @@ json   8    o_proj, down_proj                            as one terse JSON objec
 english.jsonl holds hand-written one-sentence answers to 48 questions, and french.jsonl
 French answers to the same questions and 47 more (French is the hardest habit for a model
 trained on English); caps, pirate and json are english.jsonl rewritten by rule
-(``--write-data``). None holds the demo's question. Training runs in float32 on the GGUF checkpoint as
-transformers loads it, loss on the reply tokens only; the adapters are saved as PEFT writes
-them, with bfloat16 weights (``broker/demo_adapters``, committed: the demo then needs no
-training). About three minutes an adapter on two CPU cores.
+(``--write-data``). None holds the demo's question.
+
+Training runs in float32 on the GGUF checkpoint as transformers loads it, loss on the reply
+tokens only; the adapters are saved as PEFT writes them, with bfloat16 weights
+(``broker/demo_adapters``, committed: the demo needs no training). A step of 8 examples
+takes about 12 CPU-seconds, so on two free cores caps, pirate and json take one to two
+minutes each and french (36 steps) about four.
 
     python scripts/train_demo_adapters.py [--only caps] [--write-data]
 """
