@@ -24,14 +24,9 @@ from typing import Any
 
 import anyio
 
-from broker import producer
-from broker.embedded import RedisServer
-from broker.metrics import BrokerMetrics
-from broker.protocol import ErrorEvent
-from broker.redis_conn import RedisSettings, connect
-from broker.registry import AdapterRegistry, registry_key
-from broker.service import Service, ServiceConfig
 from engine.model.smollm2 import cache_dir
+
+# The worker's modules (redis, the engine, torch) are imported by run(): `demo --help` needs none.
 
 PREFIX = "lorastream-demo"
 DEMO_ADAPTERS = Path(__file__).resolve().parent / "demo_adapters"
@@ -55,7 +50,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "tiny: a random tiny model with random adapters (fast, prints noise; for tests)",
     )
     arg("--question", default=QUESTION, help="what every model is asked")
-    arg("--adapters", type=int, default=4, help="how many adapters answer too (1-8)")
+    arg("--adapters", type=int, default=4, help="how many adapters answer too (1-8; smollm2 has 4)")
     arg("--max-tokens", type=int, default=64, help="longest reply, in tokens")
     arg("--temperature", type=float, default=0.0, help="0: greedy")
     arg("--cache-dir", default=str(cache_dir()), help="where the model is kept ($LORASTREAM_CACHE)")
@@ -123,6 +118,12 @@ async def run(ns: argparse.Namespace) -> int:
         # Log lines would tear the live table: only warnings and errors while it runs.
         logging.getLogger("lorastream").setLevel(logging.WARNING)
     model = demo_model(ns)
+    from broker import producer
+    from broker.embedded import RedisServer
+    from broker.metrics import BrokerMetrics
+    from broker.redis_conn import RedisSettings, connect
+    from broker.registry import AdapterRegistry, registry_key
+    from broker.service import Service, ServiceConfig
     from engine.config import LORA_RANKS, EngineArgs
 
     max_rank = next(r for r in LORA_RANKS if r >= model.max_rank)
@@ -211,6 +212,9 @@ async def _follow(
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
+    from broker import producer
+    from broker.protocol import ErrorEvent
+
     # events() subscribes, then replays the result stream: starting after the submit loses nothing.
     stream = producer.events(client, PREFIX, reply.request_id, timeout_s=300)
     task_status.started()

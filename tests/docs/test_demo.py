@@ -88,3 +88,25 @@ def test_print_serve_args_gives_flags_engine_args_accepts():
         p.name for p in DEMO_ADAPTERS.iterdir() if p.is_dir()
     )
     assert all((Path(m.path) / "adapter_config.json").is_file() for m in args.lora_modules)
+
+
+def test_demo_flags_show_help_and_defaults_without_loading_the_model_stack():
+    code = (
+        "import argparse, sys\n"
+        "from broker.demo import add_args\n"
+        "p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)\n"
+        "add_args(p)\n"
+        "f = p._get_formatter()\n"
+        "for a in p._actions[1:]:\n"
+        "    print('FLAG', a.option_strings[0], bool(a.help),\n"
+        "          'default' in (f._get_help_string(a) or '').lower())\n"
+        "print('loaded', *(m for m in ('torch', 'transformers', 'starlette', 'uvicorn',\n"
+        "                              'matplotlib', 'redis') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    flags = [line.split() for line in lines if line.startswith("FLAG")]
+    assert len(flags) >= 9
+    assert [f[1] for f in flags if f[2:] != ["True", "True"]] == []
+    assert lines[-1] == "loaded"
