@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,9 +65,17 @@ class EngineArgs:
     """Arguments for ``LLMEngine`` with vLLM's names. One docstring per field."""
 
     model: str
-    """Directory of a Hugging Face checkpoint (config.json, *.safetensors, tokenizer files)."""
+    """The checkpoint: a Hugging Face directory (config.json, *.safetensors, tokenizer files), a
+    GGUF file or a directory holding one (weights dequantized to dtype; config, tokenizer and
+    chat template from its metadata), or a Hugging Face Hub repo id (org/name, or
+    org/name/FILE.gguf for one file of a repo) downloaded into the Hub cache."""
     tokenizer: str | None = None
-    """Tokenizer directory; defaults to ``model``."""
+    """Tokenizer: a directory, a GGUF file or a Hub repo id; defaults to ``model``."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of a model given as a repo id; default: main."""
+    download_dir: str | None = None
+    """Hub cache directory for models given as a repo id; default: huggingface_hub's
+    (HF_HUB_CACHE, or HF_HOME/hub)."""
     dtype: str = "auto"
     """Weights and activations: auto (the checkpoint's torch_dtype; float32 on CPU for float16) | float16 | bfloat16 | float32."""
     device: str = "auto"
@@ -120,7 +129,8 @@ class EngineArgs:
     max_lora_rank: int = 16
     """Largest adapter rank accepted."""
     max_cpu_loras: int | None = None
-    """Adapters kept in host memory (LRU); defaults to max_loras and must not be smaller."""
+    """Adapters kept in host memory (LRU); defaults to max_loras, or to the number of
+    lora_modules when more are preloaded; must not be smaller than either."""
     lora_dtype: str | torch.dtype = "auto"
     """auto (= model dtype) | float16 | bfloat16 | float32 | a torch.dtype."""
     fully_sharded_loras: bool = False
@@ -167,7 +177,7 @@ class EngineArgs:
             raise ValueError(f"EngineArgs.{name}={getattr(self, name)!r} is invalid: {allowed}")
 
         if not isinstance(self.model, str | os.PathLike) or not str(self.model):
-            bad("model", "must be a checkpoint directory")
+            bad("model", "must be a checkpoint directory, a GGUF file or a Hub repo id")
         if self.dtype not in ("auto", *_DTYPES):
             bad("dtype", f"allowed: auto, {', '.join(_DTYPES)}")
         if self.device not in ("auto", "cuda", "cpu") and not str(self.device).startswith("cuda:"):
@@ -229,8 +239,8 @@ class EngineArgs:
                 "allowed: auto, hf (the checkpoint's fast tokenizer; slow, mistral and custom "
                 "tokenizers are not supported)",
             )
-        if self.load_format not in ("auto", "safetensors"):
-            bad("load_format", "allowed: auto, safetensors (the formats lorastream reads)")
+        if self.load_format not in ("auto", "safetensors", "gguf"):
+            bad("load_format", "allowed: auto, safetensors, gguf (the formats lorastream reads)")
         if not isinstance(self.trust_remote_code, bool):
             bad("trust_remote_code", "must be true or false")
         names = self.served_model_name
@@ -251,6 +261,14 @@ class EngineArgs:
                 bad("max_cpu_loras", "must be an integer or None")
             if self.max_cpu_loras < self.max_loras:
                 bad("max_cpu_loras", f"must be >= max_loras ({self.max_loras})")
+            if self.max_cpu_loras < len(self.lora_modules):
+                # Host memory holds every preloaded adapter; fewer entries would evict some
+                # of them while the others load.
+                bad(
+                    "max_cpu_loras",
+                    f"must be >= the number of lora_modules ({len(self.lora_modules)}), "
+                    "which are all loaded into host memory at start",
+                )
         if not isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in (
             "auto",
             *_DTYPES,
@@ -312,12 +330,14 @@ class EngineArgs:
         return cls(**kwargs)
 
     def create_engine_config(self) -> EngineConfig:
-        from transformers import AutoConfig
-
         device = _resolve_device(self.device)
-        if not os.path.isdir(self.model):
-            raise ValueError(f"EngineArgs.model={self.model!r} is invalid: not a directory")
-        hf_config = AutoConfig.from_pretrained(self.model, local_files_only=True)
+        model = resolve_checkpoint("model", str(self.model), self.revision, self.download_dir)
+        tokenizer = (
+            resolve_checkpoint("tokenizer", str(self.tokenizer), self.revision, self.download_dir)
+            if self.tokenizer
+            else model
+        )
+        hf_config = _load_hf_config(model)
         if self.trust_remote_code:
             from engine.model.llama import SUPPORTED_ARCHITECTURES
 
@@ -349,8 +369,8 @@ class EngineArgs:
         if not self.enable_chunked_prefill and budget < max_model_len:
             budget = max_model_len
         return EngineConfig(
-            model=str(self.model),
-            tokenizer=str(self.tokenizer or self.model),
+            model=model,
+            tokenizer=tokenizer,
             hf_config=hf_config,
             dtype=dtype,
             device=device,
@@ -378,7 +398,7 @@ class EngineArgs:
             lora=LoRAConfig(
                 max_loras=self.max_loras,
                 max_lora_rank=self.max_lora_rank,
-                max_cpu_loras=self.max_cpu_loras or self.max_loras,
+                max_cpu_loras=self.max_cpu_loras or max(self.max_loras, len(self.lora_modules)),
                 lora_dtype=lora_dtype,
                 fully_sharded_loras=self.fully_sharded_loras,
                 target_modules=tuple(self.lora_target_modules or LORA_TARGET_MODULES),
@@ -464,6 +484,7 @@ class LoRAConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
+    """A local checkpoint directory or GGUF file (``EngineArgs.model`` resolved)."""
     tokenizer: str
     hf_config: Any
     dtype: torch.dtype
@@ -479,6 +500,83 @@ class EngineConfig:
     """Largest mixed prefill + decode step (tokens) with a CUDA graph; 0: none."""
     served_model_name: str = ""
     """The model's name for clients (``EngineArgs.served_model_name``, else ``model``)."""
+
+
+def resolve_checkpoint(name: str, spec: str, revision: str | None, download_dir: str | None) -> str:
+    """The local path of a checkpoint: ``spec`` itself when it exists here (a directory's only
+    GGUF file when it holds one and no config.json), else a Hugging Face Hub download into its
+    cache (``org/name``: the checkpoint's safetensors, configs and tokenizer files;
+    ``org/name/FILE.gguf``: that file)."""
+    from engine.model.gguf import find_gguf
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        gguf = find_gguf(path)
+        if gguf is not None:
+            return str(gguf)
+        if not path.is_dir():
+            raise ValueError(
+                f"EngineArgs.{name}={spec!r} is invalid: a file, but not a .gguf checkpoint"
+            )
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"EngineArgs.{name}={spec!r} is invalid: the directory has no config.json "
+                "(a Hugging Face checkpoint) and no .gguf file"
+            )
+        return str(path)
+    parts = spec.split("/")
+    if len(parts) not in (2, 3) or not all(parts) or spec.startswith(("/", ".", "~")):
+        raise ValueError(
+            f"EngineArgs.{name}={spec!r} is invalid: no such file or directory, and not a "
+            "Hugging Face Hub repo id (org/name or org/name/FILE.gguf)"
+        )
+    return _download(name, spec, revision, download_dir)
+
+
+# What a Hub download of a safetensors checkpoint fetches: not the repo's other formats.
+_HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.jinja",
+    "tokenizer*",
+    "*.model",
+    "*.tiktoken",
+    "*.txt",
+]
+
+
+def _download(name: str, spec: str, revision: str | None, download_dir: str | None) -> str:
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo_id, _, filename = spec.rpartition("/") if spec.count("/") == 2 else (spec, "", "")
+    if filename and not filename.endswith(".gguf"):
+        raise ValueError(
+            f"EngineArgs.{name}={spec!r} is invalid: a file of a Hub repo must be a .gguf"
+        )
+    try:
+        if filename:
+            return hf_hub_download(repo_id, filename, revision=revision, cache_dir=download_dir)
+        local = snapshot_download(
+            repo_id, revision=revision, cache_dir=download_dir, allow_patterns=_HUB_PATTERNS
+        )
+    except (OSError, ValueError, EntryNotFoundError) as e:
+        # Not found, offline with nothing cached, network: OSErrors; a bad id: a ValueError.
+        raise ValueError(
+            f"EngineArgs.{name}={spec!r}: not a local path, and the Hugging Face Hub download "
+            f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+    return resolve_checkpoint(name, str(local), None, None)
+
+
+def _load_hf_config(path: str) -> Any:
+    if path.endswith(".gguf"):
+        from engine.model.gguf import gguf_config
+
+        return gguf_config(path)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
 
 
 def _is_int(v: object) -> bool:

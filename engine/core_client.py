@@ -45,6 +45,10 @@ logger = logging.getLogger("lorastream.engine")
 
 # How long shutdown waits for the core to stop by itself before terminating it.
 _STOP_TIMEOUT_S = 5.0
+# In-process, how long a step that ran nothing waits for an adapter load before the next
+# step: a load's end wakes it at once; the bound is for work that comes otherwise
+# (AsyncLLMEngine adds requests between steps, so a new one waits for this at most).
+_ADAPTER_WAIT_S = 0.02
 
 
 class EngineCoreClient(Protocol):
@@ -90,7 +94,11 @@ class InprocClient:
         self.core.abort_requests(request_ids)
 
     def get_outputs(self, block: bool) -> list[EngineCoreOutputs]:
-        return [self.core.step()]
+        out = self.core.step()
+        if block and not (out.stats.num_scheduled_tokens or out.request_ids or out.failed):
+            # Nothing ran though requests are unfinished: they wait for adapter loads.
+            self.core.wait_for_adapters(_ADAPTER_WAIT_S)
+        return [out]
 
     def wake(self) -> None:
         pass

@@ -91,6 +91,7 @@ class EngineCore:
         self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
         self.async_scheduling = config.scheduler.async_scheduling
         """Read at every step, so it may change between steps (benchmarks compare both)."""
+        self._loads_seen = 0  # the adapter manager's loads_ended when the last step began
 
     # ---------------------------------------------------------------- adapters
     @property
@@ -190,6 +191,8 @@ class EngineCore:
     # ---------------------------------------------------------------- step
     def step(self) -> EngineCoreOutputs:
         t0 = time.perf_counter()
+        if self.runner.lora_manager is not None:
+            self._loads_seen = self.runner.lora_manager.loads_ended
         failed, self._failed = self._failed, []
         self._fail_adapter_errors(failed)
         self._fail_constraints(failed)
@@ -273,6 +276,14 @@ class EngineCore:
             if any(p is not None for p in prompt_logprobs)
             else None,
         )
+
+    def wait_for_adapters(self, timeout: float) -> None:
+        """After a step that ran nothing while requests wait: block until an adapter load
+        that began before it ends (a request may then run), at most ``timeout`` seconds,
+        instead of stepping again at once (a busy loop of empty steps)."""
+        manager = self.runner.lora_manager
+        if manager is not None and not self._in_flight:
+            manager.wait_for_load(self._loads_seen, timeout)
 
     def _launch(self) -> tuple[SchedulerOutput, float]:
         """Schedule a step and launch it (when it has work) behind the steps in flight;

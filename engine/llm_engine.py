@@ -89,9 +89,7 @@ class LLMEngine:
             self.engine_core = InprocClient(EngineCore(config, log_stats=log_stats))
         self.is_multiprocess = enable_multiprocessing
         try:
-            self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
-                config.tokenizer, local_files_only=True
-            )
+            self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(config.tokenizer)
         except BaseException:
             self.engine_core.shutdown()
             raise
@@ -357,6 +355,33 @@ class LLMEngine:
             raise InvalidRequest("prompt is empty")
         return text, ids
 
+    def tokenize_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
+        """(text, token ids) of ``messages`` rendered by the model's chat template. The
+        template writes every special token it wants (a BOS among them), so the text is
+        tokenized without adding any, as vLLM does: a template that starts with
+        ``{{ bos_token }}`` gives one BOS, not two. Pass the result to ``add_request`` as
+        ``{"prompt": text, "prompt_token_ids": ids}``."""
+        from jinja2 import TemplateError
+
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) is None:
+            raise InvalidRequest("messages: the model has no chat template; send prompt instead")
+        try:
+            text = tok.apply_chat_template(
+                [dict(m) for m in messages],
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+        except (TemplateError, ValueError, TypeError, KeyError) as e:
+            raise InvalidRequest(f"messages: the chat template refused them: {e}") from e
+        assert isinstance(text, str)
+        ids = tok.encode(text, add_special_tokens=False)
+        if not ids:
+            raise InvalidRequest("messages: the chat template rendered an empty prompt")
+        return text, ids
+
     def abort_request(self, request_id: str | Iterable[str]) -> None:
         """Finish requests now; their final outputs (finish_reason "abort") come with the next step."""
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
@@ -472,6 +497,15 @@ class LLMEngine:
         self.shutdown()
 
 
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint directory or of a GGUF file (built from its metadata)."""
+    if path.endswith(".gguf"):
+        from engine.model.gguf import gguf_tokenizer
+
+        return gguf_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def _children(request: Request) -> list[Request]:
     """The ``n`` child requests of a ``n > 1`` request, as vLLM makes them: ids
     ``"{i}_{request_id}"``, ``n=1``, child i seeded ``seed + i`` when the request is seeded."""
@@ -499,13 +533,14 @@ def _eos_token_ids(config: EngineConfig, tokenizer: PreTrainedTokenizerBase) -> 
     """EOS ids from config.json, generation_config.json (Llama 3 lists several) and the tokenizer."""
     ids: list[int] = []
     sources: list[Any] = [getattr(config.hf_config, "eos_token_id", None)]
-    try:
-        from transformers import GenerationConfig
+    if not config.model.endswith(".gguf"):  # a GGUF's EOS ids are in its config already
+        try:
+            from transformers import GenerationConfig
 
-        gen = GenerationConfig.from_pretrained(config.model, local_files_only=True)
-        sources.append(gen.eos_token_id)
-    except (OSError, ValueError):
-        pass  # no generation_config.json
+            gen = GenerationConfig.from_pretrained(config.model, local_files_only=True)
+            sources.append(gen.eos_token_id)
+        except (OSError, ValueError):
+            pass  # no generation_config.json
     sources.append(tokenizer.eos_token_id)
     for src in sources:
         for i in src if isinstance(src, list | tuple) else [src]:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# README command one: build the tiny model (cached), start a private Redis and a worker, and
-# stream several adapters side by side.
+# README command one: fetch SmolLM2-135M-Instruct (GGUF, once, into $LORASTREAM_CACHE), start
+# a private Redis and a worker, and stream one question answered by the base model and by
+# each demo adapter side by side. Flags go to `lorastream demo` (--help lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -6,7 +6,8 @@ to ``max_loras`` adapters sit in stacked, zero-padded device buffers indexed by 
 adapter manager writes them, the runner maps each token to a slot (``LoRAMetadata``).
 
 Two paths compute the delta: the batched Triton kernels in ``engine.lora.kernels`` (on CUDA)
-and a torch reference looping over the step's adapters (on CPU). ``LORA_KERNELS`` (from the
+and a torch reference looping over the step's adapters (on CPU), each slice at its adapter's
+own rank and skipped where the adapter does not target it. ``LORA_KERNELS`` (from the
 ``LORASTREAM_LORA_KERNELS`` environment variable) forces one: ``triton`` runs the kernels
 on CPU too, under ``TRITON_INTERPRET=1``; ``torch`` keeps the reference on CUDA.
 """
@@ -122,6 +123,8 @@ class LoRALinear(nn.Module):
         self.slice_offsets = torch.empty(0, dtype=torch.int32)
         self.lora_a: list[torch.Tensor] = []
         self.lora_b: list[torch.Tensor] = []
+        # lora_ranks on the host, for the torch path: [slot][slice].
+        self.slot_ranks: list[list[int]] = []
 
     def create_lora_buffers(self, max_loras: int, max_rank: int, dtype: torch.dtype) -> None:
         dev = self.weight.device
@@ -152,6 +155,7 @@ class LoRALinear(nn.Module):
         # Rank of each (slot, slice); 0 where the adapter skips the slice or the slot is free.
         # The kernels read no weights past it, so small ranks cost only their own bytes.
         self.lora_ranks = torch.zeros(max_loras, num_slices, dtype=torch.int32, device=dev)
+        self.slot_ranks = [[0] * num_slices for _ in range(max_loras)]
         offsets = [0, *itertools.accumulate(self.out_slices)]
         self.slice_offsets = torch.tensor(offsets, dtype=torch.int32, device=dev)  # [S + 1]
         # Per slice: A [max_loras, max_rank, in], B [max_loras, out_slice, max_rank] (scaling
@@ -169,11 +173,13 @@ class LoRALinear(nn.Module):
         # fill_ passes r to a kernel; item assignment would copy it from pageable host memory
         # and so wait for the steps in flight (an adapter can be loaded while they run).
         self.lora_ranks[slot, slice_idx].fill_(r)
+        self.slot_ranks[slot][slice_idx] = r
 
     def clear_lora(self, slot: int) -> None:
         self.lora_a_stacked[slot].zero_()
         self.lora_b_stacked[slot].zero_()
         self.lora_ranks[slot].zero_()
+        self.slot_ranks[slot] = [0] * len(self.out_slices)
 
     def forward(
         self, x: torch.Tensor, lora: LoRAMetadata | None = None, *, stack_a: bool | None = None
@@ -186,7 +192,8 @@ class LoRALinear(nn.Module):
         assert lora is not None
         if not (lora.has_kernel_layout and use_triton(x)):
             y = nn.functional.linear(x, self.weight, self.bias)
-            add_lora_reference(y, x, self.lora_a, self.lora_b, self.out_slices, lora)
+            ranks = self.slot_ranks or None  # None: buffers made without create_lora_buffers
+            add_lora_reference(y, x, self.lora_a, self.lora_b, self.out_slices, lora, ranks)
             return y
         # Imported here: Triton decides at import whether to interpret kernels, and CPU-only
         # installs need not have it.

@@ -117,6 +117,8 @@ class LoRAManager:
         self.num_disk_loads = 0
         self.load_time_s = 0.0
         self.num_failed_loads = 0
+        self.loads_ended = 0
+        """Background loads that ended (read or failed); ``wait_for_load`` waits for it to move."""
         self.num_host_evictions = 0
         self.num_device_loads = 0
         self.num_device_evictions = 0
@@ -255,6 +257,13 @@ class LoRAManager:
         """Ids of the adapters in memory (host or device)."""
         with self._lock:
             return sorted(set(self._host) | set(self._device_lru))
+
+    def wait_for_load(self, since: int, timeout: float) -> None:
+        """Block until a background load ends after ``since`` (an earlier ``loads_ended``),
+        at most ``timeout`` seconds; at once when none is queued or being read. For a step
+        loop whose waiting requests all wait for their adapters."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.loads_ended != since or not self._loading, timeout)
 
     def close(self) -> None:
         """Stop the loader thread (a read in progress finishes first)."""
@@ -431,6 +440,7 @@ class LoRAManager:
                     assert error is not None
                     self._failed.add(lora_id)
                     self._errors.append((lora_id, error))
+                self.loads_ended += 1
                 self._cond.notify_all()
 
     def _next_job_locked(self) -> tuple[LoRARequest, int] | None:

@@ -1,4 +1,5 @@
-"""Load a Hugging Face checkpoint directory into our model, offline.
+"""Load a checkpoint into our model, offline: a Hugging Face directory (safetensors) or a
+GGUF file (``engine.model.gguf``).
 
 The model is built on the meta device (no memory, no random init), every tensor is read
 from safetensors straight into the target dtype and device, q/k/v and gate/up are
@@ -46,10 +47,18 @@ def load_model(config: EngineConfig) -> LlamaForCausalLM:
 def load_model_from_dir(
     model_dir: str | Path, hf_config: Any, dtype: torch.dtype, device: torch.device | str
 ) -> LlamaForCausalLM:
+    """``model_dir``: a Hugging Face checkpoint directory or a ``.gguf`` file."""
     device = torch.device(device)
     cls = get_model_class(hf_config)
     model = cls(hf_config, dtype, torch.device("meta"))
-    model.load_state_dict(read_state_dict(model, model_dir, dtype, device), assign=True)
+    if str(model_dir).endswith(".gguf"):
+        # Imported here: the GGUF reader builds on this module's names.
+        from engine.model.gguf import read_gguf_state_dict
+
+        state = read_gguf_state_dict(model, model_dir, dtype, device)
+    else:
+        state = read_state_dict(model, model_dir, dtype, device)
+    model.load_state_dict(state, assign=True)
     model.init_buffers(device)
     return model.eval()
 
@@ -106,7 +115,8 @@ def read_state_dict(
         # Read on the host (memory-mapped), then convert and move one tensor at a time.
         handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
         where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        _check(sources, where, model_dir)
+        shapes = {key: tuple(h.get_slice(key).get_shape()) for key, h in where.items()}
+        check_sources(sources, shapes, model_dir)
         state: dict[str, torch.Tensor] = {}
         for name, parts in sources.items():
             tensors = [where[hf_name].get_tensor(hf_name) for hf_name, _ in parts]
@@ -123,19 +133,21 @@ def read_state_dict(
         return state
 
 
-def _check(
+def check_sources(
     sources: dict[str, list[tuple[str, tuple[int, ...]]]],
-    where: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
     model_dir: str | Path,
 ) -> None:
+    """Raise ``CheckpointError`` listing every tensor ``sources`` needs that the checkpoint
+    (its tensors' ``shapes`` by name) lacks or holds in another shape."""
     missing: list[str] = []
     mismatched: list[str] = []
     for parts in sources.values():
         for hf_name, shape in parts:
-            if hf_name not in where:
+            if hf_name not in shapes:
                 missing.append(hf_name)
                 continue
-            got = tuple(where[hf_name].get_slice(hf_name).get_shape())
+            got = tuple(shapes[hf_name])
             if got != shape:
                 mismatched.append(f"{hf_name}: checkpoint {list(got)}, model expects {list(shape)}")
     problems = []

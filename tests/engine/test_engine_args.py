@@ -145,7 +145,7 @@ def test_mixed_step_graphs_default_to_1024_tokens_within_the_step_budget(tiny_mo
         ("tokenizer_mode", "slow", "fast tokenizer"),
         ("tokenizer_mode", "mistral", "auto, hf"),
         ("load_format", "pt", "safetensors"),
-        ("load_format", "gguf", "safetensors"),
+        ("load_format", "bitsandbytes", "safetensors, gguf"),
         ("swap_space", -1, ">= 0"),
         ("served_model_name", "", "non-empty"),
         ("trust_remote_code", "yes", "true or false"),
@@ -222,3 +222,26 @@ def test_flexible_parser_takes_underscores_and_dashes_alike():
     assert (args.max_loras, args.max_lora_rank, args.enable_lora) == (3, 32, True)
     assert args.served_model_name == ["a_b"]  # values keep their underscores
     assert [(m.name, m.path) for m in args.lora_modules] == [("x_y", "/p_q")]
+
+
+def test_preloading_more_adapters_than_host_memory_holds_is_refused():
+    modules = ["a=/a", "b=/b", "c=/c"]
+    with pytest.raises(ValueError, match=r"max_cpu_loras=2 is invalid: .*lora_modules \(3\)"):
+        EngineArgs(model="m", enable_lora=True, max_cpu_loras=2, lora_modules=modules)
+
+
+def test_every_preloaded_adapter_stays_loaded_by_default(tiny_model_dir):
+    from engine import LLMEngine
+
+    adapters = sorted(p for p in (tiny_model_dir / "adapters").iterdir() if p.is_dir())
+    args = EngineArgs(
+        model=str(tiny_model_dir),
+        device="cpu",
+        enable_lora=True,
+        max_lora_rank=32,
+        lora_modules=[f"{p.name}={p}" for p in adapters],
+        disable_log_stats=True,
+    )
+    engine = LLMEngine.from_engine_args(args)
+    assert engine.config.lora.max_cpu_loras == len(adapters) > args.max_loras
+    assert engine.list_loras() == set(range(1, len(adapters) + 1))

@@ -72,12 +72,25 @@ def add_lora_reference(
     lora_b: list[torch.Tensor],
     out_slices: list[int],
     lora: LoRAMetadata,
+    ranks: list[list[int]] | None = None,
 ) -> None:
-    """Plain torch: for each adapter in the batch, y[tokens, slice] += x[tokens] @ A.T @ B.T."""
+    """Plain torch: for each adapter in the batch, y[tokens, slice] += x[tokens] @ A.T @ B.T.
+
+    ``ranks[slot][slice]``: the adapter's rank there (0: the slice is not targeted), known
+    on the host; each product then runs at that rank and untargeted slices are skipped, as
+    PEFT runs only the modules an adapter has. None: every slice at the padded rank."""
     for slot, idx in lora.groups:
-        xs = x.index_select(0, idx)  # [n, in]
+        # The whole step on one adapter (a single-adapter batch) needs no gather or scatter.
+        whole = idx.shape[0] == x.shape[0]
+        xs = x if whole else x.index_select(0, idx)  # [n, in]
         offset = 0
-        for a, b, n in zip(lora_a, lora_b, out_slices, strict=True):
-            delta = (xs.to(a.dtype) @ a[slot].t()) @ b[slot].t()  # [n, out_slice]
-            y[:, offset : offset + n].index_add_(0, idx, delta.to(y.dtype))
+        for s, (a, b, n) in enumerate(zip(lora_a, lora_b, out_slices, strict=True)):
+            r = a.shape[1] if ranks is None else ranks[slot][s]
+            if r:
+                # [n, in] @ [in, r] @ [r, out_slice]
+                delta = (xs.to(a.dtype) @ a[slot, :r].t()) @ b[slot, :, :r].t()
+                if whole:
+                    y[:, offset : offset + n] += delta.to(y.dtype)
+                else:
+                    y[:, offset : offset + n].index_add_(0, idx, delta.to(y.dtype))
             offset += n
