@@ -142,8 +142,6 @@ class EngineArgs:
     max_lora_wait_steps: int = 64
     """Steps the oldest waiting request may be bypassed by requests of other adapters before the
     scheduler stops admitting them so its adapter gets a slot (bounded wait)."""
-    allow_pickle_adapters: bool = False
-    """Also load adapter_model.bin (pickle: only from sources you trust)."""
     disable_log_stats: bool = False
     """Do not install the default logging stat logger."""
     served_model_name: str | list[str] | None = None
@@ -402,7 +400,6 @@ class EngineArgs:
                 lora_dtype=lora_dtype,
                 fully_sharded_loras=self.fully_sharded_loras,
                 target_modules=tuple(self.lora_target_modules or LORA_TARGET_MODULES),
-                allow_pickle=self.allow_pickle_adapters,
                 preload=tuple(self.lora_modules),
             )
             if self.enable_lora
@@ -477,7 +474,6 @@ class LoRAConfig:
     lora_dtype: torch.dtype
     fully_sharded_loras: bool = False
     target_modules: tuple[str, ...] = LORA_TARGET_MODULES
-    allow_pickle: bool = False
     preload: tuple[LoRAModulePath, ...] = ()
 
 

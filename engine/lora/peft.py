@@ -32,7 +32,6 @@ registry chooses them), so reading one is bounded:
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -268,7 +267,7 @@ def read_adapter_config(
     real_dir = os.path.realpath(path)
     if not (path / CONFIG_NAME).exists():
         raise AdapterNotFound(f"adapter {path}: {CONFIG_NAME} is missing")
-    weights_file = _weights_file(path, lora_config.allow_pickle)
+    weights_file = _weights_file(path)
     # Fail at the request, not at the load, when the weights file is not one we would read.
     os.close(_open_inside(path, real_dir, weights_file.name))
     data = _read_inside(path, real_dir, CONFIG_NAME, MAX_CONFIG_BYTES)
@@ -286,20 +285,18 @@ def read_adapter_config(
     return cfg
 
 
-def _weights_file(path: Path, allow_pickle: bool) -> Path:
+def _weights_file(path: Path) -> Path:
     # exists() follows a symlink; where it leads is checked when the file is opened.
     st = path / SAFETENSORS_NAME
     if st.exists():
         return st
-    pickled = path / PICKLE_NAME
-    if pickled.exists():
-        if not allow_pickle:
-            raise AdapterUnsupported(
-                f"adapter {path}: only {PICKLE_NAME} found; pickle files run code when loaded, so "
-                "they need the explicit opt-in allow_pickle_adapters=True (--allow-pickle-adapters), "
-                f"or convert the adapter to {SAFETENSORS_NAME}"
-            )
-        return pickled
+    if (path / PICKLE_NAME).exists():
+        # Pickle files run code when loaded: none is read, whoever wrote it.
+        raise AdapterUnsupported(
+            f"adapter {path}: only {PICKLE_NAME} found, and pickle files are never loaded; "
+            f'convert it once where you trust it: python -c "import torch, safetensors.torch as s; '
+            f"s.save_file(torch.load('{PICKLE_NAME}', weights_only=True), '{SAFETENSORS_NAME}')\""
+        )
     raise AdapterNotFound(f"adapter {path}: {SAFETENSORS_NAME} is missing")
 
 
@@ -535,13 +532,9 @@ def _read_tensors(cfg: AdapterConfig, max_bytes: int, deadline: float) -> dict[s
     # while mapped would kill the process with SIGBUS.
     data = _read_inside(cfg.path, cfg.real_dir, name, max_bytes, deadline)
     try:
-        if name == PICKLE_NAME:
-            # weights_only refuses arbitrary objects; the caller opted in to pickle anyway.
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        else:
-            from safetensors.torch import load
+        from safetensors.torch import load
 
-            state = load(data)
+        state = load(data)
     except Exception as e:  # the readers raise many types for bad bytes; all mean "corrupt"
         raise AdapterCorrupt(
             f"adapter {cfg.path}: cannot read {name} ({type(e).__name__}: {_short(str(e))})"

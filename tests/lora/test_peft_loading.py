@@ -265,14 +265,6 @@ def test_bfloat16_lora_dtype_casts_after_scaling(tmp_path, shapes):
     assert w16.nbytes * 2 == w32.nbytes
 
 
-def test_pickle_bin_loads_with_opt_in(tmp_path, shapes):
-    model = make_adapter(tmp_path, safe=False)
-    assert (tmp_path / "adapter_model.bin").is_file()
-    assert not (tmp_path / "adapter_model.safetensors").exists()
-    weights = load_adapter(tmp_path, lora_config(allow_pickle=True), shapes)
-    assert_matches_peft(weights, model, shapes)
-
-
 # ---------------------------------------------------------------------------- errors
 def raises(exc: type[AdapterError], path: Path, *fragments: str) -> Any:
     """pytest.raises that also checks the message names the adapter and the problem."""
@@ -413,9 +405,9 @@ def test_layers_to_transform_beyond_base_model(tmp_path, shapes):
         read_adapter_config(tmp_path, lora_config(), shapes)
 
 
-def test_pickle_bin_without_opt_in(tmp_path, shapes):
+def test_pickle_bin_is_never_loaded(tmp_path, shapes):
     make_adapter(tmp_path, safe=False)
-    with raises(AdapterUnsupported, tmp_path, "adapter_model.bin", "allow_pickle"):
+    with raises(AdapterUnsupported, tmp_path, "adapter_model.bin", "never loaded", "save_file"):
         read_adapter_config(tmp_path, lora_config())
 
 
