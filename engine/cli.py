@@ -115,7 +115,7 @@ def _adapters(ns: argparse.Namespace) -> int:
 
 @command("demo", _setup_from("broker.cli", "add_demo_args"))
 def _demo(ns: argparse.Namespace) -> int:
-    """Tiny model, private Redis, one worker: several adapters streaming side by side."""
+    """A real model (SmolLM2) and four adapters answering one question side by side."""
     return _run("broker.cli", "run_demo", ns)
 
 
