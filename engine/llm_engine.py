@@ -220,6 +220,13 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequest("params must be a SamplingParams")
+        if (
+            not isinstance(priority, int)
+            or isinstance(priority, bool)
+            or not -(2**63) <= priority < 2**63
+        ):
+            # int64: what the engine core's pipe carries, so in-process and multiprocess agree.
+            raise InvalidRequest(f"priority={priority!r} is invalid: must be an int64 integer")
         text, token_ids = self.tokenize(prompt)
         vocab = self.vocab_size
         bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]

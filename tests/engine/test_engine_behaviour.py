@@ -454,3 +454,16 @@ def test_bfloat16_on_cpu_runs_and_mostly_agrees_with_float32(tiny_model_dir):
         assert engine.runner.kv_caches[0].dtype == getattr(torch, dtype)
     # bf16 rounding may flip a near-tie late in the sequence, not the first token.
     assert tokens["bfloat16"][0] == tokens["float32"][0]
+
+
+@pytest.mark.parametrize("priority", [2**63, -(2**63) - 1, True, 1.5])
+def test_priority_outside_int64_is_refused_in_the_front_before_any_core_sees_it(
+    tiny_model_dir, priority
+):
+    from engine.errors import InvalidRequest
+
+    engine = LLMEngine.from_engine_args(
+        EngineArgs(model=str(tiny_model_dir), device="cpu", disable_log_stats=True)
+    )
+    with pytest.raises(InvalidRequest, match="priority"):
+        engine.add_request("r", "hello", SamplingParams(max_tokens=1), priority=priority)
