@@ -147,33 +147,9 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield a RequestOutput per step until the request finishes. Leaving early aborts it.
         ``resumed``: the prompt ends with an earlier run's output (``ResumedOutput``)."""
-        if self._dead is not None:
-            raise EngineDead(f"the engine loop died: {self._dead!r}")
-        if (
-            request_id in self._streams
-            or request_id in self._preparing
-            or (request_id in self._submitted)
-        ):
-            raise InvalidRequest(f"request_id {request_id!r} is already running")
-        self._preparing.add(request_id)
-        try:
-            request = await self._prepare(
-                functools.partial(
-                    self.engine.make_request,
-                    request_id,
-                    prompt,
-                    sampling_params,
-                    lora_request=lora_request,
-                    priority=priority,
-                    resumed=resumed,
-                ),
-                request_id,
-                lora_request,
-            )
-        finally:
-            self._preparing.discard(request_id)
-        if self._dead is not None:
-            raise EngineDead(f"the engine loop died: {self._dead!r}")
+        request = await self._make_request(
+            prompt, sampling_params, request_id, lora_request, priority, resumed
+        )
         send, receive = anyio.create_memory_object_stream[RequestOutput | BaseException](math.inf)
         self._streams[request_id] = send
         if self.engine.is_multiprocess:
@@ -215,28 +191,9 @@ class AsyncLLMEngine:
         server with hundreds of requests in flight wakes once per step, not once per request).
         Raises what ``generate`` raises before its first output; a request refused later, at
         admission, comes as a ``RequestFailed``. ``abort`` ends it; no output of it follows."""
-        if self._dead is not None:
-            raise EngineDead(f"the engine loop died: {self._dead!r}")
-        if (
-            request_id in self._streams
-            or request_id in self._submitted
-            or (request_id in self._preparing)
-        ):
-            raise InvalidRequest(f"request_id {request_id!r} is already running")
-        self._preparing.add(request_id)
-        try:
-            request = await self._prepare(
-                functools.partial(
-                    self.engine.make_request, request_id, prompt, sampling_params,
-                    lora_request=lora_request, priority=priority, resumed=resumed,
-                ),
-                request_id,
-                lora_request,
-            )  # fmt: skip
-        finally:
-            self._preparing.discard(request_id)
-        if self._dead is not None:
-            raise EngineDead(f"the engine loop died: {self._dead!r}")
+        request = await self._make_request(
+            prompt, sampling_params, request_id, lora_request, priority, resumed
+        )
         self._batch_streams()
         self._submitted.add(request_id)
         if self.engine.is_multiprocess:
@@ -265,6 +222,41 @@ class AsyncLLMEngine:
             # else between lists.
             self._batches = anyio.create_memory_object_stream[list[StepItem]](math.inf)
         return self._batches
+
+    async def _make_request(
+        self,
+        prompt: PromptType,
+        sampling_params: SamplingParams,
+        request_id: str,
+        lora_request: LoRARequest | None,
+        priority: int,
+        resumed: ResumedOutput | None,
+    ) -> Request:
+        """``LLMEngine.make_request`` on a worker thread (``_prepare``), the id reserved
+        meanwhile so a second request with it is refused."""
+        if self._dead is not None:
+            raise EngineDead(f"the engine loop died: {self._dead!r}")
+        if (
+            request_id in self._streams
+            or request_id in self._submitted
+            or (request_id in self._preparing)
+        ):
+            raise InvalidRequest(f"request_id {request_id!r} is already running")
+        self._preparing.add(request_id)
+        try:
+            request = await self._prepare(
+                functools.partial(
+                    self.engine.make_request, request_id, prompt, sampling_params,
+                    lora_request=lora_request, priority=priority, resumed=resumed,
+                ),
+                request_id,
+                lora_request,
+            )  # fmt: skip
+        finally:
+            self._preparing.discard(request_id)
+        if self._dead is not None:
+            raise EngineDead(f"the engine loop died: {self._dead!r}")
+        return request
 
     async def _prepare(
         self,
