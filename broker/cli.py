@@ -159,6 +159,8 @@ def service_config(ns: argparse.Namespace) -> ServiceConfig:
         routing=ns.routing,
         num_shards=ns.num_shards,
         steal_after_ms=ns.steal_after_ms,
+        # Owners change as heartbeat records do: look as often as they are written.
+        routing_refresh_s=ns.heartbeat_interval if ns.heartbeat_interval > 0 else 1.0,
     )
 
 
