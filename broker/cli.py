@@ -607,7 +607,7 @@ def _print_routing(console: Any, say: Callable[[str], None], status: dict[str, A
         for owner, indices in sorted(owned.items()):
             rows = [row for row in r["shards"] if row["index"] in indices]
             table.add_row(
-                Text(owner), Text(_ranges(indices)),
+                Text(owner), Text(routing.ranges(indices)),
                 *(Text(str(sum(row[k] or 0 for row in rows)))
                   for k in ("length", "lag", "pending", "dead_letters")),
             )  # fmt: skip
@@ -622,16 +622,6 @@ def _print_routing(console: Any, say: Callable[[str], None], status: dict[str, A
             table.add_row(Text(name), Text(", ".join(where["device"]) or "-"),
                           Text(", ".join(where["host"]) or "-"))  # fmt: skip
         console.print(table)
-
-
-def _ranges(indices: Sequence[int]) -> str:
-    out: list[list[int]] = []
-    for i in sorted(indices):
-        if out and out[-1][1] == i - 1:
-            out[-1][1] = i
-        else:
-            out.append([i, i])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
 
 
 # ----------------------------------------------------------------------------- adapters

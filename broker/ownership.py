@@ -30,9 +30,8 @@ from typing import Any, Final
 
 import msgpack
 import redis.asyncio as aioredis
-from redis.crc import key_slot
 
-from broker.routing import Shard
+from broker.routing import Shard, sharded_channel
 
 # Shared by the scripts: whether ARGV[2] (our consumer) owns entry `id` of KEYS[1].
 _OWNS = """
@@ -225,7 +224,6 @@ class Ownership:
         self.group, self.consumer = group, consumer
         self.cluster = cluster
         """On Redis Cluster, events for channels in this stream's slot are SPUBLISHed."""
-        self._slot = key_slot(shard.stream.encode())
         self._begin = client.register_script(_BEGIN)
         self._publish = client.register_script(_PUBLISH)
         self._keepalive = client.register_script(_KEEPALIVE)
@@ -280,11 +278,8 @@ class Ownership:
         return {_text(x) for x in lost or []}
 
     def sharded_channel(self, channel: str) -> bool:
-        """Whether the publish script sends ``channel``'s events with SPUBLISH: on Redis
-        Cluster a script may touch only its own slot, so a channel there (the SDK's and the
-        default ones) is a sharded channel; any other channel gets a plain PUBLISH, which
-        the cluster carries to every node."""
-        return self.cluster and key_slot(channel.encode()) == self._slot
+        """SPUBLISH for ``channel`` (``broker.routing.sharded_channel``)."""
+        return sharded_channel(self.cluster, self.shard.prefix, channel)
 
     async def keepalive(self, entry_ids: Sequence[str]) -> set[str]:
         """Keep ``entry_ids`` from going idle; returns those that are no longer ours."""

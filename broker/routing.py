@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import msgspec
+from redis.crc import key_slot
 
 ROUTINGS: Final = ("single", "affine")
 DEFAULT_NUM_SHARDS: Final = 64
@@ -138,6 +139,27 @@ class Layout:
         return cls(prefix, record.num_shards, shared=not cluster)
 
 
+def sharded_channel(cluster: bool, shard_prefix: str, channel: str) -> bool:
+    """Whether a worker publishes ``channel``'s events with SPUBLISH (so its readers use
+    SSUBSCRIBE): on Redis Cluster, for a channel in the slot of the shard's keys (the
+    publish script may touch no other slot); any other channel gets a plain PUBLISH, which
+    a cluster carries to every node."""
+    if not cluster:
+        return False
+    return key_slot(channel.encode()) == key_slot(f"{shard_prefix}:requests".encode())
+
+
+def ranges(indices: Iterable[int]) -> str:
+    """0,1,2,5 → "0-2, 5" (for log lines and tables)."""
+    out: list[list[int]] = []
+    for i in sorted(indices):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out) or "none"
+
+
 def shard_index(adapter: str | None, request_id: str, num_shards: int) -> int:
     key = adapter if adapter is not None else request_id
     return zlib.crc32(key.encode()) % num_shards
@@ -229,7 +251,9 @@ __all__ = [
     "Shard",
     "decode_record",
     "owners",
+    "ranges",
     "ranking",
     "routing_key",
     "shard_index",
+    "sharded_channel",
 ]

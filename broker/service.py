@@ -47,6 +47,7 @@ from broker.routing import (
     Router,
     RoutingRecord,
     encode_record,
+    ranges,
     routing_key,
 )
 from engine.errors import EngineDead, LoRAStreamError
@@ -428,7 +429,7 @@ class Service:
                     live = [w.consumer for w in workers if not w.draining]
                     if self.router.update(live):
                         mine = [s.index for s in self.router.owned if s.index is not None]
-                        logger.info("now own %d shard(s): %s", len(mine), _ranges(mine))
+                        logger.info("now own %d shard(s): %s", len(mine), ranges(mine))
                         self.metrics.shards_owned.set(len(mine))
                         self._notify()
                 backoff.reset()
@@ -453,17 +454,3 @@ def _by_shard(jobs: Sequence[Job]) -> list[tuple[Ownership, list[str]]]:
     for job in jobs:
         groups.setdefault(id(job.shard), (job.shard, []))[1].append(job.entry_id)
     return list(groups.values())
-
-
-def _ranges(indices: Sequence[int]) -> str:
-    """0,1,2,5 → "0-2, 5" (for a log line)."""
-    out: list[str] = []
-    for i in sorted(indices):
-        if out and out[-1].split("-")[-1] == str(i - 1):
-            out[-1] = f"{out[-1].split('-')[0]}-{i}"
-        else:
-            out.append(str(i))
-    return ", ".join(out) or "none"
-
-
-__all__ = ["EngineClient", "Service", "ServiceConfig"]
