@@ -118,6 +118,9 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--steal-after-ms", type=int, default=d.steal_after_ms,
                    help="with --routing affine, a worker with free capacity takes requests of "
                    "another worker's shard that waited this long")  # fmt: skip
+    r.add_argument("--cluster-poll-ms", type=int, default=d.poll_ms,
+                   help="on Redis Cluster, the longest pause between reads of an idle "
+                   "worker's shards (one XREADGROUP cannot block on several slots)")  # fmt: skip
     g.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (default: no metrics server)")  # fmt: skip
     g.add_argument("--metrics-addr", default="0.0.0.0", help="address of the metrics server")
@@ -159,6 +162,7 @@ def service_config(ns: argparse.Namespace) -> ServiceConfig:
         routing=ns.routing,
         num_shards=ns.num_shards,
         steal_after_ms=ns.steal_after_ms,
+        poll_ms=ns.cluster_poll_ms,
         # Owners change as heartbeat records do: look as often as they are written.
         routing_refresh_s=ns.heartbeat_interval if ns.heartbeat_interval > 0 else 1.0,
     )

@@ -74,6 +74,10 @@ class IntakeSettings:
     longest pause between polls of an idle worker's shards."""
 
 
+STEAL_PROBES = 8
+"""Shards an idle worker looks at per steal probe, twice over (see ``_steal_candidates``)."""
+
+
 @dataclass
 class _Entry:
     entry_id: str
@@ -141,6 +145,7 @@ class Intake:
         self.stolen = 0
         """Entries read from shards this worker does not own (affine routing)."""
         self._idle_polls = 0
+        self._steal_cursor = 0
 
     def _lanes(self, shards: Sequence[Shard]) -> list[Ownership]:
         return [self.shards[s.prefix] for s in shards]
@@ -282,7 +287,7 @@ class Intake:
         oldest waiting entry is past ``steal_after_ms`` (its owner is busy or gone), those we
         are next in line for first, so a hot adapter spreads over few workers. Whether any
         entry was taken."""
-        others = self._lanes(self.router.others())
+        others = self._lanes(self._steal_candidates())
         if not others:
             return False
         pipe = self.redis.pipeline(transaction=False)
@@ -308,6 +313,20 @@ class Intake:
         logger.debug("took %d entr(ies) from %s", len(items), lane.stream)
         await self._admit(lane, [_Entry(_s(eid), fields, 1) for eid, fields in items])
         return True
+
+    def _steal_candidates(self) -> list[Shard]:
+        """At most ``2 * STEAL_PROBES`` shards per probe, so an idle fleet costs Redis
+        O(workers), not O(workers x shards): the shards we are next in line for first (a hot
+        adapter spreads over the same few workers, whose caches stay warm), then a window
+        that rotates over the rest, so every backlog is seen by every idle worker in time."""
+        ranked = self.router.others()
+        head, rest = ranked[:STEAL_PROBES], ranked[STEAL_PROBES:]
+        if len(rest) <= STEAL_PROBES:
+            return head + rest
+        start = self._steal_cursor % len(rest)
+        self._steal_cursor += STEAL_PROBES
+        window = (rest + rest)[start : start + STEAL_PROBES]
+        return head + window
 
     async def _own_pending(
         self, lane: Ownership, cursor: str, count: int

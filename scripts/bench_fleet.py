@@ -151,10 +151,33 @@ def run_one(ns: argparse.Namespace, routing: str, model: Path, out: Path) -> dic
                 seed=ns.seed, metrics_urls=metrics, out_dir=str(out / routing),
                 timeout_s=120, progress=False,
             )  # fmt: skip
+            r = redis.Redis.from_url(server.url)
+            r.config_resetstat()
             result = anyio.run(run_loadtest, cfg, backend="asyncio")
+            commands = r.info("commandstats")
+            r.close()
         finally:
             stop(procs)
-    return summarize(routing, result, metrics)
+    row = summarize(routing, result, metrics)
+    row["redis"] = redis_cost(commands, row["completed"])
+    return row
+
+
+def redis_cost(commandstats: dict[str, Any], completed: int) -> dict[str, Any]:
+    """Redis's own count of its work during the run (INFO commandstats, reset before it):
+    calls and CPU microseconds per completed request, by command."""
+    per: dict[str, dict[str, float]] = {}
+    for name, stats in commandstats.items():
+        cmd = name.removeprefix("cmdstat_")
+        per[cmd] = {
+            "calls_per_request": stats["calls"] / max(completed, 1),
+            "usec_per_request": stats["usec"] / max(completed, 1),
+        }
+    return {
+        "usec_per_request": sum(v["usec_per_request"] for v in per.values()),
+        "calls_per_request": sum(v["calls_per_request"] for v in per.values()),
+        "by_command": per,
+    }
 
 
 def summarize(routing: str, result: dict[str, Any], metrics: list[str]) -> dict[str, Any]:
@@ -172,6 +195,9 @@ def summarize(routing: str, result: dict[str, Any], metrics: list[str]) -> dict[
         "ttft_p99_ms": 1000 * (s["latency_s"]["ttft"]["p99"] or 0),
         "adapter_loads": loads,
         "loads_per_1k": 1000 * loads / done if done else None,
+        "output_tokens": s["output_tokens"],
+        "inter_token_p50_ms": 1000 * (s["latency_s"]["inter_token"]["p50"] or 0),
+        "adapter_load_s": [w.get("adapter_load_seconds", 0.0) for w in workers],
         "requests_per_worker": [w["requests_finished"] for w in workers],
         "hit_rate_per_worker": [w["adapter_cache_hit_rate"] for w in workers],
     }
