@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--claim-idle-ms", type=int, default=30_000, help="--claim-idle-ms")
     p.add_argument("--steal-after-ms", type=int, default=500, help="--steal-after-ms")
     p.add_argument("--cluster-poll-ms", type=int, default=20, help="--cluster-poll-ms")
+    p.add_argument("--background-call-us", type=float, default=5.0,
+                   help="Redis CPU per background call (assumed: small commands and "
+                   "scripts that find nothing)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed")
     return p.parse_args(argv)
 
@@ -91,6 +94,25 @@ def hottest_shard_share(ns: argparse.Namespace) -> float:
     return max(per_shard)
 
 
+INNER = frozenset({"xpending", "xrevrange", "expire", "publish", "spublish", "xack", "xclaim"})
+"""Commands the fenced scripts run inside them: INFO commandstats counts them on their own
+and again inside the script's time, so they are left out (XADD: all but the producer's)."""
+
+
+def top_level(by_command: dict[str, dict[str, float]]) -> tuple[float, float]:
+    """(Redis CPU microseconds, calls) per request, each command counted once."""
+    usec = calls = 0.0
+    for cmd, v in by_command.items():
+        if cmd in INNER:
+            continue
+        if cmd == "xadd":  # the producer's one; the rest are result-stream writes in scripts
+            per_call = v["usec_per_request"] / max(v["calls_per_request"], 1e-9)
+            usec, calls = usec + per_call, calls + 1
+            continue
+        usec, calls = usec + v["usec_per_request"], calls + v["calls_per_request"]
+    return usec, calls
+
+
 def background_calls(ns: argparse.Namespace, cluster: bool) -> dict[str, float]:
     """Redis calls per second of the whole fleet that do not depend on traffic (each is
     one command or one script call), with every worker idle: the worst case of probes."""
@@ -115,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rate_w = ns.rate_per_worker or measured["requests_per_s"] / args["workers"]
     loads_total = sum(r["adapter_loads"] for r in rows.values())
     load_s = sum(sum(r["adapter_load_s"]) for r in rows.values()) / max(loads_total, 1)
-    usec_req = measured["redis"]["usec_per_request"]
-    calls_req = measured["redis"]["calls_per_request"]
+    usec_req, calls_req = top_level(measured["redis"]["by_command"])
 
     print(f"measured ({args['workers']} workers, {args['adapters']} adapters, CPU tiny model): "
           f"{load_s * 1000:.1f} ms per adapter load, {calls_req:.1f} Redis calls and "
@@ -142,12 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     for m in (int(x) for x in ns.masters.split(",")):
         bg = sum(background_calls(ns, cluster=m > 1).values())
         per_master_calls = fleet_rate * calls_req / m
-        # Background calls are short commands; count them at the measured average cost.
-        usec_call = usec_req / max(calls_req, 1)
-        cpu = (fleet_rate * usec_req / m + bg / m * usec_call) / 1e6
+        cpu = (fleet_rate * usec_req / m + bg / m * ns.background_call_us) / 1e6
         hot_cpu = cpu + fleet_rate * hot * usec_req / 1e6 * (1 - 1 / m)
         print(f"| {m} | {per_master_calls:,.0f} | {bg / m:,.0f} | {cpu * 100:.0f} % of a core "
               f"| {hot_cpu * 100:.0f} % of a core |")  # fmt: skip
+    tokens_req = measured["output_tokens"] / max(measured["completed"], 1)
+    per_token = usec_req / max(tokens_req, 1)
+    print(f"\nper output token (one event per request per step): {per_token:.0f} us of Redis "
+          f"CPU, so one master carries about {1e6 / per_token:,.0f} tokens/s of events; the "
+          f"fleet above makes {fleet_rate * tokens_req:,.0f} tokens/s")  # fmt: skip
     print("\nbackground calls/s of the whole fleet (cluster):")
     for k, v in background_calls(ns, cluster=True).items():
         print(f"- {k}: {v:,.0f}")
