@@ -1,6 +1,8 @@
 """Intake: stream entries in, jobs out, and every entry that cannot run ended on its own.
 
-Three sources, as much as the engine can take now (``COUNT`` = free capacity):
+Three sources, as much as the engine can take now (``COUNT`` = free capacity), read from
+every stream this worker serves: the one requests stream, or with ``--routing affine`` the
+shard streams it owns first and others' shards it steals from (``broker.routing``):
 
 * new entries, ``XREADGROUP >`` (their first delivery);
 * our own pending entries after a restart (``XPENDING`` under our consumer name), and
