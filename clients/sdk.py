@@ -429,9 +429,9 @@ class AsyncClient:
                 now = anyio.current_time()
                 limit = deadline if started else min(deadline, first_deadline)
                 if now >= limit:
-                    what = "any event" if not started else "the final event"
+                    what = "no event" if not started else "no final event"
                     raise RequestTimeout(
-                        f"request {rid}: no {what} within "
+                        f"request {rid}: {what} within "
                         f"{timeout_s if started else first_event_timeout_s:g} s",
                         request_id=rid,
                         started=started,

@@ -13,9 +13,10 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a dtype or device is resolved, so that
+    import torch  # `lorastream serve --help` answers without loading it
 
 MIXED_GRAPH_TOKENS = 1024
 """Default ``max_cudagraph_capture_size``. An eager step costs the host about the same
@@ -36,13 +37,21 @@ replay a graph. An estimate, not a measurement: the GPU benchmark tunes it."""
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_DTYPES = {
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float": torch.float32,
+_DTYPES = {  # the names EngineArgs accepts -> torch's
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "float32": "float32",
+    "float": "float32",
 }
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of one of ``_DTYPES``'s names."""
+    import torch
+
+    dtype: torch.dtype = getattr(torch, _DTYPES[name])
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,8 @@ class EngineArgs:
 
     # Validation lives here, in one place.
     def _validate(self) -> None:
+        import torch
+
         def bad(name: str, allowed: str) -> None:
             raise ValueError(f"EngineArgs.{name}={getattr(self, name)!r} is invalid: {allowed}")
 
@@ -279,7 +290,11 @@ class EngineArgs:
             *_DTYPES,
         ):
             bad("lora_dtype", f"allowed: auto, {', '.join(_DTYPES)} or a torch.dtype")
-        if isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in _DTYPES.values():
+        if isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in (
+            torch.float16,
+            torch.bfloat16,
+            torch.float32,
+        ):
             bad("lora_dtype", "allowed torch dtypes: float16, bfloat16, float32")
         if self.lora_target_modules is not None:
             unknown = [m for m in self.lora_target_modules if m not in LORA_TARGET_MODULES]
@@ -302,10 +317,10 @@ class EngineArgs:
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         """Add vLLM-named flags (--enable-lora, --max-loras, ...) to ``parser``."""
         group = parser.add_argument_group("engine")
-        defaults = EngineArgs(model="_")
         for f in dataclasses.fields(EngineArgs):
             flag = "--" + f.name.replace("_", "-")
-            default = getattr(defaults, f.name) if f.name != "model" else None
+            # The field's own default: building an EngineArgs would validate, and load torch.
+            default = None if f.default is dataclasses.MISSING else f.default
             doc = _FIELD_DOCS.get(f.name, "")
             if f.name == "model":
                 # Checked in from_cli_args, so a script's parser.set_defaults(model=...) works.
@@ -335,6 +350,8 @@ class EngineArgs:
         return cls(**kwargs)
 
     def create_engine_config(self) -> EngineConfig:
+        import torch
+
         device = _resolve_device(self.device)
         model = resolve_checkpoint("model", str(self.model), self.revision, self.download_dir)
         tokenizer = (
@@ -361,7 +378,7 @@ class EngineArgs:
             else (
                 self.lora_dtype
                 if isinstance(self.lora_dtype, torch.dtype)
-                else _DTYPES[self.lora_dtype]
+                else torch_dtype(self.lora_dtype)
             )
         )
         model_len_cap = int(getattr(hf_config, "max_position_embeddings", 2048))
@@ -618,6 +635,8 @@ def _is_int(v: object) -> bool:
 
 
 def _resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -626,12 +645,18 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    import torch
+
     if dtype != "auto":
-        return _DTYPES[dtype]
+        return torch_dtype(dtype)
     cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(cfg, str):
-        cfg = _DTYPES.get(cfg, torch.float32)
-    if not isinstance(cfg, torch.dtype) or cfg not in _DTYPES.values():
+        cfg = torch_dtype(cfg) if cfg in _DTYPES else torch.float32
+    if not isinstance(cfg, torch.dtype) or cfg not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ):
         cfg = torch.float32
     if device.type == "cpu" and cfg == torch.float16:
         return torch.float32  # float16 matmuls are slow and lossy on CPU
