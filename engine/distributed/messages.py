@@ -23,7 +23,6 @@ import msgspec
 import torch
 
 from engine.config import (
-    _DTYPES,
     CacheConfig,
     EngineConfig,
     LoRAConfig,
@@ -31,6 +30,7 @@ from engine.config import (
     ParallelConfig,
     SchedulerConfig,
     _load_hf_config,
+    torch_dtype,
 )
 
 _LENGTH = struct.Struct("<Q")
@@ -155,7 +155,7 @@ def decode_config(data: dict[str, Any], rank: int) -> EngineConfig:
         model=data["model"],
         tokenizer=data["tokenizer"],
         hf_config=_load_hf_config(data["model"]),
-        dtype=_DTYPES[data["dtype"]],
+        dtype=torch_dtype(data["dtype"]),
         device=device,
         seed=data["seed"],
         max_model_len=data["max_model_len"],
@@ -167,7 +167,7 @@ def decode_config(data: dict[str, Any], rank: int) -> EngineConfig:
             max_loras=lora["max_loras"],
             max_lora_rank=lora["max_lora_rank"],
             max_cpu_loras=lora["max_cpu_loras"],
-            lora_dtype=_DTYPES[lora["lora_dtype"]],
+            lora_dtype=torch_dtype(lora["lora_dtype"]),
             fully_sharded_loras=lora["fully_sharded_loras"],
             target_modules=tuple(lora["target_modules"]),
             preload=tuple(LoRAModulePath(n, p) for n, p in lora["preload"]),
