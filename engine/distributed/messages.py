@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from types import SimpleNamespace
 from typing import IO, Any
 
 import msgspec
@@ -29,7 +30,6 @@ from engine.config import (
     LoRAModulePath,
     ParallelConfig,
     SchedulerConfig,
-    _load_hf_config,
     torch_dtype,
 )
 
@@ -114,11 +114,14 @@ def _read_exact(stream: IO[bytes], n: int) -> bytes:
 
 
 def encode_config(config: EngineConfig) -> dict[str, Any]:
-    """The resolved config as plain values; the Hugging Face config is read again from the
-    checkpoint by ``decode_config``."""
+    """The resolved config as plain values, the Hugging Face config as its attributes (the
+    model code only reads them): the other ranks then need not import transformers, which
+    would double their start-up time."""
     lora = config.lora
+    hf = config.hf_config
     return {
         "model": config.model,
+        "hf_config": hf.to_dict() if hasattr(hf, "to_dict") else dict(vars(hf)),
         "tokenizer": config.tokenizer,
         "dtype": _dtype_name(config.dtype),
         "device": str(config.device),
@@ -154,7 +157,7 @@ def decode_config(data: dict[str, Any], rank: int) -> EngineConfig:
     return EngineConfig(
         model=data["model"],
         tokenizer=data["tokenizer"],
-        hf_config=_load_hf_config(data["model"]),
+        hf_config=SimpleNamespace(**data["hf_config"]),
         dtype=torch_dtype(data["dtype"]),
         device=device,
         seed=data["seed"],

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,8 +55,9 @@ _POLL_S = 0.05
 class RankProcesses:
     """Ranks 1..N-1 of an engine whose rank 0 is this process."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, on_shutdown: Callable[[], None] | None = None) -> None:
         self.world_size = config.parallel.tensor_parallel_size
+        self._on_shutdown = on_shutdown
         self._tmp = tempfile.mkdtemp(prefix="lorastream-tp-")
         self.store_path = os.path.join(self._tmp, "store")
         self.dead: TensorParallelRankDied | None = None
@@ -174,3 +176,5 @@ class RankProcesses:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._on_shutdown is not None:
+            self._on_shutdown()

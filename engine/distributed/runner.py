@@ -13,6 +13,7 @@ same rows), so every rank issues the same collectives in the same order.
 from __future__ import annotations
 
 import logging
+import os
 import weakref
 from typing import IO
 
@@ -57,7 +58,13 @@ def make_model_runner(config: EngineConfig) -> ModelRunner:
     """One device's ``ModelRunner``, or rank 0's ``TPModelRunner`` with ranks 1..N-1 started."""
     if config.parallel.tensor_parallel_size == 1:
         return ModelRunner(config)
-    ranks = RankProcesses(config)
+    threads = torch.get_num_threads()
+    if config.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # The ranks share the host's cores (each of the others takes its share too): a rank
+        # whose intra-op threads want every core waits for threads the OS parked for them.
+        # Restored at shutdown: this is the caller's process.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.parallel.tensor_parallel_size))
+    ranks = RankProcesses(config, on_shutdown=lambda: torch.set_num_threads(threads))
     try:
         group = ranks.join_group(config.device)
         return TPModelRunner(config, group, ranks)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -327,7 +327,8 @@ class LoRAOp:
     """An adapter-manager call rank 0 made, for the other ranks to repeat (in order)."""
 
     kind: str
-    """load (background), add (now) or remove."""
+    """load (background), add (now), remove, pin or unpin: the host cache and the device
+    slots of every rank then see the same calls."""
     lora_id: int
     name: str = ""
     path: str = ""
@@ -365,6 +366,18 @@ class ShardedLoRAManager(LoRAManager):
             self._ops.append(LoRAOp("remove", lora_int_id))
         return super().remove_lora(lora_int_id)
 
+    def pin(self, lora_ids: Iterable[int]) -> None:
+        ids = [i for i in lora_ids if i]
+        with self._ops_lock:
+            self._ops.extend(LoRAOp("pin", i) for i in ids)
+        super().pin(ids)
+
+    def unpin(self, lora_ids: Iterable[int]) -> None:
+        ids = list(lora_ids)
+        with self._ops_lock:
+            self._ops.extend(LoRAOp("unpin", i) for i in ids)
+        super().unpin(ids)
+
     def _record(self, kind: str, req: LoRARequest) -> None:
         with self._ops_lock:
             self._ops.append(LoRAOp(kind, req.lora_int_id, req.lora_name, str(req.lora_path)))
@@ -383,8 +396,11 @@ class ShardedLoRAManager(LoRAManager):
     # ---------------------------------------------------------------- other ranks
     def apply_ops(self, ops: Sequence[LoRAOp]) -> None:
         for op in ops:
-            if op.kind == "remove":
-                super().remove_lora(op.lora_id)
+            if op.kind in ("remove", "pin", "unpin"):
+                if op.kind == "remove":
+                    super().remove_lora(op.lora_id)
+                else:
+                    (super().pin if op.kind == "pin" else super().unpin)([op.lora_id])
                 continue
             request = LoRARequest(op.name, op.lora_id, op.path)
             if op.kind == "add":
