@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from typing import IO
 
 import numpy as np
@@ -177,6 +178,15 @@ class TPModelRunner(ModelRunner):
         self.ranks.send(StepTokens(self._sampling_seq, int(ids.shape[0])))
         self.group.broadcast(ids if ids.dtype == torch.int64 else ids.to(torch.int64))
         return tokens
+
+    def synthetic_decode(
+        self, batch_size: int, context_len: int, lora_slots: list[int] | None = None
+    ) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
+        # The other ranks would never replay their part of it: the collectives would hang.
+        raise NotImplementedError(
+            "synthetic_decode runs at tensor_parallel_size 1 only; scripts/bench_tp.py "
+            "measures tensor-parallel steps through the engine"
+        )
 
     def _check_alive(self) -> None:
         if self.ranks is not None:
