@@ -9,7 +9,7 @@ model dtype, ``R = max_lora_rank`` (the shrink output is ``R`` wide per slice wh
 adapter's rank; float32):
 
 - base model: one all-reduce of ``[T, D]`` for the embedding, two per layer (o, down), and
-  a gather of ``[S, V/N]`` float32 logits to rank 0;
+  a gather of the ``[S, V/N]`` logits (model dtype) to rank 0;
 - with adapters in the step, ``fully_sharded_loras`` off: two all-reduces of ``[T, R]``
   per layer (o's and down's shrink outputs);
 - on: the same two, plus all-gathers of ``[T, 3R]`` (q/k/v) and ``[T, 2R]`` (gate/up) per
@@ -69,7 +69,7 @@ def step_collectives(
         Collective("o_proj + down_proj", "all_reduce", (t, d), elem_bytes, 2 * layers),
     ]
     if num_sampled:
-        out.append(Collective("logits to rank 0", "gather", (num_sampled, vocab), F32, 1))
+        out.append(Collective("logits to rank 0", "gather", (num_sampled, vocab), elem_bytes, 1))
     if max_lora_rank is not None:
         r = max_lora_rank
         out.append(Collective("LoRA shrink o + down", "all_reduce", (t, r), F32, 2 * layers))

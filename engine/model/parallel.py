@@ -110,12 +110,14 @@ class TPLlamaForCausalLM(LlamaForCausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [N, D] -> logits [N, V] float32 on rank 0 (other ranks: their own columns,
-        # which nothing reads). Collective: every rank calls it with the same rows.
-        local = F.linear(hidden, self.lm_head_weight).float()  # [N, V / ranks]
+        # which nothing reads). Collective: every rank calls it with the same rows. Gathered
+        # in the model dtype, the matmul's own rounding: half the bytes of float32, same values.
+        local = F.linear(hidden, self.lm_head_weight)  # [N, V / ranks]
         parts = self.group.gather_to_leader(local)  # [ranks, N, V / ranks]
         if parts is None:
-            return local
-        return parts.permute(1, 0, 2).reshape(hidden.shape[0], -1)[:, : self.vocab_size]
+            return local.float()
+        logits = parts.permute(1, 0, 2).reshape(hidden.shape[0], -1)[:, : self.vocab_size]
+        return logits.float()
 
 
 def shard_model(model: TPLlamaForCausalLM, group: TPGroup, fully_sharded_loras: bool) -> None:
