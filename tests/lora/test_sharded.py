@@ -4,12 +4,19 @@ fully_sharded_loras off and on."""
 
 from __future__ import annotations
 
+import importlib
+import threading
+from typing import Any
+
 import pytest
 import torch
 
 from engine.distributed.group import TPGroup
 from engine.distributed.testing import run_ranks
+from engine.lora import layers as lora_layers
+from engine.lora.layers import build_lora_metadata
 from engine.lora.sharded import ColumnParallelLoRALinear, RowParallelLoRALinear
+from engine.model.metadata import LoRAMetadata
 from engine.model.parallel import kv_head_range
 from engine.model.testing import make_lora_metadata
 
@@ -18,6 +25,55 @@ HEAD_DIM, HEADS, KV_HEADS = 4, 4, 2  # q 16, k 8, v 8: at 4 ranks each KV head i
 MAX_LORAS, MAX_RANK = 4, 32
 RANKS = {0: 8, 1: 16, 2: 32}  # slot -> adapter rank; slot 3 stays empty
 TOKEN_SLOTS = [-1, 0, 0, 1, 2, 2, -1, 1, 0, 2, 3]
+
+
+class _OneAtATime:
+    """A Triton kernel whose launches hold a lock: the interpreter is not thread-safe, and
+    the ranks here are threads (a launch never spans a collective, so none waits on one)."""
+
+    def __init__(self, kernel: Any, lock: threading.Lock) -> None:
+        self.kernel, self.lock = kernel, lock
+
+    def __getitem__(self, grid: Any) -> Any:
+        launch = self.kernel[grid]
+
+        def locked(*args: Any, **kwargs: Any) -> Any:
+            with self.lock:
+                return launch(*args, **kwargs)
+
+        return locked
+
+
+@pytest.fixture(params=["torch", "triton"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The torch loop (CPU's path) and the Triton kernels (CUDA's; interpreted on CPU)."""
+    if request.param == "triton":
+        if torch.cuda.is_available():
+            # Reloading the kernels interpreted would leave them so for the GPU tests after.
+            pytest.skip("CPU machines only: on a GPU the kernels run in tests/lora/test_kernels.py")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        pytest.importorskip("triton")
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from engine.lora.kernels import expand, shrink
+
+        lock = threading.Lock()
+        for mod in (shrink, expand):
+            if not isinstance(
+                mod.__dict__[f"_lora_{mod.__name__.rpartition('.')[2]}_kernel"], InterpretedFunction
+            ):
+                importlib.reload(mod)  # imported before TRITON_INTERPRET was set
+            for name, value in list(vars(mod).items()):
+                if name.endswith("_kernel") and isinstance(value, InterpretedFunction):
+                    monkeypatch.setattr(mod, name, _OneAtATime(value, lock))
+        monkeypatch.setattr(lora_layers, "LORA_KERNELS", "triton")
+    return str(request.param)
+
+
+def metadata(kernels: str, slots: list[int]) -> LoRAMetadata:
+    if kernels == "triton":
+        return build_lora_metadata(slots, "cpu")
+    return make_lora_metadata(slots)
 
 
 def adapters(slices: list[int], in_features: int, seed: int) -> dict[int, list]:
@@ -57,7 +113,7 @@ def reference(
 
 @pytest.mark.parametrize("fully_sharded", [False, True], ids=["off", "fully-sharded"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_column_parallel_qkv_matches_unsharded(world, fully_sharded):
+def test_column_parallel_qkv_matches_unsharded(world, fully_sharded, kernels):
     slices = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(sum(slices), IN, generator=gen) / 4
@@ -87,10 +143,10 @@ def test_column_parallel_qkv_matches_unsharded(world, fully_sharded):
             for i, pair in enumerate(per_slice):
                 if pair is not None:
                     layer.set_lora(slot, i, *pair)
-        got = layer(x, make_lora_metadata(TOKEN_SLOTS))
+        got = layer(x, metadata(kernels, TOKEN_SLOTS))
         torch.testing.assert_close(got, want[:, rows], rtol=1e-4, atol=1e-4)
         # No adapter in the step: the base layer alone (and no collective).
-        base = layer(x, make_lora_metadata([-1] * len(TOKEN_SLOTS)))
+        base = layer(x, metadata(kernels, [-1] * len(TOKEN_SLOTS)))
         torch.testing.assert_close(base, (x @ weight.t() + bias)[:, rows], rtol=1e-4, atol=1e-4)
 
     run_ranks(world, run)
@@ -98,7 +154,7 @@ def test_column_parallel_qkv_matches_unsharded(world, fully_sharded):
 
 @pytest.mark.parametrize("fully_sharded", [False, True], ids=["off", "fully-sharded"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_row_parallel_matches_unsharded(world, fully_sharded):
+def test_row_parallel_matches_unsharded(world, fully_sharded, kernels):
     full_in, out = 2 * IN, 24
     gen = torch.Generator().manual_seed(2)
     weight = torch.randn(out, full_in, generator=gen) / 4
@@ -119,7 +175,7 @@ def test_row_parallel_matches_unsharded(world, fully_sharded):
         layer.create_lora_buffers(MAX_LORAS, MAX_RANK, torch.float32)
         for slot, (pair,) in pairs.items():
             layer.set_lora(slot, 0, *pair)
-        got = layer(x[:, cols], make_lora_metadata(TOKEN_SLOTS))
+        got = layer(x[:, cols], metadata(kernels, TOKEN_SLOTS))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
     run_ranks(world, run)
