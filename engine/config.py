@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +38,26 @@ steps, inside the issue's inter-token target (p99 at most 4 x p50). 512 tokens w
 decodes (768) also fit the default ``max_cudagraph_capture_size`` (1024), so such steps
 replay a graph. An estimate, not a measurement: the GPU benchmark tunes it."""
 
+KERNEL_BACKENDS = ("auto", "triton", "torch")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+BENCHMARK_FIELDS = frozenset(
+    {
+        "kernel_exact_silu",
+        "lora_fused_silu",
+        "lora_fused_silu_min_block_m",
+        "lora_fused_silu_stacked",
+        "lora_delta_into_gemm",
+        "lora_fused_qkv_rope",
+        "lora_stack_a_max",
+        "lora_stack_a_max_bytes",
+        "kernel_launch",
+    }
+)
+"""EngineArgs fields that benchmarks compare and users leave alone: no CLI flags."""
+
 _DTYPES = {  # the names EngineArgs accepts -> torch's
     "float16": "float16",
     "half": "float16",
@@ -178,6 +199,47 @@ class EngineArgs:
     """Only 0: weights stay on the device."""
     pipeline_parallel_size: int = 1
     """Only 1 is supported."""
+    kernel_backend: str = "auto"
+    """Every kernel of the model (norms, RoPE, SiLU, attention, LoRA): auto (Triton on CUDA
+    tensors, the pure-torch references elsewhere) | triton (Triton everywhere; on CPU only
+    under TRITON_INTERPRET=1, for tests) | torch (the references, on CUDA too: debugging)."""
+    kernel_exact_silu: bool = False
+    """SiLU with torch's own expf and IEEE division (as torch's CUDA kernel computes it)
+    instead of the hardware's approximate exp and division, a few float32 ulps apart; the
+    exact form made the fused LoRA expand + SiLU bound by its instructions. A benchmark
+    setting (EngineArgs only, no CLI flag)."""
+    lora_fused_silu: bool = True
+    """gate_up's LoRA expand and the SiLU in one kernel; False runs them apart. A benchmark
+    setting (EngineArgs only)."""
+    lora_fused_silu_min_block_m: int = 32
+    """Without the stacked product, the fused expand + SiLU runs for LoRA tiles at least this
+    tall (prefill tiles): on decode tiles the two kernels were faster in the engine's graph
+    step. A benchmark setting (EngineArgs only)."""
+    lora_fused_silu_stacked: bool = True
+    """With the stacked product, gate_up's expand and the SiLU run as one kernel at any tile
+    height. A benchmark setting (EngineArgs only)."""
+    lora_delta_into_gemm: bool = True
+    """On the kernel path, the expand writes each token's delta and the base GEMM
+    accumulates onto it; False adds the delta to the GEMM's output in place. Layers with a
+    bias always take the second way. A benchmark setting (EngineArgs only)."""
+    lora_fused_qkv_rope: bool = True
+    """With the stacked product, the q/k/v layer's expand, RoPE and the KV-cache write run
+    as one kernel instead of three. A benchmark setting (EngineArgs only)."""
+    lora_stack_a_max: int = 256 * 2048
+    """Steps of T tokens whose T x (rows of A over all slots) is at most this run the LoRA
+    shrink inside the base GEMM over A stored under W, then one expand; larger ones (prefill)
+    launch the shrink kernel, which reads each adapter's A once per tile instead of
+    multiplying every token by every slot's A. 0 turns the stacked product off. A benchmark
+    setting (EngineArgs only)."""
+    lora_stack_a_max_bytes: int = 16 * 2**20
+    """...and only in layers whose A of all slots takes at most this many bytes: the stacked
+    GEMM reads every slot's A up to max_lora_rank whether or not the step uses it, the shrink
+    kernel only the step's adapters at their ranks (16 MiB: about the fixed cost of a
+    shrink launch at an H200's copy rate). A benchmark setting (EngineArgs only)."""
+    kernel_launch: dict[str, int] | None = None
+    """Triton launch settings over the device's table (engine/kernels/configs/<GPU
+    name>.json, else LaunchConfig's defaults), by LaunchConfig field name, e.g.
+    {"attention_decode_num_warps": 4}. A benchmark setting (EngineArgs only)."""
 
     def __post_init__(self) -> None:
         self.lora_modules = [LoRAModulePath.parse(m) for m in (self.lora_modules or [])]
@@ -306,6 +368,31 @@ class EngineArgs:
             bad("max_num_mixed_prefill_tokens", "must be an integer >= 1 or None")
         if not _is_int(self.max_lora_wait_steps) or self.max_lora_wait_steps < 0:
             bad("max_lora_wait_steps", "must be an integer >= 0")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            bad("kernel_backend", f"allowed: {', '.join(KERNEL_BACKENDS)}")
+        for name in (
+            "kernel_exact_silu",
+            "lora_fused_silu",
+            "lora_fused_silu_stacked",
+            "lora_delta_into_gemm",
+            "lora_fused_qkv_rope",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
+        for name in ("lora_fused_silu_min_block_m", "lora_stack_a_max", "lora_stack_a_max_bytes"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "must be an integer >= 0")
+        launch_fields = {f.name for f in dataclasses.fields(LaunchConfig)}
+        if self.kernel_launch is not None and (
+            not isinstance(self.kernel_launch, dict)
+            or not set(self.kernel_launch) <= launch_fields
+            or not all(_is_int(v) and v >= 1 for v in self.kernel_launch.values())
+        ):
+            bad(
+                "kernel_launch",
+                f"must map LaunchConfig fields ({', '.join(sorted(launch_fields))}) to "
+                "integers >= 1, or be None",
+            )
         if self.lora_modules and not self.enable_lora:
             bad("lora_modules", "needs enable_lora=True")
         names = [m.name for m in self.lora_modules]
@@ -322,6 +409,8 @@ class EngineArgs:
             # The field's own default: building an EngineArgs would validate, and load torch.
             default = None if f.default is dataclasses.MISSING else f.default
             doc = _FIELD_DOCS.get(f.name, "")
+            if f.name in BENCHMARK_FIELDS:
+                continue  # EngineArgs only: benchmarks set them (benchmarks/bench.py --set)
             if f.name == "model":
                 # Checked in from_cli_args, so a script's parser.set_defaults(model=...) works.
                 group.add_argument(flag, default=None, help=doc + " (required)")
@@ -332,6 +421,8 @@ class EngineArgs:
                 group.add_argument(flag, action=action, default=default, help=doc)
             elif f.name == "lora_modules":
                 group.add_argument(flag, nargs="+", default=[], metavar="NAME=PATH", help=doc)
+            elif f.name == "kernel_backend":
+                group.add_argument(flag, default=default, choices=KERNEL_BACKENDS, help=doc)
             elif f.name == "lora_target_modules":
                 group.add_argument(
                     flag, nargs="+", default=None, choices=LORA_TARGET_MODULES, help=doc
@@ -429,6 +520,7 @@ class EngineArgs:
             )
             if self.enable_lora
             else None,
+            kernel=self.kernel_config(),
             enforce_eager=self.enforce_eager,
             max_cudagraph_capture_size=min(
                 budget,
@@ -448,6 +540,8 @@ class EngineArgs:
         n = self.tensor_parallel_size
         if n == 1:
             return
+        import torch
+
         from engine.model.parallel import check_tensor_parallel
 
         check_tensor_parallel(hf_config, n)
@@ -464,6 +558,22 @@ class EngineArgs:
                     f"cuda:{first}..cuda:{first + n - 1}, and {torch.cuda.device_count()} "
                     "are visible"
                 )
+
+    def kernel_config(self) -> KernelConfig:
+        """The kernel settings of these arguments (no device needed: launch settings are
+        looked up where the kernels run, ``KernelConfig.launch_for``)."""
+        return KernelConfig(
+            backend=self.kernel_backend,
+            exact_silu=self.kernel_exact_silu,
+            lora_fused_silu=self.lora_fused_silu,
+            lora_fused_silu_min_block_m=self.lora_fused_silu_min_block_m,
+            lora_fused_silu_stacked=self.lora_fused_silu_stacked,
+            lora_delta_into_gemm=self.lora_delta_into_gemm,
+            lora_fused_qkv_rope=self.lora_fused_qkv_rope,
+            lora_stack_a_max=self.lora_stack_a_max,
+            lora_stack_a_max_bytes=self.lora_stack_a_max_bytes,
+            launch_overrides=tuple(sorted((self.kernel_launch or {}).items())),
+        )
 
 
 class AsyncEngineArgs(EngineArgs):
@@ -532,6 +642,81 @@ class ParallelConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """Triton launch settings that were tuned on a GPU. The defaults are the ones measured
+    on an H200 with llama-3.1-8b (docs/benchmark-log.md); a device whose table
+    (``engine/kernels/configs/<GPU name>.json``) exists takes its values instead, and
+    ``EngineArgs.kernel_launch`` overrides either. Every field is an integer >= 1."""
+
+    attention_decode_block_n: int = 64
+    """Context tokens a decode attention program reads per tile."""
+    attention_decode_num_warps: int = 2
+    attention_decode_num_stages: int = 2
+    lora_shrink_num_warps: int = 4
+    lora_shrink_num_stages: int = 3
+    lora_shrink_programs_per_sm: int = 3
+    """Programs per SM the shrink's split of K aims for (decode steps have few tiles)."""
+    lora_expand_decode_block_n: int = 512
+    """Output columns an expand program writes on decode tiles (16 tall)."""
+    lora_expand_decode_num_warps: int = 8
+    """Warps of the expand on decode tiles, and of the fused q/k/v expand + RoPE."""
+    lora_silu_decode_block_n: int = 128
+    """Columns of gate (and of up) a fused expand + SiLU program covers on decode tiles."""
+    lora_silu_decode_num_warps: int = 4
+
+
+KERNEL_CONFIGS_DIR = Path(__file__).parent / "kernels" / "configs"
+
+
+@functools.cache
+def launch_table(device_name: str) -> LaunchConfig:
+    """The tuned launch settings of a GPU by its name (``torch.cuda.get_device_name``):
+    ``engine/kernels/configs/<name, spaces as underscores>.json``, else the defaults."""
+    path = KERNEL_CONFIGS_DIR / (device_name.replace(" ", "_") + ".json")
+    if not path.is_file():
+        return LaunchConfig()
+    data = json.loads(path.read_text())
+    return LaunchConfig(**{k: v for k, v in data.items() if not k.startswith("_")})
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Which kernels run and how they are launched (``EngineArgs``' kernel fields resolved).
+    Part of ``EngineConfig``, so it reaches the engine-core process with the rest."""
+
+    backend: str = "auto"
+    """auto | triton | torch (``EngineArgs.kernel_backend``)."""
+    exact_silu: bool = False
+    lora_fused_silu: bool = True
+    lora_fused_silu_min_block_m: int = 32
+    lora_fused_silu_stacked: bool = True
+    lora_delta_into_gemm: bool = True
+    lora_fused_qkv_rope: bool = True
+    lora_stack_a_max: int = 256 * 2048
+    lora_stack_a_max_bytes: int = 16 * 2**20
+    launch_overrides: tuple[tuple[str, int], ...] = ()
+    """``EngineArgs.kernel_launch`` as sorted (field, value) pairs."""
+
+    def use_triton(self, device: torch.device) -> bool:
+        """Whether kernels on ``device`` run Triton (else the torch references)."""
+        if self.backend == "auto":
+            return device.type == "cuda" and HAS_TRITON
+        return self.backend == "triton"
+
+    def launch_for(self, device: torch.device | str | None) -> LaunchConfig:
+        """The launch settings on ``device``: its GPU's table, then the overrides. Asks CUDA
+        for the GPU's name, so call it where the kernels run (the engine-core process)."""
+        import torch
+
+        device = torch.device(device or "cpu")
+        if device.type == "cuda":
+            base = launch_table(torch.cuda.get_device_name(device))
+        else:
+            base = LaunchConfig()
+        return dataclasses.replace(base, **dict(self.launch_overrides))
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     """A local checkpoint directory or GGUF file (``EngineArgs.model`` resolved)."""
@@ -546,6 +731,8 @@ class EngineConfig:
     lora: LoRAConfig | None
     enforce_eager: bool
     log_stats: bool
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    """Kernel choices and launch settings (``EngineArgs.kernel_backend`` and the rest)."""
     max_cudagraph_capture_size: int = 0
     """Largest mixed prefill + decode step (tokens) with a CUDA graph; 0: none."""
     served_model_name: str = ""

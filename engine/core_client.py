@@ -78,6 +78,10 @@ class EngineCoreClient(Protocol):
 
     def get_timings(self) -> dict[str, float]: ...
 
+    def get_kernel_config(self) -> dict[str, Any]:
+        """The core's kernel settings (``EngineCore.get_kernel_config``)."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
@@ -123,6 +127,9 @@ class InprocClient:
 
     def get_timings(self) -> dict[str, float]:
         return self.core.get_timings()
+
+    def get_kernel_config(self) -> dict[str, Any]:
+        return self.core.get_kernel_config()
 
     def shutdown(self) -> None:
         pass  # nothing runs on its own: the adapter loader is a daemon thread
@@ -303,6 +310,9 @@ class MPClient:
 
     def get_timings(self) -> dict[str, float]:
         return dict(self._call("timings"))
+
+    def get_kernel_config(self) -> dict[str, Any]:
+        return dict(self._call("kernel_config"))
 
     # ---------------------------------------------------------------- plumbing
     def _call(self, method: str, *args: Any) -> Any:

@@ -214,6 +214,7 @@ class EngineCoreProc:
             "pin_lora": self.core.pin_lora,
             "list_loras": self.core.list_loras,
             "timings": self.core.get_timings,
+            "kernel_config": self.core.get_kernel_config,
         }
         try:
             method = methods[call.method]

@@ -422,6 +422,11 @@ class EngineCore:
             )
         return stats
 
+    def get_kernel_config(self) -> dict[str, object]:
+        """The kernel settings the model runs with (``KernelConfig``, launch settings
+        resolved for this device)."""
+        return self.runner.kernel_settings()
+
     def get_timings(self) -> dict[str, float]:
         """Per-step host milliseconds of the core (steps that scheduled work)."""
         tm = self.timings

@@ -492,6 +492,12 @@ class LLMEngine:
         timings["front_process_ms"] = 1e3 * self._front_s / max(self._front_batches, 1)
         return timings
 
+    def get_kernel_config(self) -> dict[str, Any]:
+        """The kernel settings the model runs with, as the core reports them (in its own
+        process with ``enable_multiprocessing``): ``KernelConfig``'s fields and the launch
+        settings resolved for the device."""
+        return self.engine_core.get_kernel_config()
+
     # ---------------------------------------------------------------- lifetime
     def shutdown(self) -> None:
         """Stop the core process (with ``enable_multiprocessing``; in-process a no-op)."""

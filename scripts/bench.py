@@ -43,7 +43,6 @@ import contextlib
 import dataclasses
 import gc
 import gzip
-import importlib
 import json
 import logging
 import math
@@ -63,6 +62,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.config import EngineArgs
 from engine.llm import LLM
 from engine.lora.request import LoRARequest
 from engine.model import tiny
@@ -181,34 +181,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--set",
         action="append",
         default=[],
-        metavar="MODULE:ATTR=VALUE",
-        help="assign an engine setting before anything runs, e.g. "
-        "engine.model.attention:DECODE_LAUNCH=64-2-2",
+        metavar="FIELD=VALUE",
+        help="an EngineArgs field for every engine of the run (it travels to the engine-core "
+        "process with the rest), e.g. lora_fused_silu=0, kernel_backend=torch or "
+        "kernel_launch.attention_decode_num_warps=4 (one launch setting); repeatable",
     )
     return p.parse_args(argv)
 
 
-def parse_switch(spec: str) -> tuple[Any, str, list[Any]]:
-    """``module:ATTRIBUTE=v1,v2`` -> (module, attribute, values): a module-level flag or
-    launch setting the engine reads at call or capture time, values parsed as its current
-    value's type (bool as 0/1, a tuple of ints written ``64-2-2``)."""
-    target, _, values = spec.partition("=")
-    module_name, _, attr = target.partition(":")
-    if not (module_name and attr and values):
-        raise SystemExit(f"{spec!r}: expected module:ATTRIBUTE=v1,v2")
-    module = importlib.import_module(module_name)
-    if not hasattr(module, attr):
-        raise SystemExit(f"{spec!r}: {module_name} has no {attr}")
-    kind = type(getattr(module, attr))
+def parse_override(spec: str) -> tuple[str, list[Any]]:
+    """``FIELD=v1,v2`` -> (field, values): an ``EngineArgs`` field (``kernel_launch.NAME``:
+    one launch setting), values parsed as the field's default's type (bool as 0/1)."""
+    from engine.config import LaunchConfig
+
+    name, _, values = spec.partition("=")
+    if not (name and values):
+        raise SystemExit(f"{spec!r}: expected FIELD=v1,v2 (an EngineArgs field)")
+    field_name, _, launch = name.partition(".")
+    defaults = EngineArgs(model="_")
+    if field_name == "kernel_launch" and launch:
+        if launch not in {f.name for f in dataclasses.fields(LaunchConfig)}:
+            raise SystemExit(f"{spec!r}: LaunchConfig has no field {launch!r}")
+        kind: type = int
+    elif launch or not hasattr(defaults, field_name) or field_name == "model":
+        raise SystemExit(f"{spec!r}: EngineArgs has no field {name!r}")
+    else:
+        kind = type(getattr(defaults, field_name))
 
     def parse(v: str) -> Any:
         if kind is bool:
             return bool(int(v))
-        if kind is tuple:  # written 64-2-2
-            return tuple(int(x) for x in v.split("-"))
+        if kind is type(None):
+            return int(v) if v.lstrip("-").isdigit() else v
         return kind(v)
 
-    return module, attr, [parse(v) for v in values.split(",")]
+    return name, [parse(v) for v in values.split(",")]
+
+
+def engine_overrides(settings: dict[str, Any]) -> dict[str, Any]:
+    """``{FIELD or kernel_launch.NAME: value}`` -> EngineArgs keyword arguments."""
+    kwargs: dict[str, Any] = {}
+    for name, value in settings.items():
+        field_name, _, launch = name.partition(".")
+        if launch:
+            kwargs.setdefault(field_name, {})[launch] = value
+        else:
+            kwargs[field_name] = value
+    return kwargs
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -432,6 +451,8 @@ def make_llm(
         "gpu_memory_utilization": 0.85,
         "seed": args.seed,
     }
+    # --set: EngineArgs fields for every engine (other scripts' namespaces have none).
+    kwargs.update(getattr(args, "engine_overrides", {}))
     if max_loras is not None:
         kwargs.update(
             enable_lora=True,
@@ -477,6 +498,8 @@ def run_multiprocess(
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, reqs)
         elapsed = time.perf_counter() - t0
         after = llm.llm_engine.get_step_timings()
+        # What the core process runs: --set's fields reached it.
+        kernel_config = llm.llm_engine.get_kernel_config()
     finally:
         close_llm(llm)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -491,6 +514,7 @@ def run_multiprocess(
         "cached_prompt_tokens": sum(o.num_cached_tokens or 0 for o in outs),
         "step_timings_ms": after,
         "step_timings_before_ms": before,
+        "kernel_config": kernel_config,
     }
     log.info("%s: %.0f output tok/s (%.1f s); %s", name, row["output_tok_s"], elapsed, after)
     return row
@@ -576,6 +600,7 @@ def run_lorastream(
         "runner_sample_ms": 1e3 * (t.sample_s - before.sample_s) / steps,
         "runner_wait_ms": 1e3 * (t.wait_s - before.wait_s) / steps,
         **rec.summary(),
+        "kernel_config": llm.llm_engine.get_kernel_config(),
         "decode_tok_s_per_request": _decode_rates(outs),
     }
     log.info("%s: %.0f output tok/s (%.1f s)", name, row["output_tok_s"], elapsed)
@@ -952,19 +977,19 @@ def versions() -> dict[str, str]:
         import peft
 
         out["peft"] = peft.__version__
-    # Kernel switches (engine.lora.layers, engine.model.ops) that were set for the run.
-    out.update({k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASTREAM_")})
     return out
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    settings: dict[str, Any] = {}
     for spec in args.set:
-        module, attr, values = parse_switch(spec)
+        name, values = parse_override(spec)
         if len(values) != 1:
             raise SystemExit(f"--set {spec!r}: one value")
-        setattr(module, attr, values[0])
+        settings[name] = values[0]
+    args.engine_overrides = engine_overrides(settings)
     model_dir = make_checkpoint(Path(args.workdir), args.shape, args.num_adapters, args.rank)
     loras = [
         LoRARequest(p.name, i + 1, str(p))

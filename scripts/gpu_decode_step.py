@@ -9,11 +9,13 @@ synchronize, one replay at a time (what an engine step waits for). The variants 
 turns for ``--rounds`` rounds, so drift of the machine (clocks, heat) falls on all of them;
 the report gives each variant's median over rounds and its ratio to the first variant.
 
-A switch is ``module:ATTRIBUTE=v1,v2`` naming a module-level flag the engine reads at call or
-capture time (a tuple of ints is written ``64-2-2``), for example:
+A switch is ``FIELD=v1,v2`` naming a kernel setting of ``EngineArgs`` (``KernelConfig``:
+the fusion switches, the stacking limits, ``kernel_launch.NAME`` for one launch setting);
+each variant runs the loaded model under its ``KernelConfig`` (``ModelRunner.use_kernel_config``),
+for example:
 
     python3 scripts/gpu_decode_step.py --shape llama-3.1-8b \\
-        --switch engine.model.attention:DECODE_LAUNCH=64-2-2,32-4-3 --out $OUT/step
+        --switch kernel_launch.attention_decode_num_warps=2,4 --out $OUT/step
 
 Writes ``decode_step.json`` and prints a table.
 """
@@ -72,7 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=192)
     p.add_argument("--adapters", type=int, default=32, help="slots in use; 0: none")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--switch", action="append", default=[], help="module:ATTR=v1,v2")
+    p.add_argument(
+        "--switch",
+        action="append",
+        default=[],
+        metavar="FIELD=v1,v2",
+        help="a kernel setting of EngineArgs and its values, e.g. lora_fused_silu=0,1 or "
+        "kernel_launch.lora_shrink_num_warps=4,8; repeatable (default: none)",
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=30, help="replays timed per round")
     p.add_argument("--profile", action="store_true", help="kernel table of each variant's replays")
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    switches = [bench.parse_switch(s) for s in args.switch]
+    switches = [bench.parse_override(s) for s in args.switch]
     num_adapters = max(args.adapters, 1)
     model_dir = bench.make_checkpoint(Path(args.workdir), args.shape, num_adapters, args.rank)
     loras = [
@@ -108,25 +117,22 @@ def main(argv: list[str] | None = None) -> None:
     runner = llm.llm_engine.runner
     slots = [i % args.adapters for i in range(args.batch)] if args.adapters else None
 
-    variants = list(itertools.product(*(values for _, _, values in switches)))
+    variants = list(itertools.product(*(values for _, values in switches)))
+    names = [name for name, _ in switches]
     times: dict[tuple[Any, ...], list[float]] = {v: [] for v in variants}
     synced: dict[tuple[Any, ...], list[float]] = {v: [] for v in variants}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for round_ in range(args.rounds):
         for i, v in enumerate(variants):
-            for (module, attr, _), value in zip(switches, v, strict=True):
-                setattr(module, attr, value)
-            runner.graphs.clear()
-            torch.cuda.empty_cache()
-            runner._capture_graphs()
+            overrides = bench.engine_overrides(dict(zip(names, v, strict=True)))
+            runner.use_kernel_config(bench.EngineArgs(model="_", **overrides).kernel_config())
             replay, _eager = runner.synthetic_decode(args.batch, args.context, slots)
             times[v].append(1e3 * bench.time_cuda(replay, iters=args.iters))
             synced[v].append(1e3 * time_synced(replay, iters=args.iters))
             if args.profile and round_ == 0:
                 profile_replays(replay, out / f"kernels_variant{i}.txt")
 
-    names = [f"{m.__name__}.{a}" for m, a, _ in switches]
     first = statistics.median(times[variants[0]])
     rows: list[dict[str, Any]] = []
     for v in variants:

@@ -1,12 +1,32 @@
-"""Shared fixtures: tiny checkpoints built once per test session."""
+"""Shared fixtures: tiny checkpoints built once per test session.
+
+Without a CUDA device the Triton kernels run in Triton's interpreter, on CPU tensors. Triton
+reads ``TRITON_INTERPRET`` when a kernel module is imported, so it is set here, before any
+test module imports one.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from engine.model.tiny import make_tiny_model
+from engine.model.tiny import make_tiny_model  # imports no Triton kernel module
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``@pytest.mark.gpu`` tests are skipped without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

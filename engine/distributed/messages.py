@@ -26,6 +26,7 @@ import torch
 from engine.config import (
     CacheConfig,
     EngineConfig,
+    KernelConfig,
     LoRAConfig,
     LoRAModulePath,
     ParallelConfig,
@@ -142,6 +143,7 @@ def encode_config(config: EngineConfig) -> dict[str, Any]:
         },
         "enforce_eager": config.enforce_eager,
         "log_stats": config.log_stats,
+        "kernel": dataclasses.asdict(config.kernel),
         "max_cudagraph_capture_size": config.max_cudagraph_capture_size,
         "served_model_name": config.served_model_name,
         "tensor_parallel_size": config.parallel.tensor_parallel_size,
@@ -177,6 +179,10 @@ def decode_config(data: dict[str, Any], rank: int) -> EngineConfig:
         ),
         enforce_eager=data["enforce_eager"],
         log_stats=data["log_stats"],
+        kernel=KernelConfig(
+            **data["kernel"]
+            | {"launch_overrides": tuple((k, v) for k, v in data["kernel"]["launch_overrides"])}
+        ),
         max_cudagraph_capture_size=data["max_cudagraph_capture_size"],
         served_model_name=data["served_model_name"],
         parallel=ParallelConfig(tensor_parallel_size=data["tensor_parallel_size"]),

@@ -5,83 +5,22 @@ own LoRA A/B pair, as PEFT trains them on separate q/k/v or gate/up modules. Wei
 to ``max_loras`` adapters sit in stacked, zero-padded device buffers indexed by slot; the
 adapter manager writes them, the runner maps each token to a slot (``LoRAMetadata``).
 
-Two paths compute the delta: the batched Triton kernels in ``engine.lora.kernels`` (on CUDA)
-and a torch reference looping over the step's adapters (on CPU), each slice at its adapter's
-own rank and skipped where the adapter does not target it. ``LORA_KERNELS`` (from the
-``LORASTREAM_LORA_KERNELS`` environment variable) forces one: ``triton`` runs the kernels
-on CPU too, under ``TRITON_INTERPRET=1``; ``torch`` keeps the reference on CUDA.
+Two paths compute the delta: the batched Triton kernels (``engine.kernels``) and a torch
+reference looping over the step's adapters, each slice at its adapter's own rank and
+skipped where the adapter does not target it. The layer's ``Kernels`` decides which, and
+holds the fusion switches and stacking limits (``KernelConfig``).
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from engine.kernel_utils import pinned
-from engine.lora.kernels.reference import add_lora_reference
-from engine.model import ops
-from engine.model.metadata import LoRAMetadata
-
-LORA_KERNELS = os.environ.get("LORASTREAM_LORA_KERNELS", "auto")
-"""auto (Triton on CUDA, torch elsewhere) | triton | torch; read once, tests may assign it."""
-
-FUSED_SILU = os.environ.get("LORASTREAM_LORA_FUSED_SILU", "1") != "0"
-"""gate_up's expand and the SiLU in one kernel (``LoRALinear.silu_and_mul``); 0 runs them
-apart, for benchmarks. Read once, tests may assign it."""
-
-DELTA_INTO_GEMM = os.environ.get("LORASTREAM_LORA_DELTA_INTO_GEMM", "1") != "0"
-"""On the kernel path, the expand writes each token's delta and the base GEMM accumulates
-onto it (``LoRALinear.forward``); 0 adds the delta to the GEMM's output in place, for
-benchmarks. Layers with a bias always take the second way. Read at call time; tests and
-benchmarks may assign it."""
-
-# The fused expand + SiLU runs for tiles at least this tall. On an H200 (llama-3.1-8b
-# gate_up, 32 adapters of rank 16; scripts/gpu_lora_kernels.py --fusion-only) it took
-# 133 us against 234 us for expand then SiLU on a 4096-token prefill (tiles of 32). On a
-# 256-token decode step (tiles of 16) the two kernels win in the engine: a graph step of
-# 10.215 against 10.249 ms with the fusion (scripts/gpu_decode_step.py --switch
-# engine.lora.layers:FUSED_SILU_MIN_BLOCK_M=16,32), though alone the fused kernel takes
-# 24 us against 26 us for the two.
-FUSED_SILU_MIN_BLOCK_M = 32
-
-STACK_A_MAX = 256 * 2048
-"""Steps of ``T`` tokens whose ``T * (rows of A)`` is at most this run the shrink inside the
-base GEMM: ``x · [W; A]ᵀ`` over A stored under W (``LoRALinear.create_lora_buffers``), then
-one expand; larger ones (prefill) launch the shrink kernel, which reads each adapter's A
-once per tile instead of multiplying every token by every slot's A. Read at call time;
-benchmarks may assign it (0 turns the stacked product off). On an H200 (llama-3.1-8b, 32
-slots of rank 16, 256 tokens) the extra GEMM columns cost 13 us a layer against 28 us for
-the four shrink launches."""
-
-STACK_A_MAX_BYTES = 16 * 2**20
-"""...and only for layers whose A of all slots is at most this many bytes. The stacked GEMM
-reads every slot's A, up to ``max_lora_rank``, whether or not the step uses it; the shrink
-kernel reads only the step's adapters, up to their ranks. 16 MiB take about 4 us at an
-H200's copy rate, about the fixed cost of a shrink launch: 32 slots of rank 16 stay under it
-in every llama-3.1-8b layer (down_proj: 14 MiB), while 32 slots of rank 64 (up to 56 MiB)
-would make a step with one small adapter read all of them. Read at call time."""
-
-FUSED_SILU_STACKED = True
-"""With the stacked product, gate_up's expand and the SiLU run as one kernel at any tile
-height. Read at call time; benchmarks may assign it."""
-
-FUSED_QKV_ROPE = os.environ.get("LORASTREAM_LORA_FUSED_ROPE", "1") != "0"
-"""With the stacked product, the q/k/v layer's expand, RoPE and the KV-cache write run as
-one kernel (``engine.lora.kernels.qkv``) instead of three; ``LORASTREAM_LORA_FUSED_ROPE=0``
-turns it off. On an H200 (llama-3.1-8b, 32 slots of rank 16, 256 sequences at 192 tokens)
-the one launch took 7.9 us a layer against 10.6 us for the three, and the graph step 10.02 ms
-against 10.09 ms (``scripts/gpu_decode_step.py --switch
-engine.lora.layers:FUSED_QKV_ROPE=0,1``). Read at call time; tests and benchmarks may
-assign it."""
-
-# Tile heights the kernels are compiled for; the smallest that holds the longest segment.
-# Not 64: on an H200, 32-token tiles ran a 4096-token prefill as fast or faster.
-BLOCK_MS = (16, 32)
+from engine.kernels.dispatch import Kernels
+from engine.lora.metadata import BLOCK_MS, LoRAMetadata, build_lora_metadata
 
 
 class LoRALinear(nn.Module):
@@ -93,9 +32,11 @@ class LoRALinear(nn.Module):
         bias: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        kernels: Kernels | None = None,
     ) -> None:
         super().__init__()
         assert len(out_slices) == len(slice_names)
+        self.kernels = kernels or Kernels()
         self.in_features = in_features
         self.out_slices = list(out_slices)
         self.slice_names = list(slice_names)
@@ -185,37 +126,33 @@ class LoRALinear(nn.Module):
         self, x: torch.Tensor, lora: LoRAMetadata | None = None, *, stack_a: bool | None = None
     ) -> torch.Tensor:
         """x: [T, in] -> y: [T, out], each token's adapter delta added. ``stack_a`` picks the
-        kernel path's shrink: True the stacked GEMM (``STACK_A_MAX``), False the kernel,
-        None by the step's size. y may be a view with a row stride above ``out``."""
+        kernel path's shrink: True the stacked GEMM (``KernelConfig.lora_stack_a_max``),
+        False the kernel, None by the step's size. y may be a view with a row stride above ``out``."""
         if not self._has_deltas(lora):
             return nn.functional.linear(x, self.weight, self.bias)
         assert lora is not None
-        if not (lora.has_kernel_layout and use_triton(x)):
+        kernels = self.kernels
+        triton = kernels.triton
+        if not (lora.has_kernel_layout and kernels.use_triton(x)):
             y = nn.functional.linear(x, self.weight, self.bias)
             ranks = self.slot_ranks or None  # None: buffers made without create_lora_buffers
-            add_lora_reference(y, x, self.lora_a, self.lora_b, self.out_slices, lora, ranks)
+            kernels.torch.add_lora(y, x, self.lora_a, self.lora_b, self.out_slices, lora, ranks)
             return y
-        # Imported here: Triton decides at import whether to interpret kernels, and CPU-only
-        # installs need not have it.
-        from engine.lora.kernels import add_lora
-        from engine.lora.kernels.expand import lora_expand
-        from engine.lora.kernels.shrink import lora_shrink
-
         b_args = (self.lora_b_stacked, self.lora_ranks, self.slice_offsets, self.out_slices)
         if self._stacks_a(x, stack_a):
             y, h = self._stacked_product(x)
-            lora_expand(y, h, *b_args, lora, h_per_slot=True)
+            triton.lora_expand(y, h, *b_args, lora, h_per_slot=True)
             return y
-        if not (DELTA_INTO_GEMM and self.bias is None):
+        if not (kernels.config.lora_delta_into_gemm and self.bias is None):
             y = nn.functional.linear(x, self.weight, self.bias)
-            add_lora(y, x, self.lora_a_stacked, *b_args, lora)
+            triton.add_lora(y, x, self.lora_a_stacked, *b_args, lora)
             return y
         # The expand writes the delta and the GEMM adds its product to it (beta = 1): y is
         # written once and read once by the GEMM, instead of written by the GEMM, then read
         # and written again by the expand.
-        h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
+        h = triton.lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
         y = x.new_empty(x.shape[0], self.out_features)
-        lora_expand(y, h, *b_args, lora, accumulate=False)
+        triton.lora_expand(y, h, *b_args, lora, accumulate=False)
         return y.addmm_(x, self.weight.t())
 
     @property
@@ -227,35 +164,33 @@ class LoRALinear(nn.Module):
         self, x: torch.Tensor, lora: LoRAMetadata | None = None, *, stack_a: bool | None = None
     ) -> torch.Tensor:
         """``silu(gate) * up`` of this [gate, up] layer's output, adapters applied: x [T, in]
-        -> [T, out / 2]. Where the LoRA and the model's elementwise kernels both run and the
-        tiles are prefill-tall (``FUSED_SILU_MIN_BLOCK_M``), one launch adds the adapters'
-        deltas and applies the activation, so the [T, out] sum is never written back and read
+        -> [T, out / 2]. Where the kernels run and the tiles are prefill-tall
+        (``KernelConfig.lora_fused_silu_min_block_m``), one launch adds the adapters' deltas
+        and applies the activation, so the [T, out] sum is never written back and read
         again; the result is the same, bit for bit. With the stacked product
-        (``FUSED_SILU_STACKED``) the fused kernel runs at any tile height. ``stack_a`` as
-        for ``forward``."""
+        (``lora_fused_silu_stacked``) the fused kernel runs at any tile height. ``stack_a``
+        as for ``forward``."""
         if not self.is_gate_up:
             raise ValueError(f"silu_and_mul needs two equal slices, got {self.out_slices}")
+        kernels = self.kernels
+        cfg = kernels.config
         if (
-            FUSED_SILU
+            cfg.lora_fused_silu
             and self._has_deltas(lora)
             and lora is not None
             and lora.has_kernel_layout
-            and use_triton(x)
-            and ops.use_triton(x)
+            and kernels.use_triton(x)
         ):
-            from engine.lora.kernels.expand import lora_expand_silu_and_mul
-            from engine.lora.kernels.shrink import lora_shrink
-
             b_args = (self.lora_b_stacked, self.lora_ranks, lora)
             stack_a = self._stacks_a(x, stack_a)  # decided once: forward below takes it
-            if stack_a and FUSED_SILU_STACKED:
+            if stack_a and cfg.lora_fused_silu_stacked:
                 y, h = self._stacked_product(x)
-                return lora_expand_silu_and_mul(y, h, *b_args, h_per_slot=True)
-            if not stack_a and lora.block_m >= FUSED_SILU_MIN_BLOCK_M:
+                return kernels.triton.lora_expand_silu_and_mul(y, h, *b_args, h_per_slot=True)
+            if not stack_a and lora.block_m >= cfg.lora_fused_silu_min_block_m:
                 y = nn.functional.linear(x, self.weight, self.bias)
-                h = lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
-                return lora_expand_silu_and_mul(y, h, *b_args)
-        return ops.silu_and_mul(self(x, lora, stack_a=stack_a))
+                h = kernels.triton.lora_shrink(x, self.lora_a_stacked, self.lora_ranks, lora)
+                return kernels.triton.lora_expand_silu_and_mul(y, h, *b_args)
+        return kernels.silu_and_mul(self(x, lora, stack_a=stack_a))
 
     def stacked_lora_product(
         self, x: torch.Tensor, lora: LoRAMetadata | None
@@ -265,9 +200,59 @@ class LoRALinear(nn.Module):
         y); None otherwise. For callers that fuse the expand with what follows it."""
         if not (self._has_deltas(lora) and lora is not None and lora.has_kernel_layout):
             return None
-        if not (use_triton(x) and self._stacks_a(x, None)):
+        if not (self.kernels.use_triton(x) and self._stacks_a(x, None)):
             return None
         return self._stacked_product(x)
+
+    def qkv_rope(
+        self,
+        x: torch.Tensor,
+        lora: LoRAMetadata | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        num_heads: int,
+    ) -> torch.Tensor | None:
+        """For a [q, k, v] layer: ``x`` projected with the adapters' deltas, q and k rotated
+        (``rope`` = cos, sin [T, Dh]), k and v written into ``kv_cache`` at
+        ``slot_mapping``, in one launch after the stacked GEMM (``lora_fused_qkv_rope``).
+        Returns q [T, H * Dh] (a view); None where these tokens do not take that path, and
+        then nothing was computed."""
+        if not self.kernels.config.lora_fused_qkv_rope:
+            return None
+        stacked = self.stacked_lora_product(x, lora)
+        if stacked is None:
+            return None
+        assert lora is not None
+        y, h = stacked
+        self.kernels.triton.lora_expand_qkv_rope(
+            y,
+            h,
+            self.lora_b_stacked,
+            self.lora_ranks,
+            lora,
+            *rope,
+            kv_cache,
+            slot_mapping,
+            num_heads,
+        )
+        return y[:, : self.out_slices[0]]
+
+    @torch.inference_mode()
+    def warm_up_qkv_rope(self, kv_cache: torch.Tensor, num_heads: int) -> int:
+        """Compile ``qkv_rope`` for every tile height an eager step can use (graphs compile
+        theirs at capture), on zero inputs that write no KV. Returns the launches made: none
+        where this layer never takes that path."""
+        x = torch.zeros(1, self.in_features, dtype=self.weight.dtype, device=self.weight.device)
+        head_dim = kv_cache.shape[-1]
+        cos = torch.zeros(1, head_dim, dtype=x.dtype, device=x.device)
+        nowhere = torch.full((1,), -1, dtype=torch.long, device=x.device)
+        launches = 0
+        for block_m in BLOCK_MS:
+            meta = build_lora_metadata([0], x.device, block_m=block_m)
+            if self.qkv_rope(x, meta, (cos, cos), kv_cache, nowhere, num_heads) is not None:
+                launches += 1
+        return launches
 
     @property
     def can_stack_a(self) -> bool:
@@ -292,8 +277,10 @@ class LoRALinear(nn.Module):
             return False
         a = self.lora_a_stacked
         rows_a = a.shape[0] * a.shape[1] * a.shape[2]
+        cfg = self.kernels.config
         return (
-            x.shape[0] * rows_a <= STACK_A_MAX and a.numel() * a.element_size() <= STACK_A_MAX_BYTES
+            x.shape[0] * rows_a <= cfg.lora_stack_a_max
+            and a.numel() * a.element_size() <= cfg.lora_stack_a_max_bytes
         )
 
     def _stacked_product(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,122 +291,3 @@ class LoRALinear(nn.Module):
 
     def _has_deltas(self, lora: LoRAMetadata | None) -> bool:
         return lora is not None and not lora.empty and bool(self.lora_a)
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    if LORA_KERNELS == "auto":
-        return x.is_cuda
-    return LORA_KERNELS == "triton"
-
-
-def build_lora_metadata(
-    token_slots: Sequence[int] | np.ndarray,
-    device: torch.device | str,
-    *,
-    block_m: int | None = None,
-    num_tokens: int | None = None,
-    max_tiles: int | None = None,
-    out: LoRAMetadata | None = None,
-) -> LoRAMetadata:
-    """Per-step LoRA metadata from each token's device slot (-1: no adapter); one H2D copy.
-
-    Plain steps pass only ``token_slots``. For CUDA graphs, ``out`` (from
-    ``allocate_static_lora_metadata``) is filled in place, padded to its token count, tile
-    capacity and ``block_m``; ``num_tokens``/``max_tiles``/``block_m`` pad the same way
-    without a destination (for ``LoRAMetadata.copy_into``). Nothing here reads the device.
-    """
-    if out is not None:
-        num_tokens, max_tiles, block_m = out.token_slots.shape[0], out.max_tiles, out.block_m
-    num_real = len(token_slots)
-    num_tokens = num_real if num_tokens is None else num_tokens
-    if num_real > num_tokens:
-        raise ValueError(f"{num_real} tokens do not fit in {num_tokens}")
-
-    # Every token, padding (slot -1) included, stably sorted by slot; the segments of equal
-    # slots are cut into tiles of block_m. In numpy: 0.4 ms for an 8192-token prefill (2.1 ms
-    # with a Python sort), 0.14 ms for a 256-token decode step, on a 2-core CI machine.
-    slots = np.full(num_tokens, -1, dtype=np.int64)
-    slots[:num_real] = token_slots
-    order = np.argsort(slots, kind="stable")
-    sorted_slots = slots[order]
-    change = np.flatnonzero(sorted_slots[1:] != sorted_slots[:-1]) + 1
-    seg_start = np.concatenate(([0], change)) if num_tokens else change
-    seg_len = np.diff(np.append(seg_start, num_tokens))
-    seg_slot = sorted_slots[seg_start]
-    if block_m is None:
-        longest = int(seg_len[seg_slot >= 0].max(initial=1))
-        block_m = next((b for b in BLOCK_MS if longest <= b), BLOCK_MS[-1])
-    # Tokens without an adapter come first, as tiles of slot -1: the shrink and expand skip
-    # them, kernels that also apply an activation (lora_expand_silu_and_mul) cover them.
-    per_seg = -(-seg_len // block_m)
-    seg_of_tile = np.repeat(np.arange(len(seg_start)), per_seg)
-    tile_off = (np.arange(len(seg_of_tile)) - (np.cumsum(per_seg) - per_seg)[seg_of_tile]) * block_m
-    num_used = len(seg_of_tile)
-    num_tiles = num_used if max_tiles is None else max_tiles
-    if num_used > num_tiles:
-        raise ValueError(f"{num_used} tiles of {block_m} tokens exceed max_tiles={num_tiles}")
-
-    field = _field_size(num_tokens)
-    buf = np.zeros(2 * field + 3 * num_tiles, dtype=np.int64)
-    buf[:field] = -1
-    buf[:num_real] = token_slots
-    buf[field : field + num_tokens] = order
-    tiles = buf[2 * field :].reshape(3, num_tiles)
-    tiles[0, :num_used] = seg_slot[seg_of_tile]
-    tiles[1, :num_used] = seg_start[seg_of_tile] + tile_off
-    tiles[2, :num_used] = np.minimum(block_m, seg_len[seg_of_tile] - tile_off)
-    host = torch.from_numpy(buf)
-    dev = torch.device(device)
-    if out is not None:
-        assert out.packed is not None
-        out.packed.copy_(pinned(host, dev), non_blocking=True)
-        return out
-    packed = pinned(host, dev).to(dev, non_blocking=True)
-    meta = _views(packed, num_tokens, num_tiles, block_m, is_static=False)
-    sorted_dev = meta.sorted_token_ids
-    assert sorted_dev is not None
-    # One split call makes every adapter's group a view (slicing per slot costs a call each).
-    adapter = seg_slot >= 0
-    first = int(seg_start[adapter][0]) if adapter.any() else num_tokens
-    sizes = seg_len[adapter].tolist()
-    views = sorted_dev[first:].split(sizes) if sizes else ()
-    meta.groups = list(zip(seg_slot[adapter].tolist(), views, strict=True))
-    return meta
-
-
-def allocate_static_lora_metadata(
-    num_tokens: int, max_loras: int, device: torch.device | str, *, block_m: int = 16
-) -> LoRAMetadata:
-    """Static buffers for a CUDA graph of ``num_tokens`` (padded) tokens over up to
-    ``max_loras`` slots: fill them each step with ``build_lora_metadata(..., out=static)``.
-
-    Tile capacity: the segments of ``k`` slots (and of no adapter) over ``T`` tokens cut
-    into ``block_m`` tiles number at most ``ceil(T / block_m) + k``, and never more than ``T``.
-    """
-    k = max(1, min(max_loras + 1, num_tokens))
-    max_tiles = max(1, min(num_tokens, -(-num_tokens // block_m) + k - 1))
-    field = _field_size(num_tokens)
-    packed = torch.zeros(2 * field + 3 * max_tiles, dtype=torch.long, device=device)
-    packed[:field] = -1
-    return _views(packed, num_tokens, max_tiles, block_m, is_static=True)
-
-
-def _field_size(num_tokens: int) -> int:
-    # Even, so every field of ``packed`` starts 16-byte aligned: Triton compiles a kernel
-    # variant per pointer alignment.
-    return num_tokens + num_tokens % 2
-
-
-def _views(
-    packed: torch.Tensor, num_tokens: int, num_tiles: int, block_m: int, *, is_static: bool
-) -> LoRAMetadata:
-    field = _field_size(num_tokens)
-    return LoRAMetadata(
-        token_slots=packed[:num_tokens],
-        groups=[],
-        sorted_token_ids=packed[field : field + num_tokens],
-        tiles=packed[2 * field :].view(3, num_tiles),
-        block_m=block_m,
-        is_static=is_static,
-        packed=packed,
-    )

@@ -39,15 +39,11 @@ from torch import nn
 
 from engine.config import LoRAConfig
 from engine.distributed.group import TPGroup
-from engine.lora.layers import LoRALinear, use_triton
+from engine.kernels.dispatch import Kernels
+from engine.lora.layers import LoRALinear
 from engine.lora.manager import LoRAManager
+from engine.lora.metadata import LoRAMetadata
 from engine.lora.request import LoRARequest
-from engine.model import ops
-from engine.model.metadata import LoRAMetadata
-
-
-def _use_kernels(x: torch.Tensor, lora: LoRAMetadata) -> bool:
-    return lora.has_kernel_layout and use_triton(x)
 
 
 def shrink(
@@ -56,14 +52,13 @@ def shrink(
     ranks: torch.Tensor,  # [L, S] int32 on the device
     host_ranks: list[list[int]],  # the same, on the host
     lora: LoRAMetadata,
+    kernels: Kernels,
 ) -> torch.Tensor:
     """h [T, S * R] float32: ``x · A[slot]ᵀ`` of each token's slot, per slice up to its rank.
     Entries past a rank, and rows of tokens without an adapter, are left unspecified (the
     kernel does not write them): ``expand`` never reads them."""
-    if _use_kernels(x, lora):
-        from engine.lora.kernels.shrink import lora_shrink
-
-        return lora_shrink(x, lora_a, ranks, lora).sum(0)
+    if lora.has_kernel_layout and kernels.use_triton(x):
+        return kernels.triton.lora_shrink(x, lora_a, ranks, lora).sum(0)
     _, num_slices, max_rank, _ = lora_a.shape
     h = torch.zeros(x.shape[0], num_slices * max_rank, dtype=torch.float32, device=x.device)
     for slot, idx in lora.groups:
@@ -85,12 +80,13 @@ def expand(
     slice_offsets: torch.Tensor,  # [S + 1] int32 on the device
     out_slices: list[int],
     lora: LoRAMetadata,
+    kernels: Kernels,
 ) -> None:
     """y[t, slice s] += h[t, s * R : s * R + rank] · B[slot(t), s]ᵀ."""
-    if _use_kernels(y, lora):
-        from engine.lora.kernels.expand import lora_expand
-
-        lora_expand(y, h.unsqueeze(0), lora_b, ranks, slice_offsets, out_slices, lora)
+    if lora.has_kernel_layout and kernels.use_triton(y):
+        kernels.triton.lora_expand(
+            y, h.unsqueeze(0), lora_b, ranks, slice_offsets, out_slices, lora
+        )
         return
     max_rank = lora_b.shape[2]
     offsets = [0, *itertools.accumulate(out_slices)]
@@ -120,8 +116,10 @@ class ColumnParallelLoRALinear(LoRALinear):
         bias: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        kernels: Kernels | None = None,
     ) -> None:
-        super().__init__(in_features, [n for _, n in shards], slice_names, bias, dtype, device)
+        outs = [n for _, n in shards]
+        super().__init__(in_features, outs, slice_names, bias, dtype, device, kernels)
         self.full_in_features = in_features
         self.full_out_slices = list(full_slices)
         self.shards = list(shards)
@@ -192,14 +190,15 @@ class ColumnParallelLoRALinear(LoRALinear):
         if not self._has_deltas(lora):
             return y
         assert lora is not None
-        h = shrink(x, self.lora_a_stacked, self.local_ranks, self.local_slot_ranks, lora)
+        a_args = (self.lora_a_stacked, self.local_ranks, self.local_slot_ranks)
+        h = shrink(x, *a_args, lora, self.kernels)
         num_slices, part = len(self.out_slices), self.lora_a_stacked.shape[2]
         parts = self.group.all_gather(h)  # [N, T, S * R/N]
         # Rank k holds rows k * R/N .. of every slice's rank dimension: [T, S, N, R/N].
         h = parts.view(-1, x.shape[0], num_slices, part).permute(1, 2, 0, 3)
         h = h.reshape(x.shape[0], -1)  # [T, S * R]
         b_args = (self.lora_b_stacked, self.lora_ranks, self.slot_ranks, self.slice_offsets)
-        expand(y, h, *b_args, self.out_slices, lora)
+        expand(y, h, *b_args, self.out_slices, lora, self.kernels)
         return y
 
     def silu_and_mul(
@@ -207,7 +206,7 @@ class ColumnParallelLoRALinear(LoRALinear):
     ) -> torch.Tensor:
         if not self.fully_sharded:
             return super().silu_and_mul(x, lora, stack_a=stack_a)
-        return ops.silu_and_mul(self(x, lora))
+        return self.kernels.silu_and_mul(self(x, lora))
 
     def stacked_lora_product(
         self, x: torch.Tensor, lora: LoRAMetadata | None
@@ -233,8 +232,9 @@ class RowParallelLoRALinear(LoRALinear):
         bias: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        kernels: Kernels | None = None,
     ) -> None:
-        super().__init__(shard[1], [out_features], [slice_name], bias, dtype, device)
+        super().__init__(shard[1], [out_features], [slice_name], bias, dtype, device, kernels)
         if fully_sharded and out_features % group.world_size:
             raise ValueError(
                 f"{slice_name}: {out_features} outputs do not split over "
@@ -278,9 +278,8 @@ class RowParallelLoRALinear(LoRALinear):
         h = None
         if self._has_deltas(lora):
             assert lora is not None
-            h = self.group.all_reduce(
-                shrink(x, self.lora_a_stacked, self.lora_ranks, self.slot_ranks, lora)
-            )  # [T, R], whole
+            a_args = (self.lora_a_stacked, self.lora_ranks, self.slot_ranks)
+            h = self.group.all_reduce(shrink(x, *a_args, lora, self.kernels))  # [T, R], whole
             if self.fully_sharded:
                 lo, n = self.b_rows
                 self._expand(y[:, lo : lo + n], h, lora)  # joins the all-reduce below
@@ -294,7 +293,7 @@ class RowParallelLoRALinear(LoRALinear):
 
     def _expand(self, y: torch.Tensor, h: torch.Tensor, lora: LoRAMetadata) -> None:
         b_args = (self.lora_b_stacked, self.lora_ranks, self.slot_ranks, self.slice_offsets)
-        expand(y, h, *b_args, [self.b_rows[1]], lora)
+        expand(y, h, *b_args, [self.b_rows[1]], lora, self.kernels)
 
     def silu_and_mul(
         self, x: torch.Tensor, lora: LoRAMetadata | None = None, *, stack_a: bool | None = None

@@ -4,9 +4,8 @@ Triton compiles a kernel variant the first time a launch needs it: per tile heig
 metadata's ``block_m``), and for the expand per split of K (``SPLIT_K``, which the shrink
 picks from the step's tile count). The decode graphs compile their own variants when they
 are captured; steps that run eagerly (a prefill chunk, a batch above the largest graph)
-would compile theirs in the middle of serving, stalling every request in the step (on an
-H200 with an empty Triton cache, llama-3.1-8b's 42 launch shapes took 18 s: about 0.4 s
-each). ``warm_up_lora_kernels`` launches each variant once at start-up instead, on zero
+would compile theirs in the middle of serving, stalling every request in the step (about
+0.4 s a launch shape with an empty Triton cache). ``warm_up_lora_kernels`` launches each variant once at start-up instead, on zero
 inputs, through the layers' own forward paths: the shrink kernel's, and the stacked GEMM's
 (``LoRALinear.forward``) where A is stored under W.
 """
@@ -17,20 +16,20 @@ from collections.abc import Mapping
 
 import torch
 
-from engine.kernel_utils import cdiv, num_sms
-from engine.lora import layers as lora_layers
+from engine.kernels.utils import num_sms
 from engine.lora.layers import LoRALinear
+from engine.lora.metadata import BLOCK_MS, build_lora_metadata, tile_capacity
 
 
-def tile_counts(sr: int, k: int, max_tiles: int, sms: int) -> list[int]:
+def tile_counts(sr: int, k: int, max_tiles: int, sms: int, programs_per_sm: int = 3) -> list[int]:
     """The smallest tile count, in 1..``max_tiles``, for each split of K the shrink may pick
     for ``sr`` rows of A over ``k`` inputs: one launch per split compiles them all."""
     # Imported here: Triton is only needed where the kernels run.
-    from engine.lora.kernels.shrink import split_k_for
+    from engine.kernels.lora_shrink_triton import split_k_for
 
     first: dict[int, int] = {}
     for tiles in range(1, max_tiles + 1):
-        first.setdefault(split_k_for(sr, k, tiles, sms), tiles)
+        first.setdefault(split_k_for(sr, k, tiles, sms, programs_per_sm), tiles)
     return sorted(first.values())
 
 
@@ -57,10 +56,11 @@ def warm_up_lora_kernels(
         sms = num_sms(dev.index or 0) if dev.type == "cuda" else 0
         x = torch.zeros(1, layer.in_features, dtype=layer.weight.dtype, device=dev)
         sr = a.shape[1] * a.shape[2]
-        for block_m in lora_layers.BLOCK_MS:
-            most = cdiv(max_num_tokens, block_m) + max_loras + 1  # tile capacity
-            for tiles in tile_counts(sr, layer.in_features, most, sms):
-                meta = lora_layers.build_lora_metadata([0], dev, block_m=block_m, max_tiles=tiles)
+        per_sm = layer.kernels.launch.lora_shrink_programs_per_sm
+        for block_m in BLOCK_MS:
+            most = tile_capacity(max_num_tokens, max_loras, block_m)
+            for tiles in tile_counts(sr, layer.in_features, most, sms, per_sm):
+                meta = build_lora_metadata([0], dev, block_m=block_m, max_tiles=tiles)
                 # The shrink kernel's path, which large steps take.
                 layer(x, meta, stack_a=False)
                 if layer.is_gate_up:  # the MLP's path: the fused expand + SiLU for tall tiles

@@ -6,7 +6,8 @@ fused (``qkv_proj``, ``gate_up_proj``) so one matmul serves several HF modules; 
 ``LoRALinear`` keeps one LoRA slice per HF module, which ``lora_target`` maps PEFT names to.
 
 All tokens of a step are flattened: every forward takes ``x: [T, D]`` and the step's
-``ForwardBatch``. Weights are created empty (``torch.empty``) so the loader can build the
+``ForwardBatch``. Every module that runs a kernel holds the model's ``Kernels`` (the
+engine's ``KernelConfig`` on this device), handed down from ``LlamaForCausalLM``. Weights are created empty (``torch.empty``) so the loader can build the
 model on the meta device and assign the checkpoint's tensors.
 """
 
@@ -21,12 +22,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.errors import AdapterUnsupported, UnsupportedModel
-from engine.lora import layers as lora_layers
-from engine.lora.layers import LoRALinear
-from engine.model import ops
+from engine.kernels.dispatch import Kernels
+from engine.lora import LoRALinear, LoRAMetadata
 from engine.model.attention import PagedAttention
-from engine.model.metadata import ForwardBatch, LoRAMetadata
-from engine.model.ops import apply_rotary, fused_add_rms_norm, rms_norm
+from engine.model.metadata import ForwardBatch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {
@@ -140,11 +139,14 @@ def rope_inv_freq(
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with the residual add optionally fused in (``engine.model.ops``)."""
+    """RMSNorm with the residual add optionally fused in."""
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, dim: int, eps: float, dtype: torch.dtype, device: torch.device, kernels: Kernels
+    ) -> None:
         super().__init__()
         self.eps = eps
+        self.kernels = kernels
         self.weight = nn.Parameter(
             torch.empty(dim, dtype=dtype, device=device), requires_grad=False
         )
@@ -155,8 +157,8 @@ class RMSNorm(nn.Module):
         # x, residual: [T, D] -> (normed [T, D], residual stream [T, D]). Without a residual,
         # x itself is the stream; with one, the stream is x + residual (in the model dtype).
         if residual is None:
-            return rms_norm(x, self.weight, self.eps), x
-        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return self.kernels.rms_norm(x, self.weight, self.eps), x
+        return self.kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class VocabEmbedding(nn.Module):
@@ -174,8 +176,11 @@ class VocabEmbedding(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: Any, layer_idx: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: Any, layer_idx: int, dtype: torch.dtype, device: torch.device, kernels: Kernels
+    ) -> None:
         super().__init__()
+        self.kernels = kernels
         d = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -190,9 +195,10 @@ class LlamaAttention(nn.Module):
             bias=qkv_bias,
             dtype=dtype,
             device=device,
+            kernels=kernels,
         )
         self.o_proj = LoRALinear(
-            self.q_size, [d], ["o_proj"], bias=o_bias, dtype=dtype, device=device
+            self.q_size, [d], ["o_proj"], bias=o_bias, dtype=dtype, device=device, kernels=kernels
         )
         self.attn = PagedAttention(
             self.num_heads,
@@ -200,6 +206,7 @@ class LlamaAttention(nn.Module):
             self.head_dim,
             scale=self.head_dim**-0.5,
             sliding_window=_sliding_window(cfg, layer_idx),
+            kernels=kernels,
         )
 
     def forward(
@@ -213,7 +220,7 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x, batch.lora)  # [T, (H + 2 * Hkv) * Dh]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # Rotated in place inside qkv on the Triton path: no copies of q and k.
-        q, k = apply_rotary(q, k, *rope)  # [T, H, Dh], [T, Hkv, Dh]
+        q, k = self.kernels.apply_rotary(q, k, *rope)  # [T, H, Dh], [T, Hkv, Dh]
         v = v.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, Dh]
         o = self.attn(q, k, v, batch.attn)  # [T, H * Dh]
         return self.o_proj(o, batch.lora)
@@ -222,70 +229,28 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]
     ) -> torch.Tensor | None:
         """q [T, H, Dh], rotated, with K/V written into the cache, where the adapters' expand,
-        RoPE and the cache write run as one kernel (``lora_layers.FUSED_QKV_ROPE``, the
-        stacked product, the model's Triton kernels); None where they run apart."""
-        if not (lora_layers.FUSED_QKV_ROPE and ops.use_triton(x)):
-            return None
-        stacked = self.qkv_proj.stacked_lora_product(x, batch.lora)
-        if stacked is None:
-            return None
-        from engine.lora.kernels.qkv import lora_expand_qkv_rope
+        RoPE and the cache write run as one kernel (``LoRALinear.qkv_rope``); None where they
+        run apart."""
+        cache, slots = self.attn.cache(), batch.attn.slot_mapping
+        q = self.qkv_proj.qkv_rope(x, batch.lora, rope, cache, slots, self.num_heads)
+        return None if q is None else q.view(x.shape[0], self.num_heads, self.head_dim)
 
-        assert batch.lora is not None
-        y, h = stacked
-        proj = self.qkv_proj
-        lora_expand_qkv_rope(
-            y,
-            h,
-            proj.lora_b_stacked,
-            proj.lora_ranks,
-            batch.lora,
-            *rope,
-            self.attn.cache(),
-            batch.attn.slot_mapping,
-            self.num_heads,
-            h_per_slot=True,
-        )
-        return y[:, : self.q_size].view(x.shape[0], self.num_heads, self.head_dim)
-
-    @torch.inference_mode()
     def warm_up_fused_qkv_rope(self) -> int:
-        """Compile the fused expand + RoPE + cache write for every tile height an eager step
-        can use (graphs compile theirs at capture), on zero inputs that write no KV.
-        Returns the launches made: none where this layer never takes that path."""
-        proj = self.qkv_proj
-        x = torch.zeros(1, proj.in_features, dtype=proj.weight.dtype, device=proj.weight.device)
-        if not (lora_layers.FUSED_QKV_ROPE and ops.use_triton(x)):
-            return 0
-        from engine.lora.kernels.qkv import lora_expand_qkv_rope
-
-        cos = torch.zeros(1, self.head_dim, dtype=x.dtype, device=x.device)
-        nowhere = torch.full((1,), -1, dtype=torch.long, device=x.device)
-        b_args = (proj.lora_b_stacked, proj.lora_ranks)
-        launches = 0
-        for block_m in lora_layers.BLOCK_MS:
-            meta = lora_layers.build_lora_metadata([0], x.device, block_m=block_m)
-            stacked = proj.stacked_lora_product(x, meta)
-            if stacked is None:
-                continue
-            y, h = stacked
-            cache = self.attn.cache()
-            lora_expand_qkv_rope(
-                y, h, *b_args, meta, cos, cos, cache, nowhere, self.num_heads, h_per_slot=True
-            )
-            launches += 1
-        return launches
+        """Compile the fused expand + RoPE + cache write (``LoRALinear.warm_up_qkv_rope``)."""
+        return self.qkv_proj.warm_up_qkv_rope(self.attn.cache(), self.num_heads)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: Any, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: Any, dtype: torch.dtype, device: torch.device, kernels: Kernels
+    ) -> None:
         super().__init__()
         d, i = cfg.hidden_size, cfg.intermediate_size
         bias = bool(getattr(cfg, "mlp_bias", False))
         self.gate_up_proj = LoRALinear(
-            d, [i, i], ["gate_proj", "up_proj"], bias=bias, dtype=dtype, device=device
+            d, [i, i], ["gate_proj", "up_proj"], bias, dtype, device, kernels
         )
-        self.down_proj = LoRALinear(i, [d], ["down_proj"], bias=bias, dtype=dtype, device=device)
+        self.down_proj = LoRALinear(i, [d], ["down_proj"], bias, dtype, device, kernels)
 
     def forward(self, x: torch.Tensor, lora: LoRAMetadata | None) -> torch.Tensor:
         # x: [T, D] -> [T, D]
@@ -294,13 +259,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: Any, layer_idx: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: Any, layer_idx: int, dtype: torch.dtype, device: torch.device, kernels: Kernels
+    ) -> None:
         super().__init__()
         eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, dtype, device)
-        self.self_attn = LlamaAttention(cfg, layer_idx, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, dtype, device)
-        self.mlp = LlamaMLP(cfg, dtype, device)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, dtype, device, kernels)
+        self.self_attn = LlamaAttention(cfg, layer_idx, dtype, device, kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, dtype, device, kernels)
+        self.mlp = LlamaMLP(cfg, dtype, device, kernels)
 
     def forward(
         self,
@@ -319,15 +286,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: Any, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, cfg: Any, dtype: torch.dtype, device: torch.device, kernels: Kernels
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, dtype, device) for i in range(cfg.num_hidden_layers)
+            LlamaDecoderLayer(cfg, i, dtype, device, kernels) for i in range(cfg.num_hidden_layers)
         )
-        self.norm = RMSNorm(
-            cfg.hidden_size, float(getattr(cfg, "rms_norm_eps", 1e-6)), dtype, device
-        )
+        eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        self.norm = RMSNorm(cfg.hidden_size, eps, dtype, device, kernels)
 
     def forward(self, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = self.embed_tokens(batch.input_ids)  # [T, D]
@@ -338,9 +306,16 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, hf_config: Any, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        hf_config: Any,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        kernels: Kernels | None = None,
+    ) -> None:
         super().__init__()
         device = torch.device(device)
+        self.kernels = kernels or Kernels()
         self.config = hf_config
         self.dtype = dtype
         self.num_layers = int(hf_config.num_hidden_layers)
@@ -351,7 +326,7 @@ class LlamaForCausalLM(nn.Module):
         self.vocab_size = int(hf_config.vocab_size)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.rope = rope_parameters(hf_config)
-        self.model = LlamaModel(hf_config, dtype, device)
+        self.model = LlamaModel(hf_config, dtype, device, self.kernels)
         if not self.tie_word_embeddings:
             self.lm_head = VocabEmbedding(self.vocab_size, hf_config.hidden_size, dtype, device)
         self.inv_freq: torch.Tensor | None = None
@@ -372,6 +347,13 @@ class LlamaForCausalLM(nn.Module):
         first = self.model.layers[0]
         assert isinstance(first, LlamaDecoderLayer)
         return first.self_attn.warm_up_fused_qkv_rope()
+
+    def set_kernels(self, kernels: Kernels) -> None:
+        """Run every module with ``kernels`` from now on (benchmarks that compare kernel
+        settings on one loaded model; CUDA graphs captured before keep the old ones)."""
+        for module in self.modules():
+            if isinstance(getattr(module, "kernels", None), Kernels):
+                setattr(module, "kernels", kernels)  # noqa: B010 (any module type)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

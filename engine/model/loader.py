@@ -22,7 +22,8 @@ from safetensors import safe_open
 
 from engine.config import EngineConfig
 from engine.errors import LoRAStreamError
-from engine.lora.layers import LoRALinear
+from engine.kernels.dispatch import Kernels
+from engine.lora import LoRALinear
 from engine.model.llama import LlamaForCausalLM, get_model_class
 
 logger = logging.getLogger("lorastream.loader")
@@ -40,17 +41,23 @@ class CheckpointError(LoRAStreamError, ValueError):
 
 
 def load_model(config: EngineConfig) -> LlamaForCausalLM:
-    """The model of ``config.model`` in ``config.dtype`` on ``config.device``, in eval mode."""
-    return load_model_from_dir(config.model, config.hf_config, config.dtype, config.device)
+    """The model of ``config.model`` in ``config.dtype`` on ``config.device``, in eval mode,
+    running the kernels ``config.kernel`` chooses."""
+    kernels = Kernels(config.kernel, config.device)
+    return load_model_from_dir(config.model, config.hf_config, config.dtype, config.device, kernels)
 
 
 def load_model_from_dir(
-    model_dir: str | Path, hf_config: Any, dtype: torch.dtype, device: torch.device | str
+    model_dir: str | Path,
+    hf_config: Any,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    kernels: Kernels | None = None,
 ) -> LlamaForCausalLM:
     """``model_dir``: a Hugging Face checkpoint directory or a ``.gguf`` file."""
     device = torch.device(device)
     cls = get_model_class(hf_config)
-    model = cls(hf_config, dtype, torch.device("meta"))
+    model = cls(hf_config, dtype, torch.device("meta"), kernels)
     if str(model_dir).endswith(".gguf"):
         # Imported here: the GGUF reader builds on this module's names.
         from engine.model.gguf import read_gguf_state_dict

@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from engine.config import EngineConfig
 from engine.distributed.group import TPGroup
+from engine.kernels.dispatch import Kernels
 from engine.lora.sharded import ColumnParallelLoRALinear, RowParallelLoRALinear
 from engine.model.attention import PagedAttention
 from engine.model.llama import (
@@ -129,7 +130,7 @@ def shard_model(model: TPLlamaForCausalLM, group: TPGroup, fully_sharded_loras: 
     dtype, meta = model.dtype, torch.device("meta")
     d = int(cfg.hidden_size)
     kw: dict[str, Any] = {"group": group, "fully_sharded": fully_sharded_loras}
-    kw |= {"dtype": dtype, "device": meta}
+    kw |= {"dtype": dtype, "device": meta, "kernels": model.kernels}
     for layer in model.model.layers:
         attn = layer.self_attn
         assert isinstance(attn, LlamaAttention)
@@ -147,7 +148,7 @@ def shard_model(model: TPLlamaForCausalLM, group: TPGroup, fully_sharded_loras: 
         )
         old_attn = attn.attn
         attn.attn = PagedAttention(
-            heads, kv_heads, dh, old_attn.scale, sliding_window=old_attn.sliding_window
+            heads, kv_heads, dh, old_attn.scale, old_attn.sliding_window, model.kernels
         )
         attn.num_heads, attn.num_kv_heads = heads, kv_heads
         attn.q_size, attn.kv_size = heads * dh, kv_heads * dh
@@ -247,7 +248,8 @@ def load_sharded_model(config: EngineConfig, group: TPGroup) -> TPLlamaForCausal
             "file, or run it with tensor_parallel_size=1"
         )
     get_model_class(config.hf_config)  # raises on what the family does not cover
-    model = TPLlamaForCausalLM(config.hf_config, config.dtype, torch.device("meta"))
+    kernels = Kernels(config.kernel, config.device)
+    model = TPLlamaForCausalLM(config.hf_config, config.dtype, torch.device("meta"), kernels)
     fully_sharded = config.lora is not None and config.lora.fully_sharded_loras
     shard_model(model, group, fully_sharded)
     state = read_sharded_state_dict(model, config.model, config.dtype, config.device)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.lora.layers import build_lora_metadata
+from engine.lora import LoRAMetadata, build_lora_metadata
 from engine.model.llama import LlamaForCausalLM
-from engine.model.metadata import AttentionMetadata, ForwardBatch, LoRAMetadata
+from engine.model.metadata import AttentionMetadata, ForwardBatch
 
 
 @dataclass

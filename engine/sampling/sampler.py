@@ -29,9 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.kernel_utils import pinned
+from engine.kernels.utils import pinned
 from engine.sampling import top_p as top_p_mod
-from engine.sampling.noise import seeded_exponential_
 from engine.sampling_params import SamplingParams
 from engine.sequence import PLACEHOLDER
 
@@ -125,7 +124,7 @@ class SamplingMetadata:
     """Row index -> private generator, for seeded random rows off CUDA."""
     seeded: tuple[torch.Tensor, torch.Tensor] | None
     """(rows [S], seeds [S]) int64 of the seeded random rows on CUDA: one launch draws
-    their noise (``engine.sampling.noise``)."""
+    their noise (``engine.kernels.sampling_triton``)."""
     generator: torch.Generator | None
     """The engine's generator for unseeded random rows; None means torch's default one."""
     any_unseeded_random: bool
@@ -368,6 +367,8 @@ class Sampler(nn.Module):
         for row, gen in md.generators.items():
             q[row].exponential_(generator=gen)
         if md.seeded is not None:
+            from engine.kernels.sampling_triton import seeded_exponential_
+
             seeded_exponential_(q, *md.seeded)
         # A zero draw would turn a banned token's 0 / 0 into NaN, which argmax would pick.
         q.clamp_(min=torch.finfo(q.dtype).tiny)

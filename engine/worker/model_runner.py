@@ -17,7 +17,7 @@ CUDA graphs. Unless ``enforce_eager``, steps replay graphs captured at start:
   in the graph of the smallest token-count bucket that holds them (``mixed_graph_sizes``).
   Those graphs always have ``max_num_seqs + 1`` sequences: the step's own, then one that
   holds the padding tokens, then empty ones. Attention finds each token's sequence on the
-  device (``engine.model.attention``), so one graph serves every split of its tokens into
+  device (``engine.kernels.attention_triton``), so one graph serves every split of its tokens into
   sequences. Without them, a server whose requests arrive while others decode (nearly every
   step mixes then) would launch every kernel from Python each step.
 
@@ -26,8 +26,7 @@ query starts (fixed 0..B for decode graphs), context lengths and block tables. A
 its packed inputs into them. Padding tokens write no KV (slot -1), use no adapter (slot -1),
 read block 0 and their outputs are dropped. Adapter weights sit in fixed per-slot buffers,
 so a change of adapters needs no re-capture; the per-token LoRA slots go through a static
-``LoRAMetadata`` when ``engine.lora.layers`` provides one (see ``_static_lora``), else
-graphs serve only steps without adapter tokens.
+``LoRAMetadata`` (see ``_static_lora``).
 
 Launch and wait. ``launch`` runs a step up to its sampling and returns a ``StepHandle``
 without waiting for the device; ``StepHandle.wait`` brings the tokens to the host. With
@@ -51,15 +50,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import EngineConfig, LoRAConfig
+from engine.config import EngineConfig, KernelConfig, LoRAConfig
 from engine.core.scheduler import PLACEHOLDER, ScheduledRequest, SchedulerOutput
-from engine.kernel_utils import pinned
-from engine.lora import layers as lora_layers
+from engine.kernels.dispatch import Kernels
+from engine.kernels.utils import pinned
+from engine.lora import LoRAMetadata, allocate_static_lora_metadata, build_lora_metadata
 from engine.lora.manager import LoRAManager
 from engine.lora.warmup import warm_up_lora_kernels
 from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import load_model
-from engine.model.metadata import AttentionMetadata, ForwardBatch, LoRAMetadata
+from engine.model.metadata import AttentionMetadata, ForwardBatch
 from engine.outputs import SampleLogprobs
 from engine.sampling.sampler import (
     SampledTokens,
@@ -504,7 +504,7 @@ class ModelRunner:
         # Per graph, the token slots its static LoRA metadata holds now: a decode batch
         # keeps its adapters from step to step, and then the metadata is not built again.
         self._static_lora_slots: dict[object, tuple[str, bytes]] = {}
-        if cuda and self.lora_manager is not None and lora_layers.LORA_KERNELS != "torch":
+        if cuda and self.lora_manager is not None and config.kernel.use_triton(self.device):
             self._warm_up_lora()
         if cuda and not config.enforce_eager:
             self._capture_graphs()
@@ -794,7 +794,7 @@ class ModelRunner:
     def _lora_metadata(self, p: PackedInputs) -> LoRAMetadata | None:
         if p.token_slots_lora is None:
             return None
-        return lora_layers.build_lora_metadata(p.token_slots_lora, self.device)
+        return build_lora_metadata(p.token_slots_lora, self.device)
 
     def _load_graph_inputs(
         self, p: PackedInputs, graph: _Graph, fills: torch.Tensor | None
@@ -820,13 +820,10 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ CUDA graphs
     def _static_lora(self, num_tokens: int) -> LoRAMetadata | None:
-        """Static LoRA metadata for a graph of ``num_tokens`` tokens, when LoRA is on and
-        ``engine.lora.layers`` provides ``allocate_static_lora_metadata`` (kernel layout)."""
-        allocate = getattr(lora_layers, "allocate_static_lora_metadata", None)
-        if self.lora_manager is None or self.config.lora is None or allocate is None:
+        """Static LoRA metadata for a graph of ``num_tokens`` tokens, when LoRA is on."""
+        if self.lora_manager is None or self.config.lora is None:
             return None
-        meta: LoRAMetadata = allocate(num_tokens, self.config.lora.max_loras, self.device)
-        return meta
+        return allocate_static_lora_metadata(num_tokens, self.config.lora.max_loras, self.device)
 
     def _copy_static_lora(
         self, token_slots: np.ndarray, static: LoRAMetadata, graph_key: object
@@ -837,8 +834,23 @@ class ModelRunner:
         key = (token_slots.dtype.str, token_slots.tobytes())
         if self._static_lora_slots.get(graph_key) == key:
             return
-        lora_layers.build_lora_metadata(token_slots, self.device, out=static)
+        build_lora_metadata(token_slots, self.device, out=static)
         self._static_lora_slots[graph_key] = key
+
+    def kernel_settings(self) -> dict[str, object]:
+        """The kernel settings the model runs with, launch settings resolved."""
+        return self.model.kernels.describe()
+
+    def use_kernel_config(self, kernel: KernelConfig) -> None:
+        """Run the loaded model with other kernel settings and capture its CUDA graphs again
+        (benchmarks that compare settings without loading the weights once per setting)."""
+        self.model.set_kernels(Kernels(kernel, self.device))
+        self.graphs.clear()
+        self.mixed_graphs.clear()
+        self._static_lora_slots.clear()
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            torch.cuda.empty_cache()
+            self._capture_graphs()
 
     def _warm_up_lora(self) -> None:
         """Compile the LoRA kernel variants of eager steps now, not in the first request

@@ -249,36 +249,32 @@ def test_pack_step_refuses_a_bucket_too_small():
 # ----------------------------------------------------------------------------- CUDA
 
 
-def test_static_lora_metadata_is_rebuilt_only_when_the_slots_change(monkeypatch):
+def test_static_lora_metadata_is_rebuilt_only_when_the_slots_change():
     """A decode batch keeps its adapters from step to step: the graph's LoRA metadata is
     built (and copied to the device) again only when its token slots change."""
-    from engine.lora import layers as lora_layers
+    from engine.lora import allocate_static_lora_metadata
     from engine.worker.model_runner import ModelRunner
 
     runner = ModelRunner.__new__(ModelRunner)  # only what _copy_static_lora uses
     runner.device = torch.device("cpu")
     runner._static_lora_slots = {}
-    statics = {b: lora_layers.allocate_static_lora_metadata(b, 4, "cpu") for b in (4, 8)}
-    builds: list[int] = []
-    real = lora_layers.build_lora_metadata
+    statics = {b: allocate_static_lora_metadata(b, 4, "cpu") for b in (4, 8)}
 
-    def counted(slots, *args, **kwargs):
-        builds.append(len(slots))
-        return real(slots, *args, **kwargs)
+    def rebuilt(slots: list[int], static, size: int) -> bool:
+        """Whether copying ``slots`` wrote the static buffers (poisoned beforehand)."""
+        static.packed.fill_(-7)
+        runner._copy_static_lora(np.array(slots, dtype=np.int64), static, size)
+        return not bool((static.packed == -7).all())
 
-    monkeypatch.setattr(lora_layers, "build_lora_metadata", counted)
-    step = np.array([0, 1, 1, -1], dtype=np.int64)
-    runner._copy_static_lora(step, statics[4], 4)
-    expected = statics[4].packed.clone()
-    runner._copy_static_lora(step.copy(), statics[4], 4)
-    assert builds == [4]
-    assert torch.equal(statics[4].packed, expected)
-    runner._copy_static_lora(np.array([0, 1, 2, -1], dtype=np.int64), statics[4], 4)
-    assert builds == [4, 4]
+    step = [0, 1, 1, -1]
+    assert rebuilt(step, statics[4], 4)
+    expected = statics[4].token_slots.clone()
+    assert not rebuilt(list(step), statics[4], 4)
+    assert torch.equal(expected, torch.tensor(step))
+    assert rebuilt([0, 1, 2, -1], statics[4], 4)
     assert statics[4].token_slots.tolist() == [0, 1, 2, -1]
-    runner._copy_static_lora(np.array([0] * 8, dtype=np.int64), statics[8], 8)
-    runner._copy_static_lora(np.array([0, 1, 2, -1], dtype=np.int64), statics[4], 4)
-    assert builds == [4, 4, 8]  # each graph size remembers its own
+    assert rebuilt([0] * 8, statics[8], 8)
+    assert not rebuilt([0, 1, 2, -1], statics[4], 4)  # each graph size remembers its own
 
 
 cuda_only = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")

@@ -114,6 +114,34 @@ def test_cli_flags_use_vllm_names():
     assert [m.name for m in args.lora_modules] == ["a", "b"]
 
 
+def test_kernel_backend_has_a_flag_and_benchmark_settings_do_not():
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    args = EngineArgs.from_cli_args(
+        parser.parse_args(["--model", "m", "--kernel-backend", "torch"])
+    )
+    assert args.kernel_config().backend == "torch"
+    assert EngineArgs(model="m").kernel_config().backend == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--kernel-backend", "cuda"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--lora-fused-silu"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("kernel_backend", "cuda"),
+        ("lora_fused_silu", 1),
+        ("lora_stack_a_max", -1),
+        ("kernel_launch", {"attention_decode_num_warps": 0}),
+        ("kernel_launch", {"no_such_setting": 4}),
+    ],
+)
+def test_bad_kernel_settings_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"EngineArgs.{field}="):
+        EngineArgs(model="m", **{field: value})
+
+
 def test_cli_rejects_bad_value_with_field_name():
     parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
     ns = parser.parse_args(["--model", "m", "--max-loras", "4", "--max-cpu-loras", "2"])

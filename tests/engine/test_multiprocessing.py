@@ -87,10 +87,22 @@ def recorder() -> Recorder:
     return Recorder()
 
 
+# Kernel settings other than the defaults that change nothing on CPU (where every kernel is
+# a torch reference anyway), so the core process's outputs still equal the in-process ones.
+MP_KERNEL_ARGS: dict[str, Any] = {
+    "kernel_backend": "torch",
+    "lora_fused_silu": False,
+    "lora_stack_a_max": 4096,
+    "kernel_launch": {"attention_decode_num_warps": 4, "lora_shrink_programs_per_sm": 6},
+}
+
+
 @pytest.fixture(scope="module")
 def mp_engine(tiny_model_dir: Path, recorder: Recorder) -> Iterator[LLMEngine]:
     engine = LLMEngine.from_engine_args(
-        engine_args(tiny_model_dir), stat_loggers=[recorder], enable_multiprocessing=True
+        engine_args(tiny_model_dir, **MP_KERNEL_ARGS),
+        stat_loggers=[recorder],
+        enable_multiprocessing=True,
     )
     yield engine
     engine.shutdown()
@@ -304,6 +316,24 @@ def test_stats_and_step_timings_come_from_the_core(mp_engine, recorder):
     assert timings["front_process_ms"] > 0
     with pytest.raises(AttributeError, match="own process"):
         _ = mp_engine.scheduler
+
+
+def test_the_core_process_runs_the_kernel_config_it_was_given(mp_engine, inproc_engine):
+    """The kernel settings travel with the engine's arguments into the core's own process,
+    and its model runs with them (what it reports is what its layers hold)."""
+    got = mp_engine.get_kernel_config()
+    assert got["backend"] == "torch"
+    assert got["lora_fused_silu"] is False
+    assert got["lora_stack_a_max"] == 4096
+    assert got["launch"]["attention_decode_num_warps"] == 4
+    assert got["launch"]["lora_shrink_programs_per_sm"] == 6
+    default = inproc_engine.get_kernel_config()
+    assert (default["backend"], default["lora_fused_silu"]) == ("auto", True)
+    assert default["launch"]["attention_decode_num_warps"] == 2
+    assert (
+        got["launch"]["lora_expand_decode_block_n"]
+        == default["launch"]["lora_expand_decode_block_n"]
+    )
 
 
 def child_pids() -> set[int]:

@@ -1,51 +1,45 @@
 """Batched LoRA kernels against their torch references and a per-token float64 loop.
 
-On CPU every kernel runs through Triton's interpreter at small sizes (``TRITON_INTERPRET``
-is set below, before the kernel modules are imported: Triton decides at decoration time);
-on CUDA the sweep adds the large shapes and a CUDA graph replayed across adapter changes.
+On CPU every kernel runs through Triton's interpreter at small sizes (``TRITON_INTERPRET``,
+set in tests/conftest.py); on CUDA the sweep adds the large shapes and a CUDA graph replayed
+across adapter changes.
 """
 
 from __future__ import annotations
 
-import importlib
 import itertools
-import os
 import random
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction
 
-from engine.lora import layers  # noqa: E402
-from engine.lora.kernels import (  # noqa: E402
-    add_lora,
+from engine.config import KernelConfig
+from engine.kernels import lora_expand_triton as expand_mod
+from engine.kernels import lora_shrink_triton as shrink_mod
+from engine.kernels.dispatch import Kernels
+from engine.kernels.lora import (
     add_lora_reference,
     lora_expand_reference,
     lora_shrink_reference,
 )
-from engine.lora.kernels import expand as expand_mod  # noqa: E402
-from engine.lora.kernels import shrink as shrink_mod  # noqa: E402
-from engine.lora.layers import (  # noqa: E402
+from engine.lora import (
     LoRALinear,
+    LoRAMetadata,
     allocate_static_lora_metadata,
     build_lora_metadata,
 )
-from engine.model.metadata import LoRAMetadata  # noqa: E402
-from engine.model.testing import make_lora_metadata  # noqa: E402
+from engine.model.testing import make_lora_metadata
+from tests.kernel_calls import counting_kernels
 
-if not CUDA and not isinstance(shrink_mod._lora_shrink_kernel, InterpretedFunction):
-    # Imported before TRITON_INTERPRET was set (by another test module): compile again.
-    importlib.reload(shrink_mod)
-    importlib.reload(expand_mod)
-
+CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 needs_cuda = pytest.mark.skipif(not CUDA, reason="cuda: too large for the interpreter")
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -254,17 +248,16 @@ def written_h(st: Setup, planes: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, h, torch.zeros_like(h))
 
 
-def count_calls(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[int]:
-    """Wrap ``module.name`` so each call appends to the returned list, then calls through."""
-    real = getattr(module, name)
-    calls: list[int] = []
-
-    def counted(*args: object, **kwargs: object) -> object:
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, counted)
+def use_kernels(layer: LoRALinear, **config: Any) -> Counter[str]:
+    """Run ``layer`` under ``KernelConfig(**config)`` from now on; returns the counter of
+    its Triton calls."""
+    layer.kernels, calls = counting_kernels(KernelConfig(**config), DEVICE)
     return calls
+
+
+def add_lora(*args: Any) -> None:
+    """The shrink then the expand (``TritonKernels.add_lora``), default launch settings."""
+    Kernels().triton.add_lora(*args)
 
 
 def check_case(case: Case, seed: int = 0) -> None:
@@ -386,32 +379,27 @@ def test_weights_past_the_rank_are_never_read() -> None:
 
 
 @pytest.mark.parametrize("delta_into_gemm", [True, False])
-def test_layer_forward_uses_the_kernels_when_forced(
-    monkeypatch: pytest.MonkeyPatch, delta_into_gemm: bool
-) -> None:
+def test_layer_forward_uses_the_kernels_when_forced(delta_into_gemm: bool) -> None:
     """Both shrink-kernel paths of ``LoRALinear.forward`` (the GEMM accumulating onto the
     expand's delta, or the expand adding to the GEMM's output) against the torch path."""
-    monkeypatch.setattr(layers, "DELTA_INTO_GEMM", delta_into_gemm)
-    monkeypatch.setattr(layers, "STACK_A_MAX", 0)  # the stacked product: its own tests
+    # lora_stack_a_max=0: the stacked product has its own tests.
+    settings = {"lora_delta_into_gemm": delta_into_gemm, "lora_stack_a_max": 0}
     st = make_setup(Case(17, (8,), 4, QKV, F16, F16))
     base = torch.nn.functional.linear(st.x, st.layer.weight)
-    monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
+    use_kernels(st.layer, backend="torch", **settings)
     y_torch = st.layer(st.x, st.meta)
-    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
-    calls = count_calls(monkeypatch, shrink_mod, "lora_shrink")
+    calls = use_kernels(st.layer, backend="triton", **settings)
     y = st.layer(st.x, st.meta)
-    assert calls == [1]
+    assert calls["lora_shrink"] == 1
     assert_rel((y - base).float(), (y_torch - base).float(), 1e-2)
     # Hand-built metadata has no kernel layout: the reference path, whatever the setting.
     y_hand = st.layer(st.x, make_lora_metadata(st.token_slots, DEVICE))
-    assert calls == [1]
+    assert calls["lora_shrink"] == 1
     torch.testing.assert_close(y_hand, y_torch)
 
 
 @pytest.mark.parametrize("delta_into_gemm", [True, False])
-def test_layer_bias_survives_the_kernel_path(
-    monkeypatch: pytest.MonkeyPatch, delta_into_gemm: bool
-) -> None:
+def test_layer_bias_survives_the_kernel_path(delta_into_gemm: bool) -> None:
     """A layer with a bias (Qwen2's qkv) gives on the kernel path what the torch path gives,
     whichever way the delta meets the GEMM."""
     st = make_setup(Case(17, (8,), 4, QKV, F32, F32))
@@ -419,10 +407,9 @@ def test_layer_bias_survives_the_kernel_path(
     gen = torch.Generator().manual_seed(3)
     bias = torch.randn(lay.out_features, generator=gen).to(DEVICE)
     lay.bias = torch.nn.Parameter(bias, requires_grad=False)
-    monkeypatch.setattr(layers, "DELTA_INTO_GEMM", delta_into_gemm)
-    monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
+    use_kernels(lay, backend="torch", lora_delta_into_gemm=delta_into_gemm)
     want = lay(st.x, st.meta)
-    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
+    use_kernels(lay, backend="triton", lora_delta_into_gemm=delta_into_gemm)
     torch.testing.assert_close(lay(st.x, st.meta), want, rtol=1e-4, atol=1e-4)
 
 
@@ -444,13 +431,13 @@ STACKED_GPU_CASES = [
 ]
 
 
-def check_stacked(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+def check_stacked(case: Case) -> None:
     """The stacked GEMM's path: ``x · [W; A]ᵀ`` gives the base product and every slot's h,
     the per-slot expand reads each token's own, and the layer's output matches the shrink
     kernel's path and the float64 per-token loop."""
-    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")  # on CPU too, interpreted
     st = make_setup(case, seed=zlib.crc32(case.id.encode()) % 1000)
     lay, meta = st.layer, st.meta
+    use_kernels(lay, backend="triton")  # on CPU too, interpreted
     assert lay.weight_and_a is not None
     tol = TOL[least_precise(case.dtype, case.lora_dtype)]
     base = torch.nn.functional.linear(st.x, lay.weight)
@@ -485,31 +472,29 @@ def check_stacked(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
         assert_delta(apart, base, expected, tol)
 
 
-def test_stacked_product_only_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stacked_product_only_where_it_pays() -> None:
     """The layer takes the stacked GEMM for steps of T tokens with ``T * rows of A`` up to
-    ``STACK_A_MAX``, in layers whose A of all slots is at most ``STACK_A_MAX_BYTES``; the
-    shrink kernel otherwise. Both give the same output."""
-    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
+    ``lora_stack_a_max``, in layers whose A of all slots is at most
+    ``lora_stack_a_max_bytes``; the shrink kernel otherwise. Both give the same output."""
     st = make_setup(Case(17, (8,), 4, QKV, F32, F32))
     lay = st.layer
     a = lay.lora_a_stacked
     rows, a_bytes = a.shape[0] * a.shape[1] * a.shape[2], a.numel() * a.element_size()
-    calls = count_calls(monkeypatch, shrink_mod, "lora_shrink")
     outputs = []
     for max_product, max_bytes, shrinks in [
         (17 * rows, a_bytes, 0),
         (17 * rows - 1, a_bytes, 1),
         (17 * rows, a_bytes - 1, 1),
     ]:
-        monkeypatch.setattr(layers, "STACK_A_MAX", max_product)
-        monkeypatch.setattr(layers, "STACK_A_MAX_BYTES", max_bytes)
-        calls.clear()
+        calls = use_kernels(
+            lay, backend="triton", lora_stack_a_max=max_product, lora_stack_a_max_bytes=max_bytes
+        )
         outputs.append(lay(st.x, st.meta))
-        assert len(calls) == shrinks, (max_product, max_bytes)
+        assert calls["lora_shrink"] == shrinks, (max_product, max_bytes)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_stacked_product_keeps_the_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stacked_product_keeps_the_bias() -> None:
     """A layer with a bias (Qwen2's qkv) on the stacked path: the bias becomes a view of
     ``[bias; 0]``, so the one GEMM adds it to y and nothing to h."""
     gen = torch.Generator().manual_seed(5)
@@ -525,9 +510,9 @@ def test_stacked_product_keeps_the_bias(monkeypatch: pytest.MonkeyPatch) -> None
             lay.set_lora(slot, s, a.to(DEVICE), b.to(DEVICE))
     x = torch.randn(9, 48, generator=gen).to(DEVICE)
     meta = build_lora_metadata([0, 1, -1, 2, 0, 2, -1, 1, 0], DEVICE)
-    monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
+    use_kernels(lay, backend="torch")
     want = lay(x, meta)
-    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
+    use_kernels(lay, backend="triton")
     torch.testing.assert_close(lay(x, meta, stack_a=True), want, rtol=1e-4, atol=1e-4)
     # Replacing the bias afterwards (as a loader might) leaves the stacked buffers stale:
     # the layer then takes the shrink kernel's path, with the new bias.
@@ -535,23 +520,21 @@ def test_stacked_product_keeps_the_bias(monkeypatch: pytest.MonkeyPatch) -> None
     assert not lay.can_stack_a
     with pytest.raises(ValueError, match="stack_a=True"):
         lay(x, meta, stack_a=True)
-    monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
+    use_kernels(lay, backend="torch")
     want_unbiased = lay(x, meta)
-    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
+    use_kernels(lay, backend="triton")
     torch.testing.assert_close(lay(x, meta), want_unbiased, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", STACKED_CPU_CASES, ids=lambda c: c.id)
-def test_stacked_product_matches_references(case: Case, monkeypatch: pytest.MonkeyPatch) -> None:
-    check_stacked(case, monkeypatch)
+def test_stacked_product_matches_references(case: Case) -> None:
+    check_stacked(case)
 
 
 @needs_cuda
 @pytest.mark.parametrize("case", STACKED_GPU_CASES if CUDA else [], ids=lambda c: c.id)
-def test_stacked_product_matches_references_sweep(
-    case: Case, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    check_stacked(case, monkeypatch)
+def test_stacked_product_matches_references_sweep(case: Case) -> None:
+    check_stacked(case)
 
 
 # ------------------------------------------------------------------------ expand + SiLU
@@ -577,8 +560,8 @@ def check_expand_silu(case: Case, pad: int = 0) -> None:
     """The fused kernel against lora_expand followed by the SiLU kernel (bit for bit), and
     against the float64 per-token loop followed by torch's SiLU. ``pad``: on static (CUDA
     graph) metadata with that many padding tokens."""
-    from engine.model import ops
-    from engine.model.fused_kernels import silu_and_mul_triton
+    from engine.kernels.elementwise import silu_and_mul_reference
+    from engine.kernels.elementwise_triton import silu_and_mul_triton
 
     st = make_setup(case, seed=zlib.crc32(case.id.encode()) % 1000)
     lay = st.layer
@@ -607,7 +590,7 @@ def check_expand_silu(case: Case, pad: int = 0) -> None:
     torch.testing.assert_close(out, unfused, rtol=ULP[case.dtype] * 4, atol=1e-6)
     expected = (st.y0.double().cpu() + per_token_delta_batched(st)).to(case.dtype)
     tol = TOL[least_precise(case.dtype, case.lora_dtype)]
-    reference = ops.silu_and_mul_reference(expected.to(DEVICE))
+    reference = silu_and_mul_reference(expected.to(DEVICE))
     assert_rel(out[: case.tokens].float(), reference.float(), tol)
 
 
@@ -626,41 +609,40 @@ def test_expand_silu_covers_padding_rows_of_static_metadata() -> None:
     check_expand_silu(Case(11, (8,), 4, GATE_UP_PAIR, BF16, BF16), pad=5)
 
 
-def test_layer_silu_and_mul_takes_the_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``LoRALinear.silu_and_mul`` launches the fused kernel where both kernel paths run on
+def test_layer_silu_and_mul_takes_the_fused_kernel() -> None:
+    """``LoRALinear.silu_and_mul`` launches the fused kernel where the kernels run on
     prefill-tall tiles, and gives what the torch paths give."""
-    from engine.model import ops
-
-    monkeypatch.setattr(layers, "STACK_A_MAX", 0)  # the shrink kernel's path; stacked below
+    min_block_m = KernelConfig().lora_fused_silu_min_block_m
     st = make_setup(Case(40, (8,), 2, GATE_UP_PAIR, F32, F32, "segments"))
     decode_meta = build_lora_metadata(st.token_slots, DEVICE, block_m=16)
-    st.meta = build_lora_metadata(st.token_slots, DEVICE, block_m=layers.FUSED_SILU_MIN_BLOCK_M)
-    monkeypatch.setattr(layers, "LORA_KERNELS", "torch")
-    monkeypatch.setattr(ops, "MODEL_KERNELS", "torch")
+    st.meta = build_lora_metadata(st.token_slots, DEVICE, block_m=min_block_m)
+    # lora_stack_a_max=0: the shrink kernel's path (stack_a=True below takes the other).
+    use_kernels(st.layer, backend="torch", lora_stack_a_max=0)
     expected = st.layer.silu_and_mul(st.x, st.meta)
-    calls = count_calls(monkeypatch, expand_mod, "lora_expand_silu_and_mul")
-    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
-    monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
+    calls = use_kernels(st.layer, backend="triton", lora_stack_a_max=0)
+    fused = "lora_expand_silu_and_mul"
     out = st.layer.silu_and_mul(st.x, st.meta)
-    assert calls == [1]
+    assert calls[fused] == 1
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     # Decode tiles (16 tall): the expand and the SiLU kernel apart, same result.
     torch.testing.assert_close(
         st.layer.silu_and_mul(st.x, decode_meta), expected, rtol=1e-5, atol=1e-5
     )
-    assert calls == [1]
+    assert calls[fused] == 1
     # The stacked GEMM's path takes the fused kernel at decode tiles too.
     stacked = st.layer.silu_and_mul(st.x, decode_meta, stack_a=True)
-    assert calls == [1, 1]
+    assert calls[fused] == 2
     torch.testing.assert_close(stacked, expected, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(layers, "FUSED_SILU_STACKED", False)
+    calls = use_kernels(
+        st.layer, backend="triton", lora_stack_a_max=0, lora_fused_silu_stacked=False
+    )
     torch.testing.assert_close(
         st.layer.silu_and_mul(st.x, decode_meta, stack_a=True), expected, rtol=1e-5, atol=1e-5
     )
-    assert calls == [1, 1]
-    monkeypatch.setattr(layers, "FUSED_SILU", False)
+    assert calls[fused] == 0
+    calls = use_kernels(st.layer, backend="triton", lora_stack_a_max=0, lora_fused_silu=False)
     torch.testing.assert_close(st.layer.silu_and_mul(st.x, st.meta), expected, rtol=1e-5, atol=1e-5)
-    assert calls == [1, 1]
+    assert calls[fused] == 0
     with pytest.raises(ValueError, match="two equal slices"):
         make_setup(Case(3, (8,), 1, GATE_UP)).layer.silu_and_mul(st.x[:3, :48])
 

@@ -16,10 +16,10 @@ from peft import PeftModel
 
 import engine.lora.manager as manager_mod
 from engine.errors import AdapterCorrupt, AdapterError, AdapterRankTooLarge
+from engine.lora import LoRAMetadata
 from engine.lora.layers import LoRALinear
 from engine.lora.manager import LoRAManager
 from engine.lora.request import LoRARequest
-from engine.model.metadata import LoRAMetadata
 from tests.lora.test_peft_loading import lora_config, make_adapter, make_base, make_layers
 
 # Four adapters that touch different modules, so a reused slot shows any leftover.

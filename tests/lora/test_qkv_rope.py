@@ -1,29 +1,26 @@
-"""The q/k/v expand fused with RoPE and the KV-cache write (``engine.lora.kernels.qkv``)
+"""The q/k/v expand fused with RoPE and the KV-cache write (``engine.kernels.lora_qkv_triton``)
 against the three kernels it replaces, run one after the other, and against a float64
 per-token reference followed by the model's torch RoPE; on CPU through Triton's interpreter.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is decorated
 pytest.importorskip("triton")
 
-from triton.runtime.interpreter import InterpretedFunction
-
-from engine.lora.kernels import qkv as qkv_mod
-from engine.lora.layers import allocate_static_lora_metadata, build_lora_metadata
-from engine.model import ops
-from engine.model.attention import store_kv_reference, store_kv_triton
-from engine.model.fused_kernels import apply_rotary_triton
+from engine.config import KernelConfig
+from engine.kernels import lora_qkv_triton as qkv_mod
+from engine.kernels.attention import store_kv_reference
+from engine.kernels.attention_triton import store_kv_triton
+from engine.kernels.elementwise import apply_rotary_reference
+from engine.kernels.elementwise_triton import INTERPRET, apply_rotary_triton
+from engine.lora import BLOCK_MS, allocate_static_lora_metadata, build_lora_metadata
+from tests.kernel_calls import counting_kernels
 
 from .test_kernels import (
     BF16,
@@ -35,9 +32,7 @@ from .test_kernels import (
     ULP,
     Case,
     assert_rel,
-    count_calls,
     expand_mod,
-    layers,
     least_precise,
     make_setup,
     per_token_delta_batched,
@@ -47,13 +42,8 @@ from .test_kernels import (
 # The model-level tests below run the tiny model on CPU through the kernels: interpreter only
 # (on CUDA the engine's tests take the same path).
 needs_interpreter = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need TRITON_INTERPRET=1"
+    not INTERPRET, reason="CPU tensors need Triton's interpreter"
 )
-
-if not CUDA and not isinstance(qkv_mod._lora_qkv_rope_kernel, InterpretedFunction):
-    # Imported before TRITON_INTERPRET was set (by another test module), or its expand
-    # helpers reloaded since (test_kernels): decorate again.
-    importlib.reload(qkv_mod)
 
 
 def heads_case(
@@ -155,7 +145,7 @@ def check(case: Case, heads: tuple[int, int, int], *, per_slot: bool = False, pa
     expected = (st.y0.double().cpu() + per_token_delta_batched(st)).to(case.dtype).to(DEVICE)
     n = case.tokens
     q_exp, k_exp, v_exp = expected.split([q_size, kv_size, kv_size], dim=-1)
-    q_exp, k_exp = ops.apply_rotary_reference(
+    q_exp, k_exp = apply_rotary_reference(
         q_exp.reshape(n, num_heads, head_dim),
         k_exp.reshape(n, num_kv, head_dim),
         cos[:n],
@@ -199,9 +189,7 @@ def test_refuses_layouts_it_cannot_rotate() -> None:
 
 
 @needs_interpreter
-def test_attention_layer_takes_the_fused_kernel(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_attention_layer_takes_the_fused_kernel(tiny_model_dir: Path) -> None:
     """The tiny model with four adapters, one step of five sequences on its Triton paths
     (the stacked product in every layer): the fused kernel runs once per layer and the
     logits are those of the three kernels apart."""
@@ -213,13 +201,14 @@ def test_attention_layer_takes_the_fused_kernel(
         load_ours,
     )
 
-    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
-    monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
-    monkeypatch.setattr(layers, "FUSED_QKV_ROPE", True)
     adapters = sorted((tiny_model_dir / "adapters").iterdir())
 
-    def logits() -> dict[str, torch.Tensor]:
+    def logits(fused_qkv_rope: bool) -> tuple[dict[str, torch.Tensor], int]:
+        """The step's logits, and the fused kernel's launches."""
         model = load_ours(tiny_model_dir)
+        config = KernelConfig(backend="triton", lora_fused_qkv_rope=fused_qkv_rope)
+        kernels, calls = counting_kernels(config)
+        model.set_kernels(kernels)
         for layer in model.lora_layers().values():
             layer.create_lora_buffers(len(adapters), max_rank=32, dtype=torch.float32)
         slots = {a.name: i for i, a in enumerate(adapters)}
@@ -228,36 +217,31 @@ def test_attention_layer_takes_the_fused_kernel(
         prompts = {a.name: list(range(5 + 3 * i, 12 + 5 * i)) for i, a in enumerate(adapters)}
         prompts["base"] = list(range(3, 3 + len(PROMPT) // 8))
         driver = PagedDriver(model, 64, BLOCK_SIZE, lora_kernel_layout=True)
-        return driver.step(prompts, lora_slots=slots)
+        return driver.step(prompts, lora_slots=slots), calls["lora_expand_qkv_rope"]
 
-    calls = count_calls(monkeypatch, qkv_mod, "lora_expand_qkv_rope")
-    fused = logits()
-    assert len(calls) == 2  # the tiny model's layers
-    monkeypatch.setattr(layers, "FUSED_QKV_ROPE", False)
-    apart = logits()
-    assert len(calls) == 2
+    fused, launches = logits(fused_qkv_rope=True)
+    assert launches == 2  # the tiny model's layers
+    apart, launches = logits(fused_qkv_rope=False)
+    assert launches == 0
     assert fused.keys() == apart.keys()
     for name in fused:
         torch.testing.assert_close(fused[name], apart[name], rtol=1e-5, atol=1e-5)
 
 
 @needs_interpreter
-def test_warm_up_compiles_each_tile_height_and_writes_no_kv(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_warm_up_compiles_each_tile_height_and_writes_no_kv(tiny_model_dir: Path) -> None:
     from tests.model.test_llama_matches_transformers import load_ours
 
-    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
-    monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
-    monkeypatch.setattr(layers, "FUSED_QKV_ROPE", True)
-    model = load_ours(tiny_model_dir)
+    model = load_ours(tiny_model_dir, kernel_backend="triton", lora_fused_qkv_rope=True)
+    kernels, calls = counting_kernels(model.kernels.config)
+    model.set_kernels(kernels)
     for layer in model.lora_layers().values():
         layer.create_lora_buffers(2, max_rank=8, dtype=torch.float32)
     caches = [torch.randn(model.kv_cache_shape(4, 4)) for _ in range(model.num_layers)]
     model.bind_kv_caches(caches)
     before = [c.clone() for c in caches]
-    calls = count_calls(monkeypatch, qkv_mod, "lora_expand_qkv_rope")
-    assert model.warm_up_lora_fusions() == len(layers.BLOCK_MS) == len(calls)
+    assert model.warm_up_lora_fusions() == len(BLOCK_MS) == calls["lora_expand_qkv_rope"]
     assert all(torch.equal(a, b) for a, b in zip(caches, before, strict=True))
-    monkeypatch.setattr(layers, "FUSED_QKV_ROPE", False)
+    off, _ = counting_kernels(KernelConfig(backend="triton", lora_fused_qkv_rope=False))
+    model.set_kernels(off)
     assert model.warm_up_lora_fusions() == 0

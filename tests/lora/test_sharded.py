@@ -4,19 +4,19 @@ fully_sharded_loras off and on."""
 
 from __future__ import annotations
 
-import importlib
 import threading
 from typing import Any
 
 import pytest
 import torch
 
+from engine.config import KernelConfig
 from engine.distributed.group import TPGroup
 from engine.distributed.testing import run_ranks
-from engine.lora import layers as lora_layers
-from engine.lora.layers import build_lora_metadata
+from engine.kernels.dispatch import Kernels
+from engine.lora import build_lora_metadata
+from engine.lora.metadata import LoRAMetadata
 from engine.lora.sharded import ColumnParallelLoRALinear, RowParallelLoRALinear
-from engine.model.metadata import LoRAMetadata
 from engine.model.parallel import kv_head_range
 from engine.model.testing import make_lora_metadata
 
@@ -45,33 +45,27 @@ class _OneAtATime:
 
 
 @pytest.fixture(params=["torch", "triton"])
-def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Kernels:
     """The torch loop (CPU's path) and the Triton kernels (CUDA's; interpreted on CPU)."""
-    if request.param == "triton":
-        if torch.cuda.is_available():
-            # Reloading the kernels interpreted would leave them so for the GPU tests after.
-            pytest.skip("CPU machines only: on a GPU the kernels run in tests/lora/test_kernels.py")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        pytest.importorskip("triton")
-        from triton.runtime.interpreter import InterpretedFunction
+    if request.param == "torch":
+        return Kernels(KernelConfig(backend="torch"))
+    if torch.cuda.is_available():
+        pytest.skip("CPU tensors: on a GPU the kernels run in tests/lora/test_kernels.py")
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
 
-        from engine.lora.kernels import expand, shrink
+    from engine.kernels import lora_expand_triton, lora_shrink_triton
 
-        lock = threading.Lock()
-        for mod in (shrink, expand):
-            if not isinstance(
-                mod.__dict__[f"_lora_{mod.__name__.rpartition('.')[2]}_kernel"], InterpretedFunction
-            ):
-                importlib.reload(mod)  # imported before TRITON_INTERPRET was set
-            for name, value in list(vars(mod).items()):
-                if name.endswith("_kernel") and isinstance(value, InterpretedFunction):
-                    monkeypatch.setattr(mod, name, _OneAtATime(value, lock))
-        monkeypatch.setattr(lora_layers, "LORA_KERNELS", "triton")
-    return str(request.param)
+    lock = threading.Lock()
+    for mod in (lora_shrink_triton, lora_expand_triton):
+        for name, value in list(vars(mod).items()):
+            if name.endswith("_kernel") and isinstance(value, InterpretedFunction):
+                monkeypatch.setattr(mod, name, _OneAtATime(value, lock))
+    return Kernels(KernelConfig(backend="triton"))
 
 
-def metadata(kernels: str, slots: list[int]) -> LoRAMetadata:
-    if kernels == "triton":
+def metadata(kernels: Kernels, slots: list[int]) -> LoRAMetadata:
+    if kernels.config.backend == "triton":
         return build_lora_metadata(slots, "cpu")
     return make_lora_metadata(slots)
 
@@ -129,7 +123,7 @@ def test_column_parallel_qkv_matches_unsharded(world, fully_sharded, kernels):
         kv = (kv_start * HEAD_DIM, kv_heads * HEAD_DIM)
         shards = [q, kv, kv]
         layer = ColumnParallelLoRALinear(
-            IN, slices, shards, ["q", "k", "v"], group, fully_sharded, bias=True
+            IN, slices, shards, ["q", "k", "v"], group, fully_sharded, bias=True, kernels=kernels
         )
         offsets = [0, slices[0], slices[0] + slices[1]]
         rows = torch.cat(
@@ -167,8 +161,9 @@ def test_row_parallel_matches_unsharded(world, fully_sharded, kernels):
         part = full_in // world
         cols = slice(group.rank * part, (group.rank + 1) * part)
         layer = RowParallelLoRALinear(
-            full_in, (group.rank * part, part), out, "down_proj", group, fully_sharded, bias=True
-        )
+            full_in, (group.rank * part, part), out, "down_proj", group, fully_sharded,
+            bias=True, kernels=kernels,
+        )  # fmt: skip
         layer.weight.copy_(weight[:, cols])
         assert layer.bias is not None
         layer.bias.copy_(bias)

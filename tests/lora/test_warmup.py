@@ -8,7 +8,6 @@ adapter mixes compile no new kernel variant.
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -16,16 +15,21 @@ from typing import Any
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from engine.lora import layers, warmup  # noqa: E402
-from engine.lora.kernels.shrink import split_k_for  # noqa: E402
-from engine.lora.layers import LoRALinear, build_lora_metadata  # noqa: E402
-from engine.model import ops  # noqa: E402
-from engine.model.metadata import LoRAMetadata  # noqa: E402
+from engine.config import KernelConfig
+from engine.kernels.dispatch import Kernels
+from engine.kernels.lora_shrink_triton import split_k_for
+from engine.lora import (
+    BLOCK_MS,
+    LoRALinear,
+    LoRAMetadata,
+    build_lora_metadata,
+    tile_capacity,
+    warmup,
+)
+
+CUDA = torch.cuda.is_available()
 
 Step = Callable[[LoRALinear, torch.Tensor, LoRAMetadata | None], Any]
 
@@ -52,9 +56,10 @@ def test_tile_counts_reach_every_split_the_shrink_picks(sr: int, k: int, sms: in
 
 
 def make_layer(in_f: int, slices: list[int], max_loras: int = 4, rank: int = 8) -> LoRALinear:
-    layer = LoRALinear(
-        in_f, slices, [f"s{i}" for i in range(len(slices))], dtype=BF16, device=DEVICE
-    )
+    # The Triton paths, on CPU too (interpreted).
+    kernels = Kernels(KernelConfig(backend="triton"), DEVICE)
+    names = [f"s{i}" for i in range(len(slices))]
+    layer = LoRALinear(in_f, slices, names, dtype=BF16, device=DEVICE, kernels=kernels)
     layer.weight.normal_(0, 0.02)
     layer.create_lora_buffers(max_loras, rank, BF16)
     return layer
@@ -74,8 +79,6 @@ def model_layers() -> dict[str, LoRALinear]:
 def test_warm_up_launches_each_layer_shape_through_its_paths(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(layers, "LORA_KERNELS", "triton")
-    monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
     launched: list[tuple[str, tuple[int, ...], int, int, bool]] = []
     forward, silu_and_mul = LoRALinear.forward, LoRALinear.silu_and_mul
 
@@ -106,13 +109,13 @@ def test_warm_up_launches_each_layer_shape_through_its_paths(
         key = tuple(layer.out_slices)
         sr = len(layer.out_slices) * 8
         gate_up = name.endswith("gate_up_proj")
-        for block_m in layers.BLOCK_MS:
-            plan = warmup.tile_counts(sr, layer.in_features, 64 // block_m + 5, sms)
+        for block_m in BLOCK_MS:
+            plan = warmup.tile_counts(sr, layer.in_features, tile_capacity(64, 4, block_m), sms)
             for tiles in plan:  # the shrink kernel's path
                 expected.append(("forward", key, block_m, tiles, False))
                 if gate_up:
                     expected.append(("silu_and_mul", key, block_m, tiles, False))
-                    if block_m < layers.FUSED_SILU_MIN_BLOCK_M:  # the expand, then the SiLU
+                    if block_m < KernelConfig().lora_fused_silu_min_block_m:  # expand, then SiLU
                         expected.append(("forward", key, block_m, tiles, False))
             # then once the stacked GEMM's, whose expand has no split (fused with the SiLU)
             expected.append(("forward", key, block_m, plan[-1], True))
@@ -129,8 +132,8 @@ def test_warm_up_skips_layers_without_buffers() -> None:
 
 @pytest.mark.skipif(not CUDA, reason="compiled kernel variants exist on CUDA only")
 def test_no_step_compiles_a_kernel_after_the_warm_up() -> None:
-    from engine.lora.kernels import expand as expand_mod
-    from engine.lora.kernels import shrink as shrink_mod
+    from engine.kernels import lora_expand_triton as expand_mod
+    from engine.kernels import lora_shrink_triton as shrink_mod
 
     max_tokens, max_loras = 512, 4
     mods = model_layers()

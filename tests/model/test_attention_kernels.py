@@ -1,14 +1,10 @@
 """The Triton paged-attention kernels against the torch references.
 
-On CPU the kernels run under ``TRITON_INTERPRET=1`` (set here before Triton is imported)
-at small sizes; on a CUDA device the same sweep runs at real model sizes.
+On CPU the kernels run under ``TRITON_INTERPRET=1`` (tests/conftest.py) at small sizes; on
+a CUDA device the same sweep runs at real model sizes (``-m gpu``).
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LORASTREAM_TEST_CUDA") else "1")
 
 import itertools
 import random
@@ -17,21 +13,19 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.model import attention
-from engine.model.attention import (
+pytest.importorskip("triton")
+
+from engine.kernels.attention import (
     attention_blocks,
     num_kv_splits,
     paged_attention_reference,
-    paged_attention_triton,
     store_kv_reference,
-    store_kv_triton,
 )
+from engine.kernels.attention_triton import paged_attention_triton, store_kv_triton
+from engine.kernels.elementwise_triton import INTERPRET
 from engine.model.metadata import AttentionMetadata
 
-pytestmark = pytest.mark.skipif(not attention.HAS_TRITON, reason="triton is not installed")
-
 CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The interpreter runs on CPU tensors; compiled kernels need CUDA ones.
 DEVICE = "cpu" if INTERPRET or not CUDA else "cuda"
 
@@ -165,11 +159,9 @@ def test_split_decode_matches_unsplit(num_splits):
     "dtype",
     [
         torch.float16,
-        pytest.param(
-            torch.bfloat16,
-            # Triton 3.9's interpreter computes bf16 tl.dot wrongly (even a bare 16x16 product).
-            marks=pytest.mark.skipif(INTERPRET, reason="bf16 tl.dot is broken in the interpreter"),
-        ),
+        # Triton's interpreter computes bf16 tl.dot wrongly: the kernel takes float32
+        # products there (the same path as for float32 inputs).
+        torch.bfloat16,
     ],
 )
 def test_half_precision_matches_float32_reference(dtype):
@@ -281,7 +273,7 @@ def test_attention_blocks_cover_the_group():
             assert block_n >= 16
 
 
-@pytest.mark.skipif(INTERPRET or not CUDA, reason="real sizes need a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (32, 8, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_real_sizes_on_cuda(num_heads, num_kv_heads, head_dim, dtype):

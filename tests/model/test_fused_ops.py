@@ -1,8 +1,8 @@
 """The fused Triton kernels of the model's elementwise ops against their torch references.
 
-On CPU the kernels run under ``TRITON_INTERPRET=1`` (set here before Triton is imported) at
-small sizes; with ``LORASTREAM_TEST_CUDA=1`` on a CUDA device they are compiled, and
-``TestRealSizesOnCuda`` adds Llama-3.1-8B sizes, a CUDA graph and the step-time target.
+On CPU the kernels run under ``TRITON_INTERPRET=1`` (tests/conftest.py) at small sizes; on
+a CUDA device they are compiled, and ``TestRealSizesOnCuda`` (``-m gpu``) adds Llama-3.1-8B
+sizes, a CUDA graph and the step-time target.
 
 Where results may differ, and by how much: RoPE and the residual add use only products and
 sums that both sides round at the same points, so they must be bit-exact in every dtype.
@@ -19,41 +19,34 @@ weight multiply) makes a large share of elements differ, which these bounds catc
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LORASTREAM_TEST_CUDA") else "1")
-
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
 from engine import EngineArgs
-from engine.model import fused_kernels, ops
-from engine.model.fused_kernels import (
+from engine.config import HAS_TRITON, KernelConfig
+from engine.kernels import elementwise
+from engine.kernels.dispatch import Kernels
+from engine.model.llama import LlamaForCausalLM, rope_inv_freq
+from engine.model.loader import load_model
+from engine.model.testing import PagedDriver
+from tests.kernel_calls import counting_kernels
+
+pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+
+from engine.kernels import elementwise_triton  # noqa: E402 (needs triton)
+from engine.kernels.elementwise_triton import (  # noqa: E402
+    INTERPRET,
     apply_rotary_triton,
     rms_norm_triton,
     silu_and_mul_triton,
 )
-from engine.model.llama import LlamaForCausalLM, rope_inv_freq
-from engine.model.loader import load_model
-from engine.model.testing import PagedDriver
 
 CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = [
-    pytest.mark.skipif(not ops.HAS_TRITON, reason="triton is not installed"),
-    pytest.mark.skipif(
-        not INTERPRET and not CUDA, reason="compiled kernels need a CUDA device (or interpret)"
-    ),
-]
 # The interpreter runs on CPU tensors; compiled kernels need CUDA ones.
 DEVICE = "cpu" if INTERPRET or not CUDA else "cuda"
-# Decorated earlier in this process with the other interpreter setting: decorate again.
-if fused_kernels._jit.cache_info().currsize and fused_kernels._jit()["interpret"] != INTERPRET:
-    fused_kernels._jit.cache_clear()
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = [F32, F16, BF16]
@@ -131,7 +124,7 @@ def test_rms_norm_matches_reference(num_tokens: int, dim: int, dtype: torch.dtyp
     weight = randn(dim, dtype=dtype, seed=1, scale=0.5) + 1
     normed, residual = rms_norm_triton(x, weight, EPS)
     assert residual is None
-    assert_matches(normed, ops.rms_norm_reference(x, weight, EPS))
+    assert_matches(normed, elementwise.rms_norm_reference(x, weight, EPS))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -144,7 +137,7 @@ def test_fused_add_rms_norm_matches_reference(
     weight = randn(dim, dtype=dtype, seed=2, scale=0.5) + 1
     x_before, residual_before = x.clone(), residual.clone()
     normed, new_residual = rms_norm_triton(x, weight, EPS, residual)
-    ref_normed, ref_residual = ops.fused_add_rms_norm_reference(x, residual, weight, EPS)
+    ref_normed, ref_residual = elementwise.fused_add_rms_norm_reference(x, residual, weight, EPS)
     assert new_residual is not None
     assert torch.equal(new_residual, ref_residual)  # one rounded add: bit-exact
     assert_matches(normed, ref_normed)
@@ -158,7 +151,7 @@ def test_rms_norm_keeps_torch_type_promotion_of_the_weight() -> None:
     weight = randn(96, dtype=F32, seed=4) + 1
     normed, _ = rms_norm_triton(x, weight, EPS)
     assert normed.dtype == F32
-    assert_matches(normed, ops.rms_norm_reference(x, weight, EPS))
+    assert_matches(normed, elementwise.rms_norm_reference(x, weight, EPS))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -169,7 +162,7 @@ def test_silu_and_mul_matches_reference(num_tokens: int, inter: int, dtype: torc
     gate_up = randn(num_tokens, 2 * inter, dtype=dtype, seed=inter, scale=2.0)
     out = silu_and_mul_triton(gate_up)
     assert out.shape == (num_tokens, inter)
-    assert_matches(out, ops.silu_and_mul_reference(gate_up), silu_f32_ulps(gate_up))
+    assert_matches(out, elementwise.silu_and_mul_reference(gate_up), silu_f32_ulps(gate_up))
 
 
 def test_silu_and_mul_reads_a_strided_gate_up() -> None:
@@ -178,7 +171,7 @@ def test_silu_and_mul_reads_a_strided_gate_up() -> None:
     gate_up = wide[:, :256]
     assert_matches(
         silu_and_mul_triton(gate_up),
-        ops.silu_and_mul_reference(gate_up),
+        elementwise.silu_and_mul_reference(gate_up),
         silu_f32_ulps(gate_up),
     )
 
@@ -202,7 +195,7 @@ def test_rotary_in_place_on_qkv_is_bit_exact(
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     q3 = q.view(num_tokens, num_heads, head_dim)  # views into qkv: strided tokens
     k3 = k.view(num_tokens, num_kv_heads, head_dim)
-    ref_q, ref_k = ops.apply_rotary_reference(q3, k3, cos, sin)
+    ref_q, ref_k = elementwise.apply_rotary_reference(q3, k3, cos, sin)
     v_before = v.clone()
     apply_rotary_triton(q3, k3, cos, sin)
     assert torch.equal(q3, ref_q)
@@ -210,13 +203,13 @@ def test_rotary_in_place_on_qkv_is_bit_exact(
     assert torch.equal(v, v_before)
 
 
-def test_apply_rotary_takes_flat_head_views(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
+def test_apply_rotary_takes_flat_head_views() -> None:
+    kernels, _ = counting_kernels(KernelConfig(backend="triton"))
     qkv = randn(5, (4 + 2 * 2) * 16, dtype=BF16, seed=6)
     cos, sin = rope_cos_sin(5, 16, seed=7)
     q, k, _ = qkv.split([64, 32, 32], dim=-1)  # [T, H * Dh] and [T, Hkv * Dh]
-    ref_q, ref_k = ops.apply_rotary_reference(q.view(5, 4, 16), k.view(5, 2, 16), cos, sin)
-    out_q, out_k = ops.apply_rotary(q, k, cos, sin)
+    ref_q, ref_k = elementwise.apply_rotary_reference(q.view(5, 4, 16), k.view(5, 2, 16), cos, sin)
+    out_q, out_k = kernels.apply_rotary(q, k, cos, sin)
     assert out_q.shape == (5, 4, 16)
     assert out_k.shape == (5, 2, 16)
     assert out_q.data_ptr() == q.data_ptr()  # rotated in place, no copy
@@ -251,56 +244,43 @@ def test_kernels_reject_inputs_they_cannot_handle() -> None:
         apply_rotary_triton(q[..., :15], q[..., :15], *rope_cos_sin(4, 15, seed=0))
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Counts calls of the Triton entry points (still running them)."""
-    calls: Counter[str] = Counter()
-
-    def spy(name: str) -> None:
-        inner = getattr(fused_kernels, name)
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            calls[name] += 1
-            return inner(*args, **kwargs)
-
-        monkeypatch.setattr(fused_kernels, name, counted)
-
-    for name in ("rms_norm_triton", "silu_and_mul_triton", "apply_rotary_triton"):
-        spy(name)
-    return calls
-
-
 @pytest.mark.parametrize(
-    ("setting", "uses_triton"),
+    ("backend", "uses_triton"),
     [("triton", True), ("torch", False), ("auto", DEVICE == "cuda")],
 )
-def test_model_kernels_setting_picks_the_path(
-    setting: str, uses_triton: bool, kernel_calls: Counter[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(ops, "MODEL_KERNELS", setting)
+def test_kernel_backend_picks_the_path(backend: str, uses_triton: bool) -> None:
+    kernels, calls = counting_kernels(KernelConfig(backend=backend))
     x = randn(3, 64, dtype=BF16, seed=9)
     weight = torch.ones(64, dtype=BF16, device=DEVICE)
-    ops.rms_norm(x, weight, EPS)
-    ops.fused_add_rms_norm(x, x, weight, EPS)
-    ops.silu_and_mul(x)
-    ops.apply_rotary(x[:, :32], x[:, 32:], *rope_cos_sin(3, 16, seed=1))
+    kernels.rms_norm(x, weight, EPS)
+    kernels.fused_add_rms_norm(x, x, weight, EPS)
+    kernels.silu_and_mul(x)
+    kernels.apply_rotary(x[:, :32], x[:, 32:], *rope_cos_sin(3, 16, seed=1))
     expected = 1 if uses_triton else 0
-    assert kernel_calls == Counter(
-        rms_norm_triton=2 * expected, silu_and_mul_triton=expected, apply_rotary_triton=expected
+    assert calls == Counter(
+        rms_norm=expected,
+        fused_add_rms_norm=expected,
+        silu_and_mul=expected,
+        apply_rotary=expected,
     )
 
 
-def test_unknown_model_kernels_setting_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ops, "MODEL_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="LORASTREAM_MODEL_KERNELS"):
-        ops.silu_and_mul(randn(2, 8, dtype=F32, seed=0))
+def test_unknown_kernel_backend_is_rejected() -> None:
+    with pytest.raises(ValueError, match="kernel_backend"):
+        EngineArgs(model="m", kernel_backend="cuda")
 
 
 # ----------------------------------------------------------------------------- whole model
 
 
-def load_tiny(model_dir: Path, dtype: str) -> LlamaForCausalLM:
-    args = EngineArgs(model=str(model_dir), device=DEVICE, dtype=dtype, disable_log_stats=True)
+def load_tiny(model_dir: Path, dtype: str, backend: str = "auto") -> LlamaForCausalLM:
+    args = EngineArgs(
+        model=str(model_dir),
+        device=DEVICE,
+        dtype=dtype,
+        disable_log_stats=True,
+        kernel_backend=backend,
+    )
     return load_model(args.create_engine_config())
 
 
@@ -318,21 +298,26 @@ def run_steps(model: LlamaForCausalLM) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tiny_model_gives_the_same_logits_with_triton_kernels(
-    tiny_model_dir: Path, dtype: str, kernel_calls: Counter[str], monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, dtype: str
 ) -> None:
-    model = load_tiny(tiny_model_dir, dtype)
-    monkeypatch.setattr(ops, "MODEL_KERNELS", "torch")
+    model = load_tiny(tiny_model_dir, dtype, backend="torch")
+    kernels, kernel_calls = counting_kernels(model.kernels.config, DEVICE)
+    model.set_kernels(kernels)
     expected = run_steps(model)
     assert not kernel_calls
-    monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
+    # The elementwise kernels; attention has its own tests (test_attention_kernels.py).
+    attention = ("store_kv", "paged_attention")
+    kernels, kernel_calls = counting_kernels(KernelConfig(backend="triton"), DEVICE, attention)
+    model.set_kernels(kernels)
     actual = run_steps(model)
     # Per forward: input and post-attention norm of every layer plus the final norm; one
     # RoPE and one SiLU-and-mul per layer. Four forwards.
     layers = model.num_layers
     assert kernel_calls == Counter(
-        rms_norm_triton=4 * (2 * layers + 1),
-        apply_rotary_triton=4 * layers,
-        silu_and_mul_triton=4 * layers,
+        rms_norm=4,
+        fused_add_rms_norm=4 * 2 * layers,
+        apply_rotary=4 * layers,
+        silu_and_mul=4 * layers,
     )
     for got, ref in zip(actual, expected, strict=True):
         # float32: a few ulps per op; bfloat16: a rare one-ulp difference in an activation
@@ -348,7 +333,7 @@ def test_tiny_model_gives_the_same_logits_with_triton_kernels(
 T8B, D8B, H8B, HKV8B, DH8B, I8B = 256, 4096, 32, 8, 128, 14336
 
 
-@pytest.mark.skipif(INTERPRET or not CUDA, reason="real sizes and CUDA graphs need a CUDA device")
+@pytest.mark.gpu
 class TestRealSizesOnCuda:
     @staticmethod
     def layer_inputs(dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
@@ -365,7 +350,8 @@ class TestRealSizesOnCuda:
 
     @staticmethod
     def layer_ops(inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """One decoder layer's elementwise work through the dispatching ops."""
+        """One decoder layer's elementwise work through the dispatch (auto: Triton)."""
+        ops = Kernels()
         normed, residual = ops.fused_add_rms_norm(inp["x"], inp["residual"], inp["weight"], EPS)
         qkv = inp["qkv"]
         q, k = ops.apply_rotary(
@@ -375,14 +361,14 @@ class TestRealSizesOnCuda:
 
     @staticmethod
     def reference(inp: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        normed, residual = ops.fused_add_rms_norm_reference(
+        normed, residual = elementwise.fused_add_rms_norm_reference(
             inp["x"], inp["residual"], inp["weight"], EPS
         )
         qkv = inp["qkv"].view(T8B, -1, DH8B)
-        q, k = ops.apply_rotary_reference(
+        q, k = elementwise.apply_rotary_reference(
             qkv[:, :H8B], qkv[:, H8B : H8B + HKV8B], inp["cos"], inp["sin"]
         )
-        return normed, residual, q, k, ops.silu_and_mul_reference(inp["gate_up"])
+        return normed, residual, q, k, elementwise.silu_and_mul_reference(inp["gate_up"])
 
     def check(
         self, got: tuple[torch.Tensor, ...], ref: tuple[torch.Tensor, ...], gate_up: torch.Tensor
@@ -420,10 +406,9 @@ class TestRealSizesOnCuda:
     def test_token_count_compiles_no_new_kernels(self) -> None:
         def compiled_variants() -> dict[str, int]:
             device = torch.cuda.current_device()
-            kernels = fused_kernels._jit()
             return {
-                name: len(kernels[name].device_caches[device][0])
-                for name in ("rms_norm", "silu_and_mul", "rotary")
+                name: len(getattr(elementwise_triton, name).device_caches[device][0])
+                for name in ("_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel")
             }
 
         counts = []

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-# The kernel-path case runs the Triton kernels on CPU tensors: interpreted (set before Triton
-# decorates them), except where a GPU run compiles them for CUDA.
-os.environ.setdefault("TRITON_INTERPRET", "0" if os.environ.get("LORASTREAM_TEST_CUDA") else "1")
-
 import json
 import math
 import shutil
@@ -36,8 +30,10 @@ PROMPT = "Once upon a time, in a small village by the river, there lived"
 BLOCK_SIZE = 4  # small, so every sequence spans several blocks
 
 
-def load_ours(model_dir: Path) -> LlamaForCausalLM:
-    args = EngineArgs(model=str(model_dir), device="cpu", dtype="float32", disable_log_stats=True)
+def load_ours(model_dir: Path, **kernel_args: object) -> LlamaForCausalLM:
+    args = EngineArgs(
+        model=str(model_dir), device="cpu", dtype="float32", disable_log_stats=True, **kernel_args
+    )
     return load_model(args.create_engine_config())
 
 
@@ -321,28 +317,25 @@ def load_adapter_into(model: LlamaForCausalLM, adapter_dir: Path, slot: int) -> 
 
 
 @pytest.mark.parametrize("paths", ["torch", "kernels", "kernels+fused_rope"])
-def test_adapters_in_one_batch_match_peft(
-    tiny_model_dir: Path, paths: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_adapters_in_one_batch_match_peft(tiny_model_dir: Path, paths: str) -> None:
     """Five sequences on four adapters and none, in one prefill step, against PEFT. With
     ``kernels`` the model runs its Triton paths (interpreted on CPU): every LoRA layer takes
     the GEMM over A stored under W, whose strided outputs feed RoPE, attention, the norms
     and the next projections."""
     from peft import PeftModel
 
+    kernel_args: dict[str, object] = {}
     if paths.startswith("kernels"):
         pytest.importorskip("triton")
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("CPU tensors need TRITON_INTERPRET=1 (on CUDA: test_matches_peft)")
-        from engine.lora import layers as lora_layers
-        from engine.model import ops
-
-        monkeypatch.setattr(lora_layers, "LORA_KERNELS", "triton")
-        monkeypatch.setattr(ops, "MODEL_KERNELS", "triton")
-        # q/k/v's expand, RoPE and the cache write as one kernel (engine.lora.kernels.qkv)
-        monkeypatch.setattr(lora_layers, "FUSED_QKV_ROPE", paths.endswith("fused_rope"))
+        if torch.cuda.is_available():
+            pytest.skip("CPU tensors need Triton's interpreter (on CUDA: test_matches_peft)")
+        kernel_args = {
+            "kernel_backend": "triton",
+            # q/k/v's expand, RoPE and the cache write as one kernel (lora_qkv_triton)
+            "lora_fused_qkv_rope": paths.endswith("fused_rope"),
+        }
     adapters = sorted((tiny_model_dir / "adapters").iterdir())
-    model = load_ours(tiny_model_dir)
+    model = load_ours(tiny_model_dir, **kernel_args)
     for layer in model.lora_layers().values():
         layer.create_lora_buffers(max_loras=len(adapters), max_rank=32, dtype=torch.float32)
         assert layer.can_stack_a

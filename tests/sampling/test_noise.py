@@ -1,4 +1,4 @@
-"""The seeded rows' noise kernel (``engine.sampling.noise``): Exp(1) by its CDF, one stream
+"""The seeded rows' noise kernel (``engine.kernels.sampling_triton``): Exp(1) by its CDF, one stream
 per seed, other rows untouched; run where ``tests.sampling.triton_mode`` says."""
 
 from __future__ import annotations
@@ -7,12 +7,10 @@ import math
 
 import torch
 
-from tests.sampling.triton_mode import DEVICE, fresh, needs_triton
-
-from engine.sampling import noise  # isort: skip (after triton_mode sets the interpreter)
+from engine.kernels import sampling_triton as noise
+from tests.sampling.triton_mode import DEVICE, needs_triton
 
 pytestmark = needs_triton
-fresh(noise._jit)
 
 
 def _fill(n: int, v: int, rows: list[int], seeds: list[int]) -> torch.Tensor:

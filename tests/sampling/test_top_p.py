@@ -9,12 +9,10 @@ import pytest
 import torch
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from tests.sampling.triton_mode import DEVICE, fresh, needs_triton
-
-from engine.sampling import top_p  # isort: skip (after triton_mode sets the interpreter)
-from engine.sampling.sampler import apply_top_k_top_p_sorted  # isort: skip
-
-fresh(top_p._jit)
+from engine.kernels.sampling_triton import edge_by_search
+from engine.sampling import top_p
+from engine.sampling.sampler import apply_top_k_top_p_sorted
+from tests.sampling.triton_mode import DEVICE, needs_triton
 
 
 def _rows(gen: torch.Generator, n: int, v: int) -> torch.Tensor:
@@ -50,7 +48,7 @@ def test_search_finds_the_edges_the_sort_finds(v: int) -> None:
     edge = torch.full((n,), 123.0)
     d = DEVICE
     edge_d = edge.to(d)
-    top_p.edge_by_search(logits.to(d), lse.to(d), hi.to(d), need.to(d), p.to(d), edge_d)
+    edge_by_search(logits.to(d), lse.to(d), hi.to(d), need.to(d), p.to(d), edge_d)
     got = edge_d.cpu()
     assert got[3] == 123.0
     rows = need.nonzero().flatten()
@@ -68,7 +66,7 @@ def test_search_keeps_the_whole_row_when_p_exceeds_its_rounded_mass() -> None:
     lse = logits.logsumexp(-1)
     p = torch.tensor([1.0 - 1e-9])
     edge = torch.zeros(1, device=DEVICE)
-    top_p.edge_by_search(
+    edge_by_search(
         logits.to(DEVICE),
         lse.to(DEVICE),
         torch.zeros(1, device=DEVICE),

@@ -2,7 +2,7 @@
 or, with ``accumulate=False``, ``y[:, slice] = h · Bᵀ`` (0 for tokens without an adapter),
 for a GEMM that then accumulates the base product onto it.
 
-Reference: ``engine.lora.kernels.reference.lora_expand_reference``.
+Reference: ``engine.kernels.lora.lora_expand_reference``.
 
 Grid ``(column blocks of all slices, tiles)``. A column block lies inside one slice (each
 slice is cut into its own blocks), so each (token, output column) is written by exactly one
@@ -29,14 +29,20 @@ expand followed by the model's SiLU kernel does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from engine.kernel_utils import cdiv, next_pow2
-from engine.model.metadata import LoRAMetadata
+from engine.config import LaunchConfig
+from engine.kernels.elementwise_triton import INTERPRET, NO_FMA, silu_mul
+from engine.kernels.utils import cdiv, next_pow2
+
+if TYPE_CHECKING:
+    from engine.lora.metadata import LoRAMetadata
+
+DEFAULT_LAUNCH = LaunchConfig()
 
 
 @triton.jit
@@ -204,24 +210,17 @@ def _interpreted_bf16(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return not t.is_cuda and dtype == torch.bfloat16
 
 
-# (BLOCK_N, num_warps) of the expand on decode tiles (16 tall) and of the fused expand + SiLU
-# there: read at call time, so benchmarks can switch them. On an H200 (llama-3.1-8b, 32
-# adapters of rank 16, the stacked product; scripts/gpu_decode_step.py --switch
-# ...:SILU_DECODE_LAUNCH=128-8,256-8,64-4,128-4 --switch ...:EXPAND_DECODE_LAUNCH=512-8,
-# 256-4,1024-8 --rounds 2) the graph step took 9.830-9.866 ms with the fused kernel at 4
-# warps, 9.865-9.894 at 256 columns and 8 warps, 9.929-9.966 at 128 or 64 columns and 8 or
-# 4 warps; the expand's three launches were within 0.04 ms of each other.
-EXPAND_DECODE_LAUNCH = (512, 8)
-SILU_DECODE_LAUNCH = (128, 4)
-
-
-def expand_config(max_rank: int, block_m: int, num_cols: int) -> tuple[int, int, int]:
+def expand_config(
+    max_rank: int, block_m: int, num_cols: int, launch: LaunchConfig = DEFAULT_LAUNCH
+) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_R, num_warps) for slices ``num_cols`` wide at most. Few distinct
-    blocks: each is a compile. A wide block keeps many loads in flight per program."""
+    blocks: each is a compile. A wide block keeps many loads in flight per program: decode
+    tiles of 16 take ``launch``'s settings, prefill tiles of 32 256 columns and 4 warps."""
     block_r = 16 if max_rank <= 16 else 64
-    # Best on an H200 (llama-3.1-8b layers): 512 columns and 8 warps for decode tiles of
-    # 16, 256 and 4 warps for prefill tiles of 32.
-    block_n, num_warps = EXPAND_DECODE_LAUNCH if block_m <= 16 else (256, 4)
+    if block_m <= 16:
+        block_n, num_warps = launch.lora_expand_decode_block_n, launch.lora_expand_decode_num_warps
+    else:
+        block_n, num_warps = 256, 4
     # B's block is BLOCK_N x BLOCK_R: at most 8K elements, so ranks above 16 take narrower
     # blocks (their timing on an H200 is still to be measured).
     block_n = min(block_n, 8192 // block_r, max(16, next_pow2(num_cols)))
@@ -256,12 +255,14 @@ def lora_expand(
     h_per_slot: bool = False,
     block_n: int | None = None,
     num_warps: int | None = None,
+    launch: LaunchConfig = DEFAULT_LAUNCH,
 ) -> None:
     """``accumulate=False`` writes the delta itself, in y's dtype: every row of y the
     metadata covers, 0 where a token has no adapter or its adapter skips the slice, so y
     may start uninitialised. ``h_per_slot``: h is ``[T, L * S * R]``, every slot's
     ``x · Aᵀ`` (the columns a GEMM over A stacked under W adds), and each token reads its
-    own slot's. ``block_n`` and ``num_warps`` override the heuristic (tests, tuning)."""
+    own slot's. ``block_n`` and ``num_warps`` override the heuristic and ``launch`` (tests,
+    tuning)."""
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
     num_loras, n, max_rank = lora_b.shape
@@ -274,7 +275,9 @@ def lora_expand(
     num_tiles = lora.tiles.shape[1]
     if num_tiles == 0:
         return
-    auto_block_n, block_r, auto_warps = expand_config(max_rank, lora.block_m, max(out_slices))
+    auto_block_n, block_r, auto_warps = expand_config(
+        max_rank, lora.block_m, max(out_slices), launch
+    )
     block_n = auto_block_n if block_n is None else block_n
     num_warps = auto_warps if num_warps is None else num_warps
     offsets = [0]
@@ -312,10 +315,8 @@ def lora_expand(
 
 
 # ----------------------------------------------------------------------------- expand + SiLU
-
-# Bound on first use (lora_expand_silu_and_mul): the activation, rounded as the model's own
-# SiLU-and-mul kernel rounds (engine.model.fused_kernels).
-_silu_mul: Any = None
+# The activation is the model's own (``elementwise_triton.silu_mul``), so it rounds as the
+# SiLU-and-mul kernel does.
 
 
 @triton.jit(do_not_specialize=["stride_hs", "stride_tiles"])
@@ -342,6 +343,7 @@ def _lora_expand_silu_kernel(
     ALIGNED: tl.constexpr,  # inter and the row strides are multiples of 8
     ROUND_H: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    EXACT_SILU: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # Program (n, tile): columns [n * BLOCK_N, (n + 1) * BLOCK_N) of gate and of up for the
@@ -409,7 +411,9 @@ def _lora_expand_silu_kernel(
     # As lora_expand would leave gate_up: the delta added in float32, rounded once.
     gate = (gate.to(tl.float32) + d_gate).to(y_ptr.dtype.element_ty)
     up = (up.to(tl.float32) + d_up).to(y_ptr.dtype.element_ty)
-    out = _silu_mul(gate.to(tl.float32), up.to(tl.float32), out_ptr.dtype.element_ty, INTERPRET)
+    out = silu_mul(
+        gate.to(tl.float32), up.to(tl.float32), out_ptr.dtype.element_ty, EXACT_SILU, INTERPRET
+    )
     tl.store(out_ptr + toks[:, None] * stride_ot + cols[None, :], out, mask=mask)
 
 
@@ -423,16 +427,16 @@ def lora_expand_silu_and_mul(
     h_per_slot: bool = False,
     block_n: int | None = None,
     num_warps: int | None = None,
+    exact_silu: bool = False,
+    launch: LaunchConfig = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """``silu(gate) * up`` of ``y`` after ``lora_expand`` would have added the adapters'
     deltas to it, in one launch: -> out [T, I]. Bit for bit what ``lora_expand`` followed
     by ``silu_and_mul_triton`` gives, without writing the [T, 2 * I] sum back and reading it
     again. Every token gets the activation, those without an adapter too (tiles of slot -1).
-    ``h_per_slot`` as for ``lora_expand``; y may have any row stride.
+    ``h_per_slot`` as for ``lora_expand``; y may have any row stride; ``exact_silu`` as
+    ``silu_and_mul_triton``'s ``exact``.
     """
-    global _silu_mul
-    from engine.model import fused_kernels
-
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
     num_tokens, width = y.shape
@@ -450,16 +454,15 @@ def lora_expand_silu_and_mul(
     num_tiles = lora.tiles.shape[1]
     if num_tiles == 0 or num_tokens == 0:
         return out
-    helpers = fused_kernels._jit()
-    _silu_mul = helpers["silu_mul"]
-    # Two slices per program, 128 columns of each at most, 8 warps. On an H200
-    # (scripts/gpu_lora_kernels.py --fusion-only, llama-3.1-8b's gate_up, 32 adapters of
-    # rank 16, the approximate SiLU) 128 columns took 133 us on a 4096-token prefill against
-    # 146 us for 64 and 154 us for 256, and 24 us on a 256-token decode step against 33 us
-    # for 64. Looping a program over 2 to 8 column blocks, pipelined or not, was slower.
-    # Ranks above 16 keep 64 columns (B's block is BLOCK_N x BLOCK_R per slice).
-    auto_block_n, block_r, _ = expand_config(max_rank, lora.block_m, inter)
-    cap, auto_warps = SILU_DECODE_LAUNCH if lora.block_m <= 16 else (128, 8)
+    # Two slices per program, 128 columns of each at most on prefill tiles (8 warps), the
+    # decode settings of ``launch`` on decode tiles: a narrower block keeps both slices'
+    # operands in registers. Ranks above 16 keep 64 columns (B's block is BLOCK_N x BLOCK_R
+    # per slice).
+    auto_block_n, block_r, _ = expand_config(max_rank, lora.block_m, inter, launch)
+    if lora.block_m <= 16:
+        cap, auto_warps = launch.lora_silu_decode_block_n, launch.lora_silu_decode_num_warps
+    else:
+        cap, auto_warps = 128, 8
     cap = cap if block_r <= 16 else min(cap, 64)
     block_n = max(16, min(auto_block_n, cap)) if block_n is None else block_n
     num_warps = auto_warps if num_warps is None else num_warps
@@ -488,8 +491,9 @@ def lora_expand_silu_and_mul(
         ALIGNED=aligned,
         ROUND_H=lora_b.dtype != torch.float32,
         DOT_FP32=lora_b.dtype == torch.float32 or _interpreted_bf16(y, lora_b.dtype),
-        INTERPRET=helpers["interpret"],
+        EXACT_SILU=exact_silu,
+        INTERPRET=INTERPRET,
         num_warps=num_warps,
-        **helpers["no_fma"],
+        **NO_FMA,
     )
     return out

@@ -1,4 +1,5 @@
-"""Pure-torch references for the batched LoRA kernels, and the CPU path of ``LoRALinear``.
+"""Pure-torch references for the batched LoRA kernels (``lora_shrink_triton``,
+``lora_expand_triton``), and the torch path of ``LoRALinear``.
 
 ``lora_shrink_reference`` and ``lora_expand_reference`` compute exactly what the Triton
 kernels compute, rounding included, on the same stacked buffers:
@@ -15,9 +16,12 @@ the engine uses on CPU.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from engine.model.metadata import LoRAMetadata
+if TYPE_CHECKING:
+    from engine.lora.metadata import LoRAMetadata
 
 
 def rank_mask(lora_ranks: torch.Tensor, max_rank: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ padding tokens (KV slot -1) write no cache.
 The result is bit for bit what ``lora_expand``, ``apply_rotary_triton`` and
 ``store_kv_triton`` give one after the other: the sum is rounded to the model dtype as the
 expand stores it, and RoPE goes through the model kernel's own arithmetic
-(``engine.model.fused_kernels``, ``rotate_pair``).
+(``elementwise_triton.rotate_pair``).
 
 Grid ``(column blocks, tiles)``. A column block holds ``HEADS`` whole heads of one slice
 (q, k or v) as two halves, first and second half of each head, so RoPE's pairs (d,
@@ -20,15 +20,16 @@ d + head_dim / 2) sit in one program; each half gets its own product with B.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from engine.kernel_utils import cdiv, next_pow2
-from engine.lora.kernels.expand import (
-    EXPAND_DECODE_LAUNCH,
+from engine.config import LaunchConfig
+from engine.kernels.elementwise_triton import INTERPRET, NO_FMA, rotate_pair, to_dtype
+from engine.kernels.lora_expand_triton import (
+    DEFAULT_LAUNCH,
     _b_block,
     _dot,
     _h_layout,
@@ -36,12 +37,10 @@ from engine.lora.kernels.expand import (
     _operands,
     expand_config,
 )
-from engine.model.metadata import LoRAMetadata
+from engine.kernels.utils import cdiv, next_pow2
 
-# Bound on first use (lora_expand_qkv_rope) from engine.model.fused_kernels: rounding to the
-# model dtype and RoPE's arithmetic, as the model's RoPE kernel does them.
-_to: Any = None
-_rotate_pair: Any = None
+if TYPE_CHECKING:
+    from engine.lora.metadata import LoRAMetadata
 
 
 @triton.jit(do_not_specialize=["stride_hs", "stride_tiles"])
@@ -145,11 +144,15 @@ def _lora_qkv_rope_kernel(
     if s < 2:  # RoPE on q and k, each token's cos/sin rounded to the dtype first
         c_rows = cos_ptr + toks[:, None] * stride_cos + d[None, :]
         s_rows = sin_ptr + toks[:, None] * stride_sin + d[None, :]
-        cos1 = _to(tl.load(c_rows, mask=mask, other=0.0).to(tl.float32), dtype, INTERPRET)
-        cos2 = _to(tl.load(c_rows + HALF, mask=mask, other=0.0).to(tl.float32), dtype, INTERPRET)
-        sin1 = _to(tl.load(s_rows, mask=mask, other=0.0).to(tl.float32), dtype, INTERPRET)
-        sin2 = _to(tl.load(s_rows + HALF, mask=mask, other=0.0).to(tl.float32), dtype, INTERPRET)
-        o1, o2 = _rotate_pair(
+        cos1 = to_dtype(tl.load(c_rows, mask=mask, other=0.0).to(tl.float32), dtype, INTERPRET)
+        cos2 = to_dtype(
+            tl.load(c_rows + HALF, mask=mask, other=0.0).to(tl.float32), dtype, INTERPRET
+        )
+        sin1 = to_dtype(tl.load(s_rows, mask=mask, other=0.0).to(tl.float32), dtype, INTERPRET)
+        sin2 = to_dtype(
+            tl.load(s_rows + HALF, mask=mask, other=0.0).to(tl.float32), dtype, INTERPRET
+        )
+        o1, o2 = rotate_pair(
             x1,
             x2,
             cos1.to(tl.float32),
@@ -197,6 +200,7 @@ def lora_expand_qkv_rope(
     *,
     h_per_slot: bool = False,
     num_warps: int | None = None,
+    launch: LaunchConfig = DEFAULT_LAUNCH,
 ) -> None:
     """Add each token's q/k/v deltas to ``y``, rotate q and k (rotate-half RoPE), write q
     back into ``y`` and k, v into the cache at ``slot_mapping``. ``y``'s k and v columns are
@@ -222,13 +226,8 @@ def lora_expand_qkv_rope(
     num_tiles = lora.tiles.shape[1]
     if num_tiles == 0 or num_tokens == 0:
         return
-    global _to, _rotate_pair
-    from engine.model import fused_kernels
-
-    helpers = fused_kernels._jit()
-    _to, _rotate_pair = helpers["to"], helpers["rotate_pair"]
     heads = qkv_rope_heads(head_dim, num_heads)
-    _, block_r, _ = expand_config(max_rank, lora.block_m, n)
+    _, block_r, _ = expand_config(max_rank, lora.block_m, n, launch)
     grid = (cdiv(num_heads, heads) + 2 * cdiv(num_kv_heads, heads), num_tiles)
     _lora_qkv_rope_kernel[grid](
         h,
@@ -260,7 +259,7 @@ def lora_expand_qkv_rope(
         BLOCK_R=block_r,
         ROUND_H=lora_b.dtype != torch.float32,
         DOT_FP32=lora_b.dtype == torch.float32 or _interpreted_bf16(y, lora_b.dtype),
-        INTERPRET=helpers["interpret"],
-        num_warps=EXPAND_DECODE_LAUNCH[1] if num_warps is None else num_warps,
-        **helpers["no_fma"],
+        INTERPRET=INTERPRET,
+        num_warps=launch.lora_expand_decode_num_warps if num_warps is None else num_warps,
+        **NO_FMA,
     )

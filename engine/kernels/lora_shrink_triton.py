@@ -1,6 +1,6 @@
 """Shrink: ``h = x · Aᵀ`` per token's adapter, for every slice of a layer in one launch.
 
-Reference: ``engine.lora.kernels.reference.lora_shrink_reference``.
+Reference: ``engine.kernels.lora.lora_shrink_reference``.
 
 Grid ``(split_k, column blocks of S * R, tiles)``; tiles are the slowest axis, so the unused
 tiles of static (graph) metadata start last and exit at once. A tile is up to ``block_m``
@@ -20,21 +20,20 @@ whatever else is in the batch at a given split. The K loop is software-pipelined
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import triton
 import triton.language as tl
 
-from engine.kernel_utils import cdiv, next_pow2, num_sms
-from engine.model.metadata import LoRAMetadata
+from engine.config import LaunchConfig
+from engine.kernels.utils import cdiv, next_pow2, num_sms
+
+if TYPE_CHECKING:
+    from engine.lora.metadata import LoRAMetadata
 
 SHRINK_BLOCK_K = 128
-# (num_warps, num_stages) of a launch, and the programs per SM the split of K aims for: read
-# at call time, so benchmarks can switch them. On an H200 (scripts/gpu_decode_step.py
-# --switch ...:SHRINK_LAUNCH=4-3,8-3,2-3 --switch ...:PROGRAMS_PER_SM=3,6; 32 adapters)
-# the graph step took 10.370 ms with these, 10.339 with 2 warps (within the rounds'
-# spread), 10.421 with 8, and 10.475-10.690 ms aiming for 6 programs per SM.
-SHRINK_LAUNCH = (4, 3)
-PROGRAMS_PER_SM = 3
+DEFAULT_LAUNCH = LaunchConfig()
 
 
 # Triton compiles a variant per value class (== 1, divisible by 16) of each int argument;
@@ -107,7 +106,7 @@ def _lora_shrink_kernel(
 
 
 def shrink_config(
-    x: torch.Tensor, sr: int, k: int, num_tiles: int, block_m: int
+    x: torch.Tensor, sr: int, k: int, num_tiles: int, programs_per_sm: int
 ) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, SPLIT_K). BLOCK_N covers a slot's S * R rows of A (up to 64), so
     A is read once per tile. K is split only on a GPU (``split_k_for``). Few distinct
@@ -116,7 +115,7 @@ def shrink_config(
     block_k = SHRINK_BLOCK_K
     split_k = 1
     if x.is_cuda:
-        split_k = split_k_for(sr, k, num_tiles, num_sms(x.device.index or 0))
+        split_k = split_k_for(sr, k, num_tiles, num_sms(x.device.index or 0), programs_per_sm)
     return block_n, block_k, split_k
 
 
@@ -124,15 +123,15 @@ def _block_n(sr: int) -> int:
     return min(64, max(16, next_pow2(sr)))
 
 
-def split_k_for(sr: int, k: int, num_tiles: int, sms: int) -> int:
+def split_k_for(sr: int, k: int, num_tiles: int, sms: int, programs_per_sm: int = 3) -> int:
     """How many ways the shrink splits K over ``num_tiles`` tiles on ``sms`` multiprocessors:
     only when the tiles alone would not give every SM a few programs (a decode step has
     about one tile per adapter); splitting a 4096-token prefill was slower. The expand is
     compiled per split (it adds the split planes in an unrolled loop)."""
     programs = max(1, num_tiles * cdiv(sr, _block_n(sr)))
-    # The largest power of two that keeps about three programs per SM: on an H200
-    # (132 SMs) 8 for a decode graph's 47 tiles, 2 for a prefill's 128.
-    want = PROGRAMS_PER_SM * sms // programs
+    # The largest power of two that keeps about ``programs_per_sm`` programs per SM: with 3
+    # on 132 SMs, 8 for a decode graph's 47 tiles, 2 for a prefill's 128.
+    want = programs_per_sm * sms // programs
     if want < 2:
         return 1
     max_split = max(1, k // (2 * SHRINK_BLOCK_K))  # keep at least 2 K steps per program
@@ -149,13 +148,14 @@ def lora_shrink(
     block_k: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    launch: LaunchConfig = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """h: [split_k, T, S * R] float32 partial sums (their sum is x · Aᵀ). Rows of tokens
     without an adapter, and columns of a (slot, slice) whose rank is 0, are left unwritten:
     ``lora_expand`` reads neither.
 
-    ``split_k``, ``block_k``, ``num_warps`` and ``num_stages`` override the heuristic
-    (tests, tuning)."""
+    ``split_k``, ``block_k``, ``num_warps`` and ``num_stages`` override the heuristic and
+    ``launch`` (tests, tuning)."""
     assert lora.tiles is not None
     assert lora.sorted_token_ids is not None
     num_tokens, k = x.shape
@@ -166,10 +166,12 @@ def lora_shrink(
     assert lora_a.stride(3) == 1
     sr = num_slices * max_rank
     num_tiles = lora.tiles.shape[1]
-    block_n, auto_block_k, auto_split = shrink_config(x, sr, k, num_tiles, lora.block_m)
+    block_n, auto_block_k, auto_split = shrink_config(
+        x, sr, k, num_tiles, launch.lora_shrink_programs_per_sm
+    )
     block_k = auto_block_k if block_k is None else block_k
-    num_warps = SHRINK_LAUNCH[0] if num_warps is None else num_warps
-    num_stages = SHRINK_LAUNCH[1] if num_stages is None else num_stages
+    num_warps = launch.lora_shrink_num_warps if num_warps is None else num_warps
+    num_stages = launch.lora_shrink_num_stages if num_stages is None else num_stages
     split_k = auto_split if split_k is None else split_k
     h = torch.empty(split_k, num_tokens, sr, dtype=torch.float32, device=x.device)
     if num_tiles == 0:

@@ -1,12 +1,12 @@
 """Triton kernels for the Llama model's elementwise work: RMSNorm (with the residual add
-fused in), SiLU-and-mul and RoPE. Their torch references and the dispatch live in
-``engine.model.ops``; tests compare the two.
+fused in), SiLU-and-mul and RoPE. Their torch references are in ``engine.kernels.elementwise``;
+tests compare the two.
 
 Each kernel computes in float32 but rounds to the model dtype exactly where the torch
 formulation does (which is where transformers rounds), so half-precision results match the
 references bit for bit except where a float32 reduction order, ``exp`` or a division differs
 by a few ulps and those ulps straddle a rounding boundary of the dtype. SiLU takes the
-hardware's approximate ``exp`` and division (``EXACT_SILU`` = 0, the default): torch's
+hardware's approximate ``exp`` and division unless ``KernelConfig.exact_silu``: torch's
 ``expf`` and IEEE division made the fused LoRA expand + SiLU bound by its instructions.
 
 Launches depend only on host-side shapes (no host sync), so every kernel can be captured in
@@ -15,48 +15,37 @@ compiles nothing new; the model's sizes (hidden, heads, head dim) are constexprs
 
 Two things differ between compiled kernels and Triton's interpreter (the CPU tests), chosen
 by the ``INTERPRET`` constexpr: the interpreter casts float32 to bfloat16 by truncation while
-the GPU (and torch) round to nearest even, so ``_to`` rounds by hand there; and libdevice,
-whose ``expf`` is the one torch's CUDA SiLU calls (``EXACT_SILU`` = 1), is not interpreted,
-so ``tl.exp`` (numpy) stands in for it.
+the GPU (and torch) round to nearest even, so ``to_dtype`` rounds by hand there; and
+libdevice, whose ``expf`` is the one torch's CUDA SiLU calls, is not interpreted, so
+``tl.exp`` (numpy) stands in for it.
+
+``to_dtype``, ``silu_mul`` and ``rotate_pair`` are shared with the LoRA kernels that end in
+the same work (``lora_expand_triton``, ``lora_qkv_triton``), so both round alike.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from typing import Any
-
 import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+from triton.runtime.interpreter import InterpretedFunction
 
-from engine.kernel_utils import next_pow2
-
-EXACT_SILU = os.environ.get("LORASTREAM_EXACT_SILU", "0") == "1"
-"""SiLU with torch's own ``expf`` and IEEE division, as torch's CUDA kernel computes it (1),
-or with the hardware's approximate ``exp`` and division (0, the default): a few float32 ulps
-apart. On an H200 (``scripts/gpu_lora_kernels.py --fusion-only``, llama-3.1-8b gate_up, 32
-adapters of rank 16) the approximate form took the fused expand + SiLU of a 4096-token
-prefill from 228 to 133 us (the SiLU alone from 98 to 90 us): the exact one was bound by its
-instructions. Read when the kernels are first compiled."""
-
-# Bound by _jit(): the kernel bodies read these names when Triton compiles them. Triton is
-# imported on first use only: it decides when it decorates whether to interpret, and the CPU
-# tests turn the interpreter on after the engine's modules are imported.
-tl: Any = None
-libdevice: Any = None
-_to: Any = None
-_rotate: Any = None
-_rotate_pair: Any = None
-_silu_mul: Any = None
+from engine.kernels.utils import next_pow2
 
 # Widest row one program normalizes; wider rows raise (no Llama-family model is near it).
 MAX_NORM_BLOCK = 65536
 
+# Compiled kernels would contract `a * b + c` into an FMA, which rounds once where torch's
+# separate ops round twice (it matters for float32 RoPE): no contraction in any kernel.
+NO_FMA = {"enable_fp_fusion": False}
+
 
 # ----------------------------------------------------------------------------- kernels
-# Plain functions: _jit() decorates them.
 
 
-def _to_fn(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+@triton.jit
+def to_dtype(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     # x (float32) rounded to dtype, to nearest even as torch and the GPU do.
     if INTERPRET and dtype == tl.bfloat16:
         # The interpreter truncates float32 -> bfloat16: round the bits by hand.
@@ -66,6 +55,7 @@ def _to_fn(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     return x.to(dtype)
 
 
+@triton.jit
 def _rms_norm_kernel(
     x_ptr,
     res_ptr,
@@ -92,17 +82,18 @@ def _rms_norm_kernel(
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + t * stride_res + offs, mask=ok, other=0.0).to(tl.float32)
         # The residual stream is kept in the model dtype: round the sum as torch's `x + r`.
-        s = _to(x + r, res_out_ptr.dtype.element_ty, INTERPRET)
+        s = to_dtype(x + r, res_out_ptr.dtype.element_ty, INTERPRET)
         tl.store(res_out_ptr + t * stride_res_out + offs, s, mask=ok)
         x = s.to(tl.float32)
     # Statistics in float32; the normalized row is rounded to the input dtype before the
     # weight multiplies it (in the output dtype), as transformers' LlamaRMSNorm does.
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-    h = _to(x * rstd, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-    y = _to(w * h, out_ptr.dtype.element_ty, INTERPRET)
+    h = to_dtype(x * rstd, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+    y = to_dtype(w * h, out_ptr.dtype.element_ty, INTERPRET)
     tl.store(out_ptr + t * stride_out + offs, y, mask=ok)
 
 
+@triton.jit
 def _silu_and_mul_kernel(
     x_ptr,
     out_ptr,
@@ -110,6 +101,7 @@ def _silu_and_mul_kernel(
     stride_out,
     n_cols,
     BLOCK: tl.constexpr,
+    EXACT_SILU: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # Program (t, b): columns [b * BLOCK, (b + 1) * BLOCK) of token t; gate is x[t, :n_cols],
@@ -121,28 +113,31 @@ def _silu_and_mul_kernel(
     row = x_ptr + t * stride_x
     gate = tl.load(row + offs, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(row + n_cols + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * stride_out + offs, _silu_mul(gate, up, dtype, INTERPRET), mask=ok)
+    tl.store(
+        out_ptr + t * stride_out + offs, silu_mul(gate, up, dtype, EXACT_SILU, INTERPRET), mask=ok
+    )
 
 
-def _silu_mul_fn(gate, up, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    # torch's SiLU: x / (1 + exp(-x)) in float32 with an IEEE division, rounded to the dtype;
-    # then the product with `up`, rounded again. gate, up: float32 -> dtype.
-    # libdevice's exp is expf, as torch's CUDA kernel calls (tl.exp compiles to ex2.approx).
-    e = tl.exp(-gate) if INTERPRET else libdevice.exp(-gate)
-    silu = _to(tl.div_rn(gate, 1.0 + e), dtype, INTERPRET).to(tl.float32)
-    return _to(silu * up, dtype, INTERPRET)
+@triton.jit
+def silu_mul(gate, up, dtype: tl.constexpr, EXACT: tl.constexpr, INTERPRET: tl.constexpr):
+    # torch's SiLU, x / (1 + exp(-x)) in float32 rounded to the dtype, then the product with
+    # `up`, rounded again. gate, up: float32 -> dtype.
+    if EXACT:
+        # IEEE division and libdevice's exp, the expf torch's CUDA kernel calls (tl.exp
+        # compiles to ex2.approx).
+        e = tl.exp(-gate) if INTERPRET else libdevice.exp(-gate)
+        silu = to_dtype(tl.div_rn(gate, 1.0 + e), dtype, INTERPRET).to(tl.float32)
+    else:
+        # The hardware's approximate exp (ex2.approx) and division (div.full). In float32 it
+        # is off torch's by a few ulps, more as |gate| grows (exp rounds its argument
+        # -gate * log2(e) first): at most 18 for |gate| <= 20 on an H200. A rounded result
+        # differs from torch's only where those ulps straddle a rounding boundary of dtype
+        # (no bfloat16 element in 4 M did).
+        silu = to_dtype(gate / (1.0 + tl.exp(-gate)), dtype, INTERPRET).to(tl.float32)
+    return to_dtype(silu * up, dtype, INTERPRET)
 
 
-def _silu_mul_fast_fn(gate, up, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    # The same formula with the hardware's approximate exp (ex2.approx) and division
-    # (div.full). In float32 it is off torch's by a few ulps, more as |gate| grows (exp
-    # rounds its argument -gate * log2(e) first): at most 18 for |gate| <= 20 on an H200.
-    # A rounded result differs from torch's only where those ulps straddle a rounding
-    # boundary of dtype (no bfloat16 element in 4 M did).
-    silu = _to(gate / (1.0 + tl.exp(-gate)), dtype, INTERPRET).to(tl.float32)
-    return _to(silu * up, dtype, INTERPRET)
-
-
+@triton.jit
 def _rotary_kernel(
     q_ptr,
     k_ptr,
@@ -171,10 +166,10 @@ def _rotary_kernel(
     # cos/sin rounded to the model dtype first, as the reference's `.to(x.dtype)`.
     c_ptr = cos_ptr + t * stride_cos + d
     s_ptr = sin_ptr + t * stride_sin + d
-    cos1 = _to(tl.load(c_ptr, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
-    cos2 = _to(tl.load(c_ptr + HALF, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
-    sin1 = _to(tl.load(s_ptr, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
-    sin2 = _to(tl.load(s_ptr + HALF, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
+    cos1 = to_dtype(tl.load(c_ptr, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
+    cos2 = to_dtype(tl.load(c_ptr + HALF, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
+    sin1 = to_dtype(tl.load(s_ptr, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
+    sin2 = to_dtype(tl.load(s_ptr + HALF, mask=d_ok, other=0.0).to(tl.float32), dtype, INTERPRET)
     cos1 = cos1.to(tl.float32)[None, :]
     cos2 = cos2.to(tl.float32)[None, :]
     sin1 = sin1.to(tl.float32)[None, :]
@@ -185,7 +180,8 @@ def _rotary_kernel(
     _rotate(k_row, stride_kh, heads, d, d_ok, NUM_K_HEADS, HALF, cos1, cos2, sin1, sin2, INTERPRET)
 
 
-def _rotate_fn(
+@triton.jit
+def _rotate(
     base,
     stride_h,
     heads,
@@ -207,59 +203,28 @@ def _rotate_fn(
     dtype = base.dtype.element_ty
     x1 = tl.load(p1, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(p2, mask=ok, other=0.0).to(tl.float32)
-    o1, o2 = _rotate_pair(x1, x2, cos1, cos2, sin1, sin2, dtype, INTERPRET)
+    o1, o2 = rotate_pair(x1, x2, cos1, cos2, sin1, sin2, dtype, INTERPRET)
     tl.store(p1, o1, mask=ok)
     tl.store(p2, o2, mask=ok)
 
 
-def _rotate_pair_fn(x1, x2, cos1, cos2, sin1, sin2, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+@triton.jit
+def rotate_pair(x1, x2, cos1, cos2, sin1, sin2, dtype: tl.constexpr, INTERPRET: tl.constexpr):
     # The halves (x1, x2) of rows in dtype (as float32) and cos/sin (rounded to dtype, as
     # float32) -> the rotated halves in dtype: every product and sum rounded as torch's ops.
-    a1 = _to(x1 * cos1, dtype, INTERPRET).to(tl.float32)
-    b1 = _to(-x2 * sin1, dtype, INTERPRET).to(tl.float32)
-    a2 = _to(x2 * cos2, dtype, INTERPRET).to(tl.float32)
-    b2 = _to(x1 * sin2, dtype, INTERPRET).to(tl.float32)
-    return _to(a1 + b1, dtype, INTERPRET), _to(a2 + b2, dtype, INTERPRET)
+    a1 = to_dtype(x1 * cos1, dtype, INTERPRET).to(tl.float32)
+    b1 = to_dtype(-x2 * sin1, dtype, INTERPRET).to(tl.float32)
+    a2 = to_dtype(x2 * cos2, dtype, INTERPRET).to(tl.float32)
+    b2 = to_dtype(x1 * sin2, dtype, INTERPRET).to(tl.float32)
+    return to_dtype(a1 + b1, dtype, INTERPRET), to_dtype(a2 + b2, dtype, INTERPRET)
 
 
-@functools.cache
-def _jit() -> dict[str, Any]:
-    """The kernels, decorated on first use (see ``tl`` above), and whether they are
-    interpreted."""
-    import triton
-    import triton.language
-    from triton.language.extra import libdevice as triton_libdevice
-    from triton.runtime.interpreter import InterpretedFunction
-
-    globals()["tl"] = triton.language
-    globals()["libdevice"] = triton_libdevice
-    # Helpers the kernels call by name.
-    globals()["_to"] = triton.jit(_to_fn)
-    globals()["_rotate_pair"] = triton.jit(_rotate_pair_fn)
-    globals()["_rotate"] = triton.jit(_rotate_fn)
-    globals()["_silu_mul"] = triton.jit(_silu_mul_fn if EXACT_SILU else _silu_mul_fast_fn)
-    rms_norm = triton.jit(_rms_norm_kernel)
-    return {
-        "rms_norm": rms_norm,
-        "silu_and_mul": triton.jit(_silu_and_mul_kernel),
-        "rotary": triton.jit(_rotary_kernel),
-        # The activation alone, for kernels elsewhere that end in it (the LoRA expand), and
-        # RoPE's arithmetic and rounding, for the LoRA expand of q/k/v.
-        "silu_mul": _silu_mul,
-        "rotate_pair": _rotate_pair,
-        "to": _to,
-        "interpret": isinstance(rms_norm, InterpretedFunction),
-        "no_fma": _NO_FMA,
-    }
+# Triton decides when it decorates whether to interpret (TRITON_INTERPRET=1, the CPU tests).
+INTERPRET = isinstance(_rms_norm_kernel, InterpretedFunction)
 
 
 def _norm_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
-
-
-# Compiled kernels would contract `a * b + c` into an FMA, which rounds once where torch's
-# separate ops round twice (it matters for float32 RoPE): no contraction in any kernel.
-_NO_FMA = {"enable_fp_fusion": False}
 
 
 def rms_norm_triton(
@@ -291,8 +256,7 @@ def rms_norm_triton(
         raise ValueError(f"rms_norm_triton normalizes rows of at most {MAX_NORM_BLOCK}, got {dim}")
     if num_tokens == 0:
         return out, res_out
-    kernels = _jit()
-    kernels["rms_norm"][(num_tokens,)](
+    _rms_norm_kernel[(num_tokens,)](
         x,
         residual if residual is not None else x,
         weight,
@@ -306,15 +270,16 @@ def rms_norm_triton(
         D=dim,
         BLOCK=block,
         HAS_RESIDUAL=residual is not None,
-        INTERPRET=kernels["interpret"],
+        INTERPRET=INTERPRET,
         num_warps=_norm_warps(block),
-        **_NO_FMA,
+        **NO_FMA,
     )
     return out, res_out
 
 
-def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` for ``gate, up = gate_up.chunk(2, -1)``.
+def silu_and_mul_triton(gate_up: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate, up = gate_up.chunk(2, -1)``; ``exact``: torch's
+    ``expf`` and IEEE division instead of the approximate ones.
 
     gate_up: [T, 2 * I] with unit-stride rows -> [T, I] (new tensor).
     """
@@ -326,17 +291,17 @@ def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     if num_tokens == 0 or n_cols == 0:
         return out
     block = min(2048, next_pow2(n_cols))
-    kernels = _jit()
-    kernels["silu_and_mul"][(num_tokens, -(-n_cols // block))](
+    _silu_and_mul_kernel[(num_tokens, -(-n_cols // block))](
         gate_up,
         out,
         gate_up.stride(0),
         out.stride(0),
         n_cols,
         BLOCK=block,
-        INTERPRET=kernels["interpret"],
+        EXACT_SILU=exact,
+        INTERPRET=INTERPRET,
         num_warps=4 if block <= 1024 else 8,
-        **_NO_FMA,
+        **NO_FMA,
     )
     return out
 
@@ -366,8 +331,7 @@ def apply_rotary_triton(
     # About 1024 elements per half per program: a few heads of one token.
     block_h = min(next_pow2(max(num_q_heads, num_k_heads)), max(1, 1024 // block_half))
     grid = (num_tokens, -(-max(num_q_heads, num_k_heads) // block_h))
-    kernels = _jit()
-    kernels["rotary"][grid](
+    _rotary_kernel[grid](
         q,
         k,
         cos,
@@ -383,7 +347,7 @@ def apply_rotary_triton(
         HALF=half,
         BLOCK_H=block_h,
         BLOCK_HALF=block_half,
-        INTERPRET=kernels["interpret"],
+        INTERPRET=INTERPRET,
         num_warps=4,
-        **_NO_FMA,
+        **NO_FMA,
     )
