@@ -134,7 +134,7 @@ class EngineArgs:
     """Ranks (devices of one host) the model is split over, Megatron-style: one process per
     rank, started by the engine (NCCL on CUDA, gloo on CPU). Must divide the attention heads,
     the key/value heads (or be a multiple of them: those are then replicated) and the
-    intermediate size."""
+    intermediate size. Default 1."""
     enable_chunked_prefill: bool = True
     """Split long prompts over steps so decodes keep flowing."""
     max_num_mixed_prefill_tokens: int | None = None
@@ -171,7 +171,7 @@ class EngineArgs:
     layout: an all-gather of the shrink output per layer) and B on row-parallel ones (the delta
     joins the layer's all-reduce): less adapter memory and compute per rank, more bytes moved
     (docs/architecture.md). Needs max_lora_rank divisible by tensor_parallel_size. No effect
-    at tensor_parallel_size 1."""
+    at tensor_parallel_size 1. Default off."""
     lora_modules: list[LoRAModulePath] = field(default_factory=list)
     """Adapters preloaded at start, as name=path."""
     lora_target_modules: list[str] | None = None
