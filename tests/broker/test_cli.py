@@ -210,7 +210,7 @@ def test_user_errors_are_one_line_and_exit_2(
         (["generate", "--redis-url", up, "--params", "{top_k: 5}", "hi"], "--params"),
         (["generate", "--redis-url", up, "--params", "[1]", "hi"], "JSON object"),
         (["generate", "--redis-url", up, "--system", "be brief", "hi"], "--system needs --chat"),
-        (["generate", "--redis-url", "http://127.0.0.1:1/0", "hi"], "use redis://, rediss:// or unix://"),
+        (["generate", "--redis-url", "http://127.0.0.1:1/0", "hi"], "use redis://, rediss://, unix:// or redis+cluster://"),
         (["generate", "--redis-url", down, "hi"], "cannot reach Redis at redis://127.0.0.1"),
         (["status"], "pass --redis-url or set $LORASTREAM_REDIS_URL"),
         (["status", "--redis-url", down], "start redis-server there or fix --redis-url"),
