@@ -52,6 +52,11 @@ loaded machine, not loading the model: that happens after)."""
 _POLL_S = 0.05
 
 
+def started_path(store_path: str) -> str:
+    """The file where the other ranks say they started (``RankProcesses.join_group``)."""
+    return store_path + ".started"
+
+
 class RankProcesses:
     """Ranks 1..N-1 of an engine whose rank 0 is this process."""
 
@@ -92,7 +97,9 @@ class RankProcesses:
         ``TensorParallelRankDied`` if one exits first."""
         import torch.distributed as dist
 
-        store = dist.FileStore(self.store_path, self.world_size)
+        # Its own file: a FileStore removes its file once as many instances as the group has
+        # ranks are gone, so the group's rendezvous file must serve one instance per rank.
+        store = dist.FileStore(started_path(self.store_path), self.world_size)
         keys = [f"started/{r}" for r in range(1, self.world_size)]
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not store.check(keys):

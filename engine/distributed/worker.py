@@ -18,6 +18,7 @@ import torch
 
 from engine.distributed.group import TPGroup
 from engine.distributed.messages import WorkerStart, decode_config, read_message
+from engine.distributed.ranks import started_path
 
 logger = logging.getLogger("lorastream.distributed")
 
@@ -40,7 +41,9 @@ def main() -> NoReturn:
         torch.cuda.set_device(config.device)
     import torch.distributed as dist
 
-    dist.FileStore(start.store_path, start.world_size).set(f"started/{start.rank}", "1")
+    dist.FileStore(started_path(start.store_path), start.world_size).set(
+        f"started/{start.rank}", "1"
+    )
     group = TPGroup.create(start.store_path, start.rank, start.world_size, config.device)
 
     from engine.distributed.runner import TPModelRunner

@@ -394,6 +394,8 @@ class ShardedLoRAManager(LoRAManager):
 
     # ---------------------------------------------------------------- other ranks
     def apply_ops(self, ops: Sequence[LoRAOp]) -> None:
+        with self._ops_lock:
+            self._ops.clear()  # what this rank's own fallback reads recorded: nobody takes it
         for op in ops:
             if op.kind in ("remove", "pin", "unpin"):
                 if op.kind == "remove":
