@@ -131,7 +131,10 @@ class EngineArgs:
     max_cudagraph_capture_size: int | None = None
     """Largest step, in tokens, that mixes prompts with decodes and still replays a CUDA graph (vLLM's compilation_config.max_cudagraph_capture_size); larger mixed steps run eagerly. Default 1024; capped at max_num_batched_tokens; 0 captures graphs for decode-only steps alone, which get one for every batch size up to max_num_seqs either way."""
     tensor_parallel_size: int = 1
-    """Only 1 is supported."""
+    """Ranks (devices of one host) the model is split over, Megatron-style: one process per
+    rank, started by the engine (NCCL on CUDA, gloo on CPU). Must divide the attention heads,
+    the key/value heads (or be a multiple of them: those are then replicated) and the
+    intermediate size. Default 1."""
     enable_chunked_prefill: bool = True
     """Split long prompts over steps so decodes keep flowing."""
     max_num_mixed_prefill_tokens: int | None = None
@@ -164,7 +167,11 @@ class EngineArgs:
     lora_dtype: str | torch.dtype = "auto"
     """auto (= model dtype) | float16 | bfloat16 | float32 | a torch.dtype."""
     fully_sharded_loras: bool = False
-    """Shard LoRA computation across tensor-parallel ranks; accepted for vLLM compatibility (no effect at tensor_parallel_size 1)."""
+    """With tensor_parallel_size > 1, shard LoRA A on column-parallel layers too (S-LoRA's
+    layout: an all-gather of the shrink output per layer) and B on row-parallel ones (the delta
+    joins the layer's all-reduce): less adapter memory and compute per rank, more bytes moved
+    (docs/architecture.md). Needs max_lora_rank divisible by tensor_parallel_size. No effect
+    at tensor_parallel_size 1. Default off."""
     lora_modules: list[LoRAModulePath] = field(default_factory=list)
     """Adapters preloaded at start, as name=path."""
     lora_target_modules: list[str] | None = None
@@ -288,8 +295,8 @@ class EngineArgs:
             bad("num_gpu_blocks_override", "must be an integer >= 1 or None")
         if not isinstance(self.kv_cache_space_gb, int | float) or self.kv_cache_space_gb <= 0:
             bad("kv_cache_space_gb", "must be > 0")
-        if self.tensor_parallel_size != 1:
-            bad("tensor_parallel_size", "allowed: 1 (tensor parallelism is not supported yet)")
+        if not _is_int(self.tensor_parallel_size) or not 1 <= self.tensor_parallel_size <= 64:
+            bad("tensor_parallel_size", "must be an integer from 1 to 64")
         if self.pipeline_parallel_size != 1:
             bad("pipeline_parallel_size", "allowed: 1 (pipeline parallelism is not supported)")
         if self.quantization is not None:
@@ -471,6 +478,7 @@ class EngineArgs:
             raise ValueError(
                 f"EngineArgs.max_model_len={max_model_len} is invalid: the model supports at most {model_len_cap}"
             )
+        self._check_parallel(hf_config, device)
         budget = self.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
         if not self.enable_chunked_prefill and budget < max_model_len:
             budget = max_model_len
@@ -524,7 +532,32 @@ class EngineArgs:
             served_model_name=(served if isinstance(served, str) else served[0])
             if served
             else str(self.model),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
         )
+
+    def _check_parallel(self, hf_config: Any, device: torch.device) -> None:
+        """What ``tensor_parallel_size`` needs of the model and the machine."""
+        n = self.tensor_parallel_size
+        if n == 1:
+            return
+        import torch
+
+        from engine.model.parallel import check_tensor_parallel
+
+        check_tensor_parallel(hf_config, n)
+        if self.enable_lora and self.fully_sharded_loras and self.max_lora_rank % n:
+            raise ValueError(
+                f"EngineArgs.max_lora_rank={self.max_lora_rank} is invalid with "
+                f"fully_sharded_loras: it must be a multiple of tensor_parallel_size={n}"
+            )
+        if device.type == "cuda":
+            first = device.index or 0
+            if first + n > torch.cuda.device_count():
+                raise ValueError(
+                    f"EngineArgs.tensor_parallel_size={n} is invalid here: it needs devices "
+                    f"cuda:{first}..cuda:{first + n - 1}, and {torch.cuda.device_count()} "
+                    "are visible"
+                )
 
     def kernel_config(self) -> KernelConfig:
         """The kernel settings of these arguments (no device needed: launch settings are
@@ -600,6 +633,12 @@ class LoRAConfig:
     fully_sharded_loras: bool = False
     target_modules: tuple[str, ...] = LORA_TARGET_MODULES
     preload: tuple[LoRAModulePath, ...] = ()
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (``EngineArgs.tensor_parallel_size``)."""
 
 
 @dataclass(frozen=True)
@@ -698,6 +737,7 @@ class EngineConfig:
     """Largest mixed prefill + decode step (tokens) with a CUDA graph; 0: none."""
     served_model_name: str = ""
     """The model's name for clients (``EngineArgs.served_model_name``, else ``model``)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def resolve_checkpoint(name: str, spec: str, revision: str | None, download_dir: str | None) -> str:
