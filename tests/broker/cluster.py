@@ -7,7 +7,9 @@ every node reports ``cluster_state:ok``.
 
 from __future__ import annotations
 
+import random
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +20,21 @@ import redis
 from broker.embedded import RedisServer, find_redis_server
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too. Redis refuses ports
+    above 55535 for a cluster node, and the kernel's ephemeral range (where port 0 binds)
+    starts above 32768 on Linux: pick below it, where no outgoing connection takes one."""
+    while True:
+        port = random.randrange(10_000, 22_768)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+
+
 class LocalCluster:
     def __init__(self, data_dir: Path, masters: int = 3) -> None:
         self.nodes: list[RedisServer] = []
@@ -26,7 +43,8 @@ class LocalCluster:
             node_dir.mkdir(parents=True)
             args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
                     "--cluster-config-file", str(node_dir / "nodes.conf"))  # fmt: skip
-            self.nodes.append(RedisServer(data_dir=node_dir, extra_args=args))
+            node = RedisServer(port=cluster_port(), data_dir=node_dir, extra_args=args)
+            self.nodes.append(node)
 
     @property
     def url(self) -> str:
