@@ -77,7 +77,7 @@ def engine_overrides(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 class _CudaRandn:
-    """Stands in for ``torch`` inside ``engine.model.tiny`` while it writes a checkpoint:
+    """Stands in for ``torch`` inside ``engine.testing.tiny`` while it writes a checkpoint:
     ``randn`` draws on the GPU (the CPU generator is single-threaded: minutes for 8B)."""
 
     def __init__(self, device: torch.device, seed: int) -> None:

@@ -17,10 +17,17 @@ from typing import Any
 import anyio
 import redis
 
-from broker import heartbeat
+from broker import heartbeat, routing
 from broker.embedded import RedisServer
 from broker.metrics import BrokerMetrics
-from broker.redis_conn import REDIS_ERRORS, Backoff, RedisSettings, connect, connect_sync
+from broker.redis_conn import (
+    REDIS_ERRORS,
+    Backoff,
+    RedisSettings,
+    connect,
+    connect_sync,
+    is_cluster,
+)
 from broker.registry import AdapterRegistry, registry_key
 from broker.service import EngineClient, Service, ServiceConfig
 from engine.cli import HelpFormatter, UsageError
@@ -41,8 +48,9 @@ def _add_redis_args(parser: argparse.ArgumentParser, *, serve: bool = False) -> 
     g.add_argument(
         "--redis-url",
         default=os.environ.get(_URL_ENV),
-        help="redis://[user:password@]host:port/db, rediss://... (TLS) or unix:///path.sock "
-        f"(default ${_URL_ENV}{private}). Prefer the environment variable for URLs with a "
+        help="redis://[user:password@]host:port/db, rediss://... (TLS), unix:///path.sock or "
+        f"redis+cluster://host:port (any node of a Redis Cluster) (default ${_URL_ENV}{private}). "
+        "Prefer the environment variable for URLs with a "
         "password: argv is visible to other users",
     )
     g.add_argument("--redis-ca-file", default=None,
@@ -99,6 +107,20 @@ def add_service_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--heartbeat-interval", type=float, default=heartbeat.DEFAULT_INTERVAL_S,
                    help="seconds between heartbeat records ({prefix}:worker:{consumer}); a "
                    f"record expires after {heartbeat.EXPIRY_INTERVALS} intervals")  # fmt: skip
+    r = parser.add_argument_group("routing")
+    r.add_argument("--routing", choices=routing.ROUTINGS, default=d.routing,
+                   help="single: every worker reads every request stream; affine: requests "
+                   "go to shard streams by adapter, each owned by one live worker "
+                   "(docs/architecture.md, 'Fleet')")  # fmt: skip
+    r.add_argument("--num-shards", type=int, default=d.num_shards,
+                   help="shard streams with --routing affine or on Redis Cluster; the same for "
+                   "every worker of the fleet")  # fmt: skip
+    r.add_argument("--steal-after-ms", type=int, default=d.steal_after_ms,
+                   help="with --routing affine, a worker with free capacity takes requests of "
+                   "another worker's shard that waited this long")  # fmt: skip
+    r.add_argument("--cluster-poll-ms", type=int, default=d.poll_ms,
+                   help="on Redis Cluster, the longest pause between reads of an idle "
+                   "worker's shards (one XREADGROUP cannot block on several slots)")  # fmt: skip
     g.add_argument("--metrics-port", type=int, default=None,
                    help="serve Prometheus metrics on this port (default: no metrics server)")  # fmt: skip
     g.add_argument("--metrics-addr", default="0.0.0.0", help="address of the metrics server")
@@ -137,6 +159,12 @@ def service_config(ns: argparse.Namespace) -> ServiceConfig:
         result_maxlen=ns.result_maxlen,
         max_payload_bytes=ns.max_payload_bytes,
         max_inflight=ns.max_inflight,
+        routing=ns.routing,
+        num_shards=ns.num_shards,
+        steal_after_ms=ns.steal_after_ms,
+        poll_ms=ns.cluster_poll_ms,
+        # Owners change as heartbeat records do: look as often as they are written.
+        routing_refresh_s=ns.heartbeat_interval if ns.heartbeat_interval > 0 else 1.0,
     )
 
 
@@ -196,9 +224,20 @@ class _Stop:
 async def serve(ns: argparse.Namespace, engine_factory: EngineFactory | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT (a second signal stops at once: exit 128 + its
     number). Whatever was started is stopped on the way out, start-up failures included."""
-    cfg = service_config(ns)
+    try:
+        cfg = service_config(ns)
+    except ValueError as e:
+        raise UsageError(f"{e} (see lorastream serve --help)") from None
     if ns.heartbeat_interval <= 0:
         raise UsageError(f"--heartbeat-interval {ns.heartbeat_interval:g} is invalid: must be > 0")
+    expiry_ms = heartbeat.EXPIRY_INTERVALS * ns.heartbeat_interval * 1000
+    if cfg.routing == "affine" and expiry_ms > cfg.claim_idle_ms:
+        raise UsageError(
+            f"--heartbeat-interval {ns.heartbeat_interval:g} is too long for --claim-idle-ms "
+            f"{cfg.claim_idle_ms}: a dead worker's shards move when its record expires "
+            f"({heartbeat.EXPIRY_INTERVALS} intervals); make the interval at most "
+            f"{cfg.claim_idle_ms / heartbeat.EXPIRY_INTERVALS / 1000:g} s"
+        )
     async with contextlib.AsyncExitStack() as stack:
         url = ns.redis_url
         if not url:
@@ -210,6 +249,7 @@ async def serve(ns: argparse.Namespace, engine_factory: EngineFactory | None = N
         client = connect(settings)
         stack.push_async_callback(_close_quietly, client)
         await _wait_for_redis(client, settings, ns.redis_wait)
+        await _check_routing(client, cfg)
         metrics = BrokerMetrics()
         if ns.metrics_port is not None:
             port = _serve_metrics(metrics, ns.metrics_port, ns.metrics_addr)
@@ -238,6 +278,28 @@ async def serve(ns: argparse.Namespace, engine_factory: EngineFactory | None = N
             return done[0]
         assert stop.signum is not None
         return 128 + stop.signum
+
+
+async def _check_routing(client: Any, cfg: ServiceConfig) -> None:
+    """Refuse to join a fleet that routes otherwise (its producers would send requests where
+    this worker does not read, or the other way round). With no live worker the record is
+    stale: this worker's replaces it (the service writes it)."""
+    cluster = is_cluster(client)
+    ours = cfg.record(cluster=cluster)
+    found = routing.decode_record(await client.get(routing.routing_key(cfg.prefix)))
+    if found is None or (found.routing, found.num_shards) == (ours.routing, ours.num_shards):
+        return
+    others = [
+        w for w in await heartbeat.live_workers(client, cfg.prefix) if w.consumer != cfg.consumer
+    ]
+    if others:
+        raise UsageError(
+            f"the workers under --prefix {cfg.prefix} route with --routing {found.routing} "
+            f"--num-shards {found.num_shards or 1} ({routing.routing_key(cfg.prefix)}); start "
+            "this one the same way, or stop them first"
+        )
+    if not ours.num_shards:
+        await client.delete(routing.routing_key(cfg.prefix))
 
 
 def _private_redis(unix_socket: bool) -> RedisServer:
@@ -343,6 +405,8 @@ async def _heartbeat(
             free_slots=0 if service.draining else max(0, free),
             inflight=service.inflight,
             draining=service.draining,
+            routing=cfg.routing,
+            shards=service.owned_shards() if service.router.affine else [],
         )
 
     await heartbeat.heartbeat_loop(
@@ -399,7 +463,57 @@ def collect_status(client: Any, prefix: str) -> dict[str, Any]:
         "queue": queue,
         "dead_letters": {"stream": dlq, "length": int(client.xlen(dlq))},
         "adapters": registry.list_all(client, registry_key(prefix)),
+        "routing": _routing_status(client, prefix, workers),
+        "residency": residency(workers),
     }
+
+
+def _routing_status(
+    client: Any, prefix: str, workers: list[heartbeat.WorkerInfo]
+) -> dict[str, Any]:
+    """The layout producers see, and per shard stream: its owner (rendezvous over the live
+    affine workers, as they compute it), length, lag, pending entries and dead letters."""
+    record = routing.decode_record(client.get(routing.routing_key(prefix)))
+    if record is None or not record.num_shards:
+        return {"routing": "single", "num_shards": 0, "shards": []}
+    layout = routing.Layout(prefix, record.num_shards)
+    live = [w.consumer for w in workers if not w.draining]
+    if record.routing == "affine":
+        owners = routing.owners(live, record.num_shards)
+    else:
+        owners = dict.fromkeys(range(record.num_shards), "any")
+    shards = [layout.shard(i) for i in range(record.num_shards)]
+    pipe = client.pipeline(transaction=False)
+    for shard in shards:
+        pipe.xlen(shard.stream)
+        pipe.xinfo_groups(shard.stream)
+        pipe.xlen(shard.dlq)
+    replies = pipe.execute(raise_on_error=False)
+    rows = []
+    for i, shard in enumerate(shards):
+        length, groups, dead = replies[3 * i : 3 * i + 3]
+        found = None
+        if not isinstance(groups, Exception):
+            found = next((g for g in groups if _text(g.get("name")) == f"{prefix}:workers"), None)
+        lag = length if found is None else found.get("lag")
+        rows.append({
+            "index": i, "stream": shard.stream, "owner": owners.get(i),
+            "length": 0 if isinstance(length, Exception) else int(length),
+            "lag": None if lag is None or isinstance(lag, Exception) else int(lag),
+            "pending": 0 if found is None else int(found.get("pending", 0)),
+            "dead_letters": 0 if isinstance(dead, Exception) else int(dead),
+        })  # fmt: skip
+    return {"routing": record.routing, "num_shards": record.num_shards, "shards": rows}
+
+
+def residency(workers: list[heartbeat.WorkerInfo]) -> dict[str, dict[str, list[str]]]:
+    """Adapter → the workers that hold it in device slots and in host memory."""
+    out: dict[str, dict[str, list[str]]] = {}
+    for w in workers:
+        for tier, names in (("device", w.adapters_resident), ("host", w.adapters_host)):
+            for name in names:
+                out.setdefault(name, {"device": [], "host": []})[tier].append(w.consumer)
+    return dict(sorted(out.items()))
 
 
 def _encode(info: heartbeat.WorkerInfo) -> bytes:
@@ -468,6 +582,7 @@ def print_status(status: dict[str, Any]) -> None:
     say(f"queue {q['stream']}: {q['length']} entries, lag {lag}, pending {q['pending']} ({group})")
     d = status["dead_letters"]
     say(f"dead letters {d['stream']}: {d['length']}")
+    _print_routing(console, say, status)
     if status["adapters"]:
         table = Table(title="registered adapters", title_justify="left")
         table.add_column("name")
@@ -477,6 +592,40 @@ def print_status(status: dict[str, Any]) -> None:
         console.print(table)
     else:
         say("registered adapters: none")
+
+
+def _print_routing(console: Any, say: Callable[[str], None], status: dict[str, Any]) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    r = status["routing"]
+    if r["num_shards"]:
+        owned: dict[str, list[int]] = {}
+        for row in r["shards"]:
+            owned.setdefault(str(row["owner"]), []).append(row["index"])
+        table = Table(
+            title=Text(f"shards ({r['routing']}, {r['num_shards']})"), title_justify="left"
+        )
+        for column in ("owner", "shards", "entries", "lag", "pending", "dead letters"):
+            table.add_column(column, overflow="fold")
+        for owner, indices in sorted(owned.items()):
+            rows = [row for row in r["shards"] if row["index"] in indices]
+            table.add_row(
+                Text(owner), Text(routing.ranges(indices)),
+                *(Text(str(sum(row[k] or 0 for row in rows)))
+                  for k in ("length", "lag", "pending", "dead_letters")),
+            )  # fmt: skip
+        console.print(table)
+    else:
+        say("routing: single (one stream)")
+    if status["residency"]:
+        table = Table(title="adapter residency", title_justify="left")
+        for column in ("adapter", "on device", "in host memory"):
+            table.add_column(column, overflow="fold")
+        for name, where in status["residency"].items():
+            table.add_row(Text(name), Text(", ".join(where["device"]) or "-"),
+                          Text(", ".join(where["host"]) or "-"))  # fmt: skip
+        console.print(table)
 
 
 # ----------------------------------------------------------------------------- adapters

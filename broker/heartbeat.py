@@ -27,7 +27,7 @@ import msgspec
 import redis
 import redis.asyncio as aioredis
 
-from broker.redis_conn import REDIS_ERRORS, Backoff
+from broker.redis_conn import REDIS_ERRORS, Backoff, keyspace
 
 logger = logging.getLogger("lorastream.broker")
 
@@ -64,6 +64,10 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     """Requests the worker holds."""
     draining: bool = False
     """Stopping: reads nothing more."""
+    routing: str = "single"
+    """``--routing``: ``single`` or ``affine``."""
+    shards: list[int] = []
+    """With affine routing, the shard streams this worker owns, as it sees the live workers."""
     started_ms: int = 0
     last_seen_ms: int = 0
     """Epoch milliseconds of this write (the writer's clock)."""
@@ -123,19 +127,21 @@ def decode_record(raw: Any) -> WorkerInfo | None:
 # ----------------------------------------------------------------------------- writer
 async def write(client: aioredis.Redis, prefix: str, info: WorkerInfo, interval_s: float) -> None:
     """One heartbeat: the record with its expiry and the live set's score, in one MULTI."""
-    key = record_key(prefix, info.consumer)
+    space = keyspace(client, prefix)
+    key = record_key(space, info.consumer)
     async with client.pipeline(transaction=True) as pipe:
         pipe.set(
             key, msgspec.json.encode(info), px=max(1, int(EXPIRY_INTERVALS * interval_s * 1000))
         )
-        pipe.zadd(live_key(prefix), {info.consumer: info.last_seen_ms})
+        pipe.zadd(live_key(space), {info.consumer: info.last_seen_ms})
         await pipe.execute()
 
 
 async def remove(client: aioredis.Redis, prefix: str, consumer: str) -> None:
+    space = keyspace(client, prefix)
     async with client.pipeline(transaction=True) as pipe:
-        pipe.delete(record_key(prefix, consumer))
-        pipe.zrem(live_key(prefix), consumer)
+        pipe.delete(record_key(space, consumer))
+        pipe.zrem(live_key(space), consumer)
         await pipe.execute()
 
 
@@ -201,6 +207,7 @@ def _pick(prefix: str, members: list[Any], raws: list[Any]) -> tuple[list[Worker
 
 async def live_workers(client: aioredis.Redis, prefix: str) -> list[WorkerInfo]:
     """Workers whose heartbeat record exists, by consumer name. Redis errors propagate."""
+    prefix = keyspace(client, prefix)
     members: Any = await client.zrange(live_key(prefix), 0, -1)
     if not members:
         return []
@@ -214,6 +221,7 @@ async def live_workers(client: aioredis.Redis, prefix: str) -> list[WorkerInfo]:
 
 def live_workers_sync(client: redis.Redis, prefix: str) -> list[WorkerInfo]:
     """``live_workers`` for synchronous callers (``lorastream status``)."""
+    prefix = keyspace(client, prefix)
     members: Any = client.zrange(live_key(prefix), 0, -1)
     if not members:
         return []

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import anyio
 
 from broker.metrics import BrokerMetrics
+from broker.ownership import Ownership
 from broker.protocol import (
     ErrorEvent,
     Event,
@@ -37,6 +38,13 @@ from engine.outputs import RequestOutput, ResumedOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("lorastream.broker")
+
+EntryKey = tuple[str, str]
+"""(shard prefix, entry id): entry ids are unique within one stream only."""
+
+
+def entry_key(shard: Ownership, entry_id: str) -> EntryKey:
+    return shard.shard.prefix, entry_id
 
 
 class EngineClient(Protocol):
@@ -88,6 +96,8 @@ class Job:
     """One request this worker holds, from intake until its final event is published."""
 
     entry_id: str
+    shard: Ownership
+    """The scripts of the stream the entry is in: every write for it goes through them."""
     req: GenerateRequest
     params: SamplingParams
     deliveries: int
@@ -115,7 +125,11 @@ class Job:
     last_output_time: float | None = None
 
     def out(self, **kwargs: Any) -> Out:
-        return Out(self.req.id, self.req.reply_to, self.entry_id, job=self, **kwargs)
+        return Out(self.req.id, self.req.reply_to, self.entry_id, self.shard, job=self, **kwargs)
+
+    @property
+    def key(self) -> EntryKey:
+        return entry_key(self.shard, self.entry_id)
 
     @property
     def resumed(self) -> int:
@@ -143,9 +157,9 @@ class Jobs:
         self.engine = engine
         self.publisher = publisher
         self.metrics = metrics
-        self.by_entry: dict[str, Job] = {}
+        self.by_entry: dict[EntryKey, Job] = {}
         self.by_request: dict[str, Job] = {}
-        self.abandoned: set[str] = set()
+        self.abandoned: dict[EntryKey, Job] = {}
         """Entries we stopped running without a final event: released on exit."""
         self._on_change = on_change
         self._deadlines: list[tuple[float, int, Job]] = []
@@ -159,7 +173,7 @@ class Jobs:
         return any(job.last_chance for job in self.by_entry.values())
 
     def add(self, job: Job) -> None:
-        self.by_entry[job.entry_id] = job
+        self.by_entry[job.key] = job
         self.by_request[job.req.id] = job
         self.metrics.inflight.set(len(self.by_entry))
         if job.req.deadline_ms is not None:
@@ -167,8 +181,8 @@ class Jobs:
             self._deadline_changed.set()
 
     def forget(self, job: Job) -> None:
-        if self.by_entry.get(job.entry_id) is job:
-            del self.by_entry[job.entry_id]
+        if self.by_entry.get(job.key) is job:
+            del self.by_entry[job.key]
         if self.by_request.get(job.req.id) is job:
             del self.by_request[job.req.id]
         self.metrics.inflight.set(len(self.by_entry))
@@ -184,10 +198,11 @@ class Jobs:
             self._end(job, job.out(finished=True, finish_reason="abort"))
         return True
 
-    def lose(self, entry_ids: Sequence[str]) -> None:
-        """These entries are someone else's now: stop their runs, write nothing more."""
+    def lose(self, shard: Ownership, entry_ids: Sequence[str]) -> None:
+        """These entries of ``shard`` are someone else's now: stop their runs, write nothing
+        more."""
         for entry_id in entry_ids:
-            job = self.by_entry.get(entry_id)
+            job = self.by_entry.get(entry_key(shard, entry_id))
             if job is None or job.lost:
                 continue
             job.lost = True
@@ -207,7 +222,7 @@ class Jobs:
             if job.final_queued:
                 continue
             self._abort_engine(job)
-            self.abandoned.add(job.entry_id)
+            self.abandoned[job.key] = job
             job.lost = True  # nothing more is written for it here
             self.forget(job)
 
@@ -451,4 +466,13 @@ def _seconds_left(job: Job) -> float | None:
     return job.req.deadline_ms / 1000 - time.time()
 
 
-__all__ = ["EngineClient", "ErrorEvent", "Job", "Jobs", "next_seq", "plan_resume"]
+__all__ = [
+    "EngineClient",
+    "EntryKey",
+    "ErrorEvent",
+    "Job",
+    "Jobs",
+    "entry_key",
+    "next_seq",
+    "plan_resume",
+]

@@ -105,6 +105,14 @@ class BrokerMetrics:
         self.claimed = Counter(
             "lorastream_entries_claimed", "Entries taken over from idle consumers", registry=r
         )
+        self.stolen = Counter(
+            "lorastream_entries_stolen",
+            "Entries read from another worker's shard (affine routing, idle capacity)",
+            registry=r,
+        )
+        self.shards_owned = Gauge(
+            "lorastream_shards_owned", "Shard streams this worker owns", registry=r
+        )
         self.entries_lost = Counter(
             "lorastream_entries_lost",
             "Running entries found taken over by another worker (their runs stopped here)",

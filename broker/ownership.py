@@ -31,6 +31,8 @@ from typing import Any, Final
 import msgpack
 import redis.asyncio as aioredis
 
+from broker.routing import Shard, sharded_channel
+
 # Shared by the scripts: whether ARGV[2] (our consumer) owns entry `id` of KEYS[1].
 _OWNS = """
 local function owns(id)
@@ -77,7 +79,8 @@ return out
 # ARGV: group, consumer, result ttl s, result maxlen, dlq maxlen, then the ops as one msgpack
 # array (one argument: packing thousands of arguments per step would cost the worker more
 # than the script costs Redis). An op: [entry id, channel ('' none), result key index (0
-# none), seq, data, fin, ack, fenced (0/1 each), [dead-letter field, value, ...]].
+# none), seq, data, fin, ack, fenced (0/1 each), [dead-letter field, value, ...], sharded
+# (1: SPUBLISH, on Redis Cluster for a channel in this shard's slot; 0: PUBLISH)].
 # Returns the entry ids that are not ours (nothing was written for them).
 _PUBLISH = (
     _OWNS
@@ -86,7 +89,7 @@ local ops = cmsgpack.unpack(ARGV[6])
 local owned, last, lost = {}, {}, {}
 for _, op in ipairs(ops) do
   local id, channel, k, seq = op[1], op[2], op[3], op[4]
-  local data, fin, ack, fenced, dlq = op[5], op[6], op[7], op[8], op[9]
+  local data, fin, ack, fenced, dlq, sharded = op[5], op[6], op[7], op[8], op[9], op[10]
   if owned[id] == nil then owned[id] = owns(id) end
   if fenced == 1 and owned[id] ~= true then
     if owned[id] == false then lost[#lost + 1] = id; owned[id] = 'reported' end
@@ -127,7 +130,9 @@ for _, op in ipairs(ops) do
         last[key] = {seq, fin}
       end
     end
-    if write and channel ~= '' then redis.call('PUBLISH', channel, data) end
+    if write and channel ~= '' then
+      redis.call(sharded == 1 and 'SPUBLISH' or 'PUBLISH', channel, data)
+    end
     if #dlq > 0 then
       redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*', unpack(dlq))
     end
@@ -193,21 +198,32 @@ class WriteOp:
     """False only for a dead-lettered entry's error event, written after its own ack."""
     dlq: Sequence[str | bytes] = ()
     """Field/value pairs of a dead-letter entry, flat."""
+    sharded: bool = False
+    """SPUBLISH instead of PUBLISH (Redis Cluster, a channel in the shard's slot)."""
 
 
 class Ownership:
-    """The scripts, bound to one worker's stream, group and consumer name."""
+    """The scripts, bound to one shard stream (``broker.routing.Shard``: the single stream
+    ``{prefix}:requests`` or one of the shards), the group and this worker's consumer name.
+
+    Every entry a worker holds is known with the ``Ownership`` of its stream: entry ids are
+    unique within a stream only, and every write for an entry goes through its stream's
+    scripts, so fencing and exactly-once finals hold per shard."""
 
     def __init__(
         self,
         client: aioredis.Redis,
+        shard: Shard,
         *,
-        stream: str,
         group: str,
         consumer: str,
-        dlq: str,
+        cluster: bool = False,
     ) -> None:
-        self.stream, self.group, self.consumer, self.dlq = stream, group, consumer, dlq
+        self.shard = shard
+        self.stream, self.dlq = shard.stream, shard.dlq
+        self.group, self.consumer = group, consumer
+        self.cluster = cluster
+        """On Redis Cluster, events for channels in this stream's slot are SPUBLISHed."""
         self._begin = client.register_script(_BEGIN)
         self._publish = client.register_script(_PUBLISH)
         self._keepalive = client.register_script(_KEEPALIVE)
@@ -253,13 +269,17 @@ class Ownership:
                 k = index[op.result_key]
             packed.append([
                 op.entry_id, op.channel, k, op.seq, op.data,
-                int(op.fin), int(op.ack), int(op.fenced), list(op.dlq),
+                int(op.fin), int(op.ack), int(op.fenced), list(op.dlq), int(op.sharded),
             ])  # fmt: skip
         args = [self.group, self.consumer, max(result_ttl_s, 1), result_maxlen, dlq_maxlen,
                 # No bin type: Redis's cmsgpack reads only the old raw strings (bytes to Lua).
                 msgpack.packb(packed, use_bin_type=False)]  # fmt: skip
         lost: Any = await self._publish(keys=keys, args=args)
         return {_text(x) for x in lost or []}
+
+    def sharded_channel(self, channel: str) -> bool:
+        """SPUBLISH for ``channel`` (``broker.routing.sharded_channel``)."""
+        return sharded_channel(self.cluster, self.shard.prefix, channel)
 
     async def keepalive(self, entry_ids: Sequence[str]) -> set[str]:
         """Keep ``entry_ids`` from going idle; returns those that are no longer ours."""

@@ -17,6 +17,8 @@ import anyio
 import redis.asyncio as aioredis
 
 from broker.protocol import VERSION, AbortRequest, Codec, Event, decode_event, default_reply_to
+from broker.redis_conn import is_cluster
+from broker.routing import sharded_channel
 
 logger = logging.getLogger("lorastream.producer")
 
@@ -71,9 +73,18 @@ async def events(
     reply_to: str | None = None,
     timeout_s: float = 60.0,
 ) -> AsyncIterator[Event]:
-    """Every event of one request in seq order, exactly once, until the final one."""
+    """Every event of one request in seq order, exactly once, until the final one.
+
+    ``prefix`` is the request's shard prefix (``broker.routing.Shard.prefix``; the plain
+    prefix for the single stream). On Redis Cluster a channel in the shard's slot is read
+    with SSUBSCRIBE, as the worker SPUBLISHes there."""
+    channel = reply_to or default_reply_to(prefix, request_id)
+    sharded = sharded_channel(is_cluster(client), prefix, channel)
     pubsub = client.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(reply_to or default_reply_to(prefix, request_id))
+    if sharded:
+        await pubsub.ssubscribe(channel)
+    else:
+        await pubsub.subscribe(channel)
     last = -1
     try:
         with anyio.fail_after(timeout_s):
@@ -85,8 +96,13 @@ async def events(
                     if event.finished:
                         return
             while True:
-                msg = await pubsub.get_message(timeout=1.0)
-                if msg is None or msg.get("type") != "message":
+                if sharded:
+                    msg = await pubsub.get_sharded_message(
+                        ignore_subscribe_messages=True, timeout=1.0
+                    )
+                else:
+                    msg = await pubsub.get_message(timeout=1.0)
+                if msg is None or msg.get("type") not in ("message", "smessage"):
                     continue
                 got = own_event(msg["data"], request_id)
                 if got is None:

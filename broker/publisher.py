@@ -37,6 +37,8 @@ class Out:
     request_id: str | None
     reply_to: str | None
     entry_id: str
+    shard: Ownership | None = None
+    """The scripts of the entry's stream (set for every Out: a job's come from the job)."""
     job: Job | None = None
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -89,10 +91,6 @@ class PublishSettings:
     result_maxlen: int
     dlq_maxlen: int
     batch: int
-    prefix: str
-
-    def out_key(self, request_id: str) -> str:
-        return f"{self.prefix}:out:{request_id}"
 
 
 class Publisher:
@@ -103,14 +101,12 @@ class Publisher:
 
     def __init__(
         self,
-        ownership: Ownership,
         settings: PublishSettings,
         metrics: BrokerMetrics,
         *,
-        on_lost: Callable[[Sequence[str]], None],
+        on_lost: Callable[[Ownership, Sequence[str]], None],
         on_written: Callable[[Out], None],
     ) -> None:
-        self.ownership = ownership
         self.settings = settings
         self.metrics = metrics
         self._waiting: list[Out] = []
@@ -159,14 +155,24 @@ class Publisher:
             self.done.set()
 
     async def write(self, batch: list[Out]) -> None:
-        """Write one batch (retried until Redis takes it), then report lost entries and
-        written finals."""
-        ops = [self._op(out) for out in batch]
+        """Write one batch, one script call per shard stream in it (each retried until Redis
+        takes it), then report lost entries and written finals."""
+        by_shard: dict[int, list[Out]] = {}
+        for out in batch:
+            assert out.shard is not None
+            by_shard.setdefault(id(out.shard), []).append(out)
+        for outs in by_shard.values():
+            await self._write_shard(outs)
+
+    async def _write_shard(self, batch: list[Out]) -> None:
+        shard = batch[0].shard
+        assert shard is not None
+        ops = [self._op(out, shard) for out in batch]
         backoff = Backoff()
         s = self.settings
         while True:
             try:
-                lost = await self.ownership.publish(
+                lost = await shard.publish(
                     ops, result_ttl_s=s.result_ttl_s, result_maxlen=s.result_maxlen,
                     dlq_maxlen=s.dlq_maxlen,
                 )  # fmt: skip
@@ -178,7 +184,7 @@ class Publisher:
                     logger.warning("publish failed (%s: %s); retrying", type(e).__name__, e)
                 await anyio.sleep(delay)
         if lost:
-            self._on_lost(sorted(lost))
+            self._on_lost(shard, sorted(lost))
         for out in batch:
             if out.entry_id in lost and out.fenced:
                 continue
@@ -190,7 +196,7 @@ class Publisher:
                 self.metrics.dead_letters.labels(str(out.dlq.get("reason", ""))).inc()
             self._on_written(out)
 
-    def _op(self, out: Out) -> WriteOp:
+    def _op(self, out: Out, shard: Ownership) -> WriteOp:
         op = WriteOp(out.entry_id, ack=out.ack, fenced=out.fenced)
         if out.request_id is not None and out.reply_to is not None:
             if out.job is not None:
@@ -202,8 +208,9 @@ class Publisher:
                 seq, restart = out.seq, False
             op.data = _encode(out, seq, restart)
             op.channel, op.seq, op.fin = out.reply_to, seq, out.finished
+            op.sharded = shard.sharded_channel(out.reply_to)
             if self.settings.result_ttl_s:
-                op.result_key = self.settings.out_key(out.request_id)
+                op.result_key = shard.shard.out_key(out.request_id)
         if out.dlq is not None:
             op.dlq = [x for kv in out.dlq.items() for x in kv]
         return op

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import redis
 import redis.asyncio as aioredis
+import redis.cluster
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -35,7 +37,9 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT, redis.RedisError)
 @dataclass(frozen=True)
 class RedisSettings:
     url: str
-    """redis://[user:password@]host:port/db, rediss://... (TLS) or unix:///path/to.sock."""
+    """redis://[user:password@]host:port/db, rediss://... (TLS), unix:///path/to.sock, or
+    redis+cluster://host:port (rediss+cluster:// with TLS): a Redis Cluster, found from any
+    of its nodes."""
     ca_file: str | None = None
     """CA bundle for rediss:// (the system store when None)."""
     block_ms: int = 1000
@@ -79,18 +83,38 @@ def _client_kwargs(settings: RedisSettings) -> dict[str, Any]:
         "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
     }
     scheme = urlsplit(settings.url).scheme
-    if scheme not in ("redis", "rediss", "unix"):
+    if scheme not in SCHEMES:
         raise ValueError(
-            f"--redis-url scheme {scheme!r} is invalid: use redis://, rediss:// or unix://"
+            f"--redis-url scheme {scheme!r} is invalid: use redis://, rediss://, unix:// or "
+            "redis+cluster://"
         )
-    if settings.ca_file and scheme == "rediss":
+    if settings.ca_file and scheme.startswith("rediss"):
         kwargs["ssl_ca_certs"] = settings.ca_file
     return kwargs
 
 
+SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def cluster_url(url: str) -> str | None:
+    """The redis:// (rediss://) URL of a redis+cluster:// one, None for other URLs."""
+    parts = urlsplit(url)
+    if not parts.scheme.endswith("+cluster"):
+        return None
+    return urlunsplit((parts.scheme.removesuffix("+cluster"), *parts[1:]))
+
+
 def connect(settings: RedisSettings) -> aioredis.Redis:
-    """An asyncio client. Connects lazily: creating it never fails on a down server."""
-    return aioredis.Redis.from_url(settings.url, **_client_kwargs(settings))
+    """An asyncio client (a cluster client for redis+cluster:// URLs: it speaks the same
+    commands and routes each to the master of its key's slot). Connects lazily: creating it
+    never fails on a down server."""
+    kwargs = _client_kwargs(settings)
+    node = cluster_url(settings.url)
+    if node is not None:
+        kwargs.pop("health_check_interval")
+        client: Any = RedisCluster.from_url(node, **kwargs)
+        return cast(aioredis.Redis, client)
+    return aioredis.Redis.from_url(settings.url, **kwargs)
 
 
 def connect_sync(settings: RedisSettings) -> redis.Redis:
@@ -100,7 +124,24 @@ def connect_sync(settings: RedisSettings) -> redis.Redis:
         **_client_kwargs(settings),
         "retry": SyncRetry(ExponentialBackoff(cap=0.2, base=0.02), 1),
     }
+    node = cluster_url(settings.url)
+    if node is not None:
+        kwargs.pop("health_check_interval")
+        client: Any = redis.cluster.RedisCluster.from_url(node, **kwargs)
+        return cast(redis.Redis, client)
     return redis.Redis.from_url(settings.url, **kwargs)
+
+
+def is_cluster(client: object) -> bool:
+    """Whether ``client`` talks to a Redis Cluster: then every script and multi-key command
+    must stay on one slot, and token events go out on sharded pub/sub."""
+    return isinstance(client, RedisCluster | redis.cluster.RedisCluster)
+
+
+def keyspace(client: object, prefix: str) -> str:
+    """The prefix of keys that go together in one MULTI or script (the heartbeat records and
+    their set): on a cluster, ``{prefix}``, a hash tag that puts them on one slot."""
+    return f"{{{prefix}}}" if is_cluster(client) else prefix
 
 
 def is_nogroup(err: BaseException) -> bool:

@@ -25,18 +25,31 @@ import socket
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import redis.asyncio as aioredis
 
+from broker import heartbeat
 from broker.intake import Intake, IntakeSettings
 from broker.jobs import EngineClient, Job, Jobs
 from broker.metrics import BrokerMetrics
 from broker.ownership import Ownership
 from broker.protocol import AbortRequest, untrusted
 from broker.publisher import Out, Publisher, PublishSettings
-from broker.redis_conn import REDIS_ERRORS, Backoff
+from broker.redis_conn import REDIS_ERRORS, Backoff, is_cluster
 from broker.registry import AdapterRegistry
+from broker.routing import (
+    DEFAULT_NUM_SHARDS,
+    MAX_NUM_SHARDS,
+    ROUTINGS,
+    Layout,
+    Router,
+    RoutingRecord,
+    encode_record,
+    ranges,
+    routing_key,
+)
 from engine.errors import EngineDead, LoRAStreamError
 
 logger = logging.getLogger("lorastream.broker")
@@ -66,6 +79,19 @@ class ServiceConfig:
     publish_batch: int = 1024
     remembered_aborts: int = 10_000
     dlq_maxlen: int = 100_000
+    routing: str = "single"
+    """``single``: every worker reads every stream (the one ``{prefix}:requests``, or on Redis
+    Cluster every shard). ``affine``: shard streams by adapter, owned by rendezvous over the
+    live workers (``broker.routing``)."""
+    num_shards: int = DEFAULT_NUM_SHARDS
+    """Shard streams with affine routing, or on Redis Cluster; the same for the whole fleet."""
+    steal_after_ms: int = 500
+    """Affine routing: a worker with nothing of its own to do takes entries of another's
+    shard that waited this long."""
+    routing_refresh_s: float = 1.0
+    """How often the shard owners are recomputed from the heartbeat records."""
+    poll_ms: int = 20
+    """Redis Cluster: the longest pause between polls of an idle worker's shards."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -81,18 +107,35 @@ class ServiceConfig:
             raise ValueError("result_ttl_s and drain_timeout_s must be >= 0")
         if not self.prefix or not self.consumer:
             raise ValueError("prefix and consumer must be non-empty")
-
-    @property
-    def stream(self) -> str:
-        return f"{self.prefix}:requests"
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing={self.routing!r} is invalid: {' or '.join(ROUTINGS)}")
+        if not 1 <= self.num_shards <= MAX_NUM_SHARDS:
+            raise ValueError(
+                f"num_shards={self.num_shards} is invalid: must be 1..{MAX_NUM_SHARDS}"
+            )
+        for name in ("steal_after_ms", "poll_ms"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: must be >= 1")
+        if self.routing_refresh_s <= 0:
+            raise ValueError(
+                f"routing_refresh_s={self.routing_refresh_s!r} is invalid: must be > 0"
+            )
 
     @property
     def group(self) -> str:
         return f"{self.prefix}:workers"
 
-    @property
-    def dlq(self) -> str:
-        return f"{self.prefix}:requests:dlq"
+    def layout(self, *, cluster: bool) -> Layout:
+        """The streams of this fleet: the single stream, unless routing is affine or Redis
+        is a cluster (where one stream would put every request on one master)."""
+        if self.routing == "single" and not cluster:
+            return Layout(self.prefix)
+        return Layout(self.prefix, self.num_shards, shared=not cluster)
+
+    def record(self, *, cluster: bool) -> RoutingRecord:
+        return RoutingRecord(
+            routing=self.routing, num_shards=self.layout(cluster=cluster).num_shards
+        )
 
     @property
     def control(self) -> str:
@@ -125,17 +168,21 @@ class Service:
         self._draining = anyio.Event()
         self._starts_tg: anyio.abc.TaskGroup | None = None
         self._fatal: BaseException | None = None
-        self.ownership = Ownership(
-            client, stream=cfg.stream, group=cfg.group, consumer=cfg.consumer, dlq=cfg.dlq
-        )
+        self.cluster = is_cluster(client)
+        self.layout = cfg.layout(cluster=self.cluster)
+        self.router = Router(self.layout, cfg.consumer, cfg.routing)
+        self.shards = {
+            shard.prefix: Ownership(
+                client, shard, group=cfg.group, consumer=cfg.consumer, cluster=self.cluster
+            )
+            for shard in self.layout.shards
+        }
         self.publisher = Publisher(
-            self.ownership,
             PublishSettings(
                 result_ttl_s=cfg.result_ttl_s,
                 result_maxlen=cfg.result_maxlen,
                 dlq_maxlen=cfg.dlq_maxlen,
                 batch=cfg.publish_batch,
-                prefix=cfg.prefix,
             ),
             self.metrics,
             on_lost=self._on_lost,
@@ -148,8 +195,6 @@ class Service:
         self.intake = Intake(
             client,
             IntakeSettings(
-                prefix=cfg.prefix,
-                stream=cfg.stream,
                 group=cfg.group,
                 consumer=cfg.consumer,
                 block_ms=cfg.block_ms,
@@ -157,8 +202,12 @@ class Service:
                 max_deliveries=cfg.max_deliveries,
                 max_payload_bytes=cfg.max_payload_bytes,
                 result_streams=bool(cfg.result_ttl_s),
+                steal_after_ms=cfg.steal_after_ms,
+                poll_ms=cfg.poll_ms,
             ),
-            ownership=self.ownership,
+            shards=self.shards,
+            router=self.router,
+            cluster=self.cluster,
             jobs=self.jobs,
             publisher=self.publisher,
             registry=self.registry,
@@ -199,6 +248,7 @@ class Service:
             tg.start_soon(self._keepalive_loop)
             tg.start_soon(self._control_loop)
             tg.start_soon(self._metrics_loop)
+            tg.start_soon(self._routing_loop)
             async with anyio.create_task_group() as starts:
                 self._starts_tg = starts
                 await self.intake.run(self._draining, self._wait_changed)
@@ -214,7 +264,7 @@ class Service:
             with anyio.move_on_after(max(5.0, self.cfg.block_ms / 1000)):
                 await self.publisher.done.wait()
             if self.jobs.abandoned:
-                await self._release(sorted(self.jobs.abandoned))
+                await self._release(list(self.jobs.abandoned.values()))
             tg.cancel_scope.cancel()
         if self._fatal is not None:
             logger.error("worker stopped: %s", self._fatal)
@@ -228,18 +278,19 @@ class Service:
         except EngineDead as e:
             self._on_engine_dead(e)
 
-    async def _release(self, entry_ids: list[str]) -> None:
+    async def _release(self, jobs: list[Job]) -> None:
         """Leave entries we could not finish pending, idle enough for the next XAUTOCLAIM
         (only those still ours: the keepalive script's check, then an idle XCLAIM)."""
-        logger.warning("%d unfinished request(s) left pending for another worker", len(entry_ids))
-        with contextlib.suppress(*REDIS_ERRORS):
-            lost = await self.ownership.keepalive(entry_ids)
-            mine = [e for e in entry_ids if e not in lost]
-            if mine:
-                await self.redis.xclaim(
-                    self.cfg.stream, self.cfg.group, self.cfg.consumer, 0, list(mine),
-                    idle=_RELEASED_IDLE_MS, justid=True,
-                )  # fmt: skip
+        logger.warning("%d unfinished request(s) left pending for another worker", len(jobs))
+        for shard, entry_ids in _by_shard(jobs):
+            with contextlib.suppress(*REDIS_ERRORS):
+                lost = await shard.keepalive(entry_ids)
+                mine = [e for e in entry_ids if e not in lost]
+                if mine:
+                    await self.redis.xclaim(
+                        shard.stream, self.cfg.group, self.cfg.consumer, 0, list[Any](mine),
+                        idle=_RELEASED_IDLE_MS, justid=True,
+                    )  # fmt: skip
 
     def _notify(self) -> None:
         self._changed.set()
@@ -267,8 +318,8 @@ class Service:
         self._fatal = err
         self.drain()
 
-    def _on_lost(self, entry_ids: Sequence[str]) -> None:
-        self.jobs.lose(entry_ids)
+    def _on_lost(self, shard: Ownership, entry_ids: Sequence[str]) -> None:
+        self.jobs.lose(shard, entry_ids)
 
     def _on_written(self, out: Out) -> None:
         job = out.job
@@ -281,11 +332,11 @@ class Service:
         interval = self.cfg.claim_idle_ms / 3000
         while True:
             await anyio.sleep(interval if not backoff.failures else backoff.next_delay())
-            ids = list(self.jobs.by_entry)
-            if not ids:
+            held = _by_shard(list(self.jobs.by_entry.values()))
+            if not held:
                 continue
             try:
-                lost = await self.ownership.keepalive(ids)
+                lost = [(shard, await shard.keepalive(ids)) for shard, ids in held]
                 backoff.reset()
             except REDIS_ERRORS as e:
                 self.metrics.redis_errors.labels("keepalive").inc()
@@ -293,10 +344,12 @@ class Service:
                     logger.warning("keepalive failed (%s: %s)", type(e).__name__, e)
                 backoff.failures += 1
                 continue
-            if lost:
-                # We were presumed dead (stopped, or cut off from Redis past --claim-idle-ms)
-                # and another worker runs these now: stop ours so the client gets one stream.
-                self.jobs.lose(sorted(lost))
+            for shard, ids in lost:
+                if ids:
+                    # We were presumed dead (stopped, or cut off from Redis past
+                    # --claim-idle-ms) and another worker runs these now: stop ours so the
+                    # client gets one stream.
+                    self.jobs.lose(shard, sorted(ids))
 
     async def _control_loop(self) -> None:
         backoff = Backoff()
@@ -340,19 +393,64 @@ class Service:
         while True:
             await anyio.sleep(self.cfg.metrics_interval_s)
             self.metrics.idle()
+            owned = [self.shards[s.prefix].stream for s in self.router.owned]
             try:
-                groups = await self.redis.xinfo_groups(self.cfg.stream)
+                pipe = self.redis.pipeline(transaction=False)
+                for stream in owned:
+                    pipe.xinfo_groups(stream)
+                replies = await pipe.execute(raise_on_error=False)
             except REDIS_ERRORS:
                 continue
-            for g in groups:
-                if _s(g.get("name", b"")) == self.cfg.group:
-                    if g.get("lag") is not None:
-                        self.metrics.stream_lag.set(float(g["lag"]))
-                    self.metrics.stream_pending.set(float(g.get("pending", 0)))
+            lag = pending = 0.0
+            for groups in replies:
+                if isinstance(groups, Exception):
+                    continue
+                for g in groups:
+                    if _s(g.get("name", b"")) == self.cfg.group:
+                        lag += float(g.get("lag") or 0)
+                        pending += float(g.get("pending", 0))
+            self.metrics.stream_lag.set(lag)
+            self.metrics.stream_pending.set(pending)
+
+    # ------------------------------------------------------------------ routing
+    async def _routing_loop(self) -> None:
+        """Publish the layout for producers (again after a Redis restart), and with affine
+        routing recompute the shards we own from the live workers' heartbeat records."""
+        backoff = Backoff(max_s=self.cfg.routing_refresh_s)
+        record = encode_record(self.cfg.record(cluster=self.cluster))
+        key = routing_key(self.cfg.prefix)
+        self.metrics.shards_owned.set(len(self.router.owned))
+        while True:
+            try:
+                if self.layout.num_shards:
+                    await self.redis.set(key, record)
+                if self.router.affine:
+                    workers = await heartbeat.live_workers(self.redis, self.cfg.prefix)
+                    live = [w.consumer for w in workers if not w.draining]
+                    if self.router.update(live):
+                        mine = [s.index for s in self.router.owned if s.index is not None]
+                        logger.info("now own %d shard(s): %s", len(mine), ranges(mine))
+                        self.metrics.shards_owned.set(len(mine))
+                        self._notify()
+                backoff.reset()
+                await anyio.sleep(self.cfg.routing_refresh_s)
+            except REDIS_ERRORS as e:
+                self.metrics.redis_errors.labels("routing").inc()
+                if backoff.failures == 0:
+                    logger.warning("routing refresh failed (%s: %s)", type(e).__name__, e)
+                await backoff.sleep()
+
+    def owned_shards(self) -> list[int]:
+        """Indices of the shards this worker owns (for its heartbeat record)."""
+        return [s.index for s in self.router.owned if s.index is not None]
 
 
 def _s(value: object) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
-__all__ = ["EngineClient", "Service", "ServiceConfig"]
+def _by_shard(jobs: Sequence[Job]) -> list[tuple[Ownership, list[str]]]:
+    groups: dict[int, tuple[Ownership, list[str]]] = {}
+    for job in jobs:
+        groups.setdefault(id(job.shard), (job.shard, []))[1].append(job.entry_id)
+    return list(groups.values())

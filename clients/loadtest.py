@@ -310,6 +310,7 @@ def worker_report(before: dict[str, float], after: dict[str, float]) -> dict[str
         "generation_tokens": delta("lorastream_generation_tokens_total"),
         "prompt_tokens": delta("lorastream_prompt_tokens_total"),
         "adapter_loads": loads,
+        "adapter_load_seconds": delta("lorastream_adapter_load_seconds_total"),
         "adapter_evictions": delta("lorastream_adapter_evictions_total"),
         "adapters_resident": _sum(after, "lorastream_adapters_resident"),
         "adapters_in_host": _sum(after, "lorastream_adapters_in_host"),

@@ -33,18 +33,22 @@ import anyio.from_thread
 import redis.asyncio as aioredis
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from broker import heartbeat, producer
+from broker import heartbeat, producer, routing
 from broker.protocol import (
     ErrorEvent,
     Event,
     GenerateRequest,
     TokenEvent,
 )
-from broker.redis_conn import RedisSettings, connect
+from broker.redis_conn import RedisSettings, connect, is_cluster
+from broker.routing import Layout, Shard
 
 DEFAULT_TIMEOUT_S = 60.0
 NO_WORKER_AFTER_S = 3.0
 """A request without any event this long checks whether any worker consumes the stream."""
+ROUTING_TTL_S = 5.0
+"""How long the fleet's routing record (``{prefix}:routing``) is trusted before it is read
+again: a fleet restarted with other routing is followed within this time."""
 
 logger = logging.getLogger("lorastream.sdk")
 
@@ -268,7 +272,11 @@ class AsyncClient:
         self.on_no_worker = on_no_worker or logger.warning
         self._owns_redis = redis is None
         self.redis = redis or connect(RedisSettings(str(redis_url), ca_file=ca_file))
-        self._replies = _Replies(self.redis, f"{prefix}:tokens:client-{uuid.uuid4().hex}")
+        self.cluster = is_cluster(self.redis)
+        self._replies = _Replies(
+            self.redis, prefix, f"client-{uuid.uuid4().hex}", sharded=self.cluster
+        )
+        self._layout: tuple[float, Layout] | None = None
 
     async def aclose(self) -> None:
         await self._replies.aclose()
@@ -312,7 +320,7 @@ class AsyncClient:
         rid = request_id or f"sdk-{uuid.uuid4().hex}"
         request = GenerateRequest(
             id=rid,
-            reply_to=self._replies.channel,
+            reply_to="",  # the client's channel of the request's shard, set when it is sent
             prompt=prompt,
             prompt_token_ids=list(prompt_token_ids) if prompt_token_ids is not None else None,
             messages=[dict(m) for m in messages] if messages is not None else None,
@@ -394,6 +402,25 @@ class AsyncClient:
         """The live workers' heartbeat records (docs/protocol.md, "Live workers")."""
         return await heartbeat.live_workers(self.redis, self.prefix)
 
+    async def layout(self) -> Layout:
+        """The fleet's streams, from the routing record its workers keep in Redis: where
+        each request goes (``broker.routing``). Without a record (no worker started yet, or
+        workers that route through the single stream) the single stream; on Redis Cluster,
+        where that stream is not served, a record is required."""
+        now = time.monotonic()
+        if self._layout is not None and now - self._layout[0] < ROUTING_TTL_S:
+            return self._layout[1]
+        raw = await self.redis.get(routing.routing_key(self.prefix))
+        record = routing.decode_record(raw)
+        if record is None and self.cluster:
+            raise ClientError(
+                f"no routing record at {routing.routing_key(self.prefix)}: no worker has "
+                "started on this Redis Cluster yet (start one with the same --prefix)"
+            )
+        layout = Layout.from_record(self.prefix, record, cluster=self.cluster)
+        self._layout = (now, layout)
+        return layout
+
     async def _check_consumers(self, request_id: str, waited_s: float, left_s: float) -> None:
         try:
             if await heartbeat.consuming(self.redis, self.prefix):
@@ -412,14 +439,16 @@ class AsyncClient:
         rid = request.id
         finished = False
         started = False
+        shard = (await self.layout()).shard_for(request.adapter, rid)
         # Routed before the XADD, on a subscription already confirmed: an event published
         # before the subscription is live would only be in the result stream.
-        replies = await self._replies.open(rid)
+        replies = await self._replies.open(rid, shard)
         try:
             wire = request.to_wire()
+            wire["reply_to"] = self._replies.channel_for(shard)
             wire["deadline"] = int((time.time() + timeout_s) * 1000)
-            await producer.submit(self.redis, self.prefix, wire)
-            follower = _Follower(self.redis, self.prefix, rid)
+            await producer.submit(self.redis, shard.prefix, wire)
+            follower = _Follower(self.redis, shard.prefix, rid)
             start = anyio.current_time()
             deadline = start + timeout_s
             first_deadline = start + first_event_timeout_s
@@ -429,9 +458,9 @@ class AsyncClient:
                 now = anyio.current_time()
                 limit = deadline if started else min(deadline, first_deadline)
                 if now >= limit:
-                    what = "any event" if not started else "the final event"
+                    what = "no event" if not started else "no final event"
                     raise RequestTimeout(
-                        f"request {rid}: no {what} within "
+                        f"request {rid}: {what} within "
                         f"{timeout_s if started else first_event_timeout_s:g} s",
                         request_id=rid,
                         started=started,
@@ -527,19 +556,33 @@ class _Replies:
     ``open`` subscribes on first use (confirmed) and starts the reader task, which hands
     each event to the queue of its request id; events of requests no longer open are
     dropped. After a connection error redis-py reconnects and subscribes again; when the
-    new subscription is confirmed the reader puts ``RESYNC`` on every open queue."""
+    new subscription is confirmed the reader puts ``RESYNC`` on every open queue.
 
-    def __init__(self, redis: aioredis.Redis, channel: str) -> None:
+    On Redis Cluster a worker publishes from a script that may touch only its shard's slot,
+    so the client has one sharded channel per shard it sends to (``{prefix:N}:tokens:NAME``,
+    SSUBSCRIBE), read through redis-py's cluster pub/sub: at most one connection per
+    master, however many shards."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str, name: str, *, sharded: bool) -> None:
         self.redis = redis
-        self.channel = channel
+        self.channel = f"{prefix}:tokens:{name}"
+        self.name = name
+        self.sharded = sharded
         self._routes: dict[str, MemoryObjectSendStream[Event | None]] = {}
         self._pubsub: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._lock = anyio.Lock()
+        self._confirmed: dict[str, anyio.Event] = {}
+        """Sharded channels subscribed to, set once their subscription is confirmed."""
 
-    async def open(self, request_id: str) -> MemoryObjectReceiveStream[Event | None]:
+    def channel_for(self, shard: Shard) -> str:
+        return f"{shard.prefix}:tokens:{self.name}" if self.sharded else self.channel
+
+    async def open(self, request_id: str, shard: Shard) -> MemoryObjectReceiveStream[Event | None]:
         async with self._lock:
-            if self._pubsub is None:
+            if self.sharded:
+                await self._ssubscribe(self.channel_for(shard))
+            elif self._pubsub is None:
                 pubsub = self.redis.pubsub()
                 try:
                     await pubsub.subscribe(self.channel)
@@ -557,6 +600,23 @@ class _Replies:
         send, receive = anyio.create_memory_object_stream[Event | None](math.inf)
         self._routes[request_id] = send
         return receive
+
+    async def _ssubscribe(self, channel: str) -> None:
+        """Subscribe to one more sharded channel and wait for the reader to see it confirmed."""
+        if channel in self._confirmed:
+            return
+        confirmed = self._confirmed[channel] = anyio.Event()
+        try:
+            if self._pubsub is None:
+                self._pubsub = self.redis.pubsub()
+            await self._pubsub.ssubscribe(channel)
+            if self._reader is None:
+                self._reader = asyncio.get_running_loop().create_task(self._read(self._pubsub))
+            with anyio.fail_after(10):
+                await confirmed.wait()
+        except BaseException:
+            del self._confirmed[channel]
+            raise
 
     def close(self, request_id: str) -> None:
         send = self._routes.pop(request_id, None)
@@ -580,7 +640,10 @@ class _Replies:
         failing = False
         while True:
             try:
-                msg = await pubsub.get_message(timeout=1.0)
+                if self.sharded:
+                    msg = await pubsub.get_sharded_message(timeout=1.0)
+                else:
+                    msg = await pubsub.get_message(timeout=1.0)
             except Exception as e:  # a lost connection, mostly: read again after a pause
                 if not failing:
                     logger.warning("reply channel %s: %s: %s", self.channel, type(e).__name__, e)
@@ -588,7 +651,13 @@ class _Replies:
                 await asyncio.sleep(0.2)
                 continue
             failing = False
-            if msg is not None and msg.get("type") == "subscribe":
+            kind = msg.get("type") if msg is not None else None
+            if kind == "ssubscribe":
+                confirmed = self._confirmed.get(_s(msg["channel"])) if msg else None
+                if confirmed is not None and not confirmed.is_set():
+                    confirmed.set()
+                    continue
+            if kind in ("subscribe", "ssubscribe"):
                 # open() took the first confirmation, so this one follows a reconnect (which
                 # redis-py may make inside get_message): the channel is live again, and what
                 # it lost meanwhile is in the result streams.
@@ -596,7 +665,7 @@ class _Replies:
                 for send in list(self._routes.values()):
                     self._put(send, RESYNC)
                 continue
-            if msg is None or msg.get("type") != "message":
+            if msg is None or kind not in ("message", "smessage"):
                 continue
             # Anyone may PUBLISH here: only well-formed events of open requests are routed.
             event = producer.read_event(msg["data"])

@@ -16,9 +16,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a dtype or device is resolved, so that
+    import torch  # `lorastream serve --help` answers without loading it
 
 MIXED_GRAPH_TOKENS = 1024
 """Default ``max_cudagraph_capture_size``. An eager step costs the host about the same
@@ -55,13 +56,21 @@ BENCHMARK_FIELDS = frozenset(
 )
 """EngineArgs fields that benchmarks compare and users leave alone: no CLI flags."""
 
-_DTYPES = {
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float": torch.float32,
+_DTYPES = {  # the names EngineArgs accepts -> torch's
+    "float16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "float32": "float32",
+    "float": "float32",
 }
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of one of ``_DTYPES``'s names."""
+    import torch
+
+    dtype: torch.dtype = getattr(torch, _DTYPES[name])
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,10 @@ class EngineArgs:
     max_cudagraph_capture_size: int | None = None
     """Largest step, in tokens, that mixes prompts with decodes and still replays a CUDA graph (vLLM's compilation_config.max_cudagraph_capture_size); larger mixed steps run eagerly. Default 1024; capped at max_num_batched_tokens; 0 captures graphs for decode-only steps alone, which get one for every batch size up to max_num_seqs either way."""
     tensor_parallel_size: int = 1
-    """Only 1 is supported."""
+    """Ranks (devices of one host) the model is split over, Megatron-style: one process per
+    rank, started by the engine (NCCL on CUDA, gloo on CPU). Must divide the attention heads,
+    the key/value heads (or be a multiple of them: those are then replicated) and the
+    intermediate size. Default 1."""
     enable_chunked_prefill: bool = True
     """Split long prompts over steps so decodes keep flowing."""
     max_num_mixed_prefill_tokens: int | None = None
@@ -153,7 +165,11 @@ class EngineArgs:
     lora_dtype: str | torch.dtype = "auto"
     """auto (= model dtype) | float16 | bfloat16 | float32 | a torch.dtype."""
     fully_sharded_loras: bool = False
-    """Shard LoRA computation across tensor-parallel ranks; accepted for vLLM compatibility (no effect at tensor_parallel_size 1)."""
+    """With tensor_parallel_size > 1, shard LoRA A on column-parallel layers too (S-LoRA's
+    layout: an all-gather of the shrink output per layer) and B on row-parallel ones (the delta
+    joins the layer's all-reduce): less adapter memory and compute per rank, more bytes moved
+    (docs/architecture.md). Needs max_lora_rank divisible by tensor_parallel_size. No effect
+    at tensor_parallel_size 1. Default off."""
     lora_modules: list[LoRAModulePath] = field(default_factory=list)
     """Adapters preloaded at start, as name=path."""
     lora_target_modules: list[str] | None = None
@@ -231,6 +247,8 @@ class EngineArgs:
 
     # Validation lives here, in one place.
     def _validate(self) -> None:
+        import torch
+
         def bad(name: str, allowed: str) -> None:
             raise ValueError(f"EngineArgs.{name}={getattr(self, name)!r} is invalid: {allowed}")
 
@@ -275,8 +293,8 @@ class EngineArgs:
             bad("num_gpu_blocks_override", "must be an integer >= 1 or None")
         if not isinstance(self.kv_cache_space_gb, int | float) or self.kv_cache_space_gb <= 0:
             bad("kv_cache_space_gb", "must be > 0")
-        if self.tensor_parallel_size != 1:
-            bad("tensor_parallel_size", "allowed: 1 (tensor parallelism is not supported yet)")
+        if not _is_int(self.tensor_parallel_size) or not 1 <= self.tensor_parallel_size <= 64:
+            bad("tensor_parallel_size", "must be an integer from 1 to 64")
         if self.pipeline_parallel_size != 1:
             bad("pipeline_parallel_size", "allowed: 1 (pipeline parallelism is not supported)")
         if self.quantization is not None:
@@ -332,7 +350,11 @@ class EngineArgs:
             *_DTYPES,
         ):
             bad("lora_dtype", f"allowed: auto, {', '.join(_DTYPES)} or a torch.dtype")
-        if isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in _DTYPES.values():
+        if isinstance(self.lora_dtype, torch.dtype) and self.lora_dtype not in (
+            torch.float16,
+            torch.bfloat16,
+            torch.float32,
+        ):
             bad("lora_dtype", "allowed torch dtypes: float16, bfloat16, float32")
         if self.lora_target_modules is not None:
             unknown = [m for m in self.lora_target_modules if m not in LORA_TARGET_MODULES]
@@ -380,10 +402,10 @@ class EngineArgs:
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         """Add vLLM-named flags (--enable-lora, --max-loras, ...) to ``parser``."""
         group = parser.add_argument_group("engine")
-        defaults = EngineArgs(model="_")
         for f in dataclasses.fields(EngineArgs):
             flag = "--" + f.name.replace("_", "-")
-            default = getattr(defaults, f.name) if f.name != "model" else None
+            # The field's own default: building an EngineArgs would validate, and load torch.
+            default = None if f.default is dataclasses.MISSING else f.default
             doc = _FIELD_DOCS.get(f.name, "")
             if f.name in BENCHMARK_FIELDS:
                 continue  # EngineArgs only: benchmarks set them (benchmarks/bench.py --set)
@@ -417,6 +439,8 @@ class EngineArgs:
         return cls(**kwargs)
 
     def create_engine_config(self) -> EngineConfig:
+        import torch
+
         device = _resolve_device(self.device)
         model = resolve_checkpoint("model", str(self.model), self.revision, self.download_dir)
         tokenizer = (
@@ -443,7 +467,7 @@ class EngineArgs:
             else (
                 self.lora_dtype
                 if isinstance(self.lora_dtype, torch.dtype)
-                else _DTYPES[self.lora_dtype]
+                else torch_dtype(self.lora_dtype)
             )
         )
         model_len_cap = int(getattr(hf_config, "max_position_embeddings", 2048))
@@ -452,6 +476,7 @@ class EngineArgs:
             raise ValueError(
                 f"EngineArgs.max_model_len={max_model_len} is invalid: the model supports at most {model_len_cap}"
             )
+        self._check_parallel(hf_config, device)
         budget = self.max_num_batched_tokens or (8192 if device.type == "cuda" else 2048)
         if not self.enable_chunked_prefill and budget < max_model_len:
             budget = max_model_len
@@ -505,7 +530,32 @@ class EngineArgs:
             served_model_name=(served if isinstance(served, str) else served[0])
             if served
             else str(self.model),
+            parallel=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
         )
+
+    def _check_parallel(self, hf_config: Any, device: torch.device) -> None:
+        """What ``tensor_parallel_size`` needs of the model and the machine."""
+        n = self.tensor_parallel_size
+        if n == 1:
+            return
+        import torch
+
+        from engine.model.parallel import check_tensor_parallel
+
+        check_tensor_parallel(hf_config, n)
+        if self.enable_lora and self.fully_sharded_loras and self.max_lora_rank % n:
+            raise ValueError(
+                f"EngineArgs.max_lora_rank={self.max_lora_rank} is invalid with "
+                f"fully_sharded_loras: it must be a multiple of tensor_parallel_size={n}"
+            )
+        if device.type == "cuda":
+            first = device.index or 0
+            if first + n > torch.cuda.device_count():
+                raise ValueError(
+                    f"EngineArgs.tensor_parallel_size={n} is invalid here: it needs devices "
+                    f"cuda:{first}..cuda:{first + n - 1}, and {torch.cuda.device_count()} "
+                    "are visible"
+                )
 
     def kernel_config(self) -> KernelConfig:
         """The kernel settings of these arguments (no device needed: launch settings are
@@ -584,6 +634,12 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (``EngineArgs.tensor_parallel_size``)."""
+
+
+@dataclass(frozen=True)
 class LaunchConfig:
     """Triton launch settings that were tuned on a GPU. The defaults are the ones measured
     on an H200 with llama-3.1-8b (docs/benchmark-log.md); a device whose table
@@ -648,6 +704,8 @@ class KernelConfig:
     def launch_for(self, device: torch.device | str | None) -> LaunchConfig:
         """The launch settings on ``device``: its GPU's table, then the overrides. Asks CUDA
         for the GPU's name, so call it where the kernels run (the engine-core process)."""
+        import torch
+
         device = torch.device(device or "cpu")
         if device.type == "cuda":
             base = launch_table(torch.cuda.get_device_name(device))
@@ -677,6 +735,7 @@ class EngineConfig:
     """Largest mixed prefill + decode step (tokens) with a CUDA graph; 0: none."""
     served_model_name: str = ""
     """The model's name for clients (``EngineArgs.served_model_name``, else ``model``)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def resolve_checkpoint(name: str, spec: str, revision: str | None, download_dir: str | None) -> str:
@@ -761,6 +820,8 @@ def _is_int(v: object) -> bool:
 
 
 def _resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -769,12 +830,18 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    import torch
+
     if dtype != "auto":
-        return _DTYPES[dtype]
+        return torch_dtype(dtype)
     cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(cfg, str):
-        cfg = _DTYPES.get(cfg, torch.float32)
-    if not isinstance(cfg, torch.dtype) or cfg not in _DTYPES.values():
+        cfg = torch_dtype(cfg) if cfg in _DTYPES else torch.float32
+    if not isinstance(cfg, torch.dtype) or cfg not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ):
         cfg = torch.float32
     if device.type == "cpu" and cfg == torch.float16:
         return torch.float32  # float16 matmuls are slow and lossy on CPU

@@ -132,7 +132,8 @@ class InprocClient:
         return self.core.get_kernel_config()
 
     def shutdown(self) -> None:
-        pass  # nothing runs on its own: the adapter loader is a daemon thread
+        # The adapter loader is a daemon thread; tensor-parallel ranks are processes.
+        self.core.runner.shutdown()
 
 
 # Items of MPClient's output queue besides EngineCoreOutputs.

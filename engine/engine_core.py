@@ -30,13 +30,14 @@ from engine.core_messages import (
     EngineLoad,
     FailedRequest,
 )
+from engine.distributed.runner import make_model_runner
 from engine.errors import InvalidRequest, InvalidSamplingParams, LoRAStreamError
 from engine.lora.manager import LoRAManager
 from engine.lora.request import LoRARequest
 from engine.sampling.sampler import TokenLogprobs
 from engine.sequence import Request, RequestStatus
 from engine.structured_output import StructuredOutputManager
-from engine.worker.model_runner import ModelRunner, StepHandle
+from engine.worker.model_runner import StepHandle
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +64,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig, log_stats: bool = False) -> None:
         self.config = config
         self.log_stats = log_stats
-        self.runner = ModelRunner(config)
+        self.runner = make_model_runner(config)
         self.block_manager = BlockManager(
             self.runner.num_blocks,
             config.cache.block_size,
@@ -443,6 +444,7 @@ class EngineCore:
         self.structured.close()
         if self.runner.lora_manager is not None:
             self.runner.lora_manager.close()
+        self.runner.shutdown()
 
 
 def _merge_prompt_logprobs(

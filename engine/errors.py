@@ -82,5 +82,9 @@ class EngineDead(LoRAStreamError, RuntimeError):
     code = "engine_dead"
 
 
+class TensorParallelRankDied(EngineDead):
+    """A tensor-parallel rank process exited: the engine cannot run a step without it."""
+
+
 class RequestAborted(LoRAStreamError):
     code = "aborted"

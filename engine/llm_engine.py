@@ -500,7 +500,8 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- lifetime
     def shutdown(self) -> None:
-        """Stop the core process (with ``enable_multiprocessing``; in-process a no-op)."""
+        """Stop the core process (with ``enable_multiprocessing``), or in-process the other
+        tensor-parallel ranks (nothing else runs on its own)."""
         self.engine_core.shutdown()
 
     def __enter__(self) -> LLMEngine:

@@ -92,6 +92,26 @@ SHAPES: dict[str, ModelShape] = {
             "original_max_position_embeddings": 8192,
         },
     ),
+    # For tensor-parallel benchmarks only (140 GB of bf16 weights: N >= 4 H100s).
+    "llama-3.1-70b": ModelShape(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ),
 }
 
 

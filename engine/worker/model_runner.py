@@ -50,13 +50,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.config import EngineConfig, KernelConfig
+from engine.config import EngineConfig, KernelConfig, LoRAConfig
 from engine.core.scheduler import PLACEHOLDER, ScheduledRequest, SchedulerOutput
 from engine.kernels.dispatch import Kernels
 from engine.kernels.utils import pinned
 from engine.lora import LoRAMetadata, allocate_static_lora_metadata, build_lora_metadata
 from engine.lora.manager import LoRAManager
 from engine.lora.warmup import warm_up_lora_kernels
+from engine.model.llama import LlamaForCausalLM
 from engine.model.loader import load_model
 from engine.model.metadata import AttentionMetadata, ForwardBatch
 from engine.outputs import SampleLogprobs
@@ -353,6 +354,33 @@ def pack_step(
     )
 
 
+def prompt_logprob_rows(
+    scheduled: list[ScheduledRequest], packed: PackedInputs
+) -> tuple[list[tuple[str, int, int, int]], list[int], list[int]]:
+    """The prompt tokens this step's chunks predict, for requests that asked
+    (``prompt_logprobs``): the logits at position p give prompt token p + 1. Positions
+    already scored (before a preemption) are skipped. Returns (spans: request id, first
+    prompt index, count, top-n; the hidden rows to score; the prompt tokens they predict)."""
+    spans: list[tuple[str, int, int, int]] = []
+    rows: list[int] = []
+    targets: list[int] = []
+    for i, s in enumerate(scheduled):
+        req = s.request
+        if req.prompt_logprobs is None:
+            continue
+        start = max(s.start_position, len(req.prompt_logprobs) - 1)
+        end = min(s.start_position + s.num_new_tokens, req.num_prompt_tokens - 1)
+        if start >= end:
+            continue
+        base = int(packed.query_start_loc[i]) - s.start_position
+        rows.extend(range(base + start, base + end))
+        targets.extend(req.prompt_token_ids[start + 1 : end + 1])
+        n = req.sampling_params.prompt_logprobs
+        assert n is not None
+        spans.append((req.request_id, start + 1, end - start, n))
+    return spans, rows, targets
+
+
 def _is_plain_greedy(req: Request) -> bool:
     """Greedy with nothing that changes the logits or asks for logprobs: argmax is all."""
     p = req.sampling_params
@@ -438,11 +466,11 @@ class ModelRunner:
         self.config = config
         self.device = config.device
         self.block_size = config.cache.block_size
-        self.model = load_model(config)
+        self.model = self._load_model()
         self.vocab_size = int(config.hf_config.vocab_size)
         self.lora_manager: LoRAManager | None = None
         if config.lora is not None:
-            self.lora_manager = LoRAManager(config.lora, self.model.lora_layers(), self.device)
+            self.lora_manager = self._make_lora_manager(config.lora)
         self.num_blocks = self._determine_num_blocks()
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size)
         self.kv_caches = [
@@ -490,6 +518,15 @@ class ModelRunner:
             len(self.graphs),
             len(self.mixed_graphs),
         )
+
+    def _load_model(self) -> LlamaForCausalLM:
+        return load_model(self.config)
+
+    def _make_lora_manager(self, lora_config: LoRAConfig) -> LoRAManager:
+        return LoRAManager(lora_config, self.model.lora_layers(), self.device)
+
+    def shutdown(self) -> None:
+        """Stop what runs beside the step loop (other tensor-parallel ranks); idempotent."""
 
     def _determine_num_blocks(self) -> int:
         cache = self.config.cache
@@ -554,6 +591,7 @@ class ModelRunner:
             assert previous is not None
             assert previous.tokens is not None
             fills = previous.tokens.token_ids
+        self._before_forward(scheduled, packed, graph, previous)
         if graph is not None:
             logits_rows = self._load_graph_inputs(packed, graph, fills)
             t2 = time.perf_counter()
@@ -604,6 +642,16 @@ class ModelRunner:
         handle.deferred = deferred
         handle._requests = sample_reqs
         return handle
+
+    def _before_forward(
+        self,
+        scheduled: list[ScheduledRequest],
+        packed: PackedInputs,
+        graph: _Graph | None,
+        previous: StepHandle | None,
+    ) -> None:
+        """Called once the step's inputs are packed, before its forward pass (tensor
+        parallelism sends the other ranks the step's plan here)."""
 
     @torch.inference_mode()
     def sample_deferred(self, handle: StepHandle) -> None:
@@ -667,25 +715,8 @@ class ModelRunner:
         self, hidden: torch.Tensor, scheduled: list[ScheduledRequest], packed: PackedInputs
     ) -> _PromptLogprobs | None:
         """Score the prompt tokens this step's chunks predict, for requests that asked
-        (``prompt_logprobs``): the logits at position p give prompt token p + 1. Positions
-        already scored (before a preemption) are skipped."""
-        spans: list[tuple[str, int, int, int]] = []
-        rows: list[int] = []
-        targets: list[int] = []
-        for i, s in enumerate(scheduled):
-            req = s.request
-            if req.prompt_logprobs is None:
-                continue
-            start = max(s.start_position, len(req.prompt_logprobs) - 1)
-            end = min(s.start_position + s.num_new_tokens, req.num_prompt_tokens - 1)
-            if start >= end:
-                continue
-            base = int(packed.query_start_loc[i]) - s.start_position
-            rows.extend(range(base + start, base + end))
-            targets.extend(req.prompt_token_ids[start + 1 : end + 1])
-            n = req.sampling_params.prompt_logprobs
-            assert n is not None
-            spans.append((req.request_id, start + 1, end - start, n))
+        (``prompt_logprobs``; see ``prompt_logprob_rows``)."""
+        spans, rows, targets = prompt_logprob_rows(scheduled, packed)
         if not spans:
             return None
         k = max(n for *_, n in spans)

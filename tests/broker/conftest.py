@@ -19,6 +19,7 @@ from broker.service import Service, ServiceConfig
 from tests.broker.fake_engine import FakeAsyncEngine, FakeConfig
 
 if TYPE_CHECKING:
+    from tests.broker.cluster import LocalCluster
     from tests.broker.workers import Workers
 
 PREFIX = "t"
@@ -120,6 +121,22 @@ async def eventually(predicate: Callable[[], bool], timeout_s: float = 10.0) -> 
 def fake_engine(**kwargs: Any) -> FakeAsyncEngine:
     step = kwargs.pop("step_delay_s", 0.002)
     return FakeAsyncEngine(FakeConfig(**kwargs), step_delay_s=step)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real local Redis Cluster (3 masters), shared by the session: started once."""
+    from tests.broker.cluster import LocalCluster
+
+    with LocalCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: LocalCluster) -> str:
+    """The cluster, emptied for this test."""
+    redis_cluster.flush()
+    return redis_cluster.url
 
 
 @pytest.fixture

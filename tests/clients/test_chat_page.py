@@ -152,6 +152,9 @@ def choose(page: Page, models: list[str]) -> None:
 
 
 def ask(page: Page, text: str) -> None:
+    """Sends `text` to every pane once every pane is idle, as a user can (Send is disabled
+    while any pane streams, and Enter does nothing then)."""
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
     box = page.get_by_label("Message to every pane")
     box.fill(text)
     box.press("Enter")

@@ -34,7 +34,7 @@ def test_defaults_match_vllm():
         ("device", "tpu", "cpu"),
         ("block_size", 3, "16"),
         ("gpu_memory_utilization", 1.5, "(0, 1]"),
-        ("tensor_parallel_size", 2, "1"),
+        ("tensor_parallel_size", 0, "from 1 to 64"),
         ("max_model_len", 0, ">= 1"),
         ("max_num_batched_tokens", -1, ">= 1"),
         ("num_gpu_blocks_override", 0, ">= 1"),
