@@ -91,7 +91,7 @@ def demo_model(ns: argparse.Namespace) -> _Model:
     if ns.model == "tiny":
         out = Path(ns.cache_dir).expanduser() / f"tiny-llama-{ns.adapters}"
         if not (out / ".complete").exists():
-            from engine.model.tiny import make_tiny_model
+            from engine.testing.tiny import make_tiny_model
 
             print(f"building the tiny model and {ns.adapters} adapters in {out} (once)", flush=True)
             make_tiny_model(out, num_adapters=ns.adapters)

@@ -71,7 +71,7 @@ def _setup_tiny(p: argparse.ArgumentParser) -> None:
 @command("make-tiny-model", _setup_tiny)
 def _make_tiny(ns: argparse.Namespace) -> int:
     """Write a small random checkpoint, a real tokenizer and N PEFT adapters."""
-    from engine.model.tiny import make_tiny_model
+    from engine.testing.tiny import make_tiny_model
 
     out = make_tiny_model(ns.out, num_adapters=ns.adapters, arch=ns.arch, seed=ns.seed)
     print(out)

@@ -23,20 +23,18 @@ if TYPE_CHECKING:  # torch is imported where a dtype or device is resolved, so t
 
 MIXED_GRAPH_TOKENS = 1024
 """Default ``max_cudagraph_capture_size``. An eager step costs the host about the same
-whatever its size (the kernel launches): on H200 machines with llama-3.1-8b, a 256-token
-step took 11.5-27 ms eagerly without adapters and 19-40 ms with 32 of them, against
-8.5-10 ms as a graph (bench.py's roofline rows, five runs). A step's GPU time grows with its
-tokens and, past about a thousand, covers those launches (an estimate from the matrix
-products' rate)."""
+whatever its size (the kernel launches), and at a few hundred tokens that cost is a
+multiple of the step's GPU time as a graph (docs/benchmark-log.md). A step's GPU time grows
+with its tokens and, past about a thousand, covers those launches (an estimate from the
+matrix products' rate)."""
 
 MIXED_PREFILL_TOKENS = 512
-"""Default ``max_num_mixed_prefill_tokens``. On an H100 with llama-3.1-8b a step of 8,192
-prompt tokens held every running decode for about 250 ms (issue 20), some 30 us a token; 512
-prompt tokens then add about 16 ms to a 256-sequence decode step of about 10 ms (the graph
-step timed in docs/architecture.md), so a step with prompts stays within about 2.5 decode
-steps, inside the issue's inter-token target (p99 at most 4 x p50). 512 tokens with 256
-decodes (768) also fit the default ``max_cudagraph_capture_size`` (1024), so such steps
-replay a graph. An estimate, not a measurement: the GPU benchmark tunes it."""
+"""Default ``max_num_mixed_prefill_tokens``. At llama-3.1-8b's prefill rate
+(docs/benchmark-log.md, issue 20) 512 prompt tokens keep a step with prompts within about
+2.5 decode steps of 256 sequences, inside the inter-token target (p99 at most 4 x p50),
+where a full 8,192-token budget held every running decode for some 25 decode steps. 512
+tokens with 256 decodes (768) also fit the default ``max_cudagraph_capture_size`` (1024),
+so such steps replay a graph. An estimate, not a measurement: the GPU benchmark tunes it."""
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -234,8 +232,8 @@ class EngineArgs:
     lora_stack_a_max_bytes: int = 16 * 2**20
     """...and only in layers whose A of all slots takes at most this many bytes: the stacked
     GEMM reads every slot's A up to max_lora_rank whether or not the step uses it, the shrink
-    kernel only the step's adapters at their ranks (16 MiB: about the fixed cost of a
-    shrink launch at an H200's copy rate). A benchmark setting (EngineArgs only)."""
+    kernel only the step's adapters at their ranks (reading 16 MiB takes about as long as a
+    shrink launch's fixed cost). A benchmark setting (EngineArgs only)."""
     kernel_launch: dict[str, int] | None = None
     """Triton launch settings over the device's table (engine/kernels/configs/<GPU
     name>.json, else LaunchConfig's defaults), by LaunchConfig field name, e.g.

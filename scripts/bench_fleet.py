@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_model(out: Path, num_adapters: int) -> Path:
-    from engine.model.tiny import make_tiny_model
+    from engine.testing.tiny import make_tiny_model
 
     model = out / f"model-{num_adapters}"
     if not (model / "adapters" / f"lora{num_adapters - 1}").exists():

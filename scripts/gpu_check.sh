@@ -14,21 +14,21 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.max.sm,temperature.gpu,power.draw --format=csv | tee "$OUT/gpu.txt"
 
 echo "== GPU tests"
-LORASTREAM_TEST_CUDA=1 timeout 240 python3 -m pytest -q \
+timeout 240 python3 -m pytest -q \
     tests/engine/test_matches_peft.py tests/engine/test_cuda_graphs.py \
     tests/model/test_attention_kernels.py tests/model/test_fused_ops.py \
     2>&1 | tail -3 | tee "$OUT/tests.txt"
 
 echo "== target workload, three timed runs per configuration"
-timeout 240 python3 scripts/bench.py --shape llama-3.1-8b --num-prompts 256 --input-len 128 \
+timeout 240 python3 -m benchmarks.bench --shape llama-3.1-8b --num-prompts 256 --input-len 128 \
     --output-len 128 --num-adapters 32 --rank 16 --max-loras 32 --max-num-seqs 256 \
     --patterns distinct,identical --skip-max-loras-1 --skip-hf --repeats 3 \
     --out "$OUT/bench" 2>&1 | grep -A30 "^| config" | head -30
 
 if [ "${1:-}" != quick ]; then
     echo "== attention launch and layout sweep"
-    timeout 120 python3 scripts/gpu_attention.py --cases 256x192,64x2048 --out "$OUT/attention" \
+    timeout 120 python3 -m benchmarks.kernels.attention --cases 256x192,64x2048 --out "$OUT/attention" \
         2>&1 | grep "^best"
     echo "== gate_up expand + SiLU"
-    OUT="$OUT/fusion" timeout 90 python3 scripts/gpu_lora_kernels.py --fusion-only 2>&1 | tail -2
+    OUT="$OUT/fusion" timeout 90 python3 -m benchmarks.kernels.lora --fusion-only 2>&1 | tail -2
 fi

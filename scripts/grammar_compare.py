@@ -60,7 +60,7 @@ INSTANCES = {
 def tokenizers_under_test(vocab: int) -> dict[str, Any]:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from engine.model.tiny import make_tiny_model
+    from engine.testing.tiny import make_tiny_model
 
     out: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp())

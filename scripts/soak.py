@@ -181,7 +181,7 @@ async def reference(soak: Soak, client: aioredis.Redis) -> dict[tuple[str, str |
 
 
 async def main(ns: argparse.Namespace) -> int:
-    from engine.model.tiny import make_tiny_model
+    from engine.testing.tiny import make_tiny_model
 
     tmp = Path(tempfile.mkdtemp(prefix="lorastream-soak-"))
     model = make_tiny_model(tmp / "model", num_adapters=2, arch="llama", seed=0)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.model.tiny import make_tiny_model  # imports no Triton kernel module
+from engine.testing.tiny import make_tiny_model  # imports no Triton kernel module
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

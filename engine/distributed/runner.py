@@ -184,7 +184,7 @@ class TPModelRunner(ModelRunner):
     ) -> tuple[Callable[[], None], Callable[[], torch.Tensor]]:
         # The other ranks would never replay their part of it: the collectives would hang.
         raise NotImplementedError(
-            "synthetic_decode runs at tensor_parallel_size 1 only; scripts/bench_tp.py "
+            "synthetic_decode runs at tensor_parallel_size 1 only; benchmarks/bench_tp.py "
             "measures tensor-parallel steps through the engine"
         )
 

@@ -1,7 +1,7 @@
 """The collectives one step runs at tensor_parallel_size N, and the bytes each moves.
 
 The model of what ``engine.model.parallel`` and ``engine.lora.sharded`` do, written once:
-``docs/architecture.md``'s table comes from it, ``scripts/bench_tp.py`` times these
+``docs/architecture.md``'s table comes from it, ``benchmarks/bench_tp.py`` times these
 collectives at their sizes, and a test counts the real ones of a forward pass against it.
 
 Per step of ``T`` tokens (``S`` of them sampled), ``L`` layers, hidden size ``D`` in the

@@ -222,7 +222,7 @@ def expand_config(
     else:
         block_n, num_warps = 256, 4
     # B's block is BLOCK_N x BLOCK_R: at most 8K elements, so ranks above 16 take narrower
-    # blocks (their timing on an H200 is still to be measured).
+    # blocks (not tuned yet).
     block_n = min(block_n, 8192 // block_r, max(16, next_pow2(num_cols)))
     return block_n, block_r, num_warps
 

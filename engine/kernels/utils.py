@@ -10,7 +10,7 @@ import torch
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host-side sizes. Not ``triton.cdiv``: that is a JIT function, and a
-    host call of it goes through Triton's dispatch (about 5 us each)."""
+    host call of it goes through Triton's dispatch, which costs microseconds a call."""
     return -(-a // b)
 
 

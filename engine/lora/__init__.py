@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "BLOCK_MS": "engine.lora.metadata",
+    "ColumnParallelLoRALinear": "engine.lora.sharded",
     "LoRALinear": "engine.lora.layers",
     "LoRAMetadata": "engine.lora.metadata",
+    "RowParallelLoRALinear": "engine.lora.sharded",
     "allocate_static_lora_metadata": "engine.lora.metadata",
     "build_lora_metadata": "engine.lora.metadata",
     "tile_capacity": "engine.lora.metadata",
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
         build_lora_metadata,
         tile_capacity,
     )
+    from engine.lora.sharded import ColumnParallelLoRALinear, RowParallelLoRALinear
 
 
 def __getattr__(name: str) -> Any:
@@ -41,8 +44,10 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BLOCK_MS",
+    "ColumnParallelLoRALinear",
     "LoRALinear",
     "LoRAMetadata",
+    "RowParallelLoRALinear",
     "allocate_static_lora_metadata",
     "build_lora_metadata",
     "tile_capacity",

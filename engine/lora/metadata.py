@@ -132,8 +132,8 @@ def build_lora_metadata(
         raise ValueError(f"{num_real} tokens do not fit in {num_tokens}")
 
     # Every token, padding (slot -1) included, stably sorted by slot; the segments of equal
-    # slots are cut into tiles of block_m. In numpy: 0.4 ms for an 8192-token prefill (2.1 ms
-    # with a Python sort), 0.14 ms for a 256-token decode step, on a 2-core CI machine.
+    # slots are cut into tiles of block_m. In numpy: a Python sort took several times as
+    # long on a prefill's tokens (docs/benchmark-log.md).
     slots = np.full(num_tokens, -1, dtype=np.int64)
     slots[:num_real] = token_slots
     order = np.argsort(slots, kind="stable")

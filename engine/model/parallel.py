@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from engine.config import EngineConfig
 from engine.distributed.group import TPGroup
 from engine.kernels.dispatch import Kernels
-from engine.lora.sharded import ColumnParallelLoRALinear, RowParallelLoRALinear
+from engine.lora import ColumnParallelLoRALinear, RowParallelLoRALinear
 from engine.model.attention import PagedAttention
 from engine.model.llama import (
     LlamaAttention,

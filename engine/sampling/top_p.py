@@ -1,8 +1,7 @@
 """Top-k then top-p without sorting the vocabulary.
 
-A full sort of 256 rows of a 128 256-token vocabulary took 2.4 ms of the 4.2 ms that top-p
-sampling cost per step on an H200 (``scripts/gpu_sampler.py``), against 0.13 ms for greedy.
-The sort is not needed: top-p keeps every token at or above the *edge*, the smallest logit
+Sorting every row of a large vocabulary was most of what top-p sampling cost per step
+(``benchmarks/kernels/sampler.py``; docs/benchmark-log.md). The sort is not needed: top-p keeps every token at or above the *edge*, the smallest logit
 whose tokens above it hold less than ``p`` of the mass. So:
 
 1. the ``TOP_P_CANDIDATES`` largest logits of each row (``topk``, already sorted), and the
@@ -24,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 TOP_P_CANDIDATES = 1024
-"""Largest logits per row whose mass decides the edge without the search. ``topk`` of 1024
-over 256 x 128 256 float32 logits took 0.52 ms on an H200; tests set it small so that rows
-need the fallback."""
+"""Largest logits per row whose mass decides the edge without the search: a ``topk`` this
+wide costs a fraction of a full sort, and a trained model's rows put their mass on fewer
+tokens. Tests set it small so that rows need the fallback."""
 
 
 def edge_by_sort(logits: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

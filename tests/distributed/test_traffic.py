@@ -14,7 +14,7 @@ from engine.distributed.testing import run_ranks
 from engine.distributed.traffic import step_collectives
 from engine.lora.sharded import ShardedLoRAManager
 from engine.model.parallel import load_sharded_model
-from engine.model.testing import PagedDriver
+from engine.testing.forward import PagedDriver
 from tests.engine.test_matches_peft import lora_requests
 
 MAX_RANK = 32

@@ -1,4 +1,4 @@
-"""``scripts/bench_serve.py`` runs end to end on the CPU (its dry run): the same requests
+"""``benchmarks/bench_serve.py`` runs end to end on the CPU (its dry run): the same requests
 offline and through a private redis-server and a real ``lorastream serve``, prefix caching on
 and off, every request's every token counted on each side. No timing is checked here; the
 GPU numbers are in BENCHMARKS.md."""
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_serve_dry_run_counts_every_token_offline_and_through_redis(tmp_path: Path) -> None:
     requests, output_len = 12, 4
     cmd = [
-        sys.executable, str(ROOT / "scripts" / "bench_serve.py"),
+        sys.executable, "-m", "benchmarks.bench_serve",
         "--device", "cpu", "--dtype", "float32", "--shape", "tiny",
         "--num-prompts", str(requests), "--output-len", str(output_len),
         "--num-adapters", "2", "--rank", "4", "--max-loras", "2", "--max-num-seqs", "8",
@@ -27,7 +27,7 @@ def test_bench_serve_dry_run_counts_every_token_offline_and_through_redis(tmp_pa
         "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "out" / "bench_serve.json").read_text())["rows"]
     assert [r["config"] for r in rows] == [

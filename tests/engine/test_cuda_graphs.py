@@ -277,7 +277,7 @@ def test_static_lora_metadata_is_rebuilt_only_when_the_slots_change():
     assert not rebuilt([0, 1, 2, -1], statics[4], 4)  # each graph size remembers its own
 
 
-cuda_only = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+cuda_only = pytest.mark.gpu  # CUDA graphs
 
 
 @cuda_only

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from engine import EngineArgs, LLMEngine, LoRARequest, SamplingParams
 from engine.core_messages import CoreStats, EngineCoreOutputs, decode, encode
@@ -247,7 +246,7 @@ def test_a_step_that_fails_to_launch_leaves_no_cached_blocks(tiny_model_dir):
     engine.runner.launch = launch  # type: ignore[method-assign]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.gpu  # CUDA graphs
 def test_cuda_graph_steps_that_start_after_cached_blocks_equal_eager_without_caching(
     tiny_model_dir,
 ):

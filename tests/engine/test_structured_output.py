@@ -379,7 +379,7 @@ def test_constraints_cross_the_process_boundary(tiny_model_dir: Path):
         mp.shutdown()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_on_cuda_graph_steps_with_async_scheduling_equal_eager_steps(tiny_model_dir: Path):
     """On the device: constrained rows beside plain ones and adapters, CUDA graphs and
     async scheduling (deferred sampling), against the same requests run eagerly without

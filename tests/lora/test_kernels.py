@@ -36,12 +36,12 @@ from engine.lora import (
     allocate_static_lora_metadata,
     build_lora_metadata,
 )
-from engine.model.testing import make_lora_metadata
+from engine.testing.forward import make_lora_metadata
 from tests.kernel_calls import counting_kernels
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="cuda: too large for the interpreter")
+needs_cuda = pytest.mark.gpu  # too large for the interpreter
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # Relative error allowed against float64, by the least precise dtype on the path.
 TOL = {F32: 1e-5, F16: 3e-3, BF16: 2e-2}

@@ -400,7 +400,7 @@ def make_adapter_dir(tmp_path: Path) -> Path:
     return tmp_path / "big"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA caching allocator")
+@pytest.mark.gpu  # the CUDA caching allocator
 def test_storing_a_under_w_leaves_no_old_weights_cached() -> None:
     """The manager moves each layer's W into the larger ``[W; A]`` buffer: the old weights
     go back to the driver, so the KV cache (sized from the device's free memory) does not

@@ -24,7 +24,6 @@ from tests.kernel_calls import counting_kernels
 
 from .test_kernels import (
     BF16,
-    CUDA,
     DEVICE,
     F16,
     F32,
@@ -169,7 +168,7 @@ def test_fused_reads_h_per_slot_and_skips_padding(per_slot: bool) -> None:
     check(case, heads, per_slot=per_slot, pad=5)
 
 
-@pytest.mark.skipif(not CUDA, reason="cuda: too large for the interpreter")
+@pytest.mark.gpu  # too large for the interpreter
 @pytest.mark.parametrize(("case", "heads"), GPU_CASES, ids=lambda c: getattr(c, "id", str(c)))
 def test_fused_matches_expand_rope_store_sweep(case: Case, heads: tuple[int, int, int]) -> None:
     check(case, heads, per_slot=True)

@@ -130,7 +130,7 @@ def test_warm_up_skips_layers_without_buffers() -> None:
     assert warmup.warm_up_lora_kernels({"o_proj": bare}, max_num_tokens=64, max_loras=4) == 0
 
 
-@pytest.mark.skipif(not CUDA, reason="compiled kernel variants exist on CUDA only")
+@pytest.mark.gpu  # compiled kernel variants exist on CUDA only
 def test_no_step_compiles_a_kernel_after_the_warm_up() -> None:
     from engine.kernels import lora_expand_triton as expand_mod
     from engine.kernels import lora_shrink_triton as shrink_mod

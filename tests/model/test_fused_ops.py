@@ -31,7 +31,7 @@ from engine.kernels import elementwise
 from engine.kernels.dispatch import Kernels
 from engine.model.llama import LlamaForCausalLM, rope_inv_freq
 from engine.model.loader import load_model
-from engine.model.testing import PagedDriver
+from engine.testing.forward import PagedDriver
 from tests.kernel_calls import counting_kernels
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from engine import EngineArgs
 from engine.model.gguf import gguf_config
 from engine.model.loader import CheckpointError, load_model
-from engine.model.testing import PagedDriver
+from engine.testing.forward import PagedDriver
 
 PROMPT_IDS = [5, 17, 42, 99, 7, 300, 12, 64, 8, 250, 31, 77, 2, 140]
 

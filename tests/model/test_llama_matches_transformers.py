@@ -23,8 +23,8 @@ from engine.model.llama import (
     rope_parameters,
 )
 from engine.model.loader import CheckpointError, load_model, load_model_from_dir
-from engine.model.testing import PagedDriver
-from engine.model.tiny import ModelShape, make_random_model, make_tiny_model
+from engine.testing.forward import PagedDriver
+from engine.testing.tiny import ModelShape, make_random_model, make_tiny_model
 
 PROMPT = "Once upon a time, in a small village by the river, there lived"
 BLOCK_SIZE = 4  # small, so every sequence spans several blocks

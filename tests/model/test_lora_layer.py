@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine.lora.layers import LoRALinear
-from engine.model.testing import make_lora_metadata
-from engine.model.tiny import AdapterSpec
+from engine.testing.forward import make_lora_metadata
+from engine.testing.tiny import AdapterSpec
 
 IN = 24
 SLICES = [16, 8, 8]  # like a GQA qkv_proj

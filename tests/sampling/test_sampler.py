@@ -332,7 +332,7 @@ def test_build_rejects_an_empty_batch() -> None:
         SamplingMetadata.build([], V, "cpu")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on CUDA")
+@pytest.mark.gpu  # host syncs exist only on CUDA
 def test_sampling_launches_without_waiting_for_the_device() -> None:
     """With async scheduling the previous step still runs when the next one samples: building
     the metadata and launching the sampler must queue behind it, never wait for it (a copy
@@ -459,7 +459,7 @@ def test_grammar_bitmask_masks_only_the_constrained_rows() -> None:
     assert torch.isfinite(a).sum() == 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only on CUDA")
+@pytest.mark.gpu  # host syncs exist only on CUDA
 def test_vllm_restrictions_and_the_grammar_launch_without_waiting_for_the_device() -> None:
     """logit_bias, allowed_token_ids, bad words (one waiting on a pending token) and a
     grammar bitmask (pinned, xgrammar's kernel) queue behind the step in flight; the greedy

@@ -3,7 +3,7 @@
 float32 logits, for each kind of request, and the pieces of the top-p path. CUDA events
 around 20 launches after warm-up; the median. Run on the device machine::
 
-    python3 scripts/gpu_sampler.py --out $OUT/sampler
+    python3 -m benchmarks.kernels.sampler --out $OUT/sampler
 
 Writes ``sampler.json`` and prints one line per case.
 """
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench import time_cuda  # scripts/ is on the path when this runs
 
+from benchmarks.utils import time_cuda
 from engine.sampling.sampler import Sampler, SamplingMetadata, SamplingRow, apply_top_k_top_p_sorted
 from engine.sampling.top_p import apply_top_k_top_p
 from engine.sampling_params import SamplingParams

@@ -2,14 +2,14 @@
 """The service against the engine: the same requests offline and through Redis, one run.
 
 One command starts everything in one process tree: the random checkpoint and adapters
-(scripts/bench.py's), the offline run (``LLM`` in this process: the engine's own
+(benchmarks/bench.py's), the offline run (``LLM`` in this process: the engine's own
 throughput), then a private redis-server, a ``lorastream serve`` worker with the same engine
 settings, and a load generator that submits every request at once (``XADD``) and follows
 every reply (one SUBSCRIBE per generator process: its requests' ``reply_to``). It prints
 both runs with their ratio, time to first token and inter-token latency percentiles, and
 writes ``bench_serve.json`` / ``bench_serve.md`` under ``--out``.
 
-    python scripts/bench_serve.py --shape llama-3.1-8b --num-prompts 1024 --input-len 100 \\
+    python -m benchmarks.bench_serve --shape llama-3.1-8b --num-prompts 1024 --input-len 100 \\
         --output-len 128 --num-adapters 32 --rank 16 --max-loras 32 --max-num-seqs 256
 
 ``--device cpu --shape tiny`` is a dry run (tests/docs/test_bench_serve.py).
@@ -32,10 +32,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import bench  # scripts/bench.py: the checkpoints, prompts and adapter patterns
+from benchmarks import utils  # the checkpoints, prompts and adapter patterns
 
 log = logging.getLogger("bench_serve")
 PREFIX = "bench"
+ROOT = Path(__file__).resolve().parents[1]  # the repository: its packages import from here
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--shape", default="llama-3.2-1b", help="checkpoint shape (engine.model.tiny.SHAPES)"
+        "--shape", default="llama-3.2-1b", help="checkpoint shape (engine.testing.tiny.SHAPES)"
     )
     p.add_argument("--device", default="cuda", help="cpu: a dry run (with --shape tiny)")
     p.add_argument("--dtype", default="bfloat16", help="model dtype (float32 for CPU profiles)")
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences per step")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step")
     p.add_argument(
-        "--pattern", default="distinct", choices=bench.PATTERNS, help="Punica's adapter pattern"
+        "--pattern", default="distinct", choices=utils.PATTERNS, help="Punica's adapter pattern"
     )
     p.add_argument("--engine-arg", action="append", default=[], metavar="FLAG[=VALUE]",
                    help="an extra engine flag for both runs, e.g. --engine-arg=--max-num-mixed-prefill-tokens=512")  # fmt: skip
@@ -112,11 +113,11 @@ def adapter_names(args: argparse.Namespace) -> list[str]:
 def workload(args: argparse.Namespace) -> list[tuple[list[int], str | None]]:
     if args.workload == "chat":
         return chat_workload(args)
-    prompts = bench.make_prompts(args.num_prompts, args.input_len, args.seed)
+    prompts = utils.make_prompts(args.num_prompts, args.input_len, args.seed)
     if not args.num_adapters:
         return [(p, None) for p in prompts]
     names = adapter_names(args)
-    which = bench.assign_adapters(args.pattern, len(prompts), args.num_adapters, args.seed)
+    which = utils.assign_adapters(args.pattern, len(prompts), args.num_adapters, args.seed)
     return [(p, names[a]) for p, a in zip(prompts, which, strict=True)]
 
 
@@ -130,7 +131,7 @@ def chat_workload(args: argparse.Namespace) -> list[tuple[list[int], str | None]
     rng = random.Random(args.seed)
     names: list[str | None] = list(adapter_names(args)[: args.chat_adapters]) or [None]
     system = {
-        n: bench.make_prompts(1, args.chat_system_len, args.seed + i)[0]
+        n: utils.make_prompts(1, args.chat_system_len, args.seed + i)[0]
         for i, n in enumerate(names)
     }
     out: list[tuple[list[int], str | None]] = []
@@ -139,9 +140,9 @@ def chat_workload(args: argparse.Namespace) -> list[tuple[list[int], str | None]
         adapter = names[conversation % len(names)]
         history = list(system[adapter])
         for _ in range(args.chat_turns):
-            history += [rng.randrange(*bench.PROMPT_VOCAB) for _ in range(rng.randint(50, 200))]
+            history += [rng.randrange(*utils.PROMPT_VOCAB) for _ in range(rng.randint(50, 200))]
             out.append((list(history), adapter))
-            history += [rng.randrange(*bench.PROMPT_VOCAB) for _ in range(args.output_len)]
+            history += [rng.randrange(*utils.PROMPT_VOCAB) for _ in range(args.output_len)]
             if len(out) == args.num_prompts:
                 break
         conversation += 1
@@ -172,7 +173,7 @@ def summarize(
 def run_offline(
     args: argparse.Namespace, model: Path, work: list[tuple[list[int], str | None]]
 ) -> dict[str, Any]:
-    """The engine alone, as scripts/bench.py runs it: ``LLM.generate`` in this process, every
+    """The engine alone, as benchmarks/bench.py runs it: ``LLM.generate`` in this process, every
     request at once, outputs only at the end. Time to first token from each request's
     metrics; inter-token latency as each request's mean (no per-token outputs here)."""
     from engine.config import EngineArgs
@@ -186,7 +187,7 @@ def run_offline(
     fields = dataclasses.asdict(engine_args)
     llm = LLM(fields.pop("model"), **fields)
     try:
-        paths = bench.adapter_paths(model, args.rank, args.num_adapters)
+        paths = utils.adapter_paths(model, args.rank, args.num_adapters)
         loras = {
             n: LoRARequest(n, i + 1, str(p))
             for i, (n, p) in enumerate(zip(adapter_names(args), paths, strict=True))
@@ -228,16 +229,14 @@ def start_worker(
     if args.serve_mp:
         cmd.append("--enable-multiprocessing")
     if args.num_adapters:
-        paths = bench.adapter_paths(model, args.rank, args.num_adapters)
+        paths = utils.adapter_paths(model, args.rank, args.num_adapters)
         cmd += [
             "--lora-modules",
             *(f"{n}={p}" for n, p in zip(adapter_names(args), paths, strict=True)),
         ]
     log.info("worker: %s", " ".join(cmd))
     log_file = (out / "worker.log").open("wb")
-    return subprocess.Popen(
-        cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]
-    )
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
 def client_main() -> None:
@@ -339,8 +338,10 @@ def run_service(
                         continue
                     job = {"url": server.url, "items": shard, "output_len": args.output_len,
                            "tag": f"{tag}{c}", "keep_tokens": args.compare_prefix_caching}  # fmt: skip
-                    client = subprocess.Popen([sys.executable, __file__, "--as-client"], text=True,
-                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+                    client = subprocess.Popen(
+                        [sys.executable, "-m", "benchmarks.bench_serve", "--as-client"],
+                        text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+                    )  # fmt: skip
                     assert client.stdin is not None
                     client.stdin.write(json.dumps(job) + "\n")
                     client.stdin.flush()
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = bench.make_checkpoint(Path(args.workdir), args.shape, args.num_adapters, args.rank)
+    model = utils.make_checkpoint(Path(args.workdir), args.shape, args.num_adapters, args.rank)
     work = workload(args)
     warm = workload(argparse.Namespace(**{**vars(args), "seed": args.seed + 1000}))
     warm = warm[: min(len(warm), args.max_num_seqs)]
@@ -480,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
             status = 1
     else:
         rows.append(run_service(args, model, work, warm, out)[0])
-    result = {"args": vars(args), "versions": bench.versions(), "rows": rows}
+    result = {"args": vars(args), "versions": utils.versions(), "rows": rows}
     (out / "bench_serve.json").write_text(json.dumps(result, indent=2))
     text = table(rows)
     (out / "bench_serve.md").write_text(text + "\n")

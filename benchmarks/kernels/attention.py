@@ -8,7 +8,7 @@ is 4 KB in a row) and each (BLOCK_N, num_warps, num_stages) the kernel is checke
 the float32 torch reference once and timed with CUDA events (median of 50 launches); the
 K/V bytes it must read give the achieved bandwidth. Run on the device machine::
 
-    PYTHONUNBUFFERED=1 python3 scripts/gpu_attention.py --out $OUT/attention
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.kernels.attention --out $OUT/attention
 
 Writes ``attention.json`` and prints one line per configuration, the best per case last.
 """
@@ -19,20 +19,14 @@ import argparse
 import functools
 import itertools
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine.model.attention import (
-    attention_blocks,
-    launch_config,
-    paged_attention_reference,
-    paged_attention_triton,
-)
+from engine.config import LaunchConfig
+from engine.kernels.attention import attention_blocks, paged_attention_reference
+from engine.kernels.attention_triton import launch_config, paged_attention_triton
 from engine.model.metadata import AttentionMetadata
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -98,7 +92,9 @@ def main() -> None:
         q, cache_nhd, attn = decode_case(num_seqs, context, gen)
         ref = paged_attention_reference(q.float(), cache_nhd.float(), attn, scale)
         nbytes = 2 * num_seqs * context * KV_HEADS * HEAD_DIM * 2
-        default = ("nhd", attention_blocks(HEADS // KV_HEADS, 1)[2], *launch_config(1))
+        launch = LaunchConfig()  # the engine's defaults (a device's table may differ)
+        block_n = attention_blocks(HEADS // KV_HEADS, 1, launch.attention_decode_block_n)[2]
+        default = ("nhd", block_n, *launch_config(1, launch))
         caches = {
             "nhd": cache_nhd,
             # Same values stored heads-first (each page of one head is 4 KB in a row), seen

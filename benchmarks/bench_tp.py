@@ -21,10 +21,10 @@ For each N > 1, ``collectives`` runs in N processes of its own (NCCL on CUDA, gl
 
 Rows land in ``bench_tp.json`` and ``bench_tp.md`` under ``--out``; the all-reduce time of a
 step is set beside that configuration's measured step time. Checkpoints and adapters are
-random weights at real shapes (``scripts/bench.py``'s ``make_checkpoint``).
+random weights at real shapes (``benchmarks.utils.make_checkpoint``).
 
 Example (the issue's runs, on an 8-GPU host; N=4 where lent):
-    python scripts/bench_tp.py --shape llama-3.1-8b --tp 1,2,4 --num-seqs 32,256 \\
+    python -m benchmarks.bench_tp --shape llama-3.1-8b --tp 1,2,4 --num-seqs 32,256 \\
         --ranks 16,64 --fully-sharded off,on --num-adapters 32
 """
 
@@ -47,9 +47,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+from benchmarks import utils
 from engine import EngineArgs, LLMEngine, LoRARequest, SamplingParams
 
 log = logging.getLogger("bench_tp")
@@ -58,7 +56,7 @@ PROMPT_VOCAB = (10, 900)  # ids the tiny tokenizer knows, clear of its special t
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--shape", default="llama-3.1-8b", help="engine.model.tiny.SHAPES key")
+    p.add_argument("--shape", default="llama-3.1-8b", help="engine.testing.tiny.SHAPES key")
     p.add_argument("--device", default="cuda", help="cpu: a dry run (gloo, tiny shape)")
     p.add_argument("--tp", default="1,2", help="tensor_parallel_size values, comma-separated")
     p.add_argument("--num-seqs", default="32,256", help="sequences per run (= max_num_seqs)")
@@ -91,11 +89,10 @@ def dtype_name(args: argparse.Namespace) -> str:
 def run_engine(
     model_dir: Path, args: argparse.Namespace, tp: int, seqs: int, rank: int, sharded: bool
 ) -> dict[str, Any]:
-    import bench
 
     loras = [
         LoRARequest(p.name, i + 1, str(p))
-        for i, p in enumerate(bench.adapter_paths(model_dir, rank, args.num_adapters))
+        for i, p in enumerate(utils.adapter_paths(model_dir, rank, args.num_adapters))
     ]
     engine = LLMEngine.from_engine_args(
         EngineArgs(
@@ -198,7 +195,14 @@ def run_collectives(
                 }
             )
         )
-        argv = [sys.executable, __file__, *sys.argv[1:], "--collectives-job", str(job)]
+        argv = [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_tp",
+            *sys.argv[1:],
+            "--collectives-job",
+            str(job),
+        ]
         procs = [subprocess.Popen([*argv, "--collectives-rank", str(r)]) for r in range(tp)]
         codes = [p.wait() for p in procs]
         if any(codes):
@@ -286,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.collectives_job is not None:
         collectives_worker(args)
         return 0
-    import bench
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     collectives: dict[int, dict[str, Any]] = {}
     model_dirs = {
-        r: bench.make_checkpoint(Path(args.workdir), args.shape, args.num_adapters, r)
+        r: utils.make_checkpoint(Path(args.workdir), args.shape, args.num_adapters, r)
         for r in ints(args.ranks)
     }
     for tp in ints(args.tp):

@@ -14,7 +14,7 @@ the fusion switches, the stacking limits, ``kernel_launch.NAME`` for one launch 
 each variant runs the loaded model under its ``KernelConfig`` (``ModelRunner.use_kernel_config``),
 for example:
 
-    python3 scripts/gpu_decode_step.py --shape llama-3.1-8b \\
+    python3 -m benchmarks.kernels.decode_step --shape llama-3.1-8b \\
         --switch kernel_launch.attention_decode_num_warps=2,4 --out $OUT/step
 
 Writes ``decode_step.json`` and prints a table.
@@ -27,21 +27,18 @@ import itertools
 import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench  # the sibling script: checkpoints, engines, timing; puts the repo on sys.path
+from benchmarks import utils  # checkpoints, engines, timing
 
 
 def time_synced(fn: Any, iters: int) -> float:
     """Median host seconds from launching ``fn`` to the GPU finishing it, one at a time: what
-    an engine step that waits for its tokens sees (``bench.time_cuda`` queues the replays
+    an engine step that waits for its tokens sees (``utils.time_cuda`` queues the replays
     back to back, so it hides the launches)."""
     for _ in range(3):
         fn()
@@ -69,7 +66,7 @@ def profile_replays(replay: Any, path: Path, n: int = 5) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--shape", default="llama-3.1-8b", choices=list(bench.tiny.SHAPES))
+    p.add_argument("--shape", default="llama-3.1-8b", choices=list(utils.tiny.SHAPES))
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--context", type=int, default=192)
     p.add_argument("--adapters", type=int, default=32, help="slots in use; 0: none")
@@ -90,12 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    switches = [bench.parse_override(s) for s in args.switch]
+    switches = [utils.parse_override(s) for s in args.switch]
     num_adapters = max(args.adapters, 1)
-    model_dir = bench.make_checkpoint(Path(args.workdir), args.shape, num_adapters, args.rank)
+    model_dir = utils.make_checkpoint(Path(args.workdir), args.shape, num_adapters, args.rank)
     loras = [
-        bench.LoRARequest(path.name, i + 1, str(path))
-        for i, path in enumerate(bench.adapter_paths(model_dir, args.rank, num_adapters))
+        utils.LoRARequest(path.name, i + 1, str(path))
+        for i, path in enumerate(utils.adapter_paths(model_dir, args.rank, num_adapters))
     ]
     engine_args = argparse.Namespace(
         device="cuda",
@@ -109,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         num_adapters=num_adapters,
     )
     if args.adapters:
-        llm = bench.make_llm(model_dir, engine_args, num_adapters)
-        bench.warm_up(llm, loras, engine_args, max(num_adapters, 8))  # fills the slots
+        llm = utils.make_llm(model_dir, engine_args, num_adapters)
+        utils.warm_up(llm, loras, engine_args, max(num_adapters, 8))  # fills the slots
     else:  # the base model, LoRA off
-        llm = bench.make_llm(model_dir, engine_args, None)
-        bench.warm_up(llm, [], engine_args, 8)
+        llm = utils.make_llm(model_dir, engine_args, None)
+        utils.warm_up(llm, [], engine_args, 8)
     runner = llm.llm_engine.runner
     slots = [i % args.adapters for i in range(args.batch)] if args.adapters else None
 
@@ -125,10 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for round_ in range(args.rounds):
         for i, v in enumerate(variants):
-            overrides = bench.engine_overrides(dict(zip(names, v, strict=True)))
-            runner.use_kernel_config(bench.EngineArgs(model="_", **overrides).kernel_config())
+            overrides = utils.engine_overrides(dict(zip(names, v, strict=True)))
+            runner.use_kernel_config(utils.EngineArgs(model="_", **overrides).kernel_config())
             replay, _eager = runner.synthetic_decode(args.batch, args.context, slots)
-            times[v].append(1e3 * bench.time_cuda(replay, iters=args.iters))
+            times[v].append(1e3 * utils.time_cuda(replay, iters=args.iters))
             synced[v].append(1e3 * time_synced(replay, iters=args.iters))
             if args.profile and round_ == 0:
                 profile_replays(replay, out / f"kernels_variant{i}.txt")
@@ -149,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     result = {
         "args": vars(args),
-        "versions": bench.versions(),
+        "versions": utils.versions(),
         "rows": rows,
     }
     (out / "decode_step.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -166,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
             f"| {rounds} | {r['ratio_to_first']:.3f} | {r['synced_step_ms_median']:.3f} "
             f"| {rounds_synced} |"
         )
-    bench.close_llm(llm)
+    utils.close_llm(llm)
 
 
 if __name__ == "__main__":

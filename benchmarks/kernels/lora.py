@@ -3,7 +3,7 @@
 
 One command for the device machine (everything writes under ``$OUT``)::
 
-    PYTHONUNBUFFERED=1 python3 scripts/gpu_lora_kernels.py
+    PYTHONUNBUFFERED=1 python3 -m benchmarks.kernels.lora
 
 1. ``pytest tests/lora/test_kernels.py`` on CUDA (``pytest.log``);
 2. for the llama-3.1-8b layers (hidden 4096, q 4096, k/v 1024, intermediate 14336), bf16,
@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # llama-3.1-8b: (in_features, output slices) of each LoRA-capable projection.
 LAYERS: dict[str, tuple[int, list[int]]] = {
@@ -90,7 +88,7 @@ def bench(fn: Callable[[], object]) -> float:
 
 
 def make_layer(in_f: int, slices: list[int], ranks: list[int], max_rank: int) -> Any:
-    from engine.lora.layers import LoRALinear
+    from engine.lora import LoRALinear
 
     layer = LoRALinear(
         in_f, slices, [f"s{i}" for i in range(len(slices))], dtype=torch.bfloat16, device=DEVICE
@@ -149,7 +147,7 @@ class Case:
         rng: random.Random,
         block_m: int | None = None,
     ) -> Case:
-        from engine.lora.layers import allocate_static_lora_metadata, build_lora_metadata
+        from engine.lora import allocate_static_lora_metadata, build_lora_metadata
 
         in_f, slices = LAYERS[lname]
         layer = make_layer(in_f, slices, ranks, max_rank)
@@ -175,14 +173,14 @@ class Case:
         )
 
     def shrink(self, **kw: Any) -> torch.Tensor:
-        from engine.lora.kernels.shrink import lora_shrink
+        from engine.kernels.lora_shrink_triton import lora_shrink
 
         return lora_shrink(
             self.x, self.layer.lora_a_stacked, self.layer.lora_ranks, self.meta, **kw
         )
 
     def expand(self, h: torch.Tensor, **kw: Any) -> None:
-        from engine.lora.kernels.expand import lora_expand
+        from engine.kernels.lora_expand_triton import lora_expand
 
         lay = self.layer
         lora_expand(
@@ -197,12 +195,12 @@ class Case:
         )
 
     def add_lora(self) -> None:
-        from engine.lora.kernels import add_lora
+        from engine.kernels.dispatch import Kernels
 
-        add_lora(self.y, self.x, *self.bufs(), self.meta)
+        Kernels().triton.add_lora(self.y, self.x, *self.bufs(), self.meta)
 
     def reference(self) -> None:
-        from engine.lora.kernels import add_lora_reference
+        from engine.kernels.lora import add_lora_reference
 
         lay = self.layer
         add_lora_reference(self.y, self.x, lay.lora_a, lay.lora_b, lay.out_slices, self.meta)
@@ -361,8 +359,8 @@ def run_sweep(out: Path, results: dict[str, Any], shrink: bool = True) -> None:
 def run_fusion(out: Path, results: dict[str, Any]) -> None:
     """gate_up's activation: the plain SiLU kernel (the base model's cost), the expand then
     SiLU, and the fused expand + SiLU at a few launch settings, side by side."""
-    from engine.lora.kernels.expand import lora_expand_silu_and_mul
-    from engine.model.fused_kernels import silu_and_mul_triton
+    from engine.kernels.elementwise_triton import silu_and_mul_triton
+    from engine.kernels.lora_expand_triton import lora_expand_silu_and_mul
 
     rng = random.Random(3)
     rows: list[dict[str, Any]] = []
@@ -408,8 +406,8 @@ def run_ncu_targets() -> None:
     profiler: ``ncu -k regex:lora|silu ... gpu_lora_kernels.py --ncu-targets``. Decode on
     the graph's static metadata, prefill on 4096 tokens in 32 segments; for gate_up's
     prefill also the fused expand + SiLU and the SiLU alone."""
-    from engine.lora.kernels.expand import lora_expand_silu_and_mul
-    from engine.model.fused_kernels import silu_and_mul_triton
+    from engine.kernels.elementwise_triton import silu_and_mul_triton
+    from engine.kernels.lora_expand_triton import lora_expand_silu_and_mul
 
     rng = random.Random(4)
     for scen, lname in itertools.product(("decode", "prefill"), LAYERS):
@@ -428,7 +426,7 @@ def run_ncu_targets() -> None:
 def host_costs(results: dict[str, Any], profile_host: bool = False) -> None:
     """Host microseconds per build_lora_metadata and per launch (no sync); with
     ``profile_host``, a cProfile table of 200 eager forwards of a LoRA layer."""
-    from engine.lora.layers import build_lora_metadata
+    from engine.lora import build_lora_metadata
 
     costs: dict[str, float] = {}
     for scen in ("decode", "prefill"):

@@ -1,0 +1,1 @@
+"""Benchmarks of single kernels and of the decode step under kernel settings."""
