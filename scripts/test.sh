@@ -12,4 +12,7 @@ fi
 ruff check .
 ruff format --check . || { echo "run: ruff format ." >&2; exit 1; }
 mypy
-python -m pytest -q "$@"
+# Three test processes on two cores: many tests wait on worker processes and Redis, so a
+# third keeps the cores busy. Whole files stay together (their fixtures start workers once),
+# and each process computes on one thread.
+OMP_NUM_THREADS=1 python -m pytest -q -n 3 --dist loadfile "$@"
