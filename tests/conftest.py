@@ -20,7 +20,10 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """``@pytest.mark.gpu`` tests are skipped without a CUDA device."""
+    """``@pytest.mark.slow`` tests run first, so that in a parallel run (scripts/test.sh) the
+    longest files start early and the test processes finish together; ``@pytest.mark.gpu``
+    tests are skipped without a CUDA device."""
+    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: files stay in order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="gpu: needs a CUDA device")

@@ -39,6 +39,7 @@ def test_bench_dry_run_gives_a_row_per_configuration_and_mode(tmp_path):
     assert "| lorastream distinct async |" in (tmp_path / "out" / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_dry_run_with_steady_arrivals(tmp_path):
     """``--output-len-range`` with more prompts than ``--max-num-seqs``: requests end at
     different steps and waiting ones join running decodes; the bench asserts that each made

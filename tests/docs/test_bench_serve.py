@@ -11,9 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_bench_serve_dry_run_counts_every_token_offline_and_through_redis(tmp_path: Path) -> None:
     requests, output_len = 12, 4
     cmd = [

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_bench_tp_dry_run_gives_a_row_per_configuration(tmp_path):
     cmd = [
         sys.executable,

@@ -9,9 +9,12 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import pytest
+
 from broker.demo import DEMO_ADAPTERS
 
 
+@pytest.mark.slow
 def test_demo_prints_clean_text_and_each_adapter_answers_differently():
     # The model is fetched into $LORASTREAM_CACHE on first use (once per machine).
     proc = subprocess.run(

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,6 +61,7 @@ def _section(text: str, heading: str) -> str:
     return text[start : end if end != -1 else len(text)]
 
 
+@pytest.mark.slow
 def test_readme_zero_to_fleet_runs_as_written(tmp_path):
     """The README's path from the demo to a fleet, command for command: a worker on the demo
     model and adapters, one request, status, the gateway with the official openai client,

@@ -68,6 +68,7 @@ class Reference:
         return torch.stack(tokens, dim=1).tolist()
 
 
+@pytest.mark.slow
 def test_greedy_tokens_match_transformers_gguf_with_and_without_adapters(gguf_path, adapters):
     args = EngineArgs(
         model=str(gguf_path),
