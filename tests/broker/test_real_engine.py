@@ -23,11 +23,12 @@ PARAMS = {"max_tokens": 10, "temperature": 0.0, "ignore_eos": True}
 
 
 @pytest.fixture
-async def real_engine(tiny_model_dir: Path) -> AsyncIterator[Any]:
+async def real_engine(tiny_model_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
     from engine.async_engine import AsyncLLMEngine
     from engine.config import EngineArgs
 
     args = EngineArgs(
+        tensor_parallel_size=getattr(request, "param", 1),
         model=str(tiny_model_dir),
         device="cpu",
         enable_lora=True,
@@ -75,6 +76,9 @@ async def reference(
     return list(last.outputs[0].token_ids), last.outputs[0].text
 
 
+# A worker over two tensor-parallel ranks (gloo here) serves the same way: tests/distributed
+# shows its tokens equal one rank's and transformers + PEFT's.
+@pytest.mark.parametrize("real_engine", [1, 2], ids=["tp1", "tp2"], indirect=True)
 async def test_several_adapters_stream_at_once_through_redis(
     redis_server: RedisServer, client: aioredis.Redis, real_engine: Any, tiny_model_dir: Path
 ) -> None:
