@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))  # the tests' generator; this script is run from a
 
 from broker.embedded import RedisServer  # noqa: E402
 from broker.protocol import decode_event  # noqa: E402
+from broker.routing import Layout, Shard  # noqa: E402
 from tests.broker.hostile import Entry, Tracker, good_request, hostile_entries  # noqa: E402
 
 PREFIX = "soak"
@@ -74,46 +75,57 @@ class Soak:
     tracker: Tracker = field(default_factory=lambda: Tracker(PREFIX))
     goods: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     """Entry id -> (prompt, adapter) of the good requests."""
+    layout: Layout = field(default_factory=lambda: Layout(PREFIX))
+    """Where producers send: the one stream, or the shard streams of ``--routing affine``."""
     rejected_xadds: int = 0
     redis_restarts: int = 0
 
 
-def worker_cmd(model: Path, url: str, name: str, claim_idle_ms: int) -> list[str]:
+def worker_cmd(model: Path, url: str, name: str, ns: argparse.Namespace) -> list[str]:
     adapters = model / "adapters"
+    routing = []
+    if ns.routing == "affine":
+        # A dead worker's record must expire (3 intervals) before its entries go idle.
+        interval = min(2.0, ns.claim_idle_ms / 1000 / 4)
+        routing = ["--routing", "affine", "--num-shards", str(ns.num_shards),
+                   "--heartbeat-interval", str(interval)]  # fmt: skip
     return [
         sys.executable, "-m", "engine.cli", "serve",
         "--model", str(model), "--device", "cpu", "--enable-lora", "--max-lora-rank", "32",
         "--max-loras", "2", "--max-num-seqs", "32", "--disable-log-stats",
         "--lora-modules", f"lora0={adapters / 'lora0'}", f"lora1={adapters / 'lora1'}",
         "--redis-url", url, "--prefix", PREFIX, "--consumer-name", name,
-        "--claim-idle-ms", str(claim_idle_ms), "--block-ms", "200",
+        "--claim-idle-ms", str(ns.claim_idle_ms), "--block-ms", "200", *routing,
     ]  # fmt: skip
 
 
 async def produce(soak: Soak, client: aioredis.Redis, until: float, hostile_share: float) -> None:
     rng = random.Random(0)
     while time.monotonic() < until:
-        batch: list[tuple[Entry, tuple[str, str | None] | None]] = []
+        batch: list[tuple[Entry, tuple[str, str | None] | None, Shard]] = []
         for _ in range(20):
             if rng.random() < hostile_share:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    batch.append((hostile_entries(f"bad-{uuid.uuid4().hex}").example(), None))
+                    entry = hostile_entries(f"bad-{uuid.uuid4().hex}").example()
+                # Hostile producers pick any stream; affine workers serve the single one too.
+                batch.append((entry, None, rng.choice(soak.layout.shards)))
             else:
                 prompt, adapter = rng.choice(GOOD)
                 wire = good_request(f"good-{uuid.uuid4().hex}", prompt, adapter)
                 entry = Entry({b"data": msgpack.packb(wire, use_bin_type=True)}, wire["id"])
-                batch.append((entry, (prompt, adapter)))
-        for entry, good in batch:
+                shard = soak.layout.shard_for(adapter, wire["id"])
+                batch.append((entry, (prompt, adapter), shard))
+        for entry, good, shard in batch:
             try:
-                eid = (await client.xadd(f"{PREFIX}:requests", entry.fields)).decode()
+                eid = (await client.xadd(shard.stream, entry.fields)).decode()
             except Exception:
                 soak.rejected_xadds += 1  # Redis restarting: not accepted, not counted
                 await anyio.sleep(0.05)
                 continue
-            soak.tracker.sent(eid, entry)
+            key = soak.tracker.sent(eid, entry, shard.prefix)
             if good is not None:
-                soak.goods[eid] = good
+                soak.goods[key] = good
         await anyio.sleep(0.05)
 
 
@@ -149,19 +161,24 @@ async def watch_rss(soak: Soak, until: float) -> None:
         await anyio.sleep(0.5)
 
 
-async def drained(client: aioredis.Redis) -> bool:
-    """Every entry delivered and acked. (Not the group's ``lag``: Redis cannot always
-    compute it after a restart from the AOF, and then reports a stale count.)"""
-    try:
-        groups = await client.xinfo_groups(f"{PREFIX}:requests")
-        stream = await client.xinfo_stream(f"{PREFIX}:requests")
-    except Exception:
-        return False
-    return (
-        bool(groups)
-        and groups[0]["last-delivered-id"] == stream["last-generated-id"]
-        and groups[0]["pending"] == 0
-    )
+async def drained(client: aioredis.Redis, layout: Layout) -> bool:
+    """Every entry of every stream delivered and acked. (Not the group's ``lag``: Redis
+    cannot always compute it after a restart from the AOF, and then reports a stale count.)"""
+    for shard in layout.shards:
+        try:
+            if not await client.exists(shard.stream):
+                continue  # nothing was ever sent there
+            groups = await client.xinfo_groups(shard.stream)
+            stream = await client.xinfo_stream(shard.stream)
+        except Exception:
+            return False
+        if not (
+            groups
+            and groups[0]["last-delivered-id"] == stream["last-generated-id"]
+            and groups[0]["pending"] == 0
+        ):
+            return False
+    return True
 
 
 async def reference(soak: Soak, client: aioredis.Redis) -> dict[tuple[str, str | None], list[int]]:
@@ -171,7 +188,7 @@ async def reference(soak: Soak, client: aioredis.Redis) -> dict[tuple[str, str |
         wire = good_request(f"ref-{uuid.uuid4().hex}", prompt, adapter)
         await client.xadd(f"{PREFIX}:requests", {"data": msgpack.packb(wire, use_bin_type=True)})
         with anyio.fail_after(300):
-            while not await drained(client):
+            while not await drained(client, soak.layout):
                 await anyio.sleep(0.1)
         events = [
             decode_event(f[b"data"]) for _, f in await client.xrange(f"{PREFIX}:out:{wire['id']}")
@@ -188,12 +205,11 @@ async def main(ns: argparse.Namespace) -> int:
     (tmp / "redis").mkdir()
     with RedisServer(data_dir=tmp / "redis", appendonly=True) as server:
         workers = [
-            Worker(
-                f"w{i}", worker_cmd(model, server.url, f"w{i}", ns.claim_idle_ms), tmp / f"w{i}.log"
-            )
+            Worker(f"w{i}", worker_cmd(model, server.url, f"w{i}", ns), tmp / f"w{i}.log")
             for i in range(ns.workers)
         ]
-        soak = Soak(server, workers)
+        layout = Layout(PREFIX, ns.num_shards, shared=True) if ns.routing == "affine" else None
+        soak = Soak(server, workers, layout=layout or Layout(PREFIX))
         for w in workers:
             w.start()
         client = aioredis.Redis.from_url(server.url, socket_timeout=10)
@@ -208,17 +224,16 @@ async def main(ns: argparse.Namespace) -> int:
                 tg.start_soon(watch_rss, soak, until + 600)
                 await anyio.sleep(ns.minutes * 60)
                 with anyio.fail_after(600):
-                    while not await drained(client):
+                    while not await drained(client, soak.layout):
                         await anyio.sleep(0.5)
                 tg.cancel_scope.cancel()
             elapsed = time.monotonic() - start
             counts = await soak.tracker.check(client)
             changed = 0
-            for eid, key in soak.goods.items():
-                rid = soak.tracker.entries[eid].request_id
-                events = [
-                    decode_event(f[b"data"]) for _, f in await client.xrange(f"{PREFIX}:out:{rid}")
-                ]
+            for entry_key, key in soak.goods.items():
+                out = soak.tracker.out_key(entry_key)
+                assert out is not None
+                events = [decode_event(f[b"data"]) for _, f in await client.xrange(out)]
                 tokens: list[int] = []
                 for e in events:
                     if getattr(e, "restart", False):
@@ -234,6 +249,7 @@ async def main(ns: argparse.Namespace) -> int:
                     w.proc.kill()
                     w.proc.wait()
     summary: dict[str, Any] = {
+        "routing": ns.routing if ns.routing == "single" else f"affine, {ns.num_shards} shards",
         "minutes": round(elapsed / 60, 2),
         "accepted": counts["entries"],
         "good": len(soak.goods),
@@ -268,5 +284,15 @@ if __name__ == "__main__":
     )
     p.add_argument(
         "--chaos-every", type=float, default=8.0, help="seconds between faults (default 8)"
+    )
+    p.add_argument(
+        "--routing",
+        choices=["single", "affine"],
+        default="single",
+        help="workers' --routing; affine: producers send each request to its adapter's shard "
+        "stream, hostile entries to any stream (default single)",
+    )
+    p.add_argument(
+        "--num-shards", type=int, default=8, help="shard streams with --routing affine (default 8)"
     )
     sys.exit(anyio.run(main, p.parse_args()))

@@ -107,36 +107,46 @@ class Tracker:
 
     prefix: str
     entries: dict[str, Entry] = field(default_factory=dict)
-    """Stream entry id -> entry."""
+    """Key -> entry: the stream entry id, or ``"{shard prefix} {entry id}"`` for an entry of a
+    shard stream (ids are per stream, so two streams can give the same one)."""
+    streams: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Key -> (key prefix of the stream it went to, stream entry id)."""
 
-    def sent(self, entry_id: str, entry: Entry) -> None:
-        self.entries[entry_id] = entry
+    def sent(self, entry_id: str, entry: Entry, shard_prefix: str | None = None) -> str:
+        """Records an accepted entry; returns its key."""
+        prefix = shard_prefix or self.prefix
+        key = entry_id if prefix == self.prefix else f"{prefix} {entry_id}"
+        self.entries[key] = entry
+        self.streams[key] = (prefix, entry_id)
+        return key
+
+    def out_key(self, key: str) -> str | None:
+        """The result stream of the entry with this key (None: it names no request)."""
+        rid = self.entries[key].request_id
+        return None if rid is None else f"{self.streams[key][0]}:out:{rid}"
 
     async def check(
-        self, client: aioredis.Redis, ids: Iterable[str] | None = None
+        self, client: aioredis.Redis, keys: Iterable[str] | None = None
     ) -> dict[str, int]:
         """Every entry ended exactly once: one dead letter, or a result stream whose last
         event is its only final one and whose seq are 0, 1, 2, ... Returns counts."""
-        dead: dict[str, int] = {}
-        for _, f in await client.xrange(f"{self.prefix}:requests:dlq"):
-            eid = f[b"entry_id"].decode()
-            dead[eid] = dead.get(eid, 0) + 1
+        dead: dict[tuple[str, str], int] = {}
+        for prefix in {self.prefix, *(p for p, _ in self.streams.values())}:
+            for _, f in await client.xrange(f"{prefix}:requests:dlq"):
+                where = (prefix, f[b"entry_id"].decode())
+                dead[where] = dead.get(where, 0) + 1
         counts = {"entries": 0, "dead_lettered": 0, "finished": 0, "lost": 0, "duplicates": 0}
-        for entry_id in ids if ids is not None else self.entries:
-            entry = self.entries[entry_id]
+        for key in keys if keys is not None else self.entries:
             counts["entries"] += 1
-            n_dead = dead.get(entry_id, 0)
+            n_dead = dead.get(self.streams[key], 0)
             finals = 0
-            if entry.request_id is not None:
-                events = [
-                    decode_event(f[b"data"])
-                    for _, f in await client.xrange(f"{self.prefix}:out:{entry.request_id}")
-                ]
+            if (out := self.out_key(key)) is not None:
+                events = [decode_event(f[b"data"]) for _, f in await client.xrange(out)]
                 seqs = [e.seq for e in events]
-                assert seqs == list(range(len(seqs))), (entry_id, seqs)
+                assert seqs == list(range(len(seqs))), (key, seqs)
                 finals = sum(e.finished for e in events)
                 if finals:
-                    assert events[-1].finished, (entry_id, events)
+                    assert events[-1].finished, (key, events)
             if n_dead + finals == 0:
                 counts["lost"] += 1
             # A dead letter whose client is told (max_deliveries_exceeded) has both, once each.
