@@ -10,11 +10,11 @@ import torch
 
 from engine import EngineArgs
 from engine.distributed.group import TPGroup
-from engine.distributed.testing import run_ranks
 from engine.distributed.traffic import step_collectives
 from engine.lora.sharded import ShardedLoRAManager
 from engine.model.parallel import load_sharded_model
 from engine.testing.forward import PagedDriver
+from engine.testing.ranks import run_ranks
 from tests.engine.test_matches_peft import lora_requests
 
 MAX_RANK = 32

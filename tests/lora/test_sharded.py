@@ -12,13 +12,13 @@ import torch
 
 from engine.config import KernelConfig
 from engine.distributed.group import TPGroup
-from engine.distributed.testing import run_ranks
 from engine.kernels.dispatch import Kernels
 from engine.lora import build_lora_metadata
 from engine.lora.metadata import LoRAMetadata
 from engine.lora.sharded import ColumnParallelLoRALinear, RowParallelLoRALinear
 from engine.model.parallel import kv_head_range
 from engine.testing.forward import make_lora_metadata
+from engine.testing.ranks import run_ranks
 
 IN = 32
 HEAD_DIM, HEADS, KV_HEADS = 4, 4, 2  # q 16, k 8, v 8: at 4 ranks each KV head is replicated

@@ -10,8 +10,8 @@ import torch
 from torch.nn import functional as F
 
 from engine.distributed.group import TPGroup
-from engine.distributed.testing import run_ranks
 from engine.model.parallel import VocabParallelEmbedding, check_tensor_parallel, kv_head_range
+from engine.testing.ranks import run_ranks
 
 
 @pytest.mark.parametrize("world", [2, 4])
