@@ -323,6 +323,11 @@ class LoRAManager:
         weights = self._host_weights(lora_id)
         with self._lock:
             slot = self._free_slot_locked(step_ids)
+        self._write_slot(slot, lora_id, weights)
+        return slot
+
+    def _write_slot(self, slot: int, lora_id: int, weights: LoRAWeights) -> None:
+        """Copies adapter ``lora_id``'s weights into device slot ``slot`` (no longer anyone's)."""
         # Zero the whole slot first: modules this adapter does not touch must add nothing,
         # whatever the previous occupant wrote there.
         self._clear_slot(slot)
@@ -332,7 +337,6 @@ class LoRAManager:
             self._slot_ids[slot] = lora_id
             self._device_lru[lora_id] = slot
             self.num_device_loads += 1
-        return slot
 
     def _free_slot_locked(self, step_ids: list[int]) -> int:
         for slot, occupant in enumerate(self._slot_ids):

@@ -424,13 +424,7 @@ class ShardedLoRAManager(LoRAManager):
                 if moved is not None:
                     self._slot_ids[moved] = None
                 self._slot_ids[slot] = None
-            self._clear_slot(slot)
-            for (layer_key, slice_idx), (a, b) in weights.tensors.items():
-                self.layers[layer_key].set_lora(slot, slice_idx, a, b)
-            with self._lock:
-                self._slot_ids[slot] = want
-                self._device_lru[want] = slot
-                self.num_device_loads += 1
+            self._write_slot(slot, want, weights)
         # Slots it repeated from rank 0 stay in step with its LRU order.
         self._last_activation = None
 

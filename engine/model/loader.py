@@ -116,13 +116,10 @@ def read_state_dict(
     model: LlamaForCausalLM, model_dir: str | Path, dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """Our state dict, read from the checkpoint in ``dtype`` on ``device``."""
-    files = checkpoint_files(model_dir)
     sources = checkpoint_sources(model)
     with ExitStack() as stack:
         # Read on the host (memory-mapped), then convert and move one tensor at a time.
-        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
-        where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        shapes = {key: tuple(h.get_slice(key).get_shape()) for key, h in where.items()}
+        where, shapes = open_checkpoint(stack, model_dir)
         check_sources(sources, shapes, model_dir)
         state: dict[str, torch.Tensor] = {}
         for name, parts in sources.items():
@@ -138,6 +135,18 @@ def read_state_dict(
                 "ignoring %d unexpected checkpoint tensors: %s", len(unexpected), _some(unexpected)
             )
         return state
+
+
+def open_checkpoint(
+    stack: ExitStack, model_dir: str | Path
+) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """The checkpoint's safetensors files opened (memory-mapped, closed with ``stack``): the
+    handle of the file holding each tensor, and each tensor's shape, by tensor name."""
+    files = checkpoint_files(model_dir)
+    handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
+    where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    shapes = {key: tuple(h.get_slice(key).get_shape()) for key, h in where.items()}
+    return where, shapes
 
 
 def check_sources(

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch.nn import functional as F
 
 from engine.config import EngineConfig
@@ -42,7 +41,7 @@ from engine.model.llama import (
     VocabEmbedding,
     get_model_class,
 )
-from engine.model.loader import CheckpointError, check_sources, checkpoint_files
+from engine.model.loader import CheckpointError, check_sources, open_checkpoint
 
 # (dim, start, size): the part of a checkpoint tensor a rank reads; None: all of it.
 Part = tuple[int, int, int] | None
@@ -209,13 +208,10 @@ def read_sharded_state_dict(
     model: TPLlamaForCausalLM, model_dir: str | Path, dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """This rank's state dict: only its rows or columns are read from the files."""
-    files = checkpoint_files(model_dir)
     sources = sharded_sources(model)
     expected = model.state_dict()
     with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(f), framework="pt")) for f in files]
-        where = {key: h for h in handles for key in h.keys()}  # noqa: SIM118 (not a dict)
-        shapes = {key: tuple(h.get_slice(key).get_shape()) for key, h in where.items()}
+        where, shapes = open_checkpoint(stack, model_dir)
         check_sources(
             {k: [(hf, shape) for hf, shape, _ in v] for k, v in sources.items()}, shapes, model_dir
         )
